@@ -1,0 +1,3 @@
+from .backbones import TransNeXt
+
+__all__ = ['TransNeXt']

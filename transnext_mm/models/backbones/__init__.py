@@ -1,0 +1,3 @@
+from .transnext import TransNeXt
+
+__all__ = ['TransNeXt']

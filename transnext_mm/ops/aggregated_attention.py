@@ -1,0 +1,175 @@
+# Copyright (c) transnext-mm contributors. All rights reserved.
+"""The core of aggregated attention: 3x3 sliding window + pooled keys in one softmax.
+
+Every implementation in this file (and the compiled op) computes the same function, written here
+for one head and one query ``i`` at grid position ``(y, x)``; ``j`` runs over the 3x3 window in
+``F.unfold`` order (row-major offsets ``(-1, -1), (-1, 0), ..., (1, 1)``)::
+
+    s_local[j] = q[i] . k[nbr(i, j)] + rpb_local[j]       (-inf if nbr(i, j) is outside the image)
+    s_pool[p]  = q[i] . k_pool[p] + bias_pool[i, p]
+    a_local, a_pool = softmax([s_local, s_pool])           (one softmax over 9 + Np scores)
+    out[i] = sum_j (a_local[j] + token_weight[i, j]) * v[nbr(i, j)] + sum_p a_pool[p] * v_pool[p]
+
+The caller has already folded normalisation, query embedding and the length scale into ``q`` and
+the learnable-token term ``q_hat . learnable_tokens + learnable_bias`` into ``token_weight``.
+
+Shapes: ``q, k, v``: (B, heads, H*W, d); ``k_pool, v_pool``: (B, heads, Np, d);
+``rpb_local``: (heads, 9); ``bias_pool``: (heads, H*W, Np), shared over the batch;
+``token_weight``: (B, heads, H*W, 9). Returns (B, heads, H*W, d).
+"""
+import functools
+import warnings
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+WINDOW = 3
+WINDOW_AREA = WINDOW * WINDOW
+ATTN_IMPLS = ('auto', 'torch', 'op', 'reference')
+
+
+@functools.lru_cache(maxsize=64)
+def _window_tables_cpu(height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    valid = F.unfold(torch.ones(1, 1, height, width), WINDOW, padding=WINDOW // 2)
+    valid = valid[0].t().contiguous().bool()  # (N, 9)
+    return valid, valid.sum(-1)
+
+
+_window_cache = {}
+
+
+def window_tables(height: int, width: int,
+                  device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(valid, count)`` for the 3x3 window on an ``height x width`` grid.
+
+    ``valid`` (N, 9) bool marks in-image neighbours; ``count`` (N,) counts them. Cached per size and
+    device, so no block recomputes them.
+    """
+    key = (height, width, str(device))
+    tables = _window_cache.get(key)
+    if tables is None:
+        tables = tuple(t.to(device) for t in _window_tables_cpu(height, width))
+        _window_cache[key] = tables
+    return tables
+
+
+def _check_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width):
+    B, heads, N, d = q.shape
+    if N != height * width:
+        raise ValueError(f'q has {N} positions but height*width = {height}*{width}')
+    for name, t, shape in (('k', k, q.shape), ('v', v, q.shape),
+                           ('v_pool', v_pool, k_pool.shape),
+                           ('rpb_local', rpb_local, (heads, WINDOW_AREA)),
+                           ('bias_pool', bias_pool, (heads, N, k_pool.shape[2])),
+                           ('token_weight', token_weight, (B, heads, N, WINDOW_AREA))):
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f'{name} must have shape {tuple(shape)}, got {tuple(t.shape)}')
+    if k_pool.shape[:2] != (B, heads) or k_pool.shape[3] != d:
+        raise ValueError(f'k_pool must have shape ({B}, {heads}, Np, {d}), '
+                         f'got {tuple(k_pool.shape)}')
+
+
+def aggregated_attention_reference(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight,
+                                   height: int, width: int) -> torch.Tensor:
+    """Readable, paper-faithful implementation: unfold the window, one softmax. The test oracle."""
+    _check_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
+    B, heads, N, d = q.shape
+
+    def unfold(t):  # (B, heads, N, d) -> (B, heads, N, 9, d), zeros outside the image
+        t = t.transpose(-1, -2).reshape(B * heads, d, height, width)
+        t = F.unfold(t, WINDOW, padding=WINDOW // 2)
+        return t.reshape(B, heads, d, WINDOW_AREA, N).permute(0, 1, 4, 3, 2)
+
+    k_local, v_local = unfold(k), unfold(v)
+    valid, _ = window_tables(height, width, q.device)
+    s_local = (q.unsqueeze(-2) * k_local).sum(-1) + rpb_local.unsqueeze(1)
+    s_local = s_local.masked_fill(~valid, float('-inf'))
+    s_pool = q @ k_pool.transpose(-2, -1) + bias_pool
+    attn = torch.cat([s_local, s_pool], dim=-1).softmax(dim=-1)
+    a_local, a_pool = attn.split([WINDOW_AREA, k_pool.shape[2]], dim=-1)
+    out = ((a_local + token_weight).unsqueeze(-1) * v_local).sum(-2)
+    return out + a_pool @ v_pool
+
+
+def _shifted_windows(t: torch.Tensor, height: int, width: int):
+    """Yield the 9 neighbour views of ``t`` (B, heads, N, d), zero-padded at the border."""
+    B, heads, N, d = t.shape
+    padded = F.pad(t.reshape(B, heads, height, width, d), (0, 0, 1, 1, 1, 1))
+    for dy in range(WINDOW):
+        for dx in range(WINDOW):
+            yield padded[:, :, dy:dy + height, dx:dx + width]
+
+
+def aggregated_attention_torch(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight,
+                               height: int, width: int) -> torch.Tensor:
+    """Pure-PyTorch fast path: shifted views instead of an unfolded (N, 9, d) copy."""
+    _check_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
+    B, heads, N, d = q.shape
+    q_grid = q.reshape(B, heads, height, width, d)
+    s_local = torch.stack([(q_grid * kn).sum(-1) for kn in _shifted_windows(k, height, width)],
+                          dim=-1).reshape(B, heads, N, WINDOW_AREA)
+    valid, _ = window_tables(height, width, q.device)
+    local_bias = rpb_local.unsqueeze(1).masked_fill(~valid, float('-inf'))  # (heads, N, 9)
+    s_pool = torch.matmul(q, k_pool.transpose(-2, -1))
+    attn = torch.cat([s_local + local_bias, s_pool + bias_pool], dim=-1).softmax(dim=-1)
+    a_local, a_pool = attn.split([WINDOW_AREA, k_pool.shape[2]], dim=-1)
+    weight = (a_local + token_weight).reshape(B, heads, height, width, WINDOW_AREA)
+    out = torch.matmul(a_pool, v_pool).reshape(B, heads, height, width, d)
+    for j, vn in enumerate(_shifted_windows(v, height, width)):
+        out = out + weight[..., j:j + 1] * vn
+    return out.reshape(B, heads, N, d)
+
+
+_warned = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+def op_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the compiled op has kernels for this device and dtype."""
+    try:
+        from . import aggregated_attention_op
+    except ImportError:
+        return False
+    return aggregated_attention_op.supports(device, dtype)
+
+
+def aggregated_attention(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight,
+                         height: int, width: int, impl: str = 'auto') -> torch.Tensor:
+    """Dispatch to an implementation of aggregated attention (see the module docstring).
+
+    Args:
+        impl (str): ``'auto'`` uses the compiled op when it has kernels for the input's device and
+            dtype and otherwise the PyTorch path (warning once); ``'op'`` requires the op;
+            ``'torch'`` the PyTorch fast path; ``'reference'`` the readable unfold path.
+            Defaults to 'auto'.
+    """
+    args = (q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
+    if impl == 'torch':
+        return aggregated_attention_torch(*args)
+    if impl == 'reference':
+        return aggregated_attention_reference(*args)
+    if impl not in ('auto', 'op'):
+        raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {impl!r}')
+    if op_available(q.device, q.dtype):
+        from .aggregated_attention_op import aggregated_attention_op
+        return aggregated_attention_op(*args)
+    reason = _op_unavailable_reason(q.device, q.dtype)
+    if impl == 'op':
+        raise RuntimeError(f"attn_impl='op' but {reason}")
+    _warn_once(f"attn_impl='auto': {reason}; falling back to the slower PyTorch path")
+    return aggregated_attention_torch(*args)
+
+
+def _op_unavailable_reason(device, dtype) -> str:
+    try:
+        from . import aggregated_attention_op
+    except ImportError as e:
+        return (f'the compiled aggregated-attention op is not built ({e}); '
+                'reinstall with `pip install -e .` and a C++ compiler')
+    return aggregated_attention_op.unsupported_reason(device, dtype)

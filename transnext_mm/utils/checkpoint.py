@@ -1,0 +1,87 @@
+# Copyright (c) transnext-mm contributors. All rights reserved.
+"""Reading released TransNeXt checkpoints: unwrapping, prefix stripping and arch detection."""
+import re
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+import torch
+
+# Buffers some TransNeXt code bases save that this implementation derives on the fly.
+DERIVED_BUFFER_PATTERN = re.compile(
+    r'(^|\.)(relative_pos_index\d*|relative_coords_table\d*|seq_length_scale|'
+    r'local_len|pool_len|padding_mask)$')
+CLASSIFIER_PREFIXES = ('head.', 'fc.')
+_BACKBONE_MARKER = 'patch_embed1.proj.weight'
+
+
+def unwrap_state_dict(checkpoint) -> Dict[str, torch.Tensor]:
+    """Return the backbone state dict of a checkpoint in any common wrapping.
+
+    Accepts a plain state dict or one under ``'model'``, ``'state_dict'`` or ``'model_ema'``, with
+    or without ``'module.'`` (DDP) and ``'backbone.'`` (mmdet/mmseg/mmpretrain) prefixes. Keys of
+    other parts of a detector or segmenter (necks, heads) are dropped when a ``'backbone.'``
+    prefix is present.
+
+    Raises:
+        TypeError: if ``checkpoint`` is not a mapping of tensors.
+        ValueError: if it does not hold a TransNeXt backbone.
+    """
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f'a TransNeXt checkpoint must be a dict, got {type(checkpoint).__name__}')
+    state_dict = checkpoint
+    for wrapper in ('state_dict', 'model', 'model_ema'):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+            state_dict = state_dict[wrapper]
+            break
+    state_dict = OrderedDict((k[len('module.'):] if k.startswith('module.') else k, v)
+                             for k, v in state_dict.items())
+    if any(k.startswith('backbone.') for k in state_dict):
+        state_dict = OrderedDict((k[len('backbone.'):], v) for k, v in state_dict.items()
+                                 if k.startswith('backbone.'))
+    if _BACKBONE_MARKER not in state_dict:
+        keys = list(state_dict)[:5]
+        raise ValueError(f'not a TransNeXt checkpoint: no {_BACKBONE_MARKER!r} after unwrapping '
+                         f"('model'/'state_dict', 'module.'/'backbone.' prefixes); "
+                         f'its first keys are {keys}')
+    return state_dict
+
+
+def infer_arch(state_dict: Dict[str, torch.Tensor]) -> dict:
+    """Read embed_dims, num_heads and depths off a TransNeXt state dict."""
+    embed_dims, depths, num_heads = [], [], []
+    for stage in range(1, 5):
+        weight = state_dict.get(f'patch_embed{stage}.proj.weight')
+        if weight is None:
+            raise ValueError(f'not a TransNeXt checkpoint: missing patch_embed{stage}.proj.weight')
+        embed_dims.append(int(weight.shape[0]))
+        blocks = {int(m.group(1)) for k in state_dict
+                  for m in [re.match(rf'block{stage}\.(\d+)\.', k)] if m}
+        depths.append(max(blocks) + 1 if blocks else 0)
+        temperature = state_dict.get(f'block{stage}.0.attn.temperature')
+        num_heads.append(int(temperature.shape[0]) if temperature is not None else 0)
+    return dict(embed_dims=embed_dims, num_heads=num_heads, depths=depths)
+
+
+def split_backbone_keys(state_dict: Dict[str, torch.Tensor]):
+    """Split a backbone state dict into (weights, classifier keys, derived buffer keys)."""
+    weights, classifier, derived = OrderedDict(), [], []
+    for k, v in state_dict.items():
+        if k.startswith(CLASSIFIER_PREFIXES):
+            classifier.append(k)
+        elif DERIVED_BUFFER_PATTERN.search(k):
+            derived.append(k)
+        else:
+            weights[k] = v
+    return weights, classifier, derived
+
+
+def describe_keys(keys: List[str], limit: int = 10) -> str:
+    shown = ', '.join(keys[:limit])
+    return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')
+
+
+def arch_name(arch: dict, settings: Dict[str, dict]) -> Optional[str]:
+    for name, setting in settings.items():
+        if all(list(setting[k]) == list(arch[k]) for k in ('embed_dims', 'num_heads', 'depths')):
+            return name
+    return None

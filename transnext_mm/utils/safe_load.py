@@ -1,0 +1,73 @@
+# Copyright (c) transnext-mm contributors. All rights reserved.
+"""Load mmengine checkpoints with PyTorch's safe (``weights_only``) loader.
+
+PyTorch >= 2.6 loads with ``weights_only=True`` by default, and mmengine 0.10.7 calls
+``torch.load`` without saying more. Its own checkpoints then fail to load (``--resume``,
+``tools/test.py``): the message hub pickles ``HistoryBuffer`` objects, numpy arrays and scalars,
+and the buffer's statistics functions, which pickle as ``getattr(HistoryBuffer, 'mean')``.
+
+Instead of turning the safe loader off, this module registers a loader for local files in
+mmengine's ``CheckpointLoader`` that keeps ``weights_only=True`` and allows exactly those types.
+``getattr`` itself is never allowed: the pickle's ``builtins.getattr`` is resolved to
+:func:`history_buffer_statistic`, which only returns the statistics functions of
+``HistoryBuffer`` and refuses everything else.
+"""
+import os.path as osp
+import pickle
+
+import numpy as np
+import torch
+from mmengine.logging.history_buffer import HistoryBuffer
+from mmengine.runner.checkpoint import CheckpointLoader
+
+_STATISTICS = ('min', 'max', 'current', 'mean')
+
+
+def history_buffer_statistic(obj, name: str):
+    """Stand-in for ``getattr`` in mmengine checkpoints: only HistoryBuffer statistics."""
+    if obj is HistoryBuffer and name in _STATISTICS:
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(
+        f'refusing getattr({obj!r}, {name!r}) while loading a checkpoint: only the statistics '
+        f'methods {_STATISTICS} of mmengine HistoryBuffer are allowed')
+
+
+def _numpy_globals():
+    """numpy's array/scalar/dtype reconstructors under both numpy 1.x and 2.x module paths."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray
+    entries = [np.ndarray, np.dtype]
+    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
+        entries += [(multiarray._reconstruct, f'{module}._reconstruct'),
+                    (multiarray.scalar, f'{module}.scalar')]
+    # numpy >= 1.25 pickles dtypes by their class (numpy.dtypes.Float64DType, ...).
+    dtypes = getattr(np, 'dtypes', None)
+    if dtypes is not None:
+        entries += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith('DType')]
+    return entries
+
+
+SAFE_GLOBALS = [HistoryBuffer, (history_buffer_statistic, 'builtins.getattr'),
+                *_numpy_globals()]
+
+
+def load_from_local_safely(filename: str, map_location=None):
+    """``torch.load`` with ``weights_only=True`` that also reads mmengine's own checkpoints."""
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'{filename} can not be found.')
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        try:
+            return torch.load(filename, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(
+                f'{filename} holds objects that the safe loader does not allow ({e}). '
+                'transnext_mm allows tensors, numpy data and mmengine log buffers; if you trust '
+                'the file, add the type with torch.serialization.add_safe_globals') from e
+
+
+def install_safe_checkpoint_loader() -> None:
+    """Make mmengine's ``CheckpointLoader`` read local files with :func:`load_from_local_safely`."""
+    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local_safely, force=True)
