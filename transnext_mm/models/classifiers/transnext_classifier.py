@@ -1,0 +1,90 @@
+# Copyright (c) transnext-mm contributors. All rights reserved.
+"""An mmpretrain ``ImageClassifier`` that loads released TransNeXt ImageNet checkpoints as is."""
+from collections import OrderedDict
+from typing import Dict, Tuple
+
+import torch
+from mmengine.logging import MMLogger
+from mmpretrain.models.classifiers import ImageClassifier
+from mmpretrain.registry import MODELS
+
+from transnext_mm.models.backbones import TransNeXt
+from transnext_mm.utils.checkpoint import (arch_name, describe_keys, infer_arch,
+                                           split_backbone_keys)
+
+# A released checkpoint is a plain state dict of the original model: backbone keys without a
+# prefix (this one is always present) and the classifier Linear as ``head.weight/bias``.
+RELEASED_MARKER = 'patch_embed1.proj.weight'
+ARCH_KEYS = ('embed_dims', 'num_heads', 'depths')
+
+
+def convert_released_classifier(
+        state_dict: Dict[str, torch.Tensor]) -> Tuple['OrderedDict', list]:
+    """Map a released TransNeXt classifier state dict to mmpretrain's ImageClassifier layout.
+
+    ``<key>`` becomes ``backbone.<key>`` and ``head.weight/bias`` becomes ``head.fc.weight/bias``
+    (the ``fc`` of :class:`mmpretrain.models.LinearClsHead`); buffers that this implementation
+    derives on the fly (relative position indices, coordinate tables, ...) are dropped.
+
+    Returns:
+        tuple: The converted state dict and the list of dropped keys.
+    """
+    weights, classifier, derived = split_backbone_keys(state_dict)
+    converted = OrderedDict(('backbone.' + k, v) for k, v in weights.items())
+    for key in classifier:  # 'head.weight' -> 'head.fc.weight'
+        converted['head.fc.' + key.split('.', 1)[1]] = state_dict[key]
+    return converted, derived
+
+
+@MODELS.register_module()
+class TransNeXtClassifier(ImageClassifier):
+    """:class:`mmpretrain.models.ImageClassifier` that also loads released TransNeXt checkpoints.
+
+    Behaves exactly like ``ImageClassifier`` (backbone -> neck -> head); the only addition is a
+    ``load_state_dict`` pre-hook: when the loaded state dict is in the released layout (a plain
+    state dict with ``patch_embed1.proj.weight`` at the top level), it is converted on the fly
+    with :func:`convert_released_classifier`. So ``runner.load_checkpoint`` (``tools/test.py
+    CONFIG RELEASED.pth``, ``load_from``), :func:`mmpretrain.apis.init_model` and
+    ``model.load_state_dict`` read released and mmpretrain checkpoints alike; a checkpoint of
+    another TransNeXt arch is refused with a clear error instead of mmengine's warning.
+
+    Args:
+        backbone (dict): A ``TransNeXt`` backbone config.
+        **kwargs: The other arguments of ``ImageClassifier`` (``neck``, ``head``,
+            ``train_cfg``, ``data_preprocessor``, ``init_cfg``, ...).
+    """
+
+    def __init__(self, backbone: dict, **kwargs):
+        super().__init__(backbone=backbone, **kwargs)
+        if not isinstance(self.backbone, TransNeXt):
+            raise TypeError(f'TransNeXtClassifier needs a TransNeXt backbone, got '
+                            f'{type(self.backbone).__name__}; use ImageClassifier otherwise')
+        self.register_load_state_dict_pre_hook(TransNeXtClassifier._convert_released_layout)
+
+    def _convert_released_layout(self, state_dict: dict, prefix: str, *args) -> None:
+        # Both torch's and mmengine's loaders hand every child the keys of this (mutable)
+        # dict after this hook ran, so renaming in place is enough.
+        if prefix + RELEASED_MARKER not in state_dict:
+            return  # mmpretrain layout (backbone.*, head.fc.*): nothing to convert
+        released = OrderedDict((k[len(prefix):], state_dict.pop(k)) for k in list(state_dict)
+                               if k.startswith(prefix))
+        self._check_arch(released)
+        converted, dropped = convert_released_classifier(released)
+        if not hasattr(self.head, 'fc'):  # e.g. a head without a single Linear: keep names
+            converted = OrderedDict((k.replace('head.fc.', 'head.', 1), v)
+                                    for k, v in converted.items())
+        state_dict.update((prefix + k, v) for k, v in converted.items())
+        MMLogger.get_current_instance().info(
+            f'TransNeXtClassifier: converted a released TransNeXt checkpoint on load '
+            f'({len(converted)} tensors to backbone.*/head.fc.*'
+            + (f'; ignored derived buffers {describe_keys(dropped)}' if dropped else '') + ')')
+
+    def _check_arch(self, released: Dict[str, torch.Tensor]) -> None:
+        found = infer_arch(released)
+        wanted = {k: self.backbone.arch[k] for k in ARCH_KEYS}
+        if found != wanted:
+            settings = TransNeXt.arch_settings
+            raise ValueError(
+                f'the checkpoint holds TransNeXt-{arch_name(found, settings) or "custom"} '
+                f'{found}, but the model is TransNeXt-{arch_name(wanted, settings) or "custom"} '
+                f'{wanted}: use the config of that arch')
