@@ -23,8 +23,81 @@ def read_requirements(name: str):
         return [line.strip() for line in f if line.strip() and not line.startswith('#')]
 
 
+def _env_flag(name: str) -> bool:
+    return os.getenv(name, '0').lower() in ('1', 'true', 'yes', 'on')
+
+
 def get_extensions():
-    return [], {}
+    """The compiled aggregated-attention op ``transnext_mm._ext``.
+
+    CPU kernels are always built; CUDA kernels too when torch has CUDA, nvcc is found and either
+    a GPU is visible or ``FORCE_CUDA=1``. ``TORCH_CUDA_ARCH_LIST`` and ``MAX_JOBS`` are honoured
+    by torch's ``BuildExtension``. ``TRANSNEXT_MM_WITH_OPS=0`` skips the op. A failed compile
+    only warns: the package then runs on its PyTorch path.
+    """
+    if os.getenv('TRANSNEXT_MM_WITH_OPS', '1') == '0':
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,
+                                               CUDAExtension)
+    except ImportError:
+        print('transnext-mm: torch is not importable at build time (use '
+              '`pip install --no-build-isolation`); skipping the compiled op')
+        return [], {}
+
+    class OptionalBuildExtension(BuildExtension):
+        """Warn instead of failing when the op cannot be compiled (e.g. no C++ compiler)."""
+
+        def build_extensions(self):
+            self._failed = []
+            try:
+                super().build_extensions()
+            except Exception as e:  # e.g. no C++ compiler: torch's ABI check fails first
+                self._warn(e)
+                self._failed = list(self.extensions)
+            # Nothing to copy or install for an extension that failed.
+            self.extensions = [ext for ext in self.extensions if ext not in self._failed]
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # compiler missing or failing: keep the PyTorch path
+                self._warn(e)
+                self._failed.append(ext)
+
+        @staticmethod
+        def _warn(error):
+            print(f'WARNING: transnext-mm: building transnext_mm._ext failed ({error}); '
+                  'aggregated attention will use its PyTorch implementation')
+
+    csrc = osp.join('ops', 'csrc')
+    sources = [osp.join(csrc, 'pytorch', 'pybind.cpp'),
+               osp.join(csrc, 'pytorch', 'aggregated_attention.cpp'),
+               osp.join(csrc, 'cpu', 'aggregated_attention_cpu.cpp'),
+               osp.join(csrc, 'cpu', 'aggregated_attention_cuda_replay.cpp')]
+    cxx_flags = ['-O3', '-std=c++20', '-fopenmp']
+    extra_compile_args = {'cxx': cxx_flags}
+    define_macros = []
+    with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
+                 and (torch.cuda.is_available() or _env_flag('FORCE_CUDA')))
+    if with_cuda:
+        sources.append(osp.join(csrc, 'cuda', 'aggregated_attention_cuda.cu'))
+        define_macros.append(('WITH_CUDA', None))
+        extra_compile_args['nvcc'] = ['-O3', '-std=c++20', '--expt-relaxed-constexpr']
+        extension = CUDAExtension
+    else:
+        extension = CppExtension
+    print(f'transnext-mm: building transnext_mm._ext with {"CPU and CUDA" if with_cuda else "CPU"} '
+          'kernels')
+    ext = extension(
+        name='transnext_mm._ext',
+        sources=sources,
+        include_dirs=[osp.join(ROOT, csrc)],
+        define_macros=define_macros,
+        extra_compile_args=extra_compile_args,
+        extra_link_args=['-fopenmp'])
+    return [ext], {'build_ext': OptionalBuildExtension}
 
 
 ext_modules, cmdclass = get_extensions()

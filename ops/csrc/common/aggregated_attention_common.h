@@ -1,0 +1,359 @@
+// Copyright (c) transnext-mm contributors. All rights reserved.
+//
+// Math of the aggregated-attention op shared by the CUDA kernels and the CPU code.
+//
+// For one head, the query i at grid position (y, x) sees its 3x3 window (j = 0..8, row-major
+// offsets (-1, -1) .. (1, 1), out-of-image neighbours dropped) and Np pooled keys:
+//
+//   s_local[j] = q_i . k[nbr(i, j)] + rpb_local[j]      s_pool[p] = q_i . k_pool[p] + bias[i, p]
+//   a = softmax([s_local, s_pool])                      lse_i = logsumexp([s_local, s_pool])
+//   out_i = sum_j (a_local[j] + token_weight[i, j]) v[nbr(i, j)] + sum_p a_pool[p] v_pool[p]
+//
+// Backward, with g = dL/dout_i and delta_i = sum_k a_k (g . value_k) = g . (out_i - tw part):
+//   ds_k = a_k * (g . value_k - delta_i),  dq_i = sum_k ds_k key_k,
+//   dkey_k += ds_k q_i,  dvalue_k += (a_k [+ token_weight]) g,  dtoken_weight[i, j] = g . v[nbr].
+//
+// The CUDA kernels run one thread per query (forward, dq) or per pooled key (dk_pool, dv_pool,
+// dbias_pool) and stream pooled keys / queries through shared-memory tiles. Everything a thread
+// computes lives in the structs below, written once for host and device, so that the CPU build can
+// replay the kernels' per-thread code (see cpu/aggregated_attention_cuda_replay.cpp) and the tests
+// check the CUDA math even on machines without a GPU. Only the launch glue (thread indexing, tile
+// loads, barriers) is CUDA-only.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace transnext_mm {
+
+constexpr int kWindowArea = 9;
+constexpr int kCenter = 4;  // the query itself: always inside the image
+
+#if defined(__CUDA_ARCH__)
+#define TNX_UNROLL _Pragma("unroll")
+#else
+#define TNX_UNROLL
+#endif
+
+C10_HOST_DEVICE inline float tnx_exp(float x) { return ::expf(x); }
+C10_HOST_DEVICE inline double tnx_exp(double x) { return ::exp(x); }
+C10_HOST_DEVICE inline float tnx_log(float x) { return ::logf(x); }
+C10_HOST_DEVICE inline double tnx_log(double x) { return ::log(x); }
+
+template <typename T>
+C10_HOST_DEVICE inline T tnx_max(T a, T b) {
+  return a > b ? a : b;
+}
+template <typename T>
+C10_HOST_DEVICE inline T tnx_min(T a, T b) {
+  return a < b ? a : b;
+}
+
+// Flat index of neighbour j of (y, x) on a height x width grid, or -1 outside the image.
+// The queries that see key position (y, x) as their neighbour j are window_neighbor(y, x, 8 - j).
+C10_HOST_DEVICE inline int64_t window_neighbor(int64_t y, int64_t x, int j, int64_t height,
+                                               int64_t width) {
+  const int64_t ny = y + j / 3 - 1;
+  const int64_t nx = x + j % 3 - 1;
+  return (ny >= 0 && ny < height && nx >= 0 && nx < width) ? ny * width + nx : -1;
+}
+
+// Head-dimension loops: kMaxD is a compile-time bound (registers); kExact says d == kMaxD, which
+// drops the runtime guard for the common head sizes.
+template <int kMaxD, bool kExact>
+struct HeadDim {
+  static constexpr int kMax = kMaxD;
+  C10_HOST_DEVICE static inline bool active(int c, int d) { return kExact || c < d; }
+};
+
+template <typename HD, typename acc_t, typename scalar_t>
+C10_HOST_DEVICE inline acc_t dot(const acc_t* a, const scalar_t* b, int d) {
+  acc_t sum = 0;
+  TNX_UNROLL
+  for (int c = 0; c < HD::kMax; ++c)
+    if (HD::active(c, d)) sum += a[c] * static_cast<acc_t>(b[c]);
+  return sum;
+}
+
+template <typename HD, typename acc_t, typename scalar_t>
+C10_HOST_DEVICE inline void axpy(acc_t* y, acc_t alpha, const scalar_t* x, int d) {
+  TNX_UNROLL
+  for (int c = 0; c < HD::kMax; ++c)
+    if (HD::active(c, d)) y[c] += alpha * static_cast<acc_t>(x[c]);
+}
+
+template <typename HD, typename acc_t, typename scalar_t>
+C10_HOST_DEVICE inline void load_row(acc_t* dst, const scalar_t* src, int d) {
+  TNX_UNROLL
+  for (int c = 0; c < HD::kMax; ++c) dst[c] = HD::active(c, d) ? static_cast<acc_t>(src[c]) : 0;
+}
+
+template <typename HD, typename acc_t>
+C10_HOST_DEVICE inline void fill(acc_t* dst, acc_t value) {
+  TNX_UNROLL
+  for (int c = 0; c < HD::kMax; ++c) dst[c] = value;
+}
+
+// Cooperative tile load (run by every thread of a block): rows x d contiguous elements of src
+// into dst with row stride dst_stride, converted to the accumulation type.
+template <typename acc_t, typename scalar_t>
+C10_HOST_DEVICE inline void load_tile(acc_t* dst, int dst_stride, const scalar_t* src, int rows,
+                                      int d, int thread, int num_threads) {
+  for (int e = thread; e < rows * d; e += num_threads)
+    dst[(e / d) * dst_stride + e % d] = static_cast<acc_t>(src[e]);
+}
+
+// Rows of a tile: at most 32, fewer for wide heads so two tiles stay within 32 KiB of shared memory.
+template <int kMaxD, typename acc_t>
+struct TileRows {
+  static constexpr int value = kMaxD * sizeof(acc_t) <= 256 ? 32 : 16;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward: one thread per query; online softmax over the window, then over pooled-key tiles.
+template <typename scalar_t, typename HD>
+struct ForwardThread {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kTile = TileRows<HD::kMax, acc_t>::value;
+  acc_t q[HD::kMax], acc[HD::kMax], extra[HD::kMax];
+  acc_t running_max, running_sum;
+
+  // q_bh, k_bh, v_bh: this (batch, head)'s (N, d) rows; rpb_h: the head's 9 window biases.
+  C10_HOST_DEVICE void window(const scalar_t* q_bh, const scalar_t* k_bh, const scalar_t* v_bh,
+                              const scalar_t* rpb_h, const scalar_t* tw_row, int64_t i,
+                              int64_t height, int64_t width, int d) {
+    load_row<HD>(q, q_bh + i * d, d);
+    const int64_t y = i / width, x = i % width;
+    acc_t scores[kWindowArea];
+    int64_t nbr[kWindowArea];
+    TNX_UNROLL
+    for (int j = 0; j < kWindowArea; ++j) {
+      nbr[j] = window_neighbor(y, x, j, height, width);
+      if (nbr[j] >= 0) scores[j] = dot<HD>(q, k_bh + nbr[j] * d, d) + static_cast<acc_t>(rpb_h[j]);
+    }
+    running_max = scores[kCenter];
+    TNX_UNROLL
+    for (int j = 0; j < kWindowArea; ++j)
+      if (nbr[j] >= 0) running_max = tnx_max(running_max, scores[j]);
+    running_sum = 0;
+    fill<HD>(acc, acc_t(0));
+    fill<HD>(extra, acc_t(0));
+    TNX_UNROLL
+    for (int j = 0; j < kWindowArea; ++j) {
+      if (nbr[j] < 0) continue;  // v is zero outside the image: no attention, no token term
+      const acc_t p = tnx_exp(scores[j] - running_max);
+      running_sum += p;
+      axpy<HD>(acc, p, v_bh + nbr[j] * d, d);
+      axpy<HD>(extra, static_cast<acc_t>(tw_row[j]), v_bh + nbr[j] * d, d);
+    }
+  }
+
+  // A tile of `count` pooled keys/values (row stride HD::kMax) and this query's biases for them.
+  C10_HOST_DEVICE void pool_tile(const acc_t* kp_tile, const acc_t* vp_tile, int count,
+                                 const scalar_t* bias, int d) {
+    acc_t scores[kTile];
+    acc_t tile_max = running_max;
+    TNX_UNROLL
+    for (int t = 0; t < kTile; ++t) {
+      if (t < count) {
+        scores[t] = dot<HD>(q, kp_tile + t * HD::kMax, d) + static_cast<acc_t>(bias[t]);
+        tile_max = tnx_max(tile_max, scores[t]);
+      }
+    }
+    if (tile_max > running_max) {  // rescale once per tile, not per key
+      const acc_t scale = tnx_exp(running_max - tile_max);
+      running_sum *= scale;
+      TNX_UNROLL
+      for (int c = 0; c < HD::kMax; ++c) acc[c] *= scale;
+      running_max = tile_max;
+    }
+    TNX_UNROLL
+    for (int t = 0; t < kTile; ++t) {
+      if (t < count) {
+        const acc_t p = tnx_exp(scores[t] - running_max);
+        running_sum += p;
+        axpy<HD>(acc, p, vp_tile + t * HD::kMax, d);
+      }
+    }
+  }
+
+  C10_HOST_DEVICE void finish(scalar_t* out_row, acc_t* lse, int d) const {
+    const acc_t inv = acc_t(1) / running_sum;
+    TNX_UNROLL
+    for (int c = 0; c < HD::kMax; ++c)
+      if (HD::active(c, d)) out_row[c] = static_cast<scalar_t>(acc[c] * inv + extra[c]);
+    *lse = running_max + tnx_log(running_sum);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Backward, query side: one thread per query; gives dq, the window's ds / weights (for the
+// dk / dv gather), d token_weight and delta (for the pooled-key kernel).
+template <typename scalar_t, typename HD>
+struct BackwardQueryThread {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t q[HD::kMax], g[HD::kMax], dq[HD::kMax];
+  acc_t lse, delta;
+
+  // ds_local_row / weight_local_row: (9,) accumulation-type rows of the (B, heads, N, 9) buffers.
+  C10_HOST_DEVICE void window(const scalar_t* q_bh, const scalar_t* k_bh, const scalar_t* v_bh,
+                              const scalar_t* rpb_h, const scalar_t* tw_row,
+                              const scalar_t* out_row, const scalar_t* grad_row, acc_t lse_i,
+                              int64_t i, int64_t height, int64_t width, int d,
+                              acc_t* ds_local_row, acc_t* weight_local_row, scalar_t* dtw_row,
+                              acc_t* delta_out) {
+    load_row<HD>(q, q_bh + i * d, d);
+    load_row<HD>(g, grad_row, d);
+    lse = lse_i;
+    const int64_t y = i / width, x = i % width;
+    int64_t nbr[kWindowArea];
+    acc_t grad_dot_v[kWindowArea];
+    delta = dot<HD>(g, out_row, d);
+    TNX_UNROLL
+    for (int j = 0; j < kWindowArea; ++j) {
+      nbr[j] = window_neighbor(y, x, j, height, width);
+      grad_dot_v[j] = nbr[j] >= 0 ? dot<HD>(g, v_bh + nbr[j] * d, d) : acc_t(0);
+      delta -= static_cast<acc_t>(tw_row[j]) * grad_dot_v[j];  // out minus the token term
+    }
+    fill<HD>(dq, acc_t(0));
+    TNX_UNROLL
+    for (int j = 0; j < kWindowArea; ++j) {
+      dtw_row[j] = static_cast<scalar_t>(grad_dot_v[j]);
+      if (nbr[j] < 0) {
+        ds_local_row[j] = 0;
+        weight_local_row[j] = 0;
+        continue;
+      }
+      const scalar_t* key = k_bh + nbr[j] * d;
+      const acc_t a = tnx_exp(dot<HD>(q, key, d) + static_cast<acc_t>(rpb_h[j]) - lse);
+      const acc_t ds = a * (grad_dot_v[j] - delta);
+      axpy<HD>(dq, ds, key, d);
+      ds_local_row[j] = ds;
+      weight_local_row[j] = a + static_cast<acc_t>(tw_row[j]);
+    }
+    *delta_out = delta;
+  }
+
+  C10_HOST_DEVICE void pool_tile(const acc_t* kp_tile, const acc_t* vp_tile, int count,
+                                 const scalar_t* bias, int d) {
+    for (int t = 0; t < count; ++t) {
+      const acc_t* key = kp_tile + t * HD::kMax;
+      const acc_t p = tnx_exp(dot<HD>(q, key, d) + static_cast<acc_t>(bias[t]) - lse);
+      const acc_t ds = p * (dot<HD>(g, vp_tile + t * HD::kMax, d) - delta);
+      axpy<HD>(dq, ds, key, d);
+    }
+  }
+
+  C10_HOST_DEVICE void finish(scalar_t* dq_row, int d) const {
+    TNX_UNROLL
+    for (int c = 0; c < HD::kMax; ++c)
+      if (HD::active(c, d)) dq_row[c] = static_cast<scalar_t>(dq[c]);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Backward, pooled-key side: one thread per pooled key p of one (batch, head), streaming a chunk
+// of queries through shared-memory tiles. The thread owns d bias_pool[h, i, p] for its chunk and
+// accumulates it over the batch (first batch writes), so no atomics are needed.
+template <typename scalar_t, typename HD>
+struct BackwardPoolThread {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kTile = TileRows<HD::kMax, acc_t>::value;
+  acc_t kp[HD::kMax], vp[HD::kMax], dkp[HD::kMax], dvp[HD::kMax];
+
+  C10_HOST_DEVICE void begin(const scalar_t* kp_row, const scalar_t* vp_row, int d) {
+    load_row<HD>(kp, kp_row, d);
+    load_row<HD>(vp, vp_row, d);
+    fill<HD>(dkp, acc_t(0));
+    fill<HD>(dvp, acc_t(0));
+  }
+
+  // q_tile, g_tile: `count` queries (row stride HD::kMax); bias / dbias: this key's column for
+  // those queries (stride num_pool); dbias may be null when bias_pool needs no gradient.
+  C10_HOST_DEVICE void query_tile(const acc_t* q_tile, const acc_t* g_tile, const acc_t* lse_tile,
+                                  const acc_t* delta_tile, int count, const scalar_t* bias,
+                                  acc_t* dbias, int64_t num_pool, bool first_batch, int d) {
+    for (int t = 0; t < count; ++t) {
+      const acc_t* qt = q_tile + t * HD::kMax;
+      const acc_t* gt = g_tile + t * HD::kMax;
+      const acc_t p =
+          tnx_exp(dot<HD>(qt, kp, d) + static_cast<acc_t>(bias[t * num_pool]) - lse_tile[t]);
+      const acc_t ds = p * (dot<HD>(gt, vp, d) - delta_tile[t]);
+      axpy<HD>(dkp, ds, qt, d);
+      axpy<HD>(dvp, p, gt, d);
+      if (dbias != nullptr) dbias[t * num_pool] = first_batch ? ds : dbias[t * num_pool] + ds;
+    }
+  }
+
+  C10_HOST_DEVICE void finish(acc_t* dkp_row, acc_t* dvp_row, int d) const {
+    TNX_UNROLL
+    for (int c = 0; c < HD::kMax; ++c) {
+      if (HD::active(c, d)) {
+        dkp_row[c] = dkp[c];
+        dvp_row[c] = dvp[c];
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Backward, window keys/values: gather, for key position n and channel c, the contributions of the
+// (up to 9) queries whose window contains n. No scatter, hence no atomics.
+template <typename scalar_t, typename acc_t>
+C10_HOST_DEVICE inline void gather_window_grads(const scalar_t* q_bh, const scalar_t* grad_bh,
+                                                const acc_t* ds_local_bh,
+                                                const acc_t* weight_local_bh, int64_t n, int c,
+                                                int64_t height, int64_t width, int d,
+                                                acc_t* dk, acc_t* dv) {
+  const int64_t y = n / width, x = n % width;
+  acc_t sum_k = 0, sum_v = 0;
+  TNX_UNROLL
+  for (int j = 0; j < kWindowArea; ++j) {
+    const int64_t i = window_neighbor(y, x, kWindowArea - 1 - j, height, width);
+    if (i < 0) continue;
+    sum_k += ds_local_bh[i * kWindowArea + j] * static_cast<acc_t>(q_bh[i * d + c]);
+    sum_v += weight_local_bh[i * kWindowArea + j] * static_cast<acc_t>(grad_bh[i * d + c]);
+  }
+  *dk = sum_k;
+  *dv = sum_v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host-side launch parameters shared by the CUDA launchers and their CPU replay.
+constexpr int kQueryThreads = 128;  // forward and dq kernels: one query per thread
+constexpr int kPoolThreads = 64;    // pooled-key gradient kernel: one pooled key per thread
+
+// Query chunk length of the pooled-key gradient kernel: enough (heads x key tiles x chunks) blocks
+// to fill a GPU, while the (chunks, B, heads, Np, d) partial sums stay bounded.
+inline int64_t pool_grad_chunk_len(int64_t batch, int64_t heads, int64_t num_tokens,
+                                   int64_t num_pool, int64_t tile_rows) {
+  const int64_t key_tiles = std::max<int64_t>(1, (num_pool + kPoolThreads - 1) / kPoolThreads);
+  int64_t chunks = (1024 + heads * key_tiles - 1) / (heads * key_tiles);
+  chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, 256 / batch));
+  chunks = std::max<int64_t>(1, std::min(chunks, (num_tokens + tile_rows - 1) / tile_rows));
+  const int64_t per_chunk = (num_tokens + chunks - 1) / chunks;
+  return std::max<int64_t>(1, (per_chunk + tile_rows - 1) / tile_rows) * tile_rows;
+}
+
+// Calls fn(HeadDim<...>{}) with the kernel variant for head dimension d.
+template <typename Fn>
+inline void dispatch_head_dim(int64_t d, Fn&& fn) {
+  TORCH_CHECK(d >= 1 && d <= 128,
+              "aggregated_attention: the CUDA kernels support head dims 1..128, got ", d);
+  if (d == 24) {
+    fn(HeadDim<24, true>{});
+  } else if (d == 32) {
+    fn(HeadDim<32, true>{});
+  } else if (d <= 64) {
+    fn(HeadDim<64, false>{});
+  } else {
+    fn(HeadDim<128, false>{});
+  }
+}
+
+}  // namespace transnext_mm

@@ -1,0 +1,316 @@
+// Copyright (c) transnext-mm contributors. All rights reserved.
+//
+// CPU kernels of the aggregated-attention op. Work is split into chunks of kRows queries of one
+// (batch, head); per chunk the pooled scores q @ k_pool^T come from one BLAS call into a small
+// buffer that stays in cache, the window scores, bias, softmax and token-weight aggregation are
+// fused in vectorisable loops, and a second BLAS call applies the pooled values. The
+// B x heads x N x (9 + Np) score tensor is never materialised; backward recomputes the chunk's
+// scores from the saved log-sum-exp.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "../common/aggregated_attention_common.h"
+
+namespace transnext_mm {
+namespace {
+
+constexpr int64_t kRows = 128;  // queries per chunk: the (kRows, Np) score buffer fits in L2
+// Backward: chunks of one head are grouped (at most kMaxGroups groups, independent of the thread
+// count, so results are deterministic); each group owns a partial sum of d k_pool / d v_pool.
+constexpr int64_t kMaxGroups = 16;
+
+// exp for the softmax loops: Cody-Waite range reduction and a degree-6 polynomial, written so that
+// the compiler vectorises the calling loops (std::exp does not vectorise). ~2 ulp on [-87, 88].
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;  // ln 2 = 0.693359375 - 2.12194440e-4, split for accuracy
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * std::bit_cast<float>(bits);
+}
+inline double exp_approx(double x) { return std::exp(x); }
+
+template <typename T>
+T dot_row(const T* a, const T* b, int64_t d) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < d; ++c) sum += a[c] * b[c];
+  return sum;
+}
+
+template <typename T>
+void axpy_row(T* y, T alpha, const T* x, int64_t d) {
+#pragma omp simd
+  for (int64_t c = 0; c < d; ++c) y[c] += alpha * x[c];
+}
+
+// Matrix views of raw buffers for at::mm_out / addmm_ (MKL / oneDNN underneath).
+template <typename T>
+at::Tensor matrix(const T* data, int64_t rows, int64_t cols) {
+  return at::from_blob(const_cast<T*>(data), {rows, cols},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+struct Shape {
+  int64_t batch, heads, tokens, pool, d, height, width;
+};
+
+Shape shape_of(const at::Tensor& q, const at::Tensor& k_pool, int64_t height, int64_t width) {
+  return {q.size(0), q.size(1), q.size(2), k_pool.size(2), q.size(3), height, width};
+}
+
+template <typename T>
+void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* v_pool,
+                  const T* rpb, const T* bias, const T* token_weight, T* out, T* lse,
+                  const Shape& s) {
+  const int64_t N = s.tokens, Np = s.pool, d = s.d;
+  const int64_t chunks = (N + kRows - 1) / kRows;
+  at::parallel_for(0, s.batch * s.heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scores(kRows * std::max<int64_t>(Np, 1)), pooled(kRows * d), window(kRows * d),
+        inv_sum(kRows);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / chunks, h = bh % s.heads;
+      const int64_t i0 = (task % chunks) * kRows, rows = std::min(kRows, N - i0);
+      const T *q_bh = q + bh * N * d, *k_bh = k + bh * N * d, *v_bh = v + bh * N * d;
+      const T *kp_bh = k_pool + bh * Np * d, *vp_bh = v_pool + bh * Np * d;
+      auto score_view = matrix(scores.data(), rows, Np);
+      if (Np > 0) at::mm_out(score_view, matrix(q_bh + i0 * d, rows, d), matrix(kp_bh, Np, d).t());
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r, y = i / s.width, x = i % s.width;
+        T* srow = scores.data() + r * Np;
+        const T* brow = bias + (h * N + i) * Np;
+        const T* q_i = q_bh + i * d;
+        T local[kWindowArea];
+        int64_t nbr[kWindowArea];
+        for (int j = 0; j < kWindowArea; ++j) {
+          nbr[j] = window_neighbor(y, x, j, s.height, s.width);
+          if (nbr[j] >= 0) local[j] = dot_row(q_i, k_bh + nbr[j] * d, d) + rpb[h * kWindowArea + j];
+        }
+        T row_max = local[kCenter];
+        for (int j = 0; j < kWindowArea; ++j)
+          if (nbr[j] >= 0) row_max = std::max(row_max, local[j]);
+#pragma omp simd reduction(max : row_max)
+        for (int64_t p = 0; p < Np; ++p) {
+          srow[p] += brow[p];
+          row_max = std::max(row_max, srow[p]);
+        }
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t p = 0; p < Np; ++p) {
+          srow[p] = exp_approx(srow[p] - row_max);
+          sum += srow[p];
+        }
+        for (int j = 0; j < kWindowArea; ++j)
+          if (nbr[j] >= 0) sum += (local[j] = std::exp(local[j] - row_max));
+        const T inv = T(1) / sum;
+        inv_sum[r] = inv;
+        lse[bh * N + i] = row_max + std::log(sum);
+        T* wrow = window.data() + r * d;
+        std::fill(wrow, wrow + d, T(0));
+        const T* tw = token_weight + (bh * N + i) * kWindowArea;
+        for (int j = 0; j < kWindowArea; ++j)
+          if (nbr[j] >= 0) axpy_row(wrow, local[j] * inv + tw[j], v_bh + nbr[j] * d, d);
+      }
+      T* out_rows = out + (bh * N + i0) * d;
+      if (Np > 0) {
+        auto pooled_view = matrix(pooled.data(), rows, d);
+        at::mm_out(pooled_view, score_view, matrix(vp_bh, Np, d));
+        for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c)
+            out_rows[r * d + c] = pooled[r * d + c] * inv_sum[r] + window[r * d + c];
+        }
+      } else {
+        std::copy(window.begin(), window.begin() + rows * d, out_rows);
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k_pool,
+                   const T* v_pool, const T* rpb, const T* bias, const T* token_weight,
+                   const T* lse, T* dq, T* dtoken_weight, T* dbias, T* ds_local, T* weight_local,
+                   T* dkp_partial, T* dvp_partial, int64_t groups, const Shape& s) {
+  const int64_t N = s.tokens, Np = s.pool, d = s.d, B = s.batch, heads = s.heads;
+  const int64_t chunks = (N + kRows - 1) / kRows;
+  const int64_t chunks_per_group = (chunks + groups - 1) / groups;
+  at::parallel_for(0, heads * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> probs(kRows * std::max<int64_t>(Np, 1)), dprobs(kRows * std::max<int64_t>(Np, 1)),
+        dq_pool(kRows * d), dq_window(kRows * d);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / groups, group = task % groups;
+      const int64_t chunk_end = std::min(chunks, (group + 1) * chunks_per_group);
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t bh = b * heads + h;
+        const T *q_bh = q + bh * N * d, *k_bh = k + bh * N * d, *v_bh = v + bh * N * d;
+        const T *g_bh = grad + bh * N * d;
+        const T *kp_bh = k_pool + bh * Np * d, *vp_bh = v_pool + bh * Np * d;
+        const int64_t slot = ((group * B + b) * heads + h) * Np * d;
+        for (int64_t chunk = group * chunks_per_group; chunk < chunk_end; ++chunk) {
+          const int64_t i0 = chunk * kRows, rows = std::min(kRows, N - i0);
+          auto prob_view = matrix(probs.data(), rows, Np);
+          auto dprob_view = matrix(dprobs.data(), rows, Np);
+          auto q_rows = matrix(q_bh + i0 * d, rows, d), g_rows = matrix(g_bh + i0 * d, rows, d);
+          if (Np > 0) {
+            at::mm_out(prob_view, q_rows, matrix(kp_bh, Np, d).t());
+            at::mm_out(dprob_view, g_rows, matrix(vp_bh, Np, d).t());
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = i0 + r, y = i / s.width, x = i % s.width, row = bh * N + i;
+            T* prow = probs.data() + r * Np;
+            T* dprow = dprobs.data() + r * Np;
+            const T* brow = bias + (h * N + i) * Np;
+            const T *q_i = q_bh + i * d, *g_i = g_bh + i * d;
+            const T lse_i = lse[row];
+            T delta = 0;
+#pragma omp simd reduction(+ : delta)
+            for (int64_t p = 0; p < Np; ++p) {
+              prow[p] = exp_approx(prow[p] + brow[p] - lse_i);
+              delta += prow[p] * dprow[p];
+            }
+            T attn[kWindowArea], grad_dot_v[kWindowArea];
+            int64_t nbr[kWindowArea];
+            for (int j = 0; j < kWindowArea; ++j) {
+              nbr[j] = window_neighbor(y, x, j, s.height, s.width);
+              attn[j] = grad_dot_v[j] = 0;
+              if (nbr[j] < 0) continue;
+              attn[j] = std::exp(dot_row(q_i, k_bh + nbr[j] * d, d) + rpb[h * kWindowArea + j] -
+                                 lse_i);
+              grad_dot_v[j] = dot_row(g_i, v_bh + nbr[j] * d, d);
+              delta += attn[j] * grad_dot_v[j];
+            }
+#pragma omp simd
+            for (int64_t p = 0; p < Np; ++p) dprow[p] = prow[p] * (dprow[p] - delta);
+            if (dbias != nullptr) {
+              T* dbrow = dbias + (h * N + i) * Np;
+              if (b == 0) {
+                std::copy(dprow, dprow + Np, dbrow);
+              } else {
+#pragma omp simd
+                for (int64_t p = 0; p < Np; ++p) dbrow[p] += dprow[p];
+              }
+            }
+            T* dqw = dq_window.data() + r * d;
+            std::fill(dqw, dqw + d, T(0));
+            const T* tw = token_weight + row * kWindowArea;
+            for (int j = 0; j < kWindowArea; ++j) {
+              const T ds = attn[j] * (grad_dot_v[j] - delta);
+              ds_local[row * kWindowArea + j] = ds;
+              weight_local[row * kWindowArea + j] = nbr[j] >= 0 ? attn[j] + tw[j] : T(0);
+              dtoken_weight[row * kWindowArea + j] = grad_dot_v[j];
+              if (nbr[j] >= 0) axpy_row(dqw, ds, k_bh + nbr[j] * d, d);
+            }
+          }
+          T* dq_rows = dq + (bh * N + i0) * d;
+          if (Np > 0) {
+            auto dq_pool_view = matrix(dq_pool.data(), rows, d);
+            at::mm_out(dq_pool_view, dprob_view, matrix(kp_bh, Np, d));
+            for (int64_t e = 0; e < rows * d; ++e) dq_rows[e] = dq_pool[e] + dq_window[e];
+            matrix(dkp_partial + slot, Np, d).addmm_(dprob_view.t(), q_rows);
+            matrix(dvp_partial + slot, Np, d).addmm_(prob_view.t(), g_rows);
+          } else {
+            std::copy(dq_window.begin(), dq_window.begin() + rows * d, dq_rows);
+          }
+        }
+      }
+    }
+  });
+}
+
+// d k and d v of the window path, gathered per key position from the queries that saw it.
+template <typename T>
+void window_grad_impl(const T* q, const T* grad, const T* ds_local, const T* weight_local, T* dk,
+                      T* dv, const Shape& s) {
+  const int64_t N = s.tokens, d = s.d;
+  at::parallel_for(0, s.batch * s.heads * N, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / N, n = row % N, y = n / s.width, x = n % s.width;
+      T* dk_row = dk + row * d;
+      T* dv_row = dv + row * d;
+      std::fill(dk_row, dk_row + d, T(0));
+      std::fill(dv_row, dv_row + d, T(0));
+      for (int j = 0; j < kWindowArea; ++j) {
+        const int64_t i = window_neighbor(y, x, kWindowArea - 1 - j, s.height, s.width);
+        if (i < 0) continue;
+        const int64_t src = bh * N + i;
+        axpy_row(dk_row, ds_local[src * kWindowArea + j], q + src * d, d);
+        axpy_row(dv_row, weight_local[src * kWindowArea + j], grad + src * d, d);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> aggregated_attention_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
+    const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,
+    const at::Tensor& token_weight, int64_t height, int64_t width) {
+  const Shape s = shape_of(q, k_pool, height, width);
+  auto out = at::empty_like(q);
+  auto lse = at::empty({s.batch, s.heads, s.tokens}, q.options());
+  if (q.numel() == 0) return {out.zero_(), lse.zero_()};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "aggregated_attention_forward_cpu", [&] {
+    forward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                           k_pool.data_ptr<scalar_t>(), v_pool.data_ptr<scalar_t>(),
+                           rpb.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+                           token_weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                           lse.data_ptr<scalar_t>(), s);
+  });
+  return {out, lse};
+}
+
+std::vector<at::Tensor> aggregated_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
+    const at::Tensor& bias, const at::Tensor& token_weight, const at::Tensor& out,
+    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad) {
+  (void)out;  // the CPU kernel recomputes delta from the probabilities instead
+  const Shape s = shape_of(q, k_pool, height, width);
+  const int64_t chunks = (s.tokens + kRows - 1) / kRows;
+  const int64_t groups = std::max<int64_t>(1, std::min(chunks, kMaxGroups));
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  auto dtoken_weight = at::empty_like(token_weight);
+  auto ds_local = at::empty_like(token_weight), weight_local = at::empty_like(token_weight);
+  auto dbias = bias_grad ? at::empty_like(bias) : at::empty({0, s.tokens, s.pool}, bias.options());
+  auto dkp_partial = at::zeros({groups, s.batch, s.heads, s.pool, s.d}, q.options());
+  auto dvp_partial = at::zeros_like(dkp_partial);
+  if (q.numel() == 0) {
+    return {dq, dk, dv, at::zeros_like(k_pool), at::zeros_like(v_pool), at::zeros_like(rpb),
+            bias_grad ? dbias.zero_() : dbias, dtoken_weight.zero_()};
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "aggregated_attention_backward_cpu", [&] {
+    backward_impl<scalar_t>(
+        grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+        v.data_ptr<scalar_t>(), k_pool.data_ptr<scalar_t>(), v_pool.data_ptr<scalar_t>(),
+        rpb.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), token_weight.data_ptr<scalar_t>(),
+        lse.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dtoken_weight.data_ptr<scalar_t>(),
+        bias_grad ? dbias.data_ptr<scalar_t>() : nullptr, ds_local.data_ptr<scalar_t>(),
+        weight_local.data_ptr<scalar_t>(), dkp_partial.data_ptr<scalar_t>(),
+        dvp_partial.data_ptr<scalar_t>(), groups, s);
+    window_grad_impl<scalar_t>(q.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+                               ds_local.data_ptr<scalar_t>(), weight_local.data_ptr<scalar_t>(),
+                               dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), s);
+  });
+  return {dq, dk, dv, dkp_partial.sum(0), dvp_partial.sum(0), ds_local.sum({0, 2}), dbias,
+          dtoken_weight};
+}
+
+}  // namespace transnext_mm

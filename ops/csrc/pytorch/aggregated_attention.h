@@ -1,0 +1,67 @@
+// Copyright (c) transnext-mm contributors. All rights reserved.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace transnext_mm {
+
+// Returns {out, lse}; lse (B, heads, N) is in the accumulation type (fp32, or fp64 for fp64 input).
+std::vector<at::Tensor> aggregated_attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
+    const at::Tensor& v_pool, const at::Tensor& rpb_local, const at::Tensor& bias_pool,
+    const at::Tensor& token_weight, int64_t height, int64_t width);
+
+// Returns the gradients of {q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight};
+// the bias_pool gradient is an empty (0, N, Np) tensor when bias_grad is false.
+std::vector<at::Tensor> aggregated_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb_local,
+    const at::Tensor& bias_pool, const at::Tensor& token_weight, const at::Tensor& out,
+    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad);
+
+// CPU replays of the CUDA kernels on CPU tensors (tests only; see
+// cpu/aggregated_attention_cuda_replay.cpp). Same arguments and results as above.
+std::vector<at::Tensor> aggregated_attention_forward_replay(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
+    const at::Tensor& v_pool, const at::Tensor& rpb_local, const at::Tensor& bias_pool,
+    const at::Tensor& token_weight, int64_t height, int64_t width);
+std::vector<at::Tensor> aggregated_attention_backward_replay(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb_local,
+    const at::Tensor& bias_pool, const at::Tensor& token_weight, const at::Tensor& out,
+    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad);
+
+// Backends.
+std::vector<at::Tensor> aggregated_attention_forward_cuda_replay(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
+    const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,
+    const at::Tensor& token_weight, int64_t height, int64_t width);
+std::vector<at::Tensor> aggregated_attention_backward_cuda_replay(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
+    const at::Tensor& bias, const at::Tensor& token_weight, const at::Tensor& out,
+    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad);
+std::vector<at::Tensor> aggregated_attention_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
+    const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,
+    const at::Tensor& token_weight, int64_t height, int64_t width);
+std::vector<at::Tensor> aggregated_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
+    const at::Tensor& bias, const at::Tensor& token_weight, const at::Tensor& out,
+    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad);
+#ifdef WITH_CUDA
+std::vector<at::Tensor> aggregated_attention_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
+    const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,
+    const at::Tensor& token_weight, int64_t height, int64_t width);
+std::vector<at::Tensor> aggregated_attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
+    const at::Tensor& bias, const at::Tensor& token_weight, const at::Tensor& out,
+    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad);
+#endif
+
+}  // namespace transnext_mm

@@ -1,0 +1,21 @@
+// Copyright (c) transnext-mm contributors. All rights reserved.
+#include <torch/extension.h>
+
+#include "aggregated_attention.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "transnext_mm compiled ops: aggregated attention (CPU, and CUDA when built with it)";
+  m.def("aggregated_attention_forward", &transnext_mm::aggregated_attention_forward,
+        "Aggregated attention forward; returns (out, lse)");
+  m.def("aggregated_attention_backward", &transnext_mm::aggregated_attention_backward,
+        "Aggregated attention backward; returns the 8 input gradients");
+  m.def("aggregated_attention_forward_replay", &transnext_mm::aggregated_attention_forward_replay,
+        "CPU replay of the CUDA forward kernel (tests)");
+  m.def("aggregated_attention_backward_replay", &transnext_mm::aggregated_attention_backward_replay,
+        "CPU replay of the CUDA backward kernels (tests)");
+#ifdef WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

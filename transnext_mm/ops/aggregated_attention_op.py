@@ -1,0 +1,166 @@
+# Copyright (c) transnext-mm contributors. All rights reserved.
+"""The compiled aggregated-attention op (``transnext_mm._ext``) as a PyTorch custom op.
+
+Computes exactly :func:`transnext_mm.ops.aggregated_attention.aggregated_attention_reference`
+(see that module's docstring for the formula and shapes) with fused kernels: one pass over the
+3x3 window and the pooled keys with an online softmax, without unfolded keys / values or the
+(B, heads, N, 9 + Np) score tensor; backward recomputes the scores from the saved log-sum-exp.
+
+Kernels: CPU for fp32 / fp64 (fp16 / bf16 are computed in fp32), CUDA for fp32 / fp16 / bf16 /
+fp64 with fp32 (fp64) accumulation when the extension was built with CUDA. The forward and
+backward are registered with ``torch.library`` (fake kernels and autograd formula), so
+``torch.compile`` keeps them as single graph nodes instead of breaking the graph.
+"""
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from .aggregated_attention import _check_inputs
+
+try:
+    from transnext_mm import _ext
+    _IMPORT_ERROR = None
+except ImportError as e:  # not compiled: the dispatcher falls back to the PyTorch path
+    _ext = None
+    _IMPORT_ERROR = e
+
+CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the compiled op has kernels for ``device`` and ``dtype``."""
+    return unsupported_reason(device, dtype) == ''
+
+
+def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str:
+    """Why the op cannot run on ``device`` / ``dtype``; empty if it can."""
+    device = torch.device(device)
+    if _ext is None:
+        return (f'the compiled aggregated-attention op transnext_mm._ext is not built '
+                f'({_IMPORT_ERROR}); reinstall with `pip install --no-build-isolation -e .` '
+                'and a C++ compiler (and nvcc for CUDA)')
+    if device.type == 'cpu':
+        dtypes = CPU_DTYPES
+    elif device.type == 'cuda':
+        if not _ext.with_cuda:
+            return ('transnext_mm._ext was built without CUDA kernels (no nvcc, or no GPU at '
+                    'build time: rebuild with FORCE_CUDA=1 `pip install --no-build-isolation -e .`)')
+        dtypes = CUDA_DTYPES
+    else:
+        return f'the compiled aggregated-attention op has no kernels for device {device.type!r}'
+    if dtype not in dtypes:
+        return (f'the compiled aggregated-attention op has no {device.type} kernel for {dtype} '
+                f'(supported: {", ".join(str(t) for t in dtypes)})')
+    return ''
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op('transnext_mm::aggregated_attention_forward', mutates_args=())
+def _forward(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, rpb_local: Tensor,
+             bias_pool: Tensor, token_weight: Tensor, height: int,
+             width: int) -> Tuple[Tensor, Tensor]:
+    out, lse = _ext.aggregated_attention_forward(q, k, v, k_pool, v_pool, rpb_local, bias_pool,
+                                                 token_weight, height, width)
+    return out, lse
+
+
+@_forward.register_fake
+def _forward_fake(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op('transnext_mm::aggregated_attention_backward', mutates_args=())
+def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor,
+              rpb_local: Tensor, bias_pool: Tensor, token_weight: Tensor, out: Tensor, lse: Tensor,
+              height: int, width: int, bias_grad: bool
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _ext.aggregated_attention_backward(grad_out, q, k, v, k_pool, v_pool, rpb_local,
+                                               bias_pool, token_weight, out, lse, height, width,
+                                               bias_grad)
+    return tuple(grads)
+
+
+@_backward.register_fake
+def _backward_fake(grad_out, q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, out,
+                   lse, height, width, bias_grad):
+    heads, num_tokens, num_pool = bias_pool.shape
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            k_pool.new_empty(k_pool.shape), v_pool.new_empty(v_pool.shape),
+            rpb_local.new_empty(rpb_local.shape),
+            bias_pool.new_empty((heads if bias_grad else 0, num_tokens, num_pool)),
+            token_weight.new_empty(token_weight.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, height, width = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(*tensors, out, lse)
+    ctx.grid = (height, width)
+
+
+def _backward_formula(ctx, grad_out, grad_lse):
+    bias_grad = ctx.needs_input_grad[6]
+    grads = _backward(grad_out.contiguous(), *ctx.saved_tensors, *ctx.grid, bias_grad)
+    grads = list(grads)
+    if not bias_grad:
+        grads[6] = None
+    return (*grads, None, None)
+
+
+_forward.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+def _common_dtype(tensors, device_type: str) -> torch.dtype:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def aggregated_attention_op(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor,
+                            rpb_local: Tensor, bias_pool: Tensor, token_weight: Tensor,
+                            height: int, width: int) -> Tensor:
+    """Aggregated attention with the compiled kernels (same arguments as the reference).
+
+    Inputs are cast to one dtype: the autocast dtype inside an autocast region (as for a matmul),
+    else their promoted dtype. Gradients flow to all eight tensors.
+
+    Returns:
+        Tensor: (B, heads, H*W, d) in the common dtype.
+    """
+    if _ext is None:
+        raise RuntimeError(unsupported_reason(q.device, q.dtype))
+    _check_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
+    tensors = (q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight)
+    dtype = _common_dtype(tensors, q.device.type)
+    tensors = [t.to(dtype).contiguous() for t in tensors]
+    out, _ = torch.ops.transnext_mm.aggregated_attention_forward(*tensors, height, width)
+    return out
+
+
+def aggregated_attention_cuda_replay(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor,
+                                     v_pool: Tensor, rpb_local: Tensor, bias_pool: Tensor,
+                                     token_weight: Tensor, height: int, width: int,
+                                     grad_out: Tensor = None):
+    """Run the CUDA kernels' code sequentially on CPU tensors (for tests; slow).
+
+    Returns:
+        tuple: ``(out, lse)``, and with ``grad_out`` also the 8 input gradients.
+    """
+    if _ext is None:
+        raise RuntimeError(unsupported_reason(q.device, q.dtype))
+    args = (q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight)
+    out, lse = _ext.aggregated_attention_forward_replay(*args, height, width)
+    if grad_out is None:
+        return out, lse
+    grads = _ext.aggregated_attention_backward_replay(grad_out, *args, out, lse, height, width,
+                                                      True)
+    return out, lse, tuple(grads)
