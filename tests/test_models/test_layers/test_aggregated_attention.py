@@ -1,0 +1,117 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transnext_mm.models.layers import AggregatedAttention, FullAttention, LogCPB
+from transnext_mm.ops.aggregated_attention import (aggregated_attention,
+                                                   aggregated_attention_reference,
+                                                   aggregated_attention_torch)
+
+
+def loop_aggregated_attention(layer, x, height, width, pool_size):
+    """Per-query, per-head loops straight from the paper's equations (slow, obviously right)."""
+    B, N, C = x.shape
+    heads, d = layer.num_heads, layer.head_dim
+    q = layer.q(x).reshape(B, N, heads, d)
+    k, v = layer.kv(x).reshape(B, N, 2, heads, d).unbind(2)
+    pooled = F.adaptive_avg_pool2d(
+        F.gelu(layer.sr(x.transpose(1, 2).reshape(B, C, height, width))), pool_size)
+    pooled = layer.norm(pooled.flatten(2).transpose(1, 2))
+    kp, vp = layer.kv(pooled).reshape(B, -1, 2, heads, d).unbind(2)
+    bias_pool = layer.pos_bias.compute(layer.cpb_fc1, layer.cpb_fc2, (height, width), pool_size)
+    out = torch.zeros(B, N, heads, d, dtype=x.dtype)
+    for b in range(B):
+        for h in range(heads):
+            temp = F.softplus(layer.temperature[h, 0, 0])
+            for y in range(height):
+                for xx in range(width):
+                    i = y * width + xx
+                    qh = F.normalize(q[b, i, h], dim=0)
+                    neighbours = []
+                    for j, (dy, dx) in enumerate((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)):
+                        yy, xj = y + dy, xx + dx
+                        if 0 <= yy < height and 0 <= xj < width:
+                            neighbours.append((j, yy * width + xj))
+                    scale = temp * math.log(len(neighbours) + kp.shape[1])
+                    qs = (qh + layer.query_embedding[h, 0]) * scale
+                    scores = [qs @ F.normalize(k[b, n, h], dim=0)
+                              + layer.relative_pos_bias_local[h, j] for j, n in neighbours]
+                    scores += [qs @ F.normalize(kp[b, p, h], dim=0) + bias_pool[h, i, p]
+                               for p in range(kp.shape[1])]
+                    attn = torch.stack(scores).softmax(0)
+                    acc = torch.zeros(d, dtype=x.dtype)
+                    for a, (j, n) in zip(attn, neighbours):
+                        token = qh @ layer.learnable_tokens[h, :, j] + layer.learnable_bias[h, 0, j]
+                        acc = acc + (a + token) * v[b, n, h]
+                    for p in range(kp.shape[1]):
+                        acc = acc + attn[len(neighbours) + p] * vp[b, p, h]
+                    out[b, i, h] = acc
+    return layer.proj(out.reshape(B, N, C))
+
+
+def make_layer(mode='extrapolate', heads=2, dims=16):
+    layer = AggregatedAttention(dims, heads, LogCPB(mode, (8, 8), (1, 1), 56), attn_impl='reference')
+    with torch.no_grad():  # non-trivial values for parameters initialised to ~0
+        layer.relative_pos_bias_local.normal_(0, 0.5)
+        layer.learnable_bias.normal_(0, 0.5)
+        layer.query_embedding.normal_(0, 0.5)
+    return layer.double()
+
+
+@pytest.mark.parametrize('height,width,pool', [(4, 5, (2, 2)), (1, 3, (1, 1)), (3, 3, (1, 2))])
+def test_layer_matches_paper_loops(height, width, pool):
+    layer = make_layer()
+    x = torch.randn(2, height * width, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected = loop_aggregated_attention(layer, x, height, width, pool)
+        for impl in ('reference', 'torch'):
+            layer.attn_impl = impl
+            torch.testing.assert_close(layer(x, height, width, pool), expected)
+
+
+def random_core_inputs(B=2, heads=3, height=5, width=7, Np=4, d=8, dtype=torch.float64):
+    N = height * width
+    g = lambda *s: torch.randn(*s, dtype=dtype, requires_grad=True)  # noqa: E731
+    q = g(B, heads, N, d)
+    k = F.normalize(torch.randn(B, heads, N, d, dtype=dtype), dim=-1).requires_grad_()
+    kp = F.normalize(torch.randn(B, heads, Np, d, dtype=dtype), dim=-1).requires_grad_()
+    return (q, k, g(B, heads, N, d), kp, g(B, heads, Np, d), g(heads, 9), g(heads, N, Np),
+            g(B, heads, N, 9), height, width)
+
+
+@pytest.mark.parametrize('height,width,Np', [(5, 7, 4), (1, 1, 1), (1, 6, 2), (9, 13, 3)])
+def test_torch_path_matches_reference_forward_and_backward(height, width, Np):
+    args = random_core_inputs(height=height, width=width, Np=Np)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    out_ref = aggregated_attention_reference(*args)
+    grads_ref = torch.autograd.grad(out_ref.square().sum(), tensors)
+    out = aggregated_attention_torch(*args)
+    grads = torch.autograd.grad(out.square().sum(), tensors)
+    torch.testing.assert_close(out, out_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_core_shape_errors_and_impl_names():
+    args = list(random_core_inputs())
+    args[6] = args[6][:, :-1]
+    with pytest.raises(ValueError, match='bias_pool must have shape'):
+        aggregated_attention_torch(*args)
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        aggregated_attention(*random_core_inputs(), impl='cuda')
+
+
+def test_full_attention_sdpa_matches_explicit():
+    layer = FullAttention(48, 2, LogCPB('extrapolate', (4, 4), (4, 4), 7)).double()
+    x = torch.randn(2, 20, 48, dtype=torch.float64, requires_grad=True)
+    layer.attn_impl = 'reference'
+    out_ref = layer(x, 4, 5)
+    grads_ref = torch.autograd.grad(out_ref.sum(), [x, layer.cpb_fc1.weight, layer.temperature])
+    layer.attn_impl = 'torch'
+    out = layer(x, 4, 5)
+    grads = torch.autograd.grad(out.sum(), [x, layer.cpb_fc1.weight, layer.temperature])
+    torch.testing.assert_close(out, out_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)

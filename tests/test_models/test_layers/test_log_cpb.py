@@ -1,0 +1,95 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from transnext_mm.models.layers.log_cpb import (LogCPB, log_cpb_bias, resize_bias,
+                                                set_pos_bias_cache)
+
+
+def pairwise_log_cpb(fc1, fc2, query_size, key_size, pretrain_len):
+    """Brute force: evaluate the MLP on the coordinates of every (query, key) pair."""
+    def axis(n_query, n_key):
+        q = torch.arange(n_query, dtype=torch.float32)
+        # average-pool 0..n-1 into n_key bins the way adaptive pooling splits them
+        k = torch.stack([q[(i * n_query) // n_key:-(-(i + 1) * n_query // n_key)].mean()
+                         for i in range(n_key)])
+        return q, k
+
+    qh, kh = axis(query_size[0], key_size[0])
+    qw, kw = axis(query_size[1], key_size[1])
+    qy, qx = torch.meshgrid(qh, qw, indexing='ij')
+    ky, kx = torch.meshgrid(kh, kw, indexing='ij')
+    dy = (qy.reshape(-1, 1) - ky.reshape(1, -1)) / (pretrain_len - 1) * 8
+    dx = (qx.reshape(-1, 1) - kx.reshape(1, -1)) / (pretrain_len - 1) * 8
+    coords = torch.stack([dy, dx], dim=-1)
+    coords = torch.sign(coords) * torch.log2(coords.abs() + 1) / math.log2(8)
+    return fc2(F.relu(fc1(coords))).permute(2, 0, 1)
+
+
+@pytest.fixture
+def mlp():
+    return nn.Linear(2, 512), nn.Linear(512, 3)
+
+
+@pytest.mark.parametrize('query_size,key_size', [((7, 9), (3, 4)), ((5, 5), (5, 5)),
+                                                  ((1, 6), (1, 1)), ((13, 11), (1, 2))])
+def test_log_cpb_matches_pairwise(mlp, query_size, key_size):
+    fc1, fc2 = mlp
+    expected = pairwise_log_cpb(fc1, fc2, query_size, key_size, pretrain_len=56)
+    bias = log_cpb_bias(fc1, fc2, query_size, key_size, pretrain_len=56)
+    assert bias.shape == (3, query_size[0] * query_size[1], key_size[0] * key_size[1])
+    torch.testing.assert_close(bias, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resize_bias_follows_bilinear_order(mlp):
+    fc1, fc2 = mlp
+    table = log_cpb_bias(fc1, fc2, (6, 6), (2, 2), pretrain_len=56)
+    out = resize_bias(table, (6, 6), (2, 2), (9, 7), (3, 4))
+    # explicit: key grid first, then query grid
+    step = F.interpolate(table.reshape(3 * 36, 1, 2, 2), size=(3, 4), mode='bilinear',
+                         align_corners=False).reshape(3, 6, 6, 12)
+    step = F.interpolate(step.permute(0, 3, 1, 2).reshape(36, 1, 6, 6), size=(9, 7),
+                         mode='bilinear', align_corners=False).reshape(3, 12, 63)
+    torch.testing.assert_close(out, step.transpose(1, 2))
+
+
+def test_modes_agree_at_table_size_and_differ_elsewhere(mlp):
+    fc1, fc2 = mlp
+    interp = LogCPB('interpolate', (16, 16), (2, 2), 56)
+    extrap = LogCPB('extrapolate', (16, 16), (2, 2), 56)
+    torch.testing.assert_close(interp(fc1, fc2, (16, 16), (2, 2), True),
+                               extrap(fc1, fc2, (16, 16), (2, 2), True))
+    assert not torch.allclose(interp(fc1, fc2, (24, 20), (3, 2), True),
+                              extrap(fc1, fc2, (24, 20), (3, 2), True), atol=1e-4)
+
+
+def test_eval_cache_reuses_and_invalidates(mlp):
+    fc1, fc2 = mlp
+    cpb = LogCPB('extrapolate', (8, 8), (1, 1), 56)
+    with torch.no_grad():
+        first = cpb(fc1, fc2, (8, 8), (2, 2), training=False)
+        assert cpb(fc1, fc2, (8, 8), (2, 2), training=False) is first
+        fc2.weight.mul_(2)  # an optimiser step or load_state_dict changes the weights in place
+        second = cpb(fc1, fc2, (8, 8), (2, 2), training=False)
+        assert second is not first and not torch.allclose(second, first)
+        cpb.clear_cache()
+        assert cpb(fc1, fc2, (8, 8), (2, 2), training=False) is not second
+    # training mode never caches and keeps the graph to the MLP
+    bias = cpb(fc1, fc2, (8, 8), (2, 2), training=True)
+    assert bias.requires_grad
+    previous = set_pos_bias_cache(False)
+    try:
+        with torch.no_grad():
+            assert cpb(fc1, fc2, (8, 8), (2, 2), False) is not cpb(fc1, fc2, (8, 8), (2, 2), False)
+    finally:
+        set_pos_bias_cache(previous)
+
+
+def test_bad_mode_and_pretrain_len():
+    with pytest.raises(ValueError, match='pos_bias_mode must be one of'):
+        LogCPB('nearest', (8, 8), (1, 1), 56)
+    with pytest.raises(ValueError, match='pretrain_size'):
+        LogCPB('interpolate', (8, 8), (1, 1), 1)

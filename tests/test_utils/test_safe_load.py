@@ -1,0 +1,85 @@
+"""mmengine's own checkpoints load (test, resume) with the safe weights_only loader still on."""
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.logging.history_buffer import HistoryBuffer
+from mmengine.model import BaseModel
+from mmengine.runner import Runner
+from mmengine.runner.checkpoint import _load_checkpoint
+
+import transnext_mm  # noqa: F401  (installs the loader)
+
+
+class TinyRegressor(BaseModel):
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 1)
+
+    def forward(self, x, y=None, mode='tensor'):
+        out = self.linear(torch.stack(x) if isinstance(x, list) else x)
+        if mode == 'loss':
+            return dict(loss=((out - y) ** 2).mean())
+        return out
+
+
+def make_runner(work_dir, max_epochs, resume=False):
+    data = [dict(x=torch.randn(2), y=torch.randn(1)) for _ in range(8)]
+    return Runner(
+        model=TinyRegressor(), work_dir=str(work_dir), experiment_name=f'run{max_epochs}{resume}',
+        train_dataloader=dict(dataset=data, batch_size=2, collate_fn=dict(type='default_collate'),
+                              sampler=dict(type='DefaultSampler', shuffle=True)),
+        train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)),
+        resume=resume)
+
+
+@pytest.fixture(scope='module')
+def mmengine_checkpoint(tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp('safe_load')
+    make_runner(work_dir, max_epochs=1).train()
+    return work_dir, work_dir / 'epoch_1.pth'
+
+
+def test_torch_default_loader_is_still_safe(mmengine_checkpoint):
+    _, path = mmengine_checkpoint
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path)  # the global default stays weights_only=True and unpatched
+
+
+def test_mmengine_loads_its_checkpoint(mmengine_checkpoint):
+    _, path = mmengine_checkpoint
+    checkpoint = _load_checkpoint(str(path), map_location='cpu')
+    buffer = checkpoint['message_hub']['log_scalars']['train/loss']
+    assert isinstance(buffer, HistoryBuffer) and buffer.mean() > 0
+    assert set(checkpoint) >= {'meta', 'state_dict', 'optimizer', 'message_hub'}
+
+
+def test_resume_continues(mmengine_checkpoint):
+    work_dir, _ = mmengine_checkpoint
+    runner = make_runner(work_dir, max_epochs=2, resume=True)
+    runner.train()
+    assert runner.epoch == 2 and (work_dir / 'epoch_2.pth').exists()
+
+
+class _GetattrPayload:
+    """Pickles as getattr(HistoryBuffer, name): only the statistics methods may load."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __reduce__(self):
+        return getattr, (HistoryBuffer, self.name)
+
+
+def test_getattr_is_restricted(tmp_path):
+    ok = tmp_path / 'ok.pth'
+    torch.save({'stat': _GetattrPayload('mean')}, ok)
+    assert _load_checkpoint(str(ok))['stat'] is HistoryBuffer.mean
+    bad = tmp_path / 'bad.pth'
+    torch.save({'stat': _GetattrPayload('__init__')}, bad)
+    with pytest.raises(pickle.UnpicklingError, match="refusing getattr"):
+        _load_checkpoint(str(bad))
