@@ -247,10 +247,10 @@ class TransNeXt(BaseModule):
                     x = cp.checkpoint(block, x, height, width, pool_size, use_reentrant=False)
                 else:
                     x = block(x, height, width, pool_size)
-            x = norm(x)
-            x = x.reshape(x.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
+            # A channels-last view feeds the next patch embedding without a copy.
+            x = norm(x).reshape(x.shape[0], height, width, -1).permute(0, 3, 1, 2)
             if i in self.out_indices:
-                outs.append(x)
+                outs.append(x.contiguous())
         return tuple(outs)
 
     # ------------------------------------------------------------- checkpoints

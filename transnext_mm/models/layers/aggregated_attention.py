@@ -76,7 +76,7 @@ class AggregatedAttention(nn.Module):
         q_hat = F.normalize(self._heads(self.q(x), 1), dim=-1)
         k, v = self._heads(self.kv(x), 2).chunk(2, dim=1)
 
-        pooled = self.act(self.sr(x.transpose(1, 2).reshape(B, C, height, width)))
+        pooled = self.act(self.sr(x.reshape(B, height, width, C).permute(0, 3, 1, 2)))
         pooled = F.adaptive_avg_pool2d(pooled, pool_size).flatten(2).transpose(1, 2)
         k_pool, v_pool = self._heads(self.kv(self.norm(pooled)), 2).chunk(2, dim=1)
         num_pool = k_pool.shape[2]
