@@ -25,21 +25,18 @@ import os
 import os.path as osp
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from mmengine.runner.checkpoint import CheckpointLoader
+from PIL import Image
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from mmengine.runner.checkpoint import CheckpointLoader  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from transnext_mm.models.backbones import TransNeXt  # noqa: E402
-from transnext_mm.models.backbones.transnext import STAGE_STRIDES  # noqa: E402
-from transnext_mm.models.layers import AggregatedAttention, FullAttention  # noqa: E402
-from transnext_mm.ops.aggregated_attention import WINDOW, WINDOW_AREA, window_tables  # noqa
+from transnext_mm.models.backbones import TransNeXt
+from transnext_mm.models.backbones.transnext import STAGE_STRIDES
+from transnext_mm.models.layers import AggregatedAttention, FullAttention
+from transnext_mm.ops.aggregated_attention import WINDOW, WINDOW_AREA, window_tables
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,7 +75,8 @@ def preprocess(image: np.ndarray, size: int) -> Tuple[torch.Tensor, np.ndarray]:
         pil = pil.crop((left, top, left + size, top + size))
     shown = np.array(pil)
     x = torch.from_numpy(shown).float().div(255).permute(2, 0, 1)
-    x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    x = (x - mean[:, None, None]) / std[:, None, None]
     return x.unsqueeze(0), shown
 
 
@@ -240,12 +238,14 @@ def draw_attention(image: np.ndarray, maps: Dict[str, object], row: int, col: in
     query = row * width + col
 
     if 'full' in maps:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
+        fig = Figure(figsize=(8, 4.3))
+        axes = fig.subplots(1, 2)
         full = select_head(maps['full'], head)[query].reshape(height, width)
         _overlay(axes[1], image, full, f'full attention ({height}x{width} keys)')
         panels = axes
     else:
-        fig, axes = plt.subplots(1, 4, figsize=(16, 4.5))
+        fig = Figure(figsize=(16, 4.5))
+        axes = fig.subplots(1, 4)
         local = select_head(maps['local'], head)[query]  # (9,)
         pool = select_head(maps['pool'], head)[query]
         pool_h, pool_w = maps['pool_grid']
@@ -300,16 +300,17 @@ def draw_attention(image: np.ndarray, maps: Dict[str, object], row: int, col: in
 def _save(fig, out_file: str) -> None:
     os.makedirs(osp.dirname(osp.abspath(out_file)), exist_ok=True)
     fig.savefig(out_file, dpi=110)
-    plt.close(fig)
     print(f'saved {out_file}')
 
 
 # ------------------------------------------------------------- effective receptive field
 def effective_receptive_field(model: TransNeXt, inputs: List[torch.Tensor]) -> np.ndarray:
-    """Mean over images of |d centre output pixel / d input|, summed over channels.
+    """Mean over images of |d centre output pixel / d input|, summed over input channels.
 
-    The central pixel of the first output of ``model`` (all its channels summed) is
-    back-propagated to the input; returns an (H, W) map of non-negative contributions.
+    The central pixel of the first output of ``model``, as the sum of its ReLU'd channels, is
+    back-propagated to the input (a plain sum over channels would be degenerate: after the
+    stage's LayerNorm it is nearly constant). Returns an (H, W) map of non-negative
+    contributions.
     """
     model.requires_grad_(False)
     total = None
@@ -317,7 +318,7 @@ def effective_receptive_field(model: TransNeXt, inputs: List[torch.Tensor]) -> n
         x = x.clone().requires_grad_(True)
         feature = model(x)[0]
         height, width = feature.shape[2:]
-        centre = feature[:, :, height // 2, width // 2].sum()
+        centre = F.relu(feature[:, :, height // 2, width // 2]).sum()
         grad, = torch.autograd.grad(centre, x)
         score = grad.abs().sum(dim=1)[0]
         total = score if total is None else total + score
@@ -326,8 +327,12 @@ def effective_receptive_field(model: TransNeXt, inputs: List[torch.Tensor]) -> n
 
 def draw_erf(erf: np.ndarray, title: str, out_file: str) -> None:
     """Log-scaled heatmap of the ERF, relative to its maximum."""
+    if not erf.max() > 0:
+        raise RuntimeError('the effective receptive field is zero everywhere: the central '
+                           'output pixel does not depend on the input')
     log_erf = np.log10(erf / erf.max() + 1e-12)
-    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    fig = Figure(figsize=(5.2, 4.6))
+    ax = fig.subplots()
     im = ax.imshow(log_erf, cmap='RdYlGn', vmin=max(log_erf.min(), -6), vmax=0)
     fig.colorbar(im, ax=ax, label='log10 contribution (relative to max)')
     ax.set_title(title, fontsize=8, wrap=True)
