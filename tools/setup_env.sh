@@ -29,8 +29,11 @@ VPY="$ROOT/.venv/bin/python"
 PIP=("$VPY" -m pip --disable-pip-version-check)
 
 # Everything below is skipped when nothing changed since the last successful set-up.
-want="torch=$TORCH_VERSION mmcv=$MMCV_VERSION setup=$(cat setup.py requirements/*.txt 2>/dev/null | sha1sum | cut -c1-12)"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+# The stamp covers what decides the installation, op sources included (the editable install
+# builds transnext_mm/_ext in the checkout).
+want="torch=$TORCH_VERSION mmcv=$MMCV_VERSION inputs=$(cat setup.py requirements/*.txt \
+  $(find ops -type f 2>/dev/null | sort) 2>/dev/null | sha1sum | cut -c1-12)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && ls transnext_mm/_ext*.so >/dev/null 2>&1; then
   log "environment up to date ($want)"
   exit 0
 fi
