@@ -180,21 +180,60 @@ def test_optimizer_skips_weight_decay_like_the_paper():
     assert optim_wrapper.clip_grad_kwargs == dict(max_norm=1.0)
 
 
-def test_tools_test_py_evaluates_a_released_checkpoint(released_micro, tmp_path):
-    """`python tools/test.py CONFIG RELEASED.pth` on an ImageNet-layout val set of 3 photos."""
+PHOTOS = [('chelsea', 281), ('astronaut', 0), ('coffee', 967)]  # with ImageNet-ish labels
+
+
+def make_imagenet(data_root, split, photos=PHOTOS):
+    """scikit-image photos in mmpretrain's ImageNet layout: <split>/*.JPEG + meta/<split>.txt."""
     import skimage.data
-    state, path = released_micro
-    data_root = tmp_path / 'imagenet'
-    (data_root / 'val').mkdir(parents=True)
-    (data_root / 'meta').mkdir()
-    photos = [('chelsea', 281), ('astronaut', 0), ('coffee', 967)]
+    (data_root / split).mkdir(parents=True)
+    (data_root / 'meta').mkdir(exist_ok=True)
     lines = []
     for i, (name, label) in enumerate(photos):
-        filename = f'ILSVRC2012_val_{i + 1:08d}.JPEG'
-        Image.fromarray(getattr(skimage.data, name)()).save(data_root / 'val' / filename,
+        filename = f'ILSVRC2012_{split}_{i + 1:08d}.JPEG'
+        Image.fromarray(getattr(skimage.data, name)()).save(data_root / split / filename,
                                                            quality=95)
         lines.append(f'{filename} {label}')
-    (data_root / 'meta' / 'val.txt').write_text('\n'.join(lines) + '\n')
+    (data_root / 'meta' / f'{split}.txt').write_text('\n'.join(lines) + '\n')
+    return lines
+
+
+def test_train_setup_runs(tmp_path):
+    """The paper's training recipe through mmengine's Runner: 6 short epochs at 64px."""
+    from mmengine.runner import Runner
+    data_root = tmp_path / 'imagenet'
+    make_imagenet(data_root, 'train', PHOTOS[:2])
+    cfg = Config.fromfile(MICRO_CONFIG)
+    cfg.work_dir = str(tmp_path / 'work')
+    cfg.train_dataloader.update(batch_size=2, num_workers=0, persistent_workers=False)
+    cfg.train_dataloader.dataset.data_root = str(data_root)
+    cfg.train_dataloader.dataset.pipeline[1].scale = 64  # RandomResizedCrop
+    cfg.train_cfg.update(max_epochs=6)  # warm-up ends after epoch 5
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    cfg.default_hooks.checkpoint.save_best = None
+    cfg.default_hooks.logger.interval = 1
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+
+    sampler = runner.train_dataloader.sampler
+    assert type(sampler).__name__ == 'RepeatAugSampler'
+    assert runner.iter == 6  # one batch of 2 photos per epoch
+    history = runner.message_hub.log_scalars
+    assert torch.isfinite(torch.tensor(history['train/loss'].data[0])).all()
+    # Linear warm-up from 1e-6 over 5 epochs, then the cosine schedule at 1e-3.
+    lrs = history['train/lr'].data[0]
+    assert lrs[0] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(1e-3)
+    checkpoint = torch.load(osp.join(cfg.work_dir, 'epoch_6.pth'), weights_only=False)
+    assert 'backbone.block3.14.attn.cpb_fc1.weight' in checkpoint['state_dict']
+    assert 'head.fc.weight' in checkpoint['state_dict']
+
+
+def test_tools_test_py_evaluates_a_released_checkpoint(released_micro, tmp_path):
+    """`python tools/test.py CONFIG RELEASED.pth` on an ImageNet-layout val set of 3 photos."""
+    state, path = released_micro
+    data_root = tmp_path / 'imagenet'
+    lines = make_imagenet(data_root, 'val')
+    photos = PHOTOS
 
     out = tmp_path / 'preds.pkl'
     cmd = [sys.executable, osp.join(ROOT, 'tools', 'test.py'), MICRO_CONFIG, path,
