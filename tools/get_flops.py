@@ -196,7 +196,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         model = build_from_config(cfg, height, width, args.backbone_only)
         title = args.config + (' (backbone only)' if args.backbone_only else '')
     inputs = (torch.randn(1, 3, height, width), )
-    result = analyze(model, inputs)
+    try:
+        result = analyze(model, inputs)
+    except Exception as e:
+        if args.arch or args.backbone_only:
+            raise
+        raise RuntimeError(f"could not trace the whole model of {args.config} in 'tensor' mode "
+                           f'({type(e).__name__}: {e}); count its backbone with '
+                           '--backbone-only') from e
     print(report(result, title, inputs[0].shape, args.verbose))
     return result
 
