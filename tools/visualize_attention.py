@@ -36,7 +36,8 @@ from PIL import Image
 from transnext_mm.models.backbones import TransNeXt
 from transnext_mm.models.backbones.transnext import STAGE_STRIDES
 from transnext_mm.models.layers import AggregatedAttention, FullAttention
-from transnext_mm.ops.aggregated_attention import WINDOW, WINDOW_AREA, window_tables
+from transnext_mm.ops.aggregated_attention import (WINDOW, aggregated_attention_probs,
+                                                   unfold_window)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -102,14 +103,6 @@ def attention_layer(model: TransNeXt, stage: int, block: int):
 
 
 # ------------------------------------------------------------------ attention probabilities
-def _window_neighbours(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, heads, N, d) -> (B, heads, N, 9, d): the 3x3 neighbours in ``F.unfold`` order."""
-    B, heads, N, d = t.shape
-    t = F.unfold(t.transpose(-1, -2).reshape(B * heads, d, height, width), WINDOW,
-                 padding=WINDOW // 2)
-    return t.reshape(B, heads, d, WINDOW_AREA, N).permute(0, 1, 4, 3, 2)
-
-
 def aggregated_attention_maps(attn: AggregatedAttention, x: torch.Tensor, height: int,
                               width: int, pool_size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
     """Recompute an aggregated-attention layer's softmax from its parameters and its input.
@@ -119,42 +112,20 @@ def aggregated_attention_maps(attn: AggregatedAttention, x: torch.Tensor, height
         image), ``pool`` (B, heads, N, Np) pooled-path probabilities and ``output`` (B, N, C),
         the layer output rebuilt from them.
     """
-    B, N, C = x.shape
-    q_hat = F.normalize(attn._heads(attn.q(x), 1), dim=-1)
-    k, v = attn._heads(attn.kv(x), 2).chunk(2, dim=1)
-    pooled = attn.act(attn.sr(x.transpose(1, 2).reshape(B, C, height, width)))
-    pooled = F.adaptive_avg_pool2d(pooled, pool_size).flatten(2).transpose(1, 2)
-    k_pool, v_pool = attn._heads(attn.kv(attn.norm(pooled)), 2).chunk(2, dim=1)
-    valid, local_count = window_tables(height, width, x.device)
-    length = torch.log((local_count + k_pool.shape[2]).to(x.dtype)).unsqueeze(-1)
-    q = (q_hat + attn.query_embedding) * (F.softplus(attn.temperature) * length)
-    bias_pool = attn.pos_bias(attn.cpb_fc1, attn.cpb_fc2, (height, width), pool_size,
-                              attn.training).to(x.dtype)
-
-    k_local, v_local = (_window_neighbours(t, height, width) for t in (F.normalize(k, dim=-1), v))
-    s_local = (q.unsqueeze(-2) * k_local).sum(-1) + attn.relative_pos_bias_local.unsqueeze(1)
-    s_local = s_local.masked_fill(~valid, float('-inf'))
-    s_pool = q @ F.normalize(k_pool, dim=-1).transpose(-2, -1) + bias_pool
-    probs = torch.cat([s_local, s_pool], dim=-1).softmax(dim=-1)
-    a_local, a_pool = probs.split([WINDOW_AREA, k_pool.shape[2]], dim=-1)
-
-    token_weight = q_hat @ attn.learnable_tokens + attn.learnable_bias
-    out = ((a_local + token_weight).unsqueeze(-1) * v_local).sum(-2) + a_pool @ v_pool
-    output = attn.proj(out.transpose(1, 2).reshape(B, N, C))
-    return dict(local=a_local, pool=a_pool, output=output)
+    args = attn.core_inputs(x, height, width, pool_size)
+    q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight = args[:8]
+    a_local, a_pool = aggregated_attention_probs(q, k, k_pool, rpb_local, bias_pool, height,
+                                                 width)
+    out = ((a_local + token_weight).unsqueeze(-1) * unfold_window(v, height, width)).sum(-2)
+    return dict(local=a_local, pool=a_pool, output=attn.project(out + a_pool @ v_pool))
 
 
 def full_attention_maps(attn: FullAttention, x: torch.Tensor, height: int,
                         width: int) -> Dict[str, torch.Tensor]:
     """Recompute a full-attention (stage 4) layer's softmax: ``full`` (B, heads, N, N)."""
     B, N, C = x.shape
-    q, k, v = attn.qkv(x).reshape(B, N, 3 * attn.num_heads, attn.head_dim).transpose(1, 2).chunk(
-        3, dim=1)
-    q = (F.normalize(q, dim=-1) + attn.query_embedding) * (
-        F.softplus(attn.temperature) * np.log(N))
-    bias = attn.pos_bias(attn.cpb_fc1, attn.cpb_fc2, (height, width), (height, width),
-                         attn.training).to(x.dtype)
-    probs = (q @ F.normalize(k, dim=-1).transpose(-2, -1) + bias).softmax(dim=-1)
+    q, k, v, bias = attn.attention_inputs(x, height, width)
+    probs = (q @ k.transpose(-2, -1) + bias).softmax(dim=-1)
     output = attn.proj((probs @ v).transpose(1, 2).reshape(B, N, C))
     return dict(full=probs, output=output)
 

@@ -70,24 +70,33 @@ def _check_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, h
                          f'got {tuple(k_pool.shape)}')
 
 
+def unfold_window(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, heads, N, d) -> (B, heads, N, 9, d): each position's 3x3 window, zeros outside."""
+    B, heads, N, d = t.shape
+    t = F.unfold(t.transpose(-1, -2).reshape(B * heads, d, height, width), WINDOW,
+                 padding=WINDOW // 2)
+    return t.reshape(B, heads, d, WINDOW_AREA, N).permute(0, 1, 4, 3, 2)
+
+
+def aggregated_attention_probs(q, k, k_pool, rpb_local, bias_pool, height: int,
+                               width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The softmax of aggregated attention, split into window (B, heads, N, 9) and pooled
+    (B, heads, N, Np) probabilities; out-of-image window positions get 0."""
+    valid, _ = window_tables(height, width, q.device)
+    s_local = (q.unsqueeze(-2) * unfold_window(k, height, width)).sum(-1)
+    s_local = (s_local + rpb_local.unsqueeze(1)).masked_fill(~valid, float('-inf'))
+    s_pool = q @ k_pool.transpose(-2, -1) + bias_pool
+    attn = torch.cat([s_local, s_pool], dim=-1).softmax(dim=-1)
+    return attn.split([WINDOW_AREA, k_pool.shape[2]], dim=-1)
+
+
 def aggregated_attention_reference(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight,
                                    height: int, width: int) -> torch.Tensor:
     """Readable, paper-faithful implementation: unfold the window, one softmax. The test oracle."""
     _check_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
-    B, heads, N, d = q.shape
-
-    def unfold(t):  # (B, heads, N, d) -> (B, heads, N, 9, d), zeros outside the image
-        t = t.transpose(-1, -2).reshape(B * heads, d, height, width)
-        t = F.unfold(t, WINDOW, padding=WINDOW // 2)
-        return t.reshape(B, heads, d, WINDOW_AREA, N).permute(0, 1, 4, 3, 2)
-
-    k_local, v_local = unfold(k), unfold(v)
-    valid, _ = window_tables(height, width, q.device)
-    s_local = (q.unsqueeze(-2) * k_local).sum(-1) + rpb_local.unsqueeze(1)
-    s_local = s_local.masked_fill(~valid, float('-inf'))
-    s_pool = q @ k_pool.transpose(-2, -1) + bias_pool
-    attn = torch.cat([s_local, s_pool], dim=-1).softmax(dim=-1)
-    a_local, a_pool = attn.split([WINDOW_AREA, k_pool.shape[2]], dim=-1)
+    a_local, a_pool = aggregated_attention_probs(q, k, k_pool, rpb_local, bias_pool, height,
+                                                 width)
+    v_local = unfold_window(v, height, width)
     out = ((a_local + token_weight).unsqueeze(-1) * v_local).sum(-2)
     return out + a_pool @ v_pool
 

@@ -71,7 +71,9 @@ class AggregatedAttention(nn.Module):
         B, N, _ = x.shape  # (B, N, groups*heads*d) -> (B, groups*heads, N, d)
         return x.reshape(B, N, groups * self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, height: int, width: int, pool_size: Size) -> torch.Tensor:
+    def core_inputs(self, x: torch.Tensor, height: int, width: int, pool_size: Size) -> tuple:
+        """The arguments of the attention core (see ``transnext_mm.ops.aggregated_attention``):
+        ``(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)``."""
         B, N, C = x.shape
         q_hat = F.normalize(self._heads(self.q(x), 1), dim=-1)
         k, v = self._heads(self.kv(x), 2).chunk(2, dim=1)
@@ -89,10 +91,17 @@ class AggregatedAttention(nn.Module):
 
         bias_pool = self.pos_bias(self.cpb_fc1, self.cpb_fc2, (height, width), pool_size,
                                   self.training).to(x.dtype)
-        out = aggregated_attention(q, F.normalize(k, dim=-1), v, F.normalize(k_pool, dim=-1),
-                                   v_pool, self.relative_pos_bias_local, bias_pool, token_weight,
-                                   height, width, impl=self.attn_impl)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return (q, F.normalize(k, dim=-1), v, F.normalize(k_pool, dim=-1), v_pool,
+                self.relative_pos_bias_local, bias_pool, token_weight, height, width)
+
+    def project(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, heads, N, d) attention output -> (B, N, C) through ``proj``."""
+        B, _, N, _ = out.shape
+        return self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+    def forward(self, x: torch.Tensor, height: int, width: int, pool_size: Size) -> torch.Tensor:
+        args = self.core_inputs(x, height, width, pool_size)
+        return self.project(aggregated_attention(*args, impl=self.attn_impl))
 
 
 class FullAttention(nn.Module):
@@ -121,15 +130,20 @@ class FullAttention(nn.Module):
         self.pos_bias.clear_cache()
         return super().train(mode)
 
-    def forward(self, x: torch.Tensor, height: int, width: int, pool_size: Size = None):
+    def attention_inputs(self, x: torch.Tensor, height: int, width: int) -> tuple:
+        """``(q, k, v, bias)``: scaled queries, normalised keys, values and log-CPB bias."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3 * self.num_heads, self.head_dim).transpose(1, 2)
         q, k, v = qkv.chunk(3, dim=1)
         scale = F.softplus(self.temperature) * math.log(N)
         q = (F.normalize(q, dim=-1) + self.query_embedding) * scale
-        k = F.normalize(k, dim=-1)
         bias = self.pos_bias(self.cpb_fc1, self.cpb_fc2, (height, width), (height, width),
                              self.training).to(x.dtype)
+        return q, F.normalize(k, dim=-1), v, bias
+
+    def forward(self, x: torch.Tensor, height: int, width: int, pool_size: Size = None):
+        B, N, C = x.shape
+        q, k, v, bias = self.attention_inputs(x, height, width)
         if self.attn_impl == 'reference':
             out = ((q @ k.transpose(-2, -1)) + bias).softmax(dim=-1) @ v
         else:

@@ -1,7 +1,6 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class ConvGLU(nn.Module):
