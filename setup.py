@@ -62,9 +62,19 @@ def get_extensions():
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
+                return
             except Exception as e:  # compiler missing or failing: keep the PyTorch path
                 self._warn(e)
-                self._failed.append(ext)
+            if getattr(ext, 'cpu_sources', None):
+                print('transnext-mm: retrying transnext_mm._ext with CPU kernels only')
+                ext.sources = ext.cpu_sources
+                ext.cpu_sources = None
+                ext.define_macros = [m for m in ext.define_macros if m[0] != 'WITH_CUDA']
+                ext.extra_compile_args.pop('nvcc', None)
+                ext.libraries = [lib for lib in ext.libraries if 'cuda' not in lib]
+                self.build_extension(ext)
+                return
+            self._failed.append(ext)
 
         @staticmethod
         def _warn(error):
@@ -77,26 +87,23 @@ def get_extensions():
                osp.join(csrc, 'cpu', 'aggregated_attention_cpu.cpp'),
                osp.join(csrc, 'cpu', 'aggregated_attention_cuda_replay.cpp')]
     cxx_flags = ['-O3', '-std=c++20', '-fopenmp']
-    extra_compile_args = {'cxx': cxx_flags}
-    define_macros = []
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and (torch.cuda.is_available() or _env_flag('FORCE_CUDA')))
-    if with_cuda:
-        sources.append(osp.join(csrc, 'cuda', 'aggregated_attention_cuda.cu'))
-        define_macros.append(('WITH_CUDA', None))
-        extra_compile_args['nvcc'] = ['-O3', '-std=c++20', '--expt-relaxed-constexpr']
-        extension = CUDAExtension
-    else:
-        extension = CppExtension
-    print(f'transnext-mm: building transnext_mm._ext with {"CPU and CUDA" if with_cuda else "CPU"} '
-          'kernels')
-    ext = extension(
-        name='transnext_mm._ext',
-        sources=sources,
-        include_dirs=[osp.join(ROOT, csrc)],
-        define_macros=define_macros,
-        extra_compile_args=extra_compile_args,
-        extra_link_args=['-fopenmp'])
+    common = dict(name='transnext_mm._ext', include_dirs=[osp.join(ROOT, csrc)],
+                  extra_link_args=['-fopenmp'])
+    if not with_cuda:
+        print('transnext-mm: building transnext_mm._ext with CPU kernels')
+        ext = CppExtension(sources=sources, extra_compile_args={'cxx': cxx_flags}, **common)
+        return [ext], {'build_ext': OptionalBuildExtension}
+    print('transnext-mm: building transnext_mm._ext with CPU and CUDA kernels')
+    ext = CUDAExtension(
+        sources=sources + [osp.join(csrc, 'cuda', 'aggregated_attention_cuda.cpp'),
+                           osp.join(csrc, 'cuda', 'aggregated_attention_kernels.cu')],
+        define_macros=[('WITH_CUDA', None)],
+        extra_compile_args={'cxx': cxx_flags,
+                            'nvcc': ['-O3', '-std=c++20', '--expt-relaxed-constexpr']},
+        **common)
+    ext.cpu_sources = sources  # built instead if the CUDA build fails
     return [ext], {'build_ext': OptionalBuildExtension}
 
 

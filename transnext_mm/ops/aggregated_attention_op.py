@@ -6,8 +6,8 @@ Computes exactly :func:`transnext_mm.ops.aggregated_attention.aggregated_attenti
 3x3 window and the pooled keys with an online softmax, without unfolded keys / values or the
 (B, heads, N, 9 + Np) score tensor; backward recomputes the scores from the saved log-sum-exp.
 
-Kernels: CPU for fp32 / fp64 (fp16 / bf16 are computed in fp32), CUDA for fp32 / fp16 / bf16 /
-fp64 with fp32 (fp64) accumulation when the extension was built with CUDA. The forward and
+Kernels: CPU for fp32 / fp64 (fp16 / bf16 are computed in fp32), CUDA for fp32 / fp16 / bf16 with
+fp32 accumulation when the extension was built with CUDA. The forward and
 backward are registered with ``torch.library`` (fake kernels and autograd formula), so
 ``torch.compile`` keeps them as single graph nodes instead of breaking the graph.
 """
@@ -26,7 +26,7 @@ except ImportError as e:  # not compiled: the dispatcher falls back to the PyTor
     _IMPORT_ERROR = e
 
 CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:

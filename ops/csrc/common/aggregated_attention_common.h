@@ -63,40 +63,50 @@ C10_HOST_DEVICE inline int64_t window_neighbor(int64_t y, int64_t x, int j, int6
   return (ny >= 0 && ny < height && nx >= 0 && nx < width) ? ny * width + nx : -1;
 }
 
-// Head-dimension loops: kMaxD is a compile-time bound (registers); kExact says d == kMaxD, which
-// drops the runtime guard for the common head sizes.
+// Head-dimension loops. kExact (d == kMaxD, the released models' 24) unrolls them fully so the
+// per-thread rows live in registers; the generic variant (any d <= kMaxD) keeps them rolled, which
+// is slower (rows spill to local memory) but cheap to compile.
 template <int kMaxD, bool kExact>
 struct HeadDim {
   static constexpr int kMax = kMaxD;
-  C10_HOST_DEVICE static inline bool active(int c, int d) { return kExact || c < d; }
+  static constexpr bool kExactDim = kExact;
 };
+
+template <typename HD, typename Fn>
+C10_HOST_DEVICE inline void for_each_dim(int d, Fn&& fn) {
+  if constexpr (HD::kExactDim) {
+    TNX_UNROLL
+    for (int c = 0; c < HD::kMax; ++c) fn(c);
+  } else {
+    for (int c = 0; c < d; ++c) fn(c);
+  }
+}
 
 template <typename HD, typename acc_t, typename scalar_t>
 C10_HOST_DEVICE inline acc_t dot(const acc_t* a, const scalar_t* b, int d) {
   acc_t sum = 0;
-  TNX_UNROLL
-  for (int c = 0; c < HD::kMax; ++c)
-    if (HD::active(c, d)) sum += a[c] * static_cast<acc_t>(b[c]);
+  for_each_dim<HD>(d, [&](int c) { sum += a[c] * static_cast<acc_t>(b[c]); });
   return sum;
 }
 
 template <typename HD, typename acc_t, typename scalar_t>
 C10_HOST_DEVICE inline void axpy(acc_t* y, acc_t alpha, const scalar_t* x, int d) {
-  TNX_UNROLL
-  for (int c = 0; c < HD::kMax; ++c)
-    if (HD::active(c, d)) y[c] += alpha * static_cast<acc_t>(x[c]);
+  for_each_dim<HD>(d, [&](int c) { y[c] += alpha * static_cast<acc_t>(x[c]); });
 }
 
 template <typename HD, typename acc_t, typename scalar_t>
 C10_HOST_DEVICE inline void load_row(acc_t* dst, const scalar_t* src, int d) {
-  TNX_UNROLL
-  for (int c = 0; c < HD::kMax; ++c) dst[c] = HD::active(c, d) ? static_cast<acc_t>(src[c]) : 0;
+  for_each_dim<HD>(d, [&](int c) { dst[c] = static_cast<acc_t>(src[c]); });
 }
 
 template <typename HD, typename acc_t>
-C10_HOST_DEVICE inline void fill(acc_t* dst, acc_t value) {
-  TNX_UNROLL
-  for (int c = 0; c < HD::kMax; ++c) dst[c] = value;
+C10_HOST_DEVICE inline void fill(acc_t* dst, acc_t value, int d) {
+  for_each_dim<HD>(d, [&](int c) { dst[c] = value; });
+}
+
+template <typename HD, typename acc_t>
+C10_HOST_DEVICE inline void scale_row(acc_t* dst, acc_t value, int d) {
+  for_each_dim<HD>(d, [&](int c) { dst[c] *= value; });
 }
 
 // Cooperative tile load (run by every thread of a block): rows x d contiguous elements of src
@@ -119,7 +129,7 @@ struct TileRows {
 template <typename scalar_t, typename HD>
 struct ForwardThread {
   using acc_t = at::opmath_type<scalar_t>;
-  static constexpr int kTile = TileRows<HD::kMax, acc_t>::value;
+  static constexpr int kTile = TileRows<HD::kMax, acc_t>::value;  // pooled keys per tile
   acc_t q[HD::kMax], acc[HD::kMax], extra[HD::kMax];
   acc_t running_max, running_sum;
 
@@ -141,8 +151,8 @@ struct ForwardThread {
     for (int j = 0; j < kWindowArea; ++j)
       if (nbr[j] >= 0) running_max = tnx_max(running_max, scores[j]);
     running_sum = 0;
-    fill<HD>(acc, acc_t(0));
-    fill<HD>(extra, acc_t(0));
+    fill<HD>(acc, acc_t(0), d);
+    fill<HD>(extra, acc_t(0), d);
     TNX_UNROLL
     for (int j = 0; j < kWindowArea; ++j) {
       if (nbr[j] < 0) continue;  // v is zero outside the image: no attention, no token term
@@ -154,39 +164,27 @@ struct ForwardThread {
   }
 
   // A tile of `count` pooled keys/values (row stride HD::kMax) and this query's biases for them.
+  // Rescales only when a key raises the running max, which becomes rare after the first keys;
+  // no per-tile score array, so the tile loop need not be unrolled (registers, compile time).
   C10_HOST_DEVICE void pool_tile(const acc_t* kp_tile, const acc_t* vp_tile, int count,
                                  const scalar_t* bias, int d) {
-    acc_t scores[kTile];
-    acc_t tile_max = running_max;
-    TNX_UNROLL
-    for (int t = 0; t < kTile; ++t) {
-      if (t < count) {
-        scores[t] = dot<HD>(q, kp_tile + t * HD::kMax, d) + static_cast<acc_t>(bias[t]);
-        tile_max = tnx_max(tile_max, scores[t]);
+    for (int t = 0; t < count; ++t) {
+      const acc_t score = dot<HD>(q, kp_tile + t * HD::kMax, d) + static_cast<acc_t>(bias[t]);
+      if (score > running_max) {
+        const acc_t scale = tnx_exp(running_max - score);
+        running_sum *= scale;
+        scale_row<HD>(acc, scale, d);
+        running_max = score;
       }
-    }
-    if (tile_max > running_max) {  // rescale once per tile, not per key
-      const acc_t scale = tnx_exp(running_max - tile_max);
-      running_sum *= scale;
-      TNX_UNROLL
-      for (int c = 0; c < HD::kMax; ++c) acc[c] *= scale;
-      running_max = tile_max;
-    }
-    TNX_UNROLL
-    for (int t = 0; t < kTile; ++t) {
-      if (t < count) {
-        const acc_t p = tnx_exp(scores[t] - running_max);
-        running_sum += p;
-        axpy<HD>(acc, p, vp_tile + t * HD::kMax, d);
-      }
+      const acc_t p = tnx_exp(score - running_max);
+      running_sum += p;
+      axpy<HD>(acc, p, vp_tile + t * HD::kMax, d);
     }
   }
 
   C10_HOST_DEVICE void finish(scalar_t* out_row, acc_t* lse, int d) const {
     const acc_t inv = acc_t(1) / running_sum;
-    TNX_UNROLL
-    for (int c = 0; c < HD::kMax; ++c)
-      if (HD::active(c, d)) out_row[c] = static_cast<scalar_t>(acc[c] * inv + extra[c]);
+    for_each_dim<HD>(d, [&](int c) { out_row[c] = static_cast<scalar_t>(acc[c] * inv + extra[c]); });
     *lse = running_max + tnx_log(running_sum);
   }
 };
@@ -220,7 +218,7 @@ struct BackwardQueryThread {
       grad_dot_v[j] = nbr[j] >= 0 ? dot<HD>(g, v_bh + nbr[j] * d, d) : acc_t(0);
       delta -= static_cast<acc_t>(tw_row[j]) * grad_dot_v[j];  // out minus the token term
     }
-    fill<HD>(dq, acc_t(0));
+    fill<HD>(dq, acc_t(0), d);
     TNX_UNROLL
     for (int j = 0; j < kWindowArea; ++j) {
       dtw_row[j] = static_cast<scalar_t>(grad_dot_v[j]);
@@ -250,9 +248,7 @@ struct BackwardQueryThread {
   }
 
   C10_HOST_DEVICE void finish(scalar_t* dq_row, int d) const {
-    TNX_UNROLL
-    for (int c = 0; c < HD::kMax; ++c)
-      if (HD::active(c, d)) dq_row[c] = static_cast<scalar_t>(dq[c]);
+    for_each_dim<HD>(d, [&](int c) { dq_row[c] = static_cast<scalar_t>(dq[c]); });
   }
 };
 
@@ -269,8 +265,8 @@ struct BackwardPoolThread {
   C10_HOST_DEVICE void begin(const scalar_t* kp_row, const scalar_t* vp_row, int d) {
     load_row<HD>(kp, kp_row, d);
     load_row<HD>(vp, vp_row, d);
-    fill<HD>(dkp, acc_t(0));
-    fill<HD>(dvp, acc_t(0));
+    fill<HD>(dkp, acc_t(0), d);
+    fill<HD>(dvp, acc_t(0), d);
   }
 
   // q_tile, g_tile: `count` queries (row stride HD::kMax); bias / dbias: this key's column for
@@ -291,13 +287,10 @@ struct BackwardPoolThread {
   }
 
   C10_HOST_DEVICE void finish(acc_t* dkp_row, acc_t* dvp_row, int d) const {
-    TNX_UNROLL
-    for (int c = 0; c < HD::kMax; ++c) {
-      if (HD::active(c, d)) {
-        dkp_row[c] = dkp[c];
-        dvp_row[c] = dvp[c];
-      }
-    }
+    for_each_dim<HD>(d, [&](int c) {
+      dkp_row[c] = dkp[c];
+      dvp_row[c] = dvp[c];
+    });
   }
 };
 
@@ -329,15 +322,17 @@ constexpr int kQueryThreads = 128;  // forward and dq kernels: one query per thr
 constexpr int kPoolThreads = 64;    // pooled-key gradient kernel: one pooled key per thread
 
 // Query chunk length of the pooled-key gradient kernel: enough (heads x key tiles x chunks) blocks
-// to fill a GPU, while the (chunks, B, heads, Np, d) partial sums stay bounded.
+// to fill a GPU, while the (chunks, B, heads, Np, d) partial sums stay bounded. Any length works
+// (the last tile of a chunk may be partial); multiples of 32 keep tiles full.
 inline int64_t pool_grad_chunk_len(int64_t batch, int64_t heads, int64_t num_tokens,
-                                   int64_t num_pool, int64_t tile_rows) {
+                                   int64_t num_pool) {
+  constexpr int64_t kGranule = 32;
   const int64_t key_tiles = std::max<int64_t>(1, (num_pool + kPoolThreads - 1) / kPoolThreads);
   int64_t chunks = (1024 + heads * key_tiles - 1) / (heads * key_tiles);
-  chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, 256 / batch));
-  chunks = std::max<int64_t>(1, std::min(chunks, (num_tokens + tile_rows - 1) / tile_rows));
+  chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, 256 / std::max<int64_t>(batch, 1)));
+  chunks = std::max<int64_t>(1, std::min(chunks, (num_tokens + kGranule - 1) / kGranule));
   const int64_t per_chunk = (num_tokens + chunks - 1) / chunks;
-  return std::max<int64_t>(1, (per_chunk + tile_rows - 1) / tile_rows) * tile_rows;
+  return std::max<int64_t>(1, (per_chunk + kGranule - 1) / kGranule) * kGranule;
 }
 
 // Calls fn(HeadDim<...>{}) with the kernel variant for head dimension d.
@@ -345,12 +340,8 @@ template <typename Fn>
 inline void dispatch_head_dim(int64_t d, Fn&& fn) {
   TORCH_CHECK(d >= 1 && d <= 128,
               "aggregated_attention: the CUDA kernels support head dims 1..128, got ", d);
-  if (d == 24) {
+  if (d == 24) {  // every released TransNeXt
     fn(HeadDim<24, true>{});
-  } else if (d == 32) {
-    fn(HeadDim<32, true>{});
-  } else if (d <= 64) {
-    fn(HeadDim<64, false>{});
   } else {
     fn(HeadDim<128, false>{});
   }

@@ -217,8 +217,7 @@ std::vector<at::Tensor> aggregated_attention_backward_cuda_replay(
           replay_backward_query<scalar_t, HD>(grad_out, q, k, v, k_pool, v_pool, rpb, bias,
                                               token_weight, out, lse, dq, dtoken_weight,
                                               ds_local, weight_local, delta, height, width);
-          const int64_t chunk_len = pool_grad_chunk_len(batch, heads, N, Np,
-                                                        BackwardPoolThread<scalar_t, HD>::kTile);
+          const int64_t chunk_len = pool_grad_chunk_len(batch, heads, N, Np);
           dkp_partial = at::empty({(N + chunk_len - 1) / chunk_len, batch, heads, Np, d},
                                   acc_options);
           dvp_partial = at::empty_like(dkp_partial);

@@ -1,0 +1,125 @@
+// Copyright (c) transnext-mm contributors. All rights reserved.
+//
+// CUDA launchers of the aggregated-attention op: allocate outputs and scratch on the inputs'
+// device, launch the kernels on the current stream, reduce the per-chunk partial sums.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <vector>
+
+#include "../common/aggregated_attention_common.h"
+#include "aggregated_attention_cuda.h"
+
+namespace transnext_mm {
+namespace {
+
+// fp32, fp16 and bf16 (fp32 accumulation); fp64 stays on the CPU / PyTorch paths.
+#define TNX_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                             \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__) \
+                                         AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+
+AttentionSizes sizes_of(const at::Tensor& q, const at::Tensor& k_pool, int64_t height,
+                        int64_t width) {
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 128,
+              "aggregated_attention: the CUDA kernels support head dims 1..128, got ", q.size(3));
+  return {q.size(0), q.size(1), q.size(2), k_pool.size(2), height, width,
+          static_cast<int>(q.size(3))};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> aggregated_attention_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
+    const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,
+    const at::Tensor& token_weight, int64_t height, int64_t width) {
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  auto out = at::empty_like(q);
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)},
+                       q.options().dtype(at::toOpMathType(q.scalar_type())));
+  if (q.numel() == 0) return {out, lse};
+  const AttentionSizes sizes = sizes_of(q, k_pool, height, width);
+  TNX_DISPATCH_CUDA_TYPES(q.scalar_type(), "aggregated_attention_forward_cuda", [&] {
+    ForwardParams<scalar_t> p{sizes,
+                              q.data_ptr<scalar_t>(),
+                              k.data_ptr<scalar_t>(),
+                              v.data_ptr<scalar_t>(),
+                              k_pool.data_ptr<scalar_t>(),
+                              v_pool.data_ptr<scalar_t>(),
+                              rpb.data_ptr<scalar_t>(),
+                              bias.data_ptr<scalar_t>(),
+                              token_weight.data_ptr<scalar_t>(),
+                              out.data_ptr<scalar_t>(),
+                              lse.data_ptr<at::opmath_type<scalar_t>>()};
+    launch_aggregated_attention_forward(p, c10::cuda::getCurrentCUDAStream());
+  });
+  return {out, lse};
+}
+
+std::vector<at::Tensor> aggregated_attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
+    const at::Tensor& bias, const at::Tensor& token_weight, const at::Tensor& out,
+    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad) {
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const int64_t batch = q.size(0), heads = q.size(1), N = q.size(2), d = q.size(3);
+  const int64_t Np = k_pool.size(2);
+  if (q.numel() == 0) {
+    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), at::zeros_like(k_pool),
+            at::zeros_like(v_pool), at::zeros_like(rpb),
+            bias_grad ? at::zeros_like(bias) : at::empty({0, N, Np}, bias.options()),
+            at::zeros_like(token_weight)};
+  }
+  const AttentionSizes sizes = sizes_of(q, k_pool, height, width);
+  const auto acc_options = q.options().dtype(lse.scalar_type());
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  auto dtoken_weight = at::empty_like(token_weight);
+  auto ds_local = at::empty({batch, heads, N, kWindowArea}, acc_options);
+  auto weight_local = at::empty_like(ds_local);
+  auto delta = at::empty({batch, heads, N}, acc_options);
+  // Every element is written by the first batch element's pass of the pooled-key kernel.
+  auto dbias = at::empty({bias_grad ? heads : 0, N, Np}, acc_options);
+  const int64_t chunk_len = pool_grad_chunk_len(batch, heads, N, Np);
+  auto dkp_partial = at::empty({(N + chunk_len - 1) / chunk_len, batch, heads, Np, d}, acc_options);
+  auto dvp_partial = at::empty_like(dkp_partial);
+  TNX_DISPATCH_CUDA_TYPES(q.scalar_type(), "aggregated_attention_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    BackwardParams<scalar_t> p;
+    p.sizes = sizes;
+    p.grad_out = grad_out.data_ptr<scalar_t>();
+    p.q = q.data_ptr<scalar_t>();
+    p.k = k.data_ptr<scalar_t>();
+    p.v = v.data_ptr<scalar_t>();
+    p.k_pool = k_pool.data_ptr<scalar_t>();
+    p.v_pool = v_pool.data_ptr<scalar_t>();
+    p.rpb = rpb.data_ptr<scalar_t>();
+    p.bias = bias.data_ptr<scalar_t>();
+    p.token_weight = token_weight.data_ptr<scalar_t>();
+    p.out = out.data_ptr<scalar_t>();
+    p.lse = lse.data_ptr<acc_t>();
+    p.dq = dq.data_ptr<scalar_t>();
+    p.dk = dk.data_ptr<scalar_t>();
+    p.dv = dv.data_ptr<scalar_t>();
+    p.dtoken_weight = dtoken_weight.data_ptr<scalar_t>();
+    p.ds_local = ds_local.data_ptr<acc_t>();
+    p.weight_local = weight_local.data_ptr<acc_t>();
+    p.delta = delta.data_ptr<acc_t>();
+    p.dbias = bias_grad ? dbias.data_ptr<acc_t>() : nullptr;
+    p.dkp_partial = dkp_partial.data_ptr<acc_t>();
+    p.dvp_partial = dvp_partial.data_ptr<acc_t>();
+    p.chunk_len = chunk_len;
+    launch_aggregated_attention_backward(p, c10::cuda::getCurrentCUDAStream());
+  });
+  return {dq,
+          dk,
+          dv,
+          dkp_partial.sum(0).to(q.scalar_type()),
+          dvp_partial.sum(0).to(q.scalar_type()),
+          ds_local.sum({0, 2}).to(rpb.scalar_type()),
+          dbias.to(bias.scalar_type()),
+          dtoken_weight};
+}
+
+}  // namespace transnext_mm

@@ -1,0 +1,263 @@
+# Copyright (c) transnext-mm contributors. All rights reserved.
+"""Benchmark the TransNeXt backbone (or only its aggregated-attention core) per attention impl.
+
+Each implementation runs in its own fresh process (clean peak-memory figures, no shared caches);
+with ``--rounds R`` the implementations are interleaved R times and the median of the per-round
+medians is reported, which keeps comparisons fair on a shared, noisy machine.
+
+Implementations (``--attn-impl``, several allowed):
+    reference-nocache  the straightforward implementation: the readable unfold path with the
+                       position-bias cache disabled (every block recomputes its log-CPB bias)
+    reference          the unfold path with the bias cache
+    torch              the PyTorch fast path
+    op                 the compiled op (transnext_mm._ext)
+    auto               what attn_impl='auto' picks
+
+Examples::
+
+    python tools/benchmark.py --arch tiny --size 512 512 --threads 2
+    python tools/benchmark.py --arch tiny --size 512 512 --layer --backward
+    python tools/benchmark.py --device cuda --dtype fp16 --batch 8 --attn-impl torch op
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+IMPLS = ('reference-nocache', 'reference', 'torch', 'op', 'auto')
+LABELS = {'reference-nocache': 'reference(no-cache)'}
+DTYPES = {'fp32': 'float32', 'fp16': 'float16', 'bf16': 'bfloat16'}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--arch', default='tiny', help='micro, tiny, small or base')
+    parser.add_argument('--size', nargs=2, type=int, default=[512, 512], metavar=('H', 'W'),
+                        help='input image size')
+    parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--img-size', type=int, default=224,
+                        help="backbone img_size (where 'interpolate' tabulates the bias)")
+    parser.add_argument('--pos-bias-mode', default='interpolate',
+                        choices=['interpolate', 'extrapolate'])
+    parser.add_argument('--fixed-pool-size', type=int, default=None)
+    parser.add_argument('--attn-impl', nargs='+', default=['reference-nocache', 'torch', 'op'],
+                        choices=IMPLS)
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--dtype', default='fp32', choices=list(DTYPES),
+                        help='fp16 / bf16 run under torch.autocast')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--backward', action='store_true',
+                        help='time forward + backward (train mode) instead of forward (eval)')
+    parser.add_argument('--layer', action='store_true',
+                        help='time only the aggregated-attention core over the arch\'s '
+                        'stage 1-3 layer shapes')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--rounds', type=int, default=1,
+                        help='interleave the implementations this many times')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--json', default=None, help='also write the results to this file')
+    parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.warmup < 0 or args.repeats < 1 or args.rounds < 1:
+        parser.error('--batch, --repeats and --rounds must be >= 1 and --warmup >= 0')
+    if args.device == 'cpu' and args.dtype == 'fp16':
+        parser.error('--dtype fp16 is not supported on CPU (use fp32 or bf16)')
+    return args
+
+
+# ----------------------------------------------------------------------------------- worker
+def _rss_bytes() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def layer_shapes(arch: dict, height: int, width: int, fixed_pool_size=None):
+    """(count, heads, head_dim, feat_h, feat_w, pool_h, pool_w) of the aggregated-attention
+    layers (stages 1-3), following the backbone's feature and pooled sizes."""
+    shapes = []
+    h, w = height, width
+    for stage in range(3):
+        stride = 4 if stage == 0 else 2
+        h, w = (h - 1) // stride + 1, (w - 1) // stride + 1
+        if fixed_pool_size is not None:
+            ph = pw = fixed_pool_size
+        else:
+            ratio = arch['pool_ratios'][stage]
+            ph, pw = h // ratio, w // ratio
+        heads = arch['num_heads'][stage]
+        shapes.append((arch['depths'][stage], heads, arch['embed_dims'][stage] // heads, h, w,
+                       ph, pw))
+    return shapes
+
+
+def run_worker(args) -> dict:
+    import torch
+
+    from transnext_mm.models.backbones import TransNeXt
+    from transnext_mm.models.layers.log_cpb import set_pos_bias_cache
+    from transnext_mm.ops.aggregated_attention import aggregated_attention
+
+    impl = args.worker
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    amp_dtype = getattr(torch, DTYPES[args.dtype])
+    use_amp = args.dtype != 'fp32'
+    attn_impl = 'reference' if impl == 'reference-nocache' else impl
+    set_pos_bias_cache(impl != 'reference-nocache')
+    cuda = device.type == 'cuda'
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    model = TransNeXt(arch=args.arch, img_size=args.img_size, pos_bias_mode=args.pos_bias_mode,
+                      fixed_pool_size=args.fixed_pool_size, attn_impl=attn_impl).to(device)
+    if args.layer:
+        # Random inputs at every aggregated-attention layer shape; the core only.
+        layers = []
+        for count, heads, d, h, w, ph, pw in layer_shapes(model.arch, *args.size,
+                                                          args.fixed_pool_size):
+            B, N, Np = args.batch, h * w, ph * pw
+            tensors = [torch.randn(B, heads, N, d), torch.randn(B, heads, N, d),
+                       torch.randn(B, heads, N, d), torch.randn(B, heads, Np, d),
+                       torch.randn(B, heads, Np, d), torch.randn(heads, 9) * 0.02,
+                       torch.randn(heads, N, Np) * 0.1, torch.randn(B, heads, N, 9) * 0.1]
+            tensors = [t.to(device).requires_grad_(args.backward) for t in tensors]
+            layers.append((count, tensors, h, w))
+
+        def step():
+            for count, tensors, h, w in layers:
+                for _ in range(count):
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                        out = aggregated_attention(*tensors, h, w, impl=attn_impl)
+                    if args.backward:
+                        out.float().mean().backward()
+    else:
+        model.train(args.backward)
+        x = torch.randn(args.batch, 3, *args.size, device=device)
+
+        def step():
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                outs = model(x)
+            if args.backward:
+                sum(o.float().mean() for o in outs).backward()
+                model.zero_grad(set_to_none=True)
+
+    grad = torch.enable_grad() if args.backward else torch.no_grad()
+    with grad:
+        for _ in range(args.warmup):
+            step()
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            base_mem = torch.cuda.memory_allocated(device)
+        else:
+            base_mem = _rss_bytes()
+        times = []
+        for _ in range(args.repeats):
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()) - base_mem
+    return dict(impl=impl, median_s=statistics.median(times), min_s=min(times),
+                peak_mem_mib=max(peak, 0) / 2**20, threads=torch.get_num_threads(),
+                torch=torch.__version__,
+                device=torch.cuda.get_device_name(device) if cuda else _cpu_name())
+
+
+def _cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return f'{line.split(":", 1)[1].strip()} ({os.cpu_count()} logical CPUs)'
+    except OSError:
+        pass
+    return f'CPU ({os.cpu_count()} logical CPUs)'
+
+
+# ------------------------------------------------------------------------------------ driver
+def _worker_argv(argv, impl):
+    return [sys.executable, osp.abspath(__file__), *argv, '--worker', impl]
+
+
+def run_impl(argv, impl) -> dict:
+    proc = subprocess.run(_worker_argv(argv, impl), capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{')]
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+        return dict(impl=impl, error=err)
+    return json.loads(lines[-1])
+
+
+def format_table(args, results) -> str:
+    mode = 'aggregated-attention core x19 layers' if args.layer else 'backbone'
+    mode += ', forward+backward (train)' if args.backward else ', forward (eval)'
+    first = next((r for r in results if 'error' not in r), {})
+    header = (f'TransNeXt-{args.arch} {mode} | input {args.batch}x3x{args.size[0]}x{args.size[1]} '
+              f'| {args.pos_bias_mode} | {args.device} {args.dtype} | '
+              f'threads {first.get("threads", "?")} | torch {first.get("torch", "?")}\n'
+              f'device: {first.get("device", "?")} | median of {args.repeats} runs after '
+              f'{args.warmup} warm-up, {args.rounds} round(s)')
+    rows = [('impl', 'median ms', 'min ms', 'img/s', 'peak mem MiB', 'speed-up')]
+    base = next((r['median_s'] for r in results if 'error' not in r), None)
+    for r in results:
+        label = LABELS.get(r['impl'], r['impl'])
+        if 'error' in r:
+            rows.append((label, 'failed: ' + r['error'][:80], '', '', '', ''))
+            continue
+        rows.append((label, f'{r["median_s"] * 1e3:.1f}', f'{r["min_s"] * 1e3:.1f}',
+                     f'{args.batch / r["median_s"]:.2f}', f'{r["peak_mem_mib"]:.0f}',
+                     f'{base / r["median_s"]:.2f}x'))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [' | '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                        enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, '-+-'.join('-' * w for w in widths))
+    return header + '\n' + '\n'.join(lines)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return
+    per_impl = {impl: [] for impl in args.attn_impl}
+    for _ in range(args.rounds):
+        for impl in args.attn_impl:
+            per_impl[impl].append(run_impl(argv, impl))
+    results = []
+    for impl, runs in per_impl.items():
+        ok = [r for r in runs if 'error' not in r]
+        if not ok:
+            results.append(runs[-1])
+            continue
+        merged = dict(ok[0])
+        merged['median_s'] = statistics.median(r['median_s'] for r in ok)
+        merged['min_s'] = min(r['min_s'] for r in ok)
+        merged['peak_mem_mib'] = max(r['peak_mem_mib'] for r in ok)
+        merged['rounds'] = [r['median_s'] for r in ok]
+        results.append(merged)
+    print(format_table(args, results))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(args=vars(args), results=results), f, indent=2)
+
+
+if __name__ == '__main__':
+    main()
