@@ -26,10 +26,11 @@ model = dict(
 
 # mmdet's DINO optimizer (AdamW lr 1e-4, gradient clipping at 0.1, backbone lr x0.1) with
 # TransNeXt's weight decay of 0.05, which the backbone's query embeddings, local position
-# biases, log-CPB MLPs, attention temperatures and norm layers do not get. mmengine applies the
-# longest custom key contained in a parameter's name, so every no-decay key keeps lr_mult=0.1;
-# the keys only match backbone parameters (the detector's own `query_embedding` is not
-# preceded by `attn.`, and its norms are `norms.N`, `decoder.norm` or GroupNorm `gn`).
+# biases, log-CPB MLPs, attention temperatures and norm layers do not get. mmengine applies only
+# the longest custom key contained in a parameter's name, so every no-decay key is longer than
+# 'backbone' and keeps its lr_mult=0.1. The keys match backbone parameters only: the detector's
+# own `query_embedding` is not preceded by `attn.`, its norms are `norms.N`, `decoder.norm` and
+# GroupNorms `gn`.
 backbone_no_decay = dict(lr_mult=0.1, decay_mult=0.)
 optim_wrapper = dict(
     optimizer=dict(weight_decay=0.05),
@@ -38,11 +39,13 @@ optim_wrapper = dict(
             'backbone': dict(lr_mult=0.1),
             'attn.query_embedding': backbone_no_decay,
             'attn.relative_pos_bias_local': backbone_no_decay,
-            'attn.cpb': backbone_no_decay,
+            'attn.cpb_fc': backbone_no_decay,
             'attn.temperature': backbone_no_decay,
             'attn.norm.': backbone_no_decay,
-            '.norm1.': backbone_no_decay,
-            '.norm2.': backbone_no_decay,
+            '.norm1.weight': backbone_no_decay,
+            '.norm1.bias': backbone_no_decay,
+            '.norm2.weight': backbone_no_decay,
+            '.norm2.bias': backbone_no_decay,
             'backbone.norm': backbone_no_decay,
             'patch_embed1.norm': backbone_no_decay,
             'patch_embed2.norm': backbone_no_decay,

@@ -1,0 +1,172 @@
+# Copyright (c) transnext-mm contributors. All rights reserved.
+"""Detection end to end on CPU through the command-line tools, on a tiny synthetic COCO set.
+
+Mask R-CNN trains, resumes and is tested with tools/train.py and tools/test.py; DINO trains with
+mmdet's own train.py (TransNeXt found through the config's custom_imports); Mask R-CNN trains
+with two processes through tools/dist_train.sh (torchrun, gloo); a released-layout checkpoint
+converted by tools/model_converters/convert_det_checkpoint.py evaluates like the original.
+Runs are a few iterations long: they show that everything runs, not that it learns (see the
+demo training in the README for that).
+"""
+import os
+import os.path as osp
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+MASK_RCNN = 'configs/demo/mask-rcnn_transnext-micro_fpn_synthetic-coco.py'
+DINO = 'configs/demo/dino-4scale_transnext-micro_synthetic-coco.py'
+MMDET_TRAIN = osp.join(osp.dirname(__import__('mmdet').__file__), '.mim', 'tools', 'train.py')
+TIMEOUT = 600
+
+
+def run(args, env=None):
+    """Run a command from the repository root; fail with its output's tail if it fails."""
+    full_env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'),
+                    **(env or {}))
+    proc = subprocess.run(args, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, f'{" ".join(args)} failed:\n{proc.stdout[-6000:]}'
+    return proc.stdout
+
+
+def data_options(root: str):
+    """--cfg-options values pointing a demo config at the dataset under ``root``."""
+    root = root.rstrip('/') + '/'
+    ann = root + 'annotations/instances_val.json'
+    return [f'{loader}.dataset.data_root={root}'
+            for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')
+            ] + [f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}']
+
+
+def short_run(root: str, epochs: int, batch_size: int = 2):
+    """A few iterations without validation, a checkpoint per epoch."""
+    return data_options(root) + [
+        f'train_cfg.max_epochs={epochs}', 'train_cfg.val_interval=100',
+        f'train_dataloader.batch_size={batch_size}', 'default_hooks.checkpoint.interval=1',
+        'default_hooks.logger.interval=1'
+    ]
+
+
+def metric(output: str, name: str) -> float:
+    found = re.findall(rf'coco/{name}: (-?[\d.]+)', output)
+    assert found, f'no coco/{name} in the output:\n{output[-3000:]}'
+    return float(found[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('synthetic_coco'))
+    run([sys.executable, 'tools/dataset_converters/make_synthetic_coco.py', '--out', root,
+         '--num-train', '4', '--num-val', '2', '--seed', '1'])
+    return root
+
+
+@pytest.fixture(scope='module')
+def mask_rcnn_run(dataset, tmp_path_factory):
+    """One epoch of Mask R-CNN (2 iterations) with tools/train.py."""
+    work_dir = str(tmp_path_factory.mktemp('mask_rcnn'))
+    output = run([sys.executable, 'tools/train.py', MASK_RCNN, '--work-dir', work_dir,
+                  '--cfg-options', *short_run(dataset, epochs=1)])
+    return work_dir, output
+
+
+def test_mask_rcnn_train(mask_rcnn_run):
+    work_dir, output = mask_rcnn_run
+    assert 'Epoch(train) [1][2/2]' in output
+    losses = re.findall(r'loss_mask: ([\d.]+)', output)
+    assert losses and all(0 < float(v) < 100 for v in losses)
+    assert osp.isfile(osp.join(work_dir, 'epoch_1.pth'))
+
+
+@pytest.fixture(scope='module')
+def resumed_and_tested(dataset, mask_rcnn_run):
+    """--resume to a second epoch, then tools/test.py on its checkpoint."""
+    work_dir, _ = mask_rcnn_run
+    train_output = run([sys.executable, 'tools/train.py', MASK_RCNN, '--work-dir', work_dir,
+                        '--resume', '--cfg-options', *short_run(dataset, epochs=2)])
+    checkpoint = osp.join(work_dir, 'epoch_2.pth')
+    test_output = run([sys.executable, 'tools/test.py', MASK_RCNN, checkpoint, '--work-dir',
+                       work_dir, '--cfg-options', *data_options(dataset)])
+    return checkpoint, train_output, test_output
+
+
+def test_mask_rcnn_resume(resumed_and_tested):
+    checkpoint, output, _ = resumed_and_tested
+    assert 'Auto resumed from the latest checkpoint' in output
+    assert 'resumed epoch: 1, iter: 2' in output
+    assert 'Epoch(train) [2][2/2]' in output and 'Epoch(train) [1]' not in output
+    assert torch.load(checkpoint, map_location='cpu', weights_only=False)['meta']['iter'] == 4
+
+
+def test_mask_rcnn_test_reports_bbox_and_segm_map(resumed_and_tested):
+    _, _, output = resumed_and_tested
+    for name in ('bbox_mAP', 'bbox_mAP_50', 'segm_mAP', 'segm_mAP_50'):
+        assert 0 <= metric(output, name) <= 1
+
+
+def test_converted_release_layout_evaluates_like_the_original(dataset, resumed_and_tested,
+                                                              tmp_path):
+    """An mmdet 2.x-style release of the trained weights, converted, gives the same mAP."""
+    checkpoint, _, original_output = resumed_and_tested
+    trained = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    release = dict(state_dict=dict(trained['state_dict']),
+                   meta=dict(mmdet_version='2.28.2', CLASSES=('circle', 'square', 'triangle'),
+                             config='model = dict(...)  # mmdet 2.x config text'),
+                   optimizer=dict(state={}, param_groups=[]))
+    # Buffers the released backbone code stores and transnext-mm derives.
+    release['state_dict']['backbone.relative_pos_index1'] = torch.zeros(10, dtype=torch.long)
+    release['state_dict']['backbone.relative_coords_table1'] = torch.zeros(5, 2)
+    released = str(tmp_path / 'released.pth')
+    converted = str(tmp_path / 'converted.pth')
+    torch.save(release, released)
+    output = run([sys.executable, 'tools/model_converters/convert_det_checkpoint.py', released,
+                  converted, '--config', MASK_RCNN])
+    assert 'mmdet2' in output and 'TransNeXt-micro' in output and 'matches the model' in output
+
+    output = run([sys.executable, 'tools/test.py', MASK_RCNN, converted, '--work-dir',
+                  str(tmp_path), '--cfg-options', *data_options(dataset)])
+    names = ('bbox_mAP', 'bbox_mAP_50', 'segm_mAP', 'segm_mAP_50')
+    assert [metric(output, n) for n in names] == [metric(original_output, n) for n in names]
+
+
+def test_dino_with_mmdets_own_train_then_test(dataset, tmp_path):
+    """mmdet's train.py finds TransNeXt through custom_imports; tools/test.py evaluates."""
+    work_dir = str(tmp_path)
+    output = run([sys.executable, MMDET_TRAIN, DINO, '--work-dir', work_dir,
+                  '--cfg-options', *short_run(dataset, epochs=1)])
+    assert 'Epoch(train) [1][2/2]' in output and 'loss_iou' in output
+    output = run([sys.executable, 'tools/test.py', DINO, osp.join(work_dir, 'epoch_1.pth'),
+                  '--work-dir', work_dir, '--cfg-options', *data_options(dataset)])
+    assert 0 <= metric(output, 'bbox_mAP') <= 1
+
+
+def test_distributed_train_two_processes(dataset, tmp_path):
+    """tools/dist_train.sh with 2 CPU processes (torchrun, gloo): 4 images, 1 per process."""
+    work_dir = str(tmp_path)
+    output = run(['bash', 'tools/dist_train.sh', MASK_RCNN, '2', '--work-dir', work_dir,
+                  '--cfg-options', 'env_cfg.dist_cfg.backend=gloo',
+                  *short_run(dataset, epochs=1, batch_size=1)],
+                 env=dict(PYTHON=sys.executable, PORT=str(free_port())))
+    assert 'Distributed training: True' in output
+    # 4 images over 2 processes x 1 image: 2 iterations per epoch (4 on a single process).
+    assert 'Epoch(train) [1][2/2]' in output
+    assert osp.isfile(osp.join(work_dir, 'epoch_1.pth'))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='AmpOptimWrapper needs a GPU')
+def test_amp_train_on_gpu(dataset, tmp_path):
+    output = run([sys.executable, 'tools/train.py', MASK_RCNN, '--work-dir', str(tmp_path),
+                  '--amp', '--cfg-options', *short_run(dataset, epochs=1)])
+    assert 'AmpOptimWrapper' in output and 'Epoch(train) [1][2/2]' in output
