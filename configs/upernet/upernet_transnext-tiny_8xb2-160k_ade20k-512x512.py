@@ -3,7 +3,7 @@
 # interpolated / extrapolated (see the _ms-interp.py and _ms-extrap.py configs); 59M parameters.
 _base_ = [
     '../_base_/models/upernet_transnext.py', '../_base_/datasets/ade20k.py',
-    'mmseg::_base_/default_runtime.py', 'mmseg::_base_/schedules/schedule_160k.py'
+    'mmseg::_base_/default_runtime.py', '../_base_/schedules/schedule_160k.py'
 ]
 # The released ImageNet-1K checkpoint (a local path works too).
 checkpoint_file = 'https://huggingface.co/DaiShiResearch/transnext-tiny-224-1k/resolve/main/transnext_tiny_224_1k.pth'  # noqa
@@ -13,7 +13,6 @@ model = dict(
 # AdamW without weight decay on TransNeXt's query embedding, local position bias, log-CPB MLP,
 # temperature and all norm layers.
 optim_wrapper = dict(
-    _delete_=True,
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.05),
     paramwise_cfg=dict(
