@@ -118,6 +118,7 @@ def test_upernet_train_released_layout_and_test(upernet_run, data_root, tmp_path
     output = run_tool('tools/test.py', UPERNET, converted, '--work-dir', str(tmp_path / 'test'),
                       '--cfg-options', *data_options(data_root))
     assert 'Iter(test) [3/3]' in output
+    assert 'missing keys' not in output and 'unexpected key' not in output
     assert float(MIOU.findall(output)[-1]) == val_miou
 
 
@@ -132,6 +133,7 @@ def test_mask2former_train_released_layout_and_test(data_root, tmp_path, capsys)
     assert '(mmseg1.x)' in output
     output = run_tool('tools/test.py', MASK2FORMER, converted, '--work-dir',
                       str(tmp_path / 'test'), '--cfg-options', *data_options(data_root))
+    assert 'missing keys' not in output and 'unexpected key' not in output
     assert float(MIOU.findall(output)[-1]) == val_miou
 
 

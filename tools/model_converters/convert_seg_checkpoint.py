@@ -101,7 +101,7 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor],
 
 
 def build_segmentor(config: str, cfg_options: Optional[dict] = None):
-    """Build the (randomly initialised) segmentor of a config, without loading pretrained weights."""
+    """Build the segmentor of a config, randomly initialised (no pretrained weights loaded)."""
     cfg = Config.fromfile(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
