@@ -86,7 +86,8 @@ def get_extensions():
                osp.join(csrc, 'pytorch', 'aggregated_attention.cpp'),
                osp.join(csrc, 'cpu', 'aggregated_attention_cpu.cpp'),
                osp.join(csrc, 'cpu', 'aggregated_attention_cuda_replay.cpp')]
-    cxx_flags = ['-O3', '-std=c++20', '-fopenmp']
+    # -fno-trapping-math lets GCC vectorise the softmax loops' min/max (torch builds with it too).
+    cxx_flags = ['-O3', '-std=c++20', '-fopenmp', '-fno-math-errno', '-fno-trapping-math']
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and (torch.cuda.is_available() or _env_flag('FORCE_CUDA')))
     common = dict(name='transnext_mm._ext', include_dirs=[osp.join(ROOT, csrc)],

@@ -3,9 +3,10 @@
 // CPU kernels of the aggregated-attention op. Work is split into chunks of kRows queries of one
 // (batch, head); per chunk the pooled scores q @ k_pool^T come from one BLAS call into a small
 // buffer that stays in cache, the window scores, bias, softmax and token-weight aggregation are
-// fused in vectorisable loops, and a second BLAS call applies the pooled values. The
+// fused in vectorisable row loops, and a second BLAS call applies the pooled values. The
 // B x heads x N x (9 + Np) score tensor is never materialised; backward recomputes the chunk's
-// scores from the saved log-sum-exp.
+// scores from the saved log-sum-exp. The row loops are compiled for AVX-512, AVX2 and baseline
+// x86-64 and picked at load time (GCC target_clones), so the build stays portable.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -13,22 +14,32 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "../common/aggregated_attention_common.h"
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+#define TNX_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TNX_CPU_CLONES
+#endif
+#if defined(__GNUC__)
+#define TNX_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define TNX_ALWAYS_INLINE inline
+#endif
+
 namespace transnext_mm {
 namespace {
 
-constexpr int64_t kRows = 128;  // queries per chunk: the (kRows, Np) score buffer fits in L2
+constexpr int64_t kRows = 128;  // queries per chunk: the (kRows, Np) score buffers fit in L2
 // Backward: chunks of one head are grouped (at most kMaxGroups groups, independent of the thread
 // count, so results are deterministic); each group owns a partial sum of d k_pool / d v_pool.
 constexpr int64_t kMaxGroups = 16;
 
-// exp for the softmax loops: Cody-Waite range reduction and a degree-6 polynomial, written so that
-// the compiler vectorises the calling loops (std::exp does not vectorise). ~2 ulp on [-87, 88].
-inline float exp_approx(float x) {
+// exp for the softmax loops: Cody-Waite range reduction and a degree-6 polynomial (~1e-7
+// relative error), branch-free so that the calling loops vectorise (std::exp does not).
+TNX_ALWAYS_INLINE float exp_approx(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float t = x * 1.44269504088896341f;
   const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
@@ -44,10 +55,10 @@ inline float exp_approx(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   return p * std::bit_cast<float>(bits);
 }
-inline double exp_approx(double x) { return std::exp(x); }
+TNX_ALWAYS_INLINE double exp_approx(double x) { return std::exp(x); }
 
 template <typename T>
-T dot_row(const T* a, const T* b, int64_t d) {
+TNX_ALWAYS_INLINE T dot_row(const T* a, const T* b, int64_t d) {
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t c = 0; c < d; ++c) sum += a[c] * b[c];
@@ -55,7 +66,7 @@ T dot_row(const T* a, const T* b, int64_t d) {
 }
 
 template <typename T>
-void axpy_row(T* y, T alpha, const T* x, int64_t d) {
+TNX_ALWAYS_INLINE void axpy_row(T* y, T alpha, const T* x, int64_t d) {
 #pragma omp simd
   for (int64_t c = 0; c < d; ++c) y[c] += alpha * x[c];
 }
@@ -75,6 +86,194 @@ Shape shape_of(const at::Tensor& q, const at::Tensor& k_pool, int64_t height, in
   return {q.size(0), q.size(1), q.size(2), k_pool.size(2), q.size(3), height, width};
 }
 
+// One chunk of rows [i0, i0 + rows) of one (batch, head): pointers to that (batch, head)'s rows
+// and to the head's bias / window biases.
+template <typename T>
+struct Chunk {
+  const T *q, *k, *v, *grad, *bias, *rpb, *token_weight;
+  int64_t i0, rows, tokens, pool, d, height, width;
+};
+
+// ---------------------------------------------------------------------------------- forward
+// scores: (rows, Np) = q @ k_pool^T on entry, unnormalised probabilities on exit. window:
+// (rows, d) window output; inv_sum: 1 / softmax denominators; lse: (rows,) log-sum-exp.
+template <typename T>
+TNX_ALWAYS_INLINE void forward_rows_impl(const Chunk<T>& c, T* scores, T* window, T* inv_sum,
+                                         T* lse) {
+  const int64_t Np = c.pool, d = c.d;
+  for (int64_t r = 0; r < c.rows; ++r) {
+    const int64_t i = c.i0 + r, y = i / c.width, x = i % c.width;
+    T* srow = scores + r * Np;
+    const T* brow = c.bias + i * Np;
+    const T* q_i = c.q + i * d;
+    T local[kWindowArea];
+    int64_t nbr[kWindowArea];
+    for (int j = 0; j < kWindowArea; ++j) {
+      nbr[j] = window_neighbor(y, x, j, c.height, c.width);
+      local[j] = nbr[j] >= 0 ? dot_row(q_i, c.k + nbr[j] * d, d) + c.rpb[j] : T(0);
+    }
+    T row_max = local[kCenter];
+    for (int j = 0; j < kWindowArea; ++j)
+      if (nbr[j] >= 0) row_max = std::max(row_max, local[j]);
+#pragma omp simd reduction(max : row_max)
+    for (int64_t p = 0; p < Np; ++p) {
+      srow[p] += brow[p];
+      row_max = std::max(row_max, srow[p]);
+    }
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t p = 0; p < Np; ++p) {
+      srow[p] = exp_approx(srow[p] - row_max);
+      sum += srow[p];
+    }
+    for (int j = 0; j < kWindowArea; ++j) {
+      local[j] = nbr[j] >= 0 ? exp_approx(local[j] - row_max) : T(0);
+      sum += local[j];
+    }
+    const T inv = T(1) / sum;
+    inv_sum[r] = inv;
+    lse[r] = row_max + std::log(sum);
+    T* wrow = window + r * d;
+    std::fill(wrow, wrow + d, T(0));
+    const T* tw = c.token_weight + i * kWindowArea;
+    for (int j = 0; j < kWindowArea; ++j)
+      if (nbr[j] >= 0) axpy_row(wrow, local[j] * inv + tw[j], c.v + nbr[j] * d, d);
+  }
+}
+
+// out = pooled * inv_sum + window, row by row.
+template <typename T>
+TNX_ALWAYS_INLINE void combine_rows_impl(T* out, const T* pooled, const T* inv_sum,
+                                         const T* window, int64_t rows, int64_t d) {
+  for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+    for (int64_t e = 0; e < d; ++e) out[r * d + e] = pooled[r * d + e] * inv_sum[r] + window[r * d + e];
+  }
+}
+
+// --------------------------------------------------------------------------------- backward
+// probs: (rows, Np) = q @ k_pool^T on entry, probabilities on exit; dprobs: grad @ v_pool^T on
+// entry, d scores (ds) on exit. Writes the window's ds / weights / d token_weight, accumulates
+// d bias_pool (over the batch: first batch element writes) and the window part of dq.
+template <typename T>
+TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* probs, T* dprobs,
+                                          T* ds_local, T* weight_local, T* dtoken_weight,
+                                          T* dbias, bool first_batch, T* dq_window) {
+  const int64_t Np = c.pool, d = c.d;
+  for (int64_t r = 0; r < c.rows; ++r) {
+    const int64_t i = c.i0 + r, y = i / c.width, x = i % c.width;
+    T* prow = probs + r * Np;
+    T* dprow = dprobs + r * Np;
+    const T* brow = c.bias + i * Np;
+    const T *q_i = c.q + i * d, *g_i = c.grad + i * d;
+    const T lse_i = lse[i];
+    T delta = 0;
+#pragma omp simd reduction(+ : delta)
+    for (int64_t p = 0; p < Np; ++p) {
+      prow[p] = exp_approx(prow[p] + brow[p] - lse_i);
+      delta += prow[p] * dprow[p];
+    }
+    T attn[kWindowArea], grad_dot_v[kWindowArea];
+    int64_t nbr[kWindowArea];
+    for (int j = 0; j < kWindowArea; ++j) {
+      nbr[j] = window_neighbor(y, x, j, c.height, c.width);
+      attn[j] = grad_dot_v[j] = 0;
+      if (nbr[j] < 0) continue;
+      attn[j] = exp_approx(dot_row(q_i, c.k + nbr[j] * d, d) + c.rpb[j] - lse_i);
+      grad_dot_v[j] = dot_row(g_i, c.v + nbr[j] * d, d);
+      delta += attn[j] * grad_dot_v[j];
+    }
+#pragma omp simd
+    for (int64_t p = 0; p < Np; ++p) dprow[p] = prow[p] * (dprow[p] - delta);
+    if (dbias != nullptr) {
+      T* dbrow = dbias + i * Np;
+      if (first_batch) {
+        std::copy(dprow, dprow + Np, dbrow);
+      } else {
+#pragma omp simd
+        for (int64_t p = 0; p < Np; ++p) dbrow[p] += dprow[p];
+      }
+    }
+    T* dqw = dq_window + r * d;
+    std::fill(dqw, dqw + d, T(0));
+    const T* tw = c.token_weight + i * kWindowArea;
+    for (int j = 0; j < kWindowArea; ++j) {
+      const T ds = attn[j] * (grad_dot_v[j] - delta);
+      ds_local[i * kWindowArea + j] = ds;
+      weight_local[i * kWindowArea + j] = nbr[j] >= 0 ? attn[j] + tw[j] : T(0);
+      dtoken_weight[i * kWindowArea + j] = grad_dot_v[j];
+      if (nbr[j] >= 0) axpy_row(dqw, ds, c.k + nbr[j] * d, d);
+    }
+  }
+}
+
+// d k and d v of the window path for key rows [n0, n1) of one (batch, head), gathered from the
+// queries that saw them (no scatter, no atomics).
+template <typename T>
+TNX_ALWAYS_INLINE void window_grad_rows_impl(const Chunk<T>& c, const T* ds_local,
+                                             const T* weight_local, int64_t n0, int64_t n1, T* dk,
+                                             T* dv) {
+  const int64_t d = c.d;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t y = n / c.width, x = n % c.width;
+    T* dk_row = dk + n * d;
+    T* dv_row = dv + n * d;
+    std::fill(dk_row, dk_row + d, T(0));
+    std::fill(dv_row, dv_row + d, T(0));
+    for (int j = 0; j < kWindowArea; ++j) {
+      const int64_t i = window_neighbor(y, x, kWindowArea - 1 - j, c.height, c.width);
+      if (i < 0) continue;
+      axpy_row(dk_row, ds_local[i * kWindowArea + j], c.q + i * d, d);
+      axpy_row(dv_row, weight_local[i * kWindowArea + j], c.grad + i * d, d);
+    }
+  }
+}
+
+// Multi-versioned entry points (one per dtype; templates cannot be cloned).
+#define TNX_DEFINE_ROW_KERNELS(T)                                                               \
+  TNX_CPU_CLONES void forward_rows(const Chunk<T>& c, T* scores, T* window, T* inv_sum,       \
+                                   T* lse) {                                                  \
+    forward_rows_impl(c, scores, window, inv_sum, lse);                                       \
+  }                                                                                           \
+  TNX_CPU_CLONES void combine_rows(T* out, const T* pooled, const T* inv_sum, const T* window, \
+                                   int64_t rows, int64_t d) {                                 \
+    combine_rows_impl(out, pooled, inv_sum, window, rows, d);                                 \
+  }                                                                                           \
+  TNX_CPU_CLONES void backward_rows(const Chunk<T>& c, const T* lse, T* probs, T* dprobs,     \
+                                    T* ds_local, T* weight_local, T* dtoken_weight, T* dbias, \
+                                    bool first_batch, T* dq_window) {                         \
+    backward_rows_impl(c, lse, probs, dprobs, ds_local, weight_local, dtoken_weight, dbias,   \
+                       first_batch, dq_window);                                               \
+  }                                                                                           \
+  TNX_CPU_CLONES void window_grad_rows(const Chunk<T>& c, const T* ds_local,                  \
+                                       const T* weight_local, int64_t n0, int64_t n1, T* dk,  \
+                                       T* dv) {                                               \
+    window_grad_rows_impl(c, ds_local, weight_local, n0, n1, dk, dv);                         \
+  }
+TNX_DEFINE_ROW_KERNELS(float)
+TNX_DEFINE_ROW_KERNELS(double)
+#undef TNX_DEFINE_ROW_KERNELS
+
+template <typename T>
+Chunk<T> chunk_of(const Shape& s, int64_t bh, const T* q, const T* k, const T* v, const T* grad,
+                  const T* bias, const T* rpb, const T* token_weight) {
+  const int64_t h = bh % s.heads, rows = bh * s.tokens;
+  return {q + rows * s.d,
+          k + rows * s.d,
+          v + rows * s.d,
+          grad == nullptr ? nullptr : grad + rows * s.d,
+          bias + h * s.tokens * s.pool,
+          rpb + h * kWindowArea,
+          token_weight + rows * kWindowArea,
+          0,
+          0,
+          s.tokens,
+          s.pool,
+          s.d,
+          s.height,
+          s.width};
+}
+
 template <typename T>
 void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* v_pool,
                   const T* rpb, const T* bias, const T* token_weight, T* out, T* lse,
@@ -85,59 +284,22 @@ void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* 
     std::vector<T> scores(kRows * std::max<int64_t>(Np, 1)), pooled(kRows * d), window(kRows * d),
         inv_sum(kRows);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / chunks, h = bh % s.heads;
-      const int64_t i0 = (task % chunks) * kRows, rows = std::min(kRows, N - i0);
-      const T *q_bh = q + bh * N * d, *k_bh = k + bh * N * d, *v_bh = v + bh * N * d;
+      const int64_t bh = task / chunks;
+      Chunk<T> c = chunk_of(s, bh, q, k, v, static_cast<const T*>(nullptr), bias, rpb,
+                            token_weight);
+      c.i0 = (task % chunks) * kRows;
+      c.rows = std::min(kRows, N - c.i0);
       const T *kp_bh = k_pool + bh * Np * d, *vp_bh = v_pool + bh * Np * d;
-      auto score_view = matrix(scores.data(), rows, Np);
-      if (Np > 0) at::mm_out(score_view, matrix(q_bh + i0 * d, rows, d), matrix(kp_bh, Np, d).t());
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = i0 + r, y = i / s.width, x = i % s.width;
-        T* srow = scores.data() + r * Np;
-        const T* brow = bias + (h * N + i) * Np;
-        const T* q_i = q_bh + i * d;
-        T local[kWindowArea];
-        int64_t nbr[kWindowArea];
-        for (int j = 0; j < kWindowArea; ++j) {
-          nbr[j] = window_neighbor(y, x, j, s.height, s.width);
-          if (nbr[j] >= 0) local[j] = dot_row(q_i, k_bh + nbr[j] * d, d) + rpb[h * kWindowArea + j];
-        }
-        T row_max = local[kCenter];
-        for (int j = 0; j < kWindowArea; ++j)
-          if (nbr[j] >= 0) row_max = std::max(row_max, local[j]);
-#pragma omp simd reduction(max : row_max)
-        for (int64_t p = 0; p < Np; ++p) {
-          srow[p] += brow[p];
-          row_max = std::max(row_max, srow[p]);
-        }
-        T sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t p = 0; p < Np; ++p) {
-          srow[p] = exp_approx(srow[p] - row_max);
-          sum += srow[p];
-        }
-        for (int j = 0; j < kWindowArea; ++j)
-          if (nbr[j] >= 0) sum += (local[j] = std::exp(local[j] - row_max));
-        const T inv = T(1) / sum;
-        inv_sum[r] = inv;
-        lse[bh * N + i] = row_max + std::log(sum);
-        T* wrow = window.data() + r * d;
-        std::fill(wrow, wrow + d, T(0));
-        const T* tw = token_weight + (bh * N + i) * kWindowArea;
-        for (int j = 0; j < kWindowArea; ++j)
-          if (nbr[j] >= 0) axpy_row(wrow, local[j] * inv + tw[j], v_bh + nbr[j] * d, d);
-      }
-      T* out_rows = out + (bh * N + i0) * d;
+      auto score_view = matrix(scores.data(), c.rows, Np);
+      if (Np > 0) at::mm_out(score_view, matrix(c.q + c.i0 * d, c.rows, d), matrix(kp_bh, Np, d).t());
+      forward_rows(c, scores.data(), window.data(), inv_sum.data(), lse + bh * N + c.i0);
+      T* out_rows = out + (bh * N + c.i0) * d;
       if (Np > 0) {
-        auto pooled_view = matrix(pooled.data(), rows, d);
+        auto pooled_view = matrix(pooled.data(), c.rows, d);
         at::mm_out(pooled_view, score_view, matrix(vp_bh, Np, d));
-        for (int64_t r = 0; r < rows; ++r) {
-#pragma omp simd
-          for (int64_t c = 0; c < d; ++c)
-            out_rows[r * d + c] = pooled[r * d + c] * inv_sum[r] + window[r * d + c];
-        }
+        combine_rows(out_rows, pooled.data(), inv_sum.data(), window.data(), c.rows, d);
       } else {
-        std::copy(window.begin(), window.begin() + rows * d, out_rows);
+        std::copy(window.begin(), window.begin() + c.rows * d, out_rows);
       }
     }
   });
@@ -146,113 +308,61 @@ void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* 
 template <typename T>
 void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k_pool,
                    const T* v_pool, const T* rpb, const T* bias, const T* token_weight,
-                   const T* lse, T* dq, T* dtoken_weight, T* dbias, T* ds_local, T* weight_local,
-                   T* dkp_partial, T* dvp_partial, int64_t groups, const Shape& s) {
+                   const T* lse, T* dq, T* dk, T* dv, T* dtoken_weight, T* dbias, T* ds_local,
+                   T* weight_local, T* dkp_partial, T* dvp_partial, int64_t groups,
+                   const Shape& s) {
   const int64_t N = s.tokens, Np = s.pool, d = s.d, B = s.batch, heads = s.heads;
   const int64_t chunks = (N + kRows - 1) / kRows;
   const int64_t chunks_per_group = (chunks + groups - 1) / groups;
   at::parallel_for(0, heads * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> probs(kRows * std::max<int64_t>(Np, 1)), dprobs(kRows * std::max<int64_t>(Np, 1)),
-        dq_pool(kRows * d), dq_window(kRows * d);
+    const int64_t buffer = kRows * std::max<int64_t>(Np, 1);
+    std::vector<T> probs(buffer), dprobs(buffer), dq_pool(kRows * d), dq_window(kRows * d),
+        ones(kRows, T(1));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task / groups, group = task % groups;
       const int64_t chunk_end = std::min(chunks, (group + 1) * chunks_per_group);
       for (int64_t b = 0; b < B; ++b) {
         const int64_t bh = b * heads + h;
-        const T *q_bh = q + bh * N * d, *k_bh = k + bh * N * d, *v_bh = v + bh * N * d;
-        const T *g_bh = grad + bh * N * d;
+        Chunk<T> c = chunk_of(s, bh, q, k, v, grad, bias, rpb, token_weight);
         const T *kp_bh = k_pool + bh * Np * d, *vp_bh = v_pool + bh * Np * d;
         const int64_t slot = ((group * B + b) * heads + h) * Np * d;
         for (int64_t chunk = group * chunks_per_group; chunk < chunk_end; ++chunk) {
-          const int64_t i0 = chunk * kRows, rows = std::min(kRows, N - i0);
-          auto prob_view = matrix(probs.data(), rows, Np);
-          auto dprob_view = matrix(dprobs.data(), rows, Np);
-          auto q_rows = matrix(q_bh + i0 * d, rows, d), g_rows = matrix(g_bh + i0 * d, rows, d);
+          c.i0 = chunk * kRows;
+          c.rows = std::min(kRows, N - c.i0);
+          auto prob_view = matrix(probs.data(), c.rows, Np);
+          auto dprob_view = matrix(dprobs.data(), c.rows, Np);
+          auto q_rows = matrix(c.q + c.i0 * d, c.rows, d);
+          auto g_rows = matrix(c.grad + c.i0 * d, c.rows, d);
           if (Np > 0) {
             at::mm_out(prob_view, q_rows, matrix(kp_bh, Np, d).t());
             at::mm_out(dprob_view, g_rows, matrix(vp_bh, Np, d).t());
           }
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t i = i0 + r, y = i / s.width, x = i % s.width, row = bh * N + i;
-            T* prow = probs.data() + r * Np;
-            T* dprow = dprobs.data() + r * Np;
-            const T* brow = bias + (h * N + i) * Np;
-            const T *q_i = q_bh + i * d, *g_i = g_bh + i * d;
-            const T lse_i = lse[row];
-            T delta = 0;
-#pragma omp simd reduction(+ : delta)
-            for (int64_t p = 0; p < Np; ++p) {
-              prow[p] = exp_approx(prow[p] + brow[p] - lse_i);
-              delta += prow[p] * dprow[p];
-            }
-            T attn[kWindowArea], grad_dot_v[kWindowArea];
-            int64_t nbr[kWindowArea];
-            for (int j = 0; j < kWindowArea; ++j) {
-              nbr[j] = window_neighbor(y, x, j, s.height, s.width);
-              attn[j] = grad_dot_v[j] = 0;
-              if (nbr[j] < 0) continue;
-              attn[j] = std::exp(dot_row(q_i, k_bh + nbr[j] * d, d) + rpb[h * kWindowArea + j] -
-                                 lse_i);
-              grad_dot_v[j] = dot_row(g_i, v_bh + nbr[j] * d, d);
-              delta += attn[j] * grad_dot_v[j];
-            }
-#pragma omp simd
-            for (int64_t p = 0; p < Np; ++p) dprow[p] = prow[p] * (dprow[p] - delta);
-            if (dbias != nullptr) {
-              T* dbrow = dbias + (h * N + i) * Np;
-              if (b == 0) {
-                std::copy(dprow, dprow + Np, dbrow);
-              } else {
-#pragma omp simd
-                for (int64_t p = 0; p < Np; ++p) dbrow[p] += dprow[p];
-              }
-            }
-            T* dqw = dq_window.data() + r * d;
-            std::fill(dqw, dqw + d, T(0));
-            const T* tw = token_weight + row * kWindowArea;
-            for (int j = 0; j < kWindowArea; ++j) {
-              const T ds = attn[j] * (grad_dot_v[j] - delta);
-              ds_local[row * kWindowArea + j] = ds;
-              weight_local[row * kWindowArea + j] = nbr[j] >= 0 ? attn[j] + tw[j] : T(0);
-              dtoken_weight[row * kWindowArea + j] = grad_dot_v[j];
-              if (nbr[j] >= 0) axpy_row(dqw, ds, k_bh + nbr[j] * d, d);
-            }
-          }
-          T* dq_rows = dq + (bh * N + i0) * d;
+          backward_rows(c, lse + bh * N, probs.data(), dprobs.data(), ds_local + bh * N * kWindowArea,
+                        weight_local + bh * N * kWindowArea,
+                        dtoken_weight + bh * N * kWindowArea,
+                        dbias == nullptr ? nullptr : dbias + h * N * Np, b == 0, dq_window.data());
+          T* dq_rows = dq + (bh * N + c.i0) * d;
           if (Np > 0) {
-            auto dq_pool_view = matrix(dq_pool.data(), rows, d);
+            auto dq_pool_view = matrix(dq_pool.data(), c.rows, d);
             at::mm_out(dq_pool_view, dprob_view, matrix(kp_bh, Np, d));
-            for (int64_t e = 0; e < rows * d; ++e) dq_rows[e] = dq_pool[e] + dq_window[e];
+            combine_rows(dq_rows, dq_pool.data(), ones.data(), dq_window.data(), c.rows, d);
             matrix(dkp_partial + slot, Np, d).addmm_(dprob_view.t(), q_rows);
             matrix(dvp_partial + slot, Np, d).addmm_(prob_view.t(), g_rows);
           } else {
-            std::copy(dq_window.begin(), dq_window.begin() + rows * d, dq_rows);
+            std::copy(dq_window.begin(), dq_window.begin() + c.rows * d, dq_rows);
           }
         }
       }
     }
   });
-}
-
-// d k and d v of the window path, gathered per key position from the queries that saw it.
-template <typename T>
-void window_grad_impl(const T* q, const T* grad, const T* ds_local, const T* weight_local, T* dk,
-                      T* dv, const Shape& s) {
-  const int64_t N = s.tokens, d = s.d;
-  at::parallel_for(0, s.batch * s.heads * N, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t bh = row / N, n = row % N, y = n / s.width, x = n % s.width;
-      T* dk_row = dk + row * d;
-      T* dv_row = dv + row * d;
-      std::fill(dk_row, dk_row + d, T(0));
-      std::fill(dv_row, dv_row + d, T(0));
-      for (int j = 0; j < kWindowArea; ++j) {
-        const int64_t i = window_neighbor(y, x, kWindowArea - 1 - j, s.height, s.width);
-        if (i < 0) continue;
-        const int64_t src = bh * N + i;
-        axpy_row(dk_row, ds_local[src * kWindowArea + j], q + src * d, d);
-        axpy_row(dv_row, weight_local[src * kWindowArea + j], grad + src * d, d);
-      }
+  // Window keys / values: needs every query's ds, hence a second pass.
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  at::parallel_for(0, B * heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks, n0 = (task % blocks) * kRows;
+      const Chunk<T> c = chunk_of(s, bh, q, k, v, grad, bias, rpb, token_weight);
+      window_grad_rows(c, ds_local + bh * N * kWindowArea, weight_local + bh * N * kWindowArea, n0,
+                       std::min(N, n0 + kRows), dk + bh * N * d, dv + bh * N * d);
     }
   });
 }
@@ -301,13 +411,11 @@ std::vector<at::Tensor> aggregated_attention_backward_cpu(
         grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
         v.data_ptr<scalar_t>(), k_pool.data_ptr<scalar_t>(), v_pool.data_ptr<scalar_t>(),
         rpb.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), token_weight.data_ptr<scalar_t>(),
-        lse.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dtoken_weight.data_ptr<scalar_t>(),
+        lse.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
+        dv.data_ptr<scalar_t>(), dtoken_weight.data_ptr<scalar_t>(),
         bias_grad ? dbias.data_ptr<scalar_t>() : nullptr, ds_local.data_ptr<scalar_t>(),
         weight_local.data_ptr<scalar_t>(), dkp_partial.data_ptr<scalar_t>(),
         dvp_partial.data_ptr<scalar_t>(), groups, s);
-    window_grad_impl<scalar_t>(q.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
-                               ds_local.data_ptr<scalar_t>(), weight_local.data_ptr<scalar_t>(),
-                               dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), s);
   });
   return {dq, dk, dv, dkp_partial.sum(0), dvp_partial.sum(0), ds_local.sum({0, 2}), dbias,
           dtoken_weight};
