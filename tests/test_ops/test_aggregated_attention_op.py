@@ -141,6 +141,39 @@ def test_replay_without_bias_grad_and_fast_cpu_path_agree():
 
 
 @requires_op
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float16])
+def test_strided_views_are_read_in_place(dtype):
+    """q / k / v / grad_out as head views of (B, N, C) projections: no copies, same results,
+    outputs laid out as (B, N, heads, d); both the CPU kernels and the CUDA kernels' replay."""
+    B, heads, height, width, Np, d = 2, 3, 9, 14, 37, 24
+    N = height * width
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, N, heads * d, generator=gen, dtype=torch.float64).view(
+        B, N, heads, d).transpose(1, 2) * 3
+    kv = torch.randn(B, N, 2 * heads * d, generator=gen, dtype=torch.float64).view(
+        B, N, 2 * heads, d).transpose(1, 2)
+    k, v = F.normalize(kv[:, :heads], dim=-1), kv[:, heads:]
+    grad_out = torch.randn(B, N, heads * d, generator=gen, dtype=torch.float64).view(
+        B, N, heads, d).transpose(1, 2)
+    others = [t.detach() for t in make_inputs(B, heads, height, width, Np, d)[3:]]
+    tensors = [t.to(dtype) for t in (q, k, v, *others)]
+    grad_out = grad_out.to(dtype)
+    assert not any(t.is_contiguous() for t in tensors[:3] + [grad_out])
+    out_ref, grads_ref = reference_with_grads(tensors, height, width, grad_out)
+    rel = 1e-10 if dtype == torch.float64 else 3e-3
+    ext = op_module._ext
+    for forward, backward in ((ext.aggregated_attention_forward, ext.aggregated_attention_backward),
+                              (ext.aggregated_attention_forward_replay,
+                               ext.aggregated_attention_backward_replay)):
+        out, lse = forward(*tensors, height, width)
+        assert out.transpose(1, 2).is_contiguous()  # (B, N, heads, d) memory
+        grads = backward(grad_out, *tensors, out, lse, height, width, True)
+        assert_close_scaled(out, out_ref, rel, 'out')
+        for name, g, g_ref in zip(NAMES, grads, grads_ref):
+            assert_close_scaled(g, g_ref, rel * 4, name)
+
+
+@requires_op
 def test_non_contiguous_inputs_and_mixed_dtypes():
     B, heads, height, width, Np, d = 2, 3, 4, 6, 5, 8
     N = height * width

@@ -60,6 +60,12 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _empty_rows_like(t: Tensor) -> Tensor:
+    """(B, heads, N, d) stored as (B, N, heads, d), the layout the kernels write outputs in."""
+    B, heads, N, d = t.shape
+    return t.new_empty((B, N, heads, d)).permute(0, 2, 1, 3)
+
+
 @torch.library.custom_op('transnext_mm::aggregated_attention_forward', mutates_args=())
 def _forward(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, rpb_local: Tensor,
              bias_pool: Tensor, token_weight: Tensor, height: int,
@@ -71,7 +77,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, rp
 
 @_forward.register_fake
 def _forward_fake(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+    return _empty_rows_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
 
 
 @torch.library.custom_op('transnext_mm::aggregated_attention_backward', mutates_args=())
@@ -89,7 +95,7 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor,
 def _backward_fake(grad_out, q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, out,
                    lse, height, width, bias_grad):
     heads, num_tokens, num_pool = bias_pool.shape
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+    return (_empty_rows_like(q), _empty_rows_like(k), _empty_rows_like(v),
             k_pool.new_empty(k_pool.shape), v_pool.new_empty(v_pool.shape),
             rpb_local.new_empty(rpb_local.shape),
             bias_pool.new_empty((heads if bias_grad else 0, num_tokens, num_pool)),
@@ -106,7 +112,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_formula(ctx, grad_out, grad_lse):
     bias_grad = ctx.needs_input_grad[6]
-    grads = _backward(grad_out.contiguous(), *ctx.saved_tensors, *ctx.grid, bias_grad)
+    grads = _backward(grad_out, *ctx.saved_tensors, *ctx.grid, bias_grad)
     grads = list(grads)
     if not bias_grad:
         grads[6] = None
@@ -131,17 +137,20 @@ def aggregated_attention_op(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_p
     """Aggregated attention with the compiled kernels (same arguments as the reference).
 
     Inputs are cast to one dtype: the autocast dtype inside an autocast region (as for a matmul),
-    else their promoted dtype. Gradients flow to all eight tensors.
+    else their promoted dtype. Gradients flow to all eight tensors. ``q``, ``k`` and ``v`` may be
+    strided views (e.g. heads split out of a (B, N, C) projection) as long as their channels are
+    contiguous: they are read in place.
 
     Returns:
-        Tensor: (B, heads, H*W, d) in the common dtype.
+        Tensor: (B, heads, H*W, d) in the common dtype, stored as (B, H*W, heads, d) so that
+        ``out.transpose(1, 2).reshape(B, H*W, heads*d)`` is a view.
     """
     if _ext is None:
         raise RuntimeError(unsupported_reason(q.device, q.dtype))
     _check_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
     tensors = (q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight)
     dtype = _common_dtype(tensors, q.device.type)
-    tensors = [t.to(dtype).contiguous() for t in tensors]
+    tensors = [t.to(dtype) for t in tensors]
     out, _ = torch.ops.transnext_mm.aggregated_attention_forward(*tensors, height, width)
     return out
 

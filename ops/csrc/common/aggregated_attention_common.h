@@ -109,13 +109,33 @@ C10_HOST_DEVICE inline void scale_row(acc_t* dst, acc_t value, int d) {
   for_each_dim<HD>(d, [&](int c) { dst[c] *= value; });
 }
 
-// Cooperative tile load (run by every thread of a block): rows x d contiguous elements of src
-// into dst with row stride dst_stride, converted to the accumulation type.
+// Rows of one (batch, head) of a (B, heads, N, d) tensor with contiguous channels: row i starts
+// at data + i * stride. Lets the op read q / k / v / grad views (heads split out of a (B, N, C)
+// projection) and write outputs in (B, N, heads, d) order without copies.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t stride;
+  C10_HOST_DEVICE T* row(int64_t i) const { return data + i * stride; }
+};
+
+// Element strides of such a (B, heads, N, d) tensor (the channel stride is 1).
+struct RowLayout {
+  int64_t batch, head, row;
+  template <typename T>
+  C10_HOST_DEVICE Rows<T> rows(T* base, int64_t bh, int64_t heads) const {
+    return {base + (bh / heads) * batch + (bh % heads) * head, row};
+  }
+};
+
+// Cooperative tile load (run by every thread of a block): `rows` rows of d elements of src (row
+// stride src_stride) into dst (row stride dst_stride), converted to the accumulation type.
 template <typename acc_t, typename scalar_t>
-C10_HOST_DEVICE inline void load_tile(acc_t* dst, int dst_stride, const scalar_t* src, int rows,
-                                      int d, int thread, int num_threads) {
+C10_HOST_DEVICE inline void load_tile(acc_t* dst, int dst_stride, const scalar_t* src,
+                                      int64_t src_stride, int rows, int d, int thread,
+                                      int num_threads) {
   for (int e = thread; e < rows * d; e += num_threads)
-    dst[(e / d) * dst_stride + e % d] = static_cast<acc_t>(src[e]);
+    dst[(e / d) * dst_stride + e % d] = static_cast<acc_t>(src[(e / d) * src_stride + e % d]);
 }
 
 // Rows of a tile: at most 32, fewer for wide heads so two tiles stay within 32 KiB of shared memory.
@@ -133,18 +153,19 @@ struct ForwardThread {
   acc_t q[HD::kMax], acc[HD::kMax], extra[HD::kMax];
   acc_t running_max, running_sum;
 
-  // q_bh, k_bh, v_bh: this (batch, head)'s (N, d) rows; rpb_h: the head's 9 window biases.
-  C10_HOST_DEVICE void window(const scalar_t* q_bh, const scalar_t* k_bh, const scalar_t* v_bh,
-                              const scalar_t* rpb_h, const scalar_t* tw_row, int64_t i,
-                              int64_t height, int64_t width, int d) {
-    load_row<HD>(q, q_bh + i * d, d);
+  // q_bh, k_bh, v_bh: this (batch, head)'s rows; rpb_h: the head's 9 window biases.
+  C10_HOST_DEVICE void window(Rows<const scalar_t> q_bh, Rows<const scalar_t> k_bh,
+                              Rows<const scalar_t> v_bh, const scalar_t* rpb_h,
+                              const scalar_t* tw_row, int64_t i, int64_t height, int64_t width,
+                              int d) {
+    load_row<HD>(q, q_bh.row(i), d);
     const int64_t y = i / width, x = i % width;
     acc_t scores[kWindowArea];
     int64_t nbr[kWindowArea];
     TNX_UNROLL
     for (int j = 0; j < kWindowArea; ++j) {
       nbr[j] = window_neighbor(y, x, j, height, width);
-      if (nbr[j] >= 0) scores[j] = dot<HD>(q, k_bh + nbr[j] * d, d) + static_cast<acc_t>(rpb_h[j]);
+      if (nbr[j] >= 0) scores[j] = dot<HD>(q, k_bh.row(nbr[j]), d) + static_cast<acc_t>(rpb_h[j]);
     }
     running_max = scores[kCenter];
     TNX_UNROLL
@@ -158,8 +179,8 @@ struct ForwardThread {
       if (nbr[j] < 0) continue;  // v is zero outside the image: no attention, no token term
       const acc_t p = tnx_exp(scores[j] - running_max);
       running_sum += p;
-      axpy<HD>(acc, p, v_bh + nbr[j] * d, d);
-      axpy<HD>(extra, static_cast<acc_t>(tw_row[j]), v_bh + nbr[j] * d, d);
+      axpy<HD>(acc, p, v_bh.row(nbr[j]), d);
+      axpy<HD>(extra, static_cast<acc_t>(tw_row[j]), v_bh.row(nbr[j]), d);
     }
   }
 
@@ -199,13 +220,13 @@ struct BackwardQueryThread {
   acc_t lse, delta;
 
   // ds_local_row / weight_local_row: (9,) accumulation-type rows of the (B, heads, N, 9) buffers.
-  C10_HOST_DEVICE void window(const scalar_t* q_bh, const scalar_t* k_bh, const scalar_t* v_bh,
-                              const scalar_t* rpb_h, const scalar_t* tw_row,
-                              const scalar_t* out_row, const scalar_t* grad_row, acc_t lse_i,
-                              int64_t i, int64_t height, int64_t width, int d,
-                              acc_t* ds_local_row, acc_t* weight_local_row, scalar_t* dtw_row,
-                              acc_t* delta_out) {
-    load_row<HD>(q, q_bh + i * d, d);
+  C10_HOST_DEVICE void window(Rows<const scalar_t> q_bh, Rows<const scalar_t> k_bh,
+                              Rows<const scalar_t> v_bh, const scalar_t* rpb_h,
+                              const scalar_t* tw_row, const scalar_t* out_row,
+                              const scalar_t* grad_row, acc_t lse_i, int64_t i, int64_t height,
+                              int64_t width, int d, acc_t* ds_local_row, acc_t* weight_local_row,
+                              scalar_t* dtw_row, acc_t* delta_out) {
+    load_row<HD>(q, q_bh.row(i), d);
     load_row<HD>(g, grad_row, d);
     lse = lse_i;
     const int64_t y = i / width, x = i % width;
@@ -215,7 +236,7 @@ struct BackwardQueryThread {
     TNX_UNROLL
     for (int j = 0; j < kWindowArea; ++j) {
       nbr[j] = window_neighbor(y, x, j, height, width);
-      grad_dot_v[j] = nbr[j] >= 0 ? dot<HD>(g, v_bh + nbr[j] * d, d) : acc_t(0);
+      grad_dot_v[j] = nbr[j] >= 0 ? dot<HD>(g, v_bh.row(nbr[j]), d) : acc_t(0);
       delta -= static_cast<acc_t>(tw_row[j]) * grad_dot_v[j];  // out minus the token term
     }
     fill<HD>(dq, acc_t(0), d);
@@ -227,7 +248,7 @@ struct BackwardQueryThread {
         weight_local_row[j] = 0;
         continue;
       }
-      const scalar_t* key = k_bh + nbr[j] * d;
+      const scalar_t* key = k_bh.row(nbr[j]);
       const acc_t a = tnx_exp(dot<HD>(q, key, d) + static_cast<acc_t>(rpb_h[j]) - lse);
       const acc_t ds = a * (grad_dot_v[j] - delta);
       axpy<HD>(dq, ds, key, d);
@@ -298,19 +319,20 @@ struct BackwardPoolThread {
 // Backward, window keys/values: gather, for key position n and channel c, the contributions of the
 // (up to 9) queries whose window contains n. No scatter, hence no atomics.
 template <typename scalar_t, typename acc_t>
-C10_HOST_DEVICE inline void gather_window_grads(const scalar_t* q_bh, const scalar_t* grad_bh,
+C10_HOST_DEVICE inline void gather_window_grads(Rows<const scalar_t> q_bh,
+                                                Rows<const scalar_t> grad_bh,
                                                 const acc_t* ds_local_bh,
                                                 const acc_t* weight_local_bh, int64_t n, int c,
-                                                int64_t height, int64_t width, int d,
-                                                acc_t* dk, acc_t* dv) {
+                                                int64_t height, int64_t width, acc_t* dk,
+                                                acc_t* dv) {
   const int64_t y = n / width, x = n % width;
   acc_t sum_k = 0, sum_v = 0;
   TNX_UNROLL
   for (int j = 0; j < kWindowArea; ++j) {
     const int64_t i = window_neighbor(y, x, kWindowArea - 1 - j, height, width);
     if (i < 0) continue;
-    sum_k += ds_local_bh[i * kWindowArea + j] * static_cast<acc_t>(q_bh[i * d + c]);
-    sum_v += weight_local_bh[i * kWindowArea + j] * static_cast<acc_t>(grad_bh[i * d + c]);
+    sum_k += ds_local_bh[i * kWindowArea + j] * static_cast<acc_t>(q_bh.row(i)[c]);
+    sum_v += weight_local_bh[i * kWindowArea + j] * static_cast<acc_t>(grad_bh.row(i)[c]);
   }
   *dk = sum_k;
   *dv = sum_v;

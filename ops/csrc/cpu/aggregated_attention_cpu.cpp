@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../common/aggregated_attention_common.h"
+#include "../pytorch/aggregated_attention.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
 #define TNX_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -73,8 +74,9 @@ TNX_ALWAYS_INLINE void axpy_row(T* y, T alpha, const T* x, int64_t d) {
 
 // Matrix views of raw buffers for at::mm_out / addmm_ (MKL / oneDNN underneath).
 template <typename T>
-at::Tensor matrix(const T* data, int64_t rows, int64_t cols) {
+at::Tensor matrix(const T* data, int64_t rows, int64_t cols, int64_t row_stride = -1) {
   return at::from_blob(const_cast<T*>(data), {rows, cols},
+                       {row_stride < 0 ? cols : row_stride, 1},
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
@@ -86,11 +88,12 @@ Shape shape_of(const at::Tensor& q, const at::Tensor& k_pool, int64_t height, in
   return {q.size(0), q.size(1), q.size(2), k_pool.size(2), q.size(3), height, width};
 }
 
-// One chunk of rows [i0, i0 + rows) of one (batch, head): pointers to that (batch, head)'s rows
-// and to the head's bias / window biases.
+// One chunk of rows [i0, i0 + rows) of one (batch, head): that (batch, head)'s rows, the head's
+// bias / window biases and the (batch, head)'s token weights.
 template <typename T>
 struct Chunk {
-  const T *q, *k, *v, *grad, *bias, *rpb, *token_weight;
+  Rows<const T> q, k, v, grad;
+  const T *bias, *rpb, *token_weight;
   int64_t i0, rows, tokens, pool, d, height, width;
 };
 
@@ -105,12 +108,12 @@ TNX_ALWAYS_INLINE void forward_rows_impl(const Chunk<T>& c, T* scores, T* window
     const int64_t i = c.i0 + r, y = i / c.width, x = i % c.width;
     T* srow = scores + r * Np;
     const T* brow = c.bias + i * Np;
-    const T* q_i = c.q + i * d;
+    const T* q_i = c.q.row(i);
     T local[kWindowArea];
     int64_t nbr[kWindowArea];
     for (int j = 0; j < kWindowArea; ++j) {
       nbr[j] = window_neighbor(y, x, j, c.height, c.width);
-      local[j] = nbr[j] >= 0 ? dot_row(q_i, c.k + nbr[j] * d, d) + c.rpb[j] : T(0);
+      local[j] = nbr[j] >= 0 ? dot_row(q_i, c.k.row(nbr[j]), d) + c.rpb[j] : T(0);
     }
     T row_max = local[kCenter];
     for (int j = 0; j < kWindowArea; ++j)
@@ -137,17 +140,19 @@ TNX_ALWAYS_INLINE void forward_rows_impl(const Chunk<T>& c, T* scores, T* window
     std::fill(wrow, wrow + d, T(0));
     const T* tw = c.token_weight + i * kWindowArea;
     for (int j = 0; j < kWindowArea; ++j)
-      if (nbr[j] >= 0) axpy_row(wrow, local[j] * inv + tw[j], c.v + nbr[j] * d, d);
+      if (nbr[j] >= 0) axpy_row(wrow, local[j] * inv + tw[j], c.v.row(nbr[j]), d);
   }
 }
 
-// out = pooled * inv_sum + window, row by row.
+// out rows (stride out_stride) = pooled * inv_sum + window, row by row.
 template <typename T>
-TNX_ALWAYS_INLINE void combine_rows_impl(T* out, const T* pooled, const T* inv_sum,
-                                         const T* window, int64_t rows, int64_t d) {
+TNX_ALWAYS_INLINE void combine_rows_impl(T* out, int64_t out_stride, const T* pooled,
+                                         const T* inv_sum, const T* window, int64_t rows,
+                                         int64_t d) {
   for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
-    for (int64_t e = 0; e < d; ++e) out[r * d + e] = pooled[r * d + e] * inv_sum[r] + window[r * d + e];
+    for (int64_t e = 0; e < d; ++e)
+      out[r * out_stride + e] = pooled[r * d + e] * inv_sum[r] + window[r * d + e];
   }
 }
 
@@ -165,7 +170,7 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* pr
     T* prow = probs + r * Np;
     T* dprow = dprobs + r * Np;
     const T* brow = c.bias + i * Np;
-    const T *q_i = c.q + i * d, *g_i = c.grad + i * d;
+    const T *q_i = c.q.row(i), *g_i = c.grad.row(i);
     const T lse_i = lse[i];
     T delta = 0;
 #pragma omp simd reduction(+ : delta)
@@ -179,8 +184,8 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* pr
       nbr[j] = window_neighbor(y, x, j, c.height, c.width);
       attn[j] = grad_dot_v[j] = 0;
       if (nbr[j] < 0) continue;
-      attn[j] = exp_approx(dot_row(q_i, c.k + nbr[j] * d, d) + c.rpb[j] - lse_i);
-      grad_dot_v[j] = dot_row(g_i, c.v + nbr[j] * d, d);
+      attn[j] = exp_approx(dot_row(q_i, c.k.row(nbr[j]), d) + c.rpb[j] - lse_i);
+      grad_dot_v[j] = dot_row(g_i, c.v.row(nbr[j]), d);
       delta += attn[j] * grad_dot_v[j];
     }
 #pragma omp simd
@@ -202,7 +207,7 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* pr
       ds_local[i * kWindowArea + j] = ds;
       weight_local[i * kWindowArea + j] = nbr[j] >= 0 ? attn[j] + tw[j] : T(0);
       dtoken_weight[i * kWindowArea + j] = grad_dot_v[j];
-      if (nbr[j] >= 0) axpy_row(dqw, ds, c.k + nbr[j] * d, d);
+      if (nbr[j] >= 0) axpy_row(dqw, ds, c.k.row(nbr[j]), d);
     }
   }
 }
@@ -211,20 +216,20 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* pr
 // queries that saw them (no scatter, no atomics).
 template <typename T>
 TNX_ALWAYS_INLINE void window_grad_rows_impl(const Chunk<T>& c, const T* ds_local,
-                                             const T* weight_local, int64_t n0, int64_t n1, T* dk,
-                                             T* dv) {
+                                             const T* weight_local, int64_t n0, int64_t n1,
+                                             Rows<T> dk, Rows<T> dv) {
   const int64_t d = c.d;
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t y = n / c.width, x = n % c.width;
-    T* dk_row = dk + n * d;
-    T* dv_row = dv + n * d;
+    T* dk_row = dk.row(n);
+    T* dv_row = dv.row(n);
     std::fill(dk_row, dk_row + d, T(0));
     std::fill(dv_row, dv_row + d, T(0));
     for (int j = 0; j < kWindowArea; ++j) {
       const int64_t i = window_neighbor(y, x, kWindowArea - 1 - j, c.height, c.width);
       if (i < 0) continue;
-      axpy_row(dk_row, ds_local[i * kWindowArea + j], c.q + i * d, d);
-      axpy_row(dv_row, weight_local[i * kWindowArea + j], c.grad + i * d, d);
+      axpy_row(dk_row, ds_local[i * kWindowArea + j], c.q.row(i), d);
+      axpy_row(dv_row, weight_local[i * kWindowArea + j], c.grad.row(i), d);
     }
   }
 }
@@ -235,9 +240,9 @@ TNX_ALWAYS_INLINE void window_grad_rows_impl(const Chunk<T>& c, const T* ds_loca
                                    T* lse) {                                                  \
     forward_rows_impl(c, scores, window, inv_sum, lse);                                       \
   }                                                                                           \
-  TNX_CPU_CLONES void combine_rows(T* out, const T* pooled, const T* inv_sum, const T* window, \
-                                   int64_t rows, int64_t d) {                                 \
-    combine_rows_impl(out, pooled, inv_sum, window, rows, d);                                 \
+  TNX_CPU_CLONES void combine_rows(T* out, int64_t out_stride, const T* pooled,                \
+                                   const T* inv_sum, const T* window, int64_t rows, int64_t d) { \
+    combine_rows_impl(out, out_stride, pooled, inv_sum, window, rows, d);                     \
   }                                                                                           \
   TNX_CPU_CLONES void backward_rows(const Chunk<T>& c, const T* lse, T* probs, T* dprobs,     \
                                     T* ds_local, T* weight_local, T* dtoken_weight, T* dbias, \
@@ -246,38 +251,45 @@ TNX_ALWAYS_INLINE void window_grad_rows_impl(const Chunk<T>& c, const T* ds_loca
                        first_batch, dq_window);                                               \
   }                                                                                           \
   TNX_CPU_CLONES void window_grad_rows(const Chunk<T>& c, const T* ds_local,                  \
-                                       const T* weight_local, int64_t n0, int64_t n1, T* dk,  \
-                                       T* dv) {                                               \
+                                       const T* weight_local, int64_t n0, int64_t n1,         \
+                                       Rows<T> dk, Rows<T> dv) {                              \
     window_grad_rows_impl(c, ds_local, weight_local, n0, n1, dk, dv);                         \
   }
 TNX_DEFINE_ROW_KERNELS(float)
 TNX_DEFINE_ROW_KERNELS(double)
 #undef TNX_DEFINE_ROW_KERNELS
 
+// Raw pointers and layouts of the op's (B, heads, N, d) tensors.
+struct Layouts {
+  RowLayout q, k, v, grad, out, dq, dk, dv;
+};
+
 template <typename T>
-Chunk<T> chunk_of(const Shape& s, int64_t bh, const T* q, const T* k, const T* v, const T* grad,
-                  const T* bias, const T* rpb, const T* token_weight) {
-  const int64_t h = bh % s.heads, rows = bh * s.tokens;
-  return {q + rows * s.d,
-          k + rows * s.d,
-          v + rows * s.d,
-          grad == nullptr ? nullptr : grad + rows * s.d,
-          bias + h * s.tokens * s.pool,
-          rpb + h * kWindowArea,
-          token_weight + rows * kWindowArea,
-          0,
-          0,
-          s.tokens,
-          s.pool,
-          s.d,
-          s.height,
-          s.width};
+Chunk<T> chunk_of(const Shape& s, const Layouts& l, int64_t bh, const T* q, const T* k,
+                  const T* v, const T* grad, const T* bias, const T* rpb,
+                  const T* token_weight) {
+  const int64_t h = bh % s.heads;
+  Chunk<T> c;
+  c.q = l.q.rows(q, bh, s.heads);
+  c.k = l.k.rows(k, bh, s.heads);
+  c.v = l.v.rows(v, bh, s.heads);
+  c.grad = grad == nullptr ? Rows<const T>{nullptr, 0} : l.grad.rows(grad, bh, s.heads);
+  c.bias = bias + h * s.tokens * s.pool;
+  c.rpb = rpb + h * kWindowArea;
+  c.token_weight = token_weight + bh * s.tokens * kWindowArea;
+  c.i0 = c.rows = 0;
+  c.tokens = s.tokens;
+  c.pool = s.pool;
+  c.d = s.d;
+  c.height = s.height;
+  c.width = s.width;
+  return c;
 }
 
 template <typename T>
 void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* v_pool,
                   const T* rpb, const T* bias, const T* token_weight, T* out, T* lse,
-                  const Shape& s) {
+                  const Shape& s, const Layouts& l) {
   const int64_t N = s.tokens, Np = s.pool, d = s.d;
   const int64_t chunks = (N + kRows - 1) / kRows;
   at::parallel_for(0, s.batch * s.heads * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -285,22 +297,25 @@ void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* 
         inv_sum(kRows);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks;
-      Chunk<T> c = chunk_of(s, bh, q, k, v, static_cast<const T*>(nullptr), bias, rpb,
+      Chunk<T> c = chunk_of(s, l, bh, q, k, v, static_cast<const T*>(nullptr), bias, rpb,
                             token_weight);
       c.i0 = (task % chunks) * kRows;
       c.rows = std::min(kRows, N - c.i0);
       const T *kp_bh = k_pool + bh * Np * d, *vp_bh = v_pool + bh * Np * d;
       auto score_view = matrix(scores.data(), c.rows, Np);
-      if (Np > 0) at::mm_out(score_view, matrix(c.q + c.i0 * d, c.rows, d), matrix(kp_bh, Np, d).t());
+      if (Np > 0)
+        at::mm_out(score_view, matrix(c.q.row(c.i0), c.rows, d, c.q.stride),
+                   matrix(kp_bh, Np, d).t());
       forward_rows(c, scores.data(), window.data(), inv_sum.data(), lse + bh * N + c.i0);
-      T* out_rows = out + (bh * N + c.i0) * d;
+      const Rows<T> out_bh = l.out.rows(out, bh, s.heads);
       if (Np > 0) {
         auto pooled_view = matrix(pooled.data(), c.rows, d);
         at::mm_out(pooled_view, score_view, matrix(vp_bh, Np, d));
-        combine_rows(out_rows, pooled.data(), inv_sum.data(), window.data(), c.rows, d);
       } else {
-        std::copy(window.begin(), window.begin() + c.rows * d, out_rows);
+        std::fill(pooled.begin(), pooled.end(), T(0));
       }
+      combine_rows(out_bh.row(c.i0), out_bh.stride, pooled.data(), inv_sum.data(), window.data(),
+                   c.rows, d);
     }
   });
 }
@@ -310,7 +325,7 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
                    const T* v_pool, const T* rpb, const T* bias, const T* token_weight,
                    const T* lse, T* dq, T* dk, T* dv, T* dtoken_weight, T* dbias, T* ds_local,
                    T* weight_local, T* dkp_partial, T* dvp_partial, int64_t groups,
-                   const Shape& s) {
+                   const Shape& s, const Layouts& l) {
   const int64_t N = s.tokens, Np = s.pool, d = s.d, B = s.batch, heads = s.heads;
   const int64_t chunks = (N + kRows - 1) / kRows;
   const int64_t chunks_per_group = (chunks + groups - 1) / groups;
@@ -323,7 +338,8 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
       const int64_t chunk_end = std::min(chunks, (group + 1) * chunks_per_group);
       for (int64_t b = 0; b < B; ++b) {
         const int64_t bh = b * heads + h;
-        Chunk<T> c = chunk_of(s, bh, q, k, v, grad, bias, rpb, token_weight);
+        Chunk<T> c = chunk_of(s, l, bh, q, k, v, grad, bias, rpb, token_weight);
+        const Rows<T> dq_bh = l.dq.rows(dq, bh, s.heads);
         const T *kp_bh = k_pool + bh * Np * d, *vp_bh = v_pool + bh * Np * d;
         const int64_t slot = ((group * B + b) * heads + h) * Np * d;
         for (int64_t chunk = group * chunks_per_group; chunk < chunk_end; ++chunk) {
@@ -331,8 +347,8 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
           c.rows = std::min(kRows, N - c.i0);
           auto prob_view = matrix(probs.data(), c.rows, Np);
           auto dprob_view = matrix(dprobs.data(), c.rows, Np);
-          auto q_rows = matrix(c.q + c.i0 * d, c.rows, d);
-          auto g_rows = matrix(c.grad + c.i0 * d, c.rows, d);
+          auto q_rows = matrix(c.q.row(c.i0), c.rows, d, c.q.stride);
+          auto g_rows = matrix(c.grad.row(c.i0), c.rows, d, c.grad.stride);
           if (Np > 0) {
             at::mm_out(prob_view, q_rows, matrix(kp_bh, Np, d).t());
             at::mm_out(dprob_view, g_rows, matrix(vp_bh, Np, d).t());
@@ -341,16 +357,16 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
                         weight_local + bh * N * kWindowArea,
                         dtoken_weight + bh * N * kWindowArea,
                         dbias == nullptr ? nullptr : dbias + h * N * Np, b == 0, dq_window.data());
-          T* dq_rows = dq + (bh * N + c.i0) * d;
           if (Np > 0) {
             auto dq_pool_view = matrix(dq_pool.data(), c.rows, d);
             at::mm_out(dq_pool_view, dprob_view, matrix(kp_bh, Np, d));
-            combine_rows(dq_rows, dq_pool.data(), ones.data(), dq_window.data(), c.rows, d);
             matrix(dkp_partial + slot, Np, d).addmm_(dprob_view.t(), q_rows);
             matrix(dvp_partial + slot, Np, d).addmm_(prob_view.t(), g_rows);
           } else {
-            std::copy(dq_window.begin(), dq_window.begin() + c.rows * d, dq_rows);
+            std::fill(dq_pool.begin(), dq_pool.end(), T(0));
           }
+          combine_rows(dq_bh.row(c.i0), dq_bh.stride, dq_pool.data(), ones.data(),
+                       dq_window.data(), c.rows, d);
         }
       }
     }
@@ -360,9 +376,10 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
   at::parallel_for(0, B * heads * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, n0 = (task % blocks) * kRows;
-      const Chunk<T> c = chunk_of(s, bh, q, k, v, grad, bias, rpb, token_weight);
+      const Chunk<T> c = chunk_of(s, l, bh, q, k, v, grad, bias, rpb, token_weight);
       window_grad_rows(c, ds_local + bh * N * kWindowArea, weight_local + bh * N * kWindowArea, n0,
-                       std::min(N, n0 + kRows), dk + bh * N * d, dv + bh * N * d);
+                       std::min(N, n0 + kRows), l.dk.rows(dk, bh, s.heads),
+                       l.dv.rows(dv, bh, s.heads));
     }
   });
 }
@@ -374,15 +391,20 @@ std::vector<at::Tensor> aggregated_attention_forward_cpu(
     const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,
     const at::Tensor& token_weight, int64_t height, int64_t width) {
   const Shape s = shape_of(q, k_pool, height, width);
-  auto out = at::empty_like(q);
+  auto out = empty_rows_like(q);
   auto lse = at::empty({s.batch, s.heads, s.tokens}, q.options());
   if (q.numel() == 0) return {out.zero_(), lse.zero_()};
+  Layouts l;
+  l.q = row_layout(q);
+  l.k = row_layout(k);
+  l.v = row_layout(v);
+  l.out = row_layout(out);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "aggregated_attention_forward_cpu", [&] {
     forward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                            k_pool.data_ptr<scalar_t>(), v_pool.data_ptr<scalar_t>(),
                            rpb.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
                            token_weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                           lse.data_ptr<scalar_t>(), s);
+                           lse.data_ptr<scalar_t>(), s, l);
   });
   return {out, lse};
 }
@@ -392,11 +414,10 @@ std::vector<at::Tensor> aggregated_attention_backward_cpu(
     const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
     const at::Tensor& bias, const at::Tensor& token_weight, const at::Tensor& out,
     const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad) {
-  (void)out;  // the CPU kernel recomputes delta from the probabilities instead
   const Shape s = shape_of(q, k_pool, height, width);
   const int64_t chunks = (s.tokens + kRows - 1) / kRows;
   const int64_t groups = std::max<int64_t>(1, std::min(chunks, kMaxGroups));
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  auto dq = empty_rows_like(q), dk = empty_rows_like(k), dv = empty_rows_like(v);
   auto dtoken_weight = at::empty_like(token_weight);
   auto ds_local = at::empty_like(token_weight), weight_local = at::empty_like(token_weight);
   auto dbias = bias_grad ? at::empty_like(bias) : at::empty({0, s.tokens, s.pool}, bias.options());
@@ -406,6 +427,8 @@ std::vector<at::Tensor> aggregated_attention_backward_cpu(
     return {dq, dk, dv, at::zeros_like(k_pool), at::zeros_like(v_pool), at::zeros_like(rpb),
             bias_grad ? dbias.zero_() : dbias, dtoken_weight.zero_()};
   }
+  const Layouts l{row_layout(q),   row_layout(k),  row_layout(v),  row_layout(grad_out),
+                  row_layout(out), row_layout(dq), row_layout(dk), row_layout(dv)};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "aggregated_attention_backward_cpu", [&] {
     backward_impl<scalar_t>(
         grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
@@ -415,7 +438,7 @@ std::vector<at::Tensor> aggregated_attention_backward_cpu(
         dv.data_ptr<scalar_t>(), dtoken_weight.data_ptr<scalar_t>(),
         bias_grad ? dbias.data_ptr<scalar_t>() : nullptr, ds_local.data_ptr<scalar_t>(),
         weight_local.data_ptr<scalar_t>(), dkp_partial.data_ptr<scalar_t>(),
-        dvp_partial.data_ptr<scalar_t>(), groups, s);
+        dvp_partial.data_ptr<scalar_t>(), groups, s, l);
   });
   return {dq, dk, dv, dkp_partial.sum(0), dvp_partial.sum(0), ds_local.sum({0, 2}), dbias,
           dtoken_weight};

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../common/aggregated_attention_common.h"
+#include "../pytorch/aggregated_attention.h"
 
 namespace transnext_mm {
 namespace {
@@ -33,20 +34,23 @@ void replay_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const scalar_t *bp = bias.data_ptr<scalar_t>(), *twp = token_weight.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   acc_t* lp = lse.data_ptr<acc_t>();
+  const RowLayout q_layout = row_layout(q), k_layout = row_layout(k), v_layout = row_layout(v),
+                  out_layout = row_layout(out);
   for (int64_t bh = 0; bh < batch_heads; ++bh) {
     const int64_t h = bh % heads, rows = bh * N;
     for (int64_t block = 0; block * kQueryThreads < N; ++block) {
       auto index = [&](int t) { return block * kQueryThreads + t; };
       for (int t = 0; t < kQueryThreads; ++t)
         if (index(t) < N)
-          threads[t].window(qp + rows * d, kptr + rows * d, vptr + rows * d, rp + h * kWindowArea,
+          threads[t].window(q_layout.rows(qp, bh, heads), k_layout.rows(kptr, bh, heads),
+                            v_layout.rows(vptr, bh, heads), rp + h * kWindowArea,
                             twp + (rows + index(t)) * kWindowArea, index(t), height, width, d);
       for (int64_t p0 = 0; p0 < Np; p0 += Thread::kTile) {
         const int count = static_cast<int>(tnx_min<int64_t>(Thread::kTile, Np - p0));
         const int64_t offset = (bh * Np + p0) * d;
         for (int t = 0; t < kQueryThreads; ++t) {
-          load_tile(kp_tile.data(), HD::kMax, kpp + offset, count, d, t, kQueryThreads);
-          load_tile(vp_tile.data(), HD::kMax, vpp + offset, count, d, t, kQueryThreads);
+          load_tile(kp_tile.data(), HD::kMax, kpp + offset, d, count, d, t, kQueryThreads);
+          load_tile(vp_tile.data(), HD::kMax, vpp + offset, d, count, d, t, kQueryThreads);
         }
         for (int t = 0; t < kQueryThreads; ++t)
           if (index(t) < N)
@@ -54,7 +58,8 @@ void replay_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                                  bp + (h * N + index(t)) * Np + p0, d);
       }
       for (int t = 0; t < kQueryThreads; ++t)
-        if (index(t) < N) threads[t].finish(op + (rows + index(t)) * d, lp + rows + index(t), d);
+        if (index(t) < N)
+          threads[t].finish(out_layout.rows(op, bh, heads).row(index(t)), lp + rows + index(t), d);
     }
   }
 }
@@ -82,6 +87,9 @@ void replay_backward_query(const at::Tensor& grad_out, const at::Tensor& q, cons
   const scalar_t *rp = rpb.data_ptr<scalar_t>(), *bp = bias.data_ptr<scalar_t>();
   const scalar_t *twp = token_weight.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>();
   const acc_t* lp = lse.data_ptr<acc_t>();
+  const RowLayout q_layout = row_layout(q), k_layout = row_layout(k), v_layout = row_layout(v),
+                  out_layout = row_layout(out), grad_layout = row_layout(grad_out),
+                  dq_layout = row_layout(dq);
   for (int64_t bh = 0; bh < batch_heads; ++bh) {
     const int64_t h = bh % heads, rows = bh * N;
     for (int64_t block = 0; block * kQueryThreads < N; ++block) {
@@ -89,9 +97,11 @@ void replay_backward_query(const at::Tensor& grad_out, const at::Tensor& q, cons
       for (int t = 0; t < kQueryThreads; ++t) {
         const int64_t i = index(t), row = rows + i;
         if (i < N)
-          threads[t].window(qp + rows * d, kptr + rows * d, vptr + rows * d, rp + h * kWindowArea,
-                            twp + row * kWindowArea, op + row * d, gp + row * d, lp[row], i,
-                            height, width, d, ds_local.data_ptr<acc_t>() + row * kWindowArea,
+          threads[t].window(q_layout.rows(qp, bh, heads), k_layout.rows(kptr, bh, heads),
+                            v_layout.rows(vptr, bh, heads), rp + h * kWindowArea,
+                            twp + row * kWindowArea, out_layout.rows(op, bh, heads).row(i),
+                            grad_layout.rows(gp, bh, heads).row(i), lp[row], i, height, width, d,
+                            ds_local.data_ptr<acc_t>() + row * kWindowArea,
                             weight_local.data_ptr<acc_t>() + row * kWindowArea,
                             dtoken_weight.data_ptr<scalar_t>() + row * kWindowArea,
                             delta.data_ptr<acc_t>() + row);
@@ -100,8 +110,8 @@ void replay_backward_query(const at::Tensor& grad_out, const at::Tensor& q, cons
         const int count = static_cast<int>(tnx_min<int64_t>(kTile, Np - p0));
         const int64_t offset = (bh * Np + p0) * d;
         for (int t = 0; t < kQueryThreads; ++t) {
-          load_tile(kp_tile.data(), HD::kMax, kpp + offset, count, d, t, kQueryThreads);
-          load_tile(vp_tile.data(), HD::kMax, vpp + offset, count, d, t, kQueryThreads);
+          load_tile(kp_tile.data(), HD::kMax, kpp + offset, d, count, d, t, kQueryThreads);
+          load_tile(vp_tile.data(), HD::kMax, vpp + offset, d, count, d, t, kQueryThreads);
         }
         for (int t = 0; t < kQueryThreads; ++t)
           if (index(t) < N)
@@ -109,7 +119,8 @@ void replay_backward_query(const at::Tensor& grad_out, const at::Tensor& q, cons
                                  bp + (h * N + index(t)) * Np + p0, d);
       }
       for (int t = 0; t < kQueryThreads; ++t)
-        if (index(t) < N) threads[t].finish(dq.data_ptr<scalar_t>() + (rows + index(t)) * d, d);
+        if (index(t) < N)
+          threads[t].finish(dq_layout.rows(dq.data_ptr<scalar_t>(), bh, heads).row(index(t)), d);
     }
   }
 }
@@ -132,6 +143,7 @@ void replay_backward_pool(const at::Tensor& grad_out, const at::Tensor& q,
   const scalar_t *kpp = k_pool.data_ptr<scalar_t>(), *vpp = v_pool.data_ptr<scalar_t>();
   const scalar_t* bp = bias.data_ptr<scalar_t>();
   const acc_t *lp = lse.data_ptr<acc_t>(), *dp = delta.data_ptr<acc_t>();
+  const RowLayout q_layout = row_layout(q), grad_layout = row_layout(grad_out);
   for (int64_t h = 0; h < heads; ++h) {
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       for (int64_t key_block = 0; key_block * kPoolThreads < Np; ++key_block) {
@@ -139,6 +151,8 @@ void replay_backward_pool(const at::Tensor& grad_out, const at::Tensor& q,
         const int64_t i_begin = chunk * chunk_len, i_end = tnx_min(N, i_begin + chunk_len);
         for (int64_t b = 0; b < batch; ++b) {
           const int64_t bh = b * heads + h;
+          const Rows<const scalar_t> q_bh = q_layout.rows(qp, bh, heads);
+          const Rows<const scalar_t> g_bh = grad_layout.rows(gp, bh, heads);
           for (int t = 0; t < kPoolThreads; ++t)
             if (index(t) < Np)
               threads[t].begin(kpp + (bh * Np + index(t)) * d, vpp + (bh * Np + index(t)) * d, d);
@@ -146,8 +160,10 @@ void replay_backward_pool(const at::Tensor& grad_out, const at::Tensor& q,
             const int count = static_cast<int>(tnx_min<int64_t>(Thread::kTile, i_end - i0));
             const int64_t row = bh * N + i0;
             for (int t = 0; t < kPoolThreads; ++t) {
-              load_tile(q_tile.data(), HD::kMax, qp + row * d, count, d, t, kPoolThreads);
-              load_tile(g_tile.data(), HD::kMax, gp + row * d, count, d, t, kPoolThreads);
+              load_tile(q_tile.data(), HD::kMax, q_bh.row(i0), q_bh.stride, count, d, t,
+                        kPoolThreads);
+              load_tile(g_tile.data(), HD::kMax, g_bh.row(i0), g_bh.stride, count, d, t,
+                        kPoolThreads);
               for (int e = t; e < count; e += kPoolThreads) {
                 lse_tile[e] = lp[row + e];
                 delta_tile[e] = dp[row + e];
@@ -179,7 +195,7 @@ std::vector<at::Tensor> aggregated_attention_forward_cuda_replay(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
     const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,
     const at::Tensor& token_weight, int64_t height, int64_t width) {
-  auto out = at::empty_like(q);
+  auto out = empty_rows_like(q);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)},
                        q.options().dtype(at::toOpMathType(q.scalar_type())));
   if (q.numel() == 0) return {out, lse};
@@ -201,7 +217,7 @@ std::vector<at::Tensor> aggregated_attention_backward_cuda_replay(
   const int64_t batch = q.size(0), heads = q.size(1), N = q.size(2), d = q.size(3);
   const int64_t Np = k_pool.size(2);
   const auto acc_options = q.options().dtype(lse.scalar_type());
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  auto dq = empty_rows_like(q), dk = empty_rows_like(k), dv = empty_rows_like(v);
   auto dtoken_weight = at::empty_like(token_weight);
   auto ds_local = at::empty({batch, heads, N, kWindowArea}, acc_options);
   auto weight_local = at::empty_like(ds_local);
@@ -227,15 +243,19 @@ std::vector<at::Tensor> aggregated_attention_backward_cuda_replay(
         });
         const scalar_t *qp = q.data_ptr<scalar_t>(), *gp = grad_out.data_ptr<scalar_t>();
         const acc_t *dsp = ds_local.data_ptr<acc_t>(), *wp = weight_local.data_ptr<acc_t>();
+        const RowLayout q_layout = row_layout(q), grad_layout = row_layout(grad_out),
+                        dk_layout = row_layout(dk), dv_layout = row_layout(dv);
         for (int64_t idx = 0; idx < q.numel(); ++idx) {  // one CUDA thread per element
           const int c = static_cast<int>(idx % d);
           const int64_t n = (idx / d) % N, bh = idx / (d * N);
           acc_t grad_k, grad_v;
-          gather_window_grads(qp + bh * N * d, gp + bh * N * d, dsp + bh * N * kWindowArea,
-                              wp + bh * N * kWindowArea, n, c, height, width,
-                              static_cast<int>(d), &grad_k, &grad_v);
-          dk.data_ptr<scalar_t>()[idx] = static_cast<scalar_t>(grad_k);
-          dv.data_ptr<scalar_t>()[idx] = static_cast<scalar_t>(grad_v);
+          gather_window_grads(q_layout.rows(qp, bh, heads), grad_layout.rows(gp, bh, heads),
+                              dsp + bh * N * kWindowArea, wp + bh * N * kWindowArea, n, c, height,
+                              width, &grad_k, &grad_v);
+          dk_layout.rows(dk.data_ptr<scalar_t>(), bh, heads).row(n)[c] =
+              static_cast<scalar_t>(grad_k);
+          dv_layout.rows(dv.data_ptr<scalar_t>(), bh, heads).row(n)[c] =
+              static_cast<scalar_t>(grad_v);
         }
       });
   return {dq,

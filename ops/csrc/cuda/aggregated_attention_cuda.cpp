@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../common/aggregated_attention_common.h"
+#include "../pytorch/aggregated_attention.h"
 #include "aggregated_attention_cuda.h"
 
 namespace transnext_mm {
@@ -36,7 +37,7 @@ std::vector<at::Tensor> aggregated_attention_forward_cuda(
     const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,
     const at::Tensor& token_weight, int64_t height, int64_t width) {
   const c10::cuda::CUDAGuard device_guard(q.device());
-  auto out = at::empty_like(q);
+  auto out = empty_rows_like(q);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)},
                        q.options().dtype(at::toOpMathType(q.scalar_type())));
   if (q.numel() == 0) return {out, lse};
@@ -52,7 +53,11 @@ std::vector<at::Tensor> aggregated_attention_forward_cuda(
                               bias.data_ptr<scalar_t>(),
                               token_weight.data_ptr<scalar_t>(),
                               out.data_ptr<scalar_t>(),
-                              lse.data_ptr<at::opmath_type<scalar_t>>()};
+                              lse.data_ptr<at::opmath_type<scalar_t>>(),
+                              row_layout(q),
+                              row_layout(k),
+                              row_layout(v),
+                              row_layout(out)};
     launch_aggregated_attention_forward(p, c10::cuda::getCurrentCUDAStream());
   });
   return {out, lse};
@@ -67,14 +72,14 @@ std::vector<at::Tensor> aggregated_attention_backward_cuda(
   const int64_t batch = q.size(0), heads = q.size(1), N = q.size(2), d = q.size(3);
   const int64_t Np = k_pool.size(2);
   if (q.numel() == 0) {
-    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), at::zeros_like(k_pool),
+    return {empty_rows_like(q), empty_rows_like(k), empty_rows_like(v), at::zeros_like(k_pool),
             at::zeros_like(v_pool), at::zeros_like(rpb),
             bias_grad ? at::zeros_like(bias) : at::empty({0, N, Np}, bias.options()),
             at::zeros_like(token_weight)};
   }
   const AttentionSizes sizes = sizes_of(q, k_pool, height, width);
   const auto acc_options = q.options().dtype(lse.scalar_type());
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  auto dq = empty_rows_like(q), dk = empty_rows_like(k), dv = empty_rows_like(v);
   auto dtoken_weight = at::empty_like(token_weight);
   auto ds_local = at::empty({batch, heads, N, kWindowArea}, acc_options);
   auto weight_local = at::empty_like(ds_local);
@@ -110,6 +115,14 @@ std::vector<at::Tensor> aggregated_attention_backward_cuda(
     p.dkp_partial = dkp_partial.data_ptr<acc_t>();
     p.dvp_partial = dvp_partial.data_ptr<acc_t>();
     p.chunk_len = chunk_len;
+    p.grad_layout = row_layout(grad_out);
+    p.q_layout = row_layout(q);
+    p.k_layout = row_layout(k);
+    p.v_layout = row_layout(v);
+    p.out_layout = row_layout(out);
+    p.dq_layout = row_layout(dq);
+    p.dk_layout = row_layout(dk);
+    p.dv_layout = row_layout(dv);
     launch_aggregated_attention_backward(p, c10::cuda::getCurrentCUDAStream());
   });
   return {dq,

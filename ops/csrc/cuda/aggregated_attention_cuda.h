@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "../common/aggregated_attention_common.h"
+
 namespace transnext_mm {
 
 struct AttentionSizes {
@@ -17,6 +19,8 @@ struct AttentionSizes {
   int d;
 };
 
+// q, k, v, out (and grad_out, dq, dk, dv) are (B, heads, N, d) with contiguous channels and the
+// given strides; every other tensor is contiguous.
 template <typename scalar_t>
 struct ForwardParams {
   using acc_t = at::opmath_type<scalar_t>;
@@ -24,6 +28,7 @@ struct ForwardParams {
   const scalar_t *q, *k, *v, *k_pool, *v_pool, *rpb, *bias, *token_weight;
   scalar_t* out;
   acc_t* lse;  // (B, heads, N)
+  RowLayout q_layout, k_layout, v_layout, out_layout;
 };
 
 template <typename scalar_t>
@@ -38,6 +43,7 @@ struct BackwardParams {
   acc_t* dbias;                    // (heads, N, Np), or null when bias_pool needs no gradient
   acc_t *dkp_partial, *dvp_partial;  // (chunks, B, heads, Np, d), summed by the launcher
   int64_t chunk_len;                 // queries per chunk of the pooled-key kernel
+  RowLayout grad_layout, q_layout, k_layout, v_layout, out_layout, dq_layout, dk_layout, dv_layout;
 };
 
 // Both check every launch (C10_CUDA_KERNEL_LAUNCH_CHECK). Instantiated for float, c10::Half and

@@ -16,7 +16,14 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected
               expected, ", got ", t.sizes());
 }
 
-// Checks shapes, devices and dtypes; returns contiguous tensors in argument order.
+// (B, heads, N, d) tensors are read row by row: any strides with contiguous channels will do.
+bool rows_addressable(const at::Tensor& t) {
+  return t.dim() == 4 && (t.stride(3) == 1 || t.size(3) <= 1) && t.stride(0) >= 0 &&
+         t.stride(1) >= 0 && t.stride(2) >= 0;
+}
+
+// Checks shapes, devices and dtypes; returns the tensors in argument order, q / k / v /
+// grad_out / out as they are when rows_addressable, everything else contiguous.
 std::vector<at::Tensor> checked(const std::vector<std::pair<const char*, at::Tensor>>& named,
                                 int64_t height, int64_t width) {
   const at::Tensor& q = named[0].second;
@@ -32,7 +39,8 @@ std::vector<at::Tensor> checked(const std::vector<std::pair<const char*, at::Ten
                 " but q is on ", q.device());
     TORCH_CHECK(t.scalar_type() == q.scalar_type(), "aggregated_attention: ", name, " has dtype ",
                 t.scalar_type(), " but q has ", q.scalar_type());
-    out.push_back(t.contiguous());
+    const bool per_row = out.size() <= 2 || out.size() >= 8;  // q, k, v, grad_out, out
+    out.push_back(per_row && rows_addressable(t) ? t : t.contiguous());
   }
   const at::Tensor& k_pool = out[3];
   TORCH_CHECK(k_pool.dim() == 4 && k_pool.size(0) == B && k_pool.size(1) == heads &&

@@ -5,7 +5,18 @@
 
 #include <vector>
 
+#include "../common/aggregated_attention_common.h"
+
 namespace transnext_mm {
+
+// Strides of a (B, heads, N, d) tensor whose channels are contiguous.
+inline RowLayout row_layout(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// A (B, heads, N, d) output stored as (B, N, heads, d): `out.transpose(1, 2).reshape(B, N, C)`
+// (what the attention layer does next) is then a view, not a copy.
+inline at::Tensor empty_rows_like(const at::Tensor& t) {
+  return at::empty({t.size(0), t.size(2), t.size(1), t.size(3)}, t.options()).permute({0, 2, 1, 3});
+}
 
 // Returns {out, lse}; lse (B, heads, N) is in the accumulation type (fp32, or fp64 for fp64 input).
 std::vector<at::Tensor> aggregated_attention_forward(
