@@ -165,12 +165,12 @@ def test_eval_bias_cache_is_invalidated_by_train_and_weight_change():
     with torch.no_grad():
         first = model(x)
         attn = model.block1[0].attn
-        assert len(attn.pos_bias._cache) == 1
+        assert len(attn.pos_bias.cached_sizes()) == 1
         attn.cpb_fc2.bias.add_(1.0)  # e.g. load_state_dict: the cached bias must not be used
         changed = model(x)
         assert not torch.allclose(first[0], changed[0])
         model.train()
-        assert len(attn.pos_bias._cache) == 0
+        assert attn.pos_bias.cached_sizes() == []
         model.eval()
         previous = set_pos_bias_cache(False)
         try:

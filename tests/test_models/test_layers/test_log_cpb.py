@@ -5,8 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transnext_mm.models.layers.log_cpb import (LogCPB, log_cpb_bias, resize_bias,
-                                                set_pos_bias_cache)
+from transnext_mm.models.layers.log_cpb import LogCPB, log_cpb_bias, set_pos_bias_cache
 
 
 def pairwise_log_cpb(fc1, fc2, query_size, key_size, pretrain_len):
@@ -44,16 +43,33 @@ def test_log_cpb_matches_pairwise(mlp, query_size, key_size):
     torch.testing.assert_close(bias, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_resize_bias_follows_bilinear_order(mlp):
+@pytest.mark.parametrize('query_size,key_size', [((9, 7), (3, 4)), ((6, 6), (2, 2)),
+                                                  ((4, 11), (1, 1))])
+def test_interpolation_is_the_resized_table(mlp, query_size, key_size):
     fc1, fc2 = mlp
-    table = log_cpb_bias(fc1, fc2, (6, 6), (2, 2), pretrain_len=56)
-    out = resize_bias(table, (6, 6), (2, 2), (9, 7), (3, 4))
-    # explicit: key grid first, then query grid
-    step = F.interpolate(table.reshape(3 * 36, 1, 2, 2), size=(3, 4), mode='bilinear',
-                         align_corners=False).reshape(3, 6, 6, 12)
-    step = F.interpolate(step.permute(0, 3, 1, 2).reshape(36, 1, 6, 6), size=(9, 7),
-                         mode='bilinear', align_corners=False).reshape(3, 12, 63)
-    torch.testing.assert_close(out, step.transpose(1, 2))
+    out = log_cpb_bias(fc1, fc2, query_size, key_size, 56, table_query=(6, 6), table_key=(2, 2))
+    # explicit: tabulate, resize bilinearly over the key grid first, then over the query grid
+    table = pairwise_log_cpb(fc1, fc2, (6, 6), (2, 2), 56).reshape(3 * 36, 1, 2, 2)
+    step = F.interpolate(table, size=key_size, mode='bilinear', align_corners=False)
+    num_keys = key_size[0] * key_size[1]
+    step = step.reshape(3, 6, 6, num_keys).permute(0, 3, 1, 2).reshape(3 * num_keys, 1, 6, 6)
+    step = F.interpolate(step, size=query_size, mode='bilinear', align_corners=False)
+    expected = step.reshape(3, num_keys, -1).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_interpolated_bias_gradients_match_explicit(mlp):
+    fc1, fc2 = mlp
+    params = [fc1.weight, fc1.bias, fc2.weight, fc2.bias]
+    out = log_cpb_bias(fc1, fc2, (5, 7), (2, 3), 56, table_query=(4, 4), table_key=(2, 2))
+    grads = torch.autograd.grad(out.square().sum(), params)
+    table = pairwise_log_cpb(fc1, fc2, (4, 4), (2, 2), 56).reshape(3 * 16, 1, 2, 2)
+    step = F.interpolate(table, size=(2, 3), mode='bilinear', align_corners=False)
+    step = step.reshape(3, 4, 4, 6).permute(0, 3, 1, 2).reshape(18, 1, 4, 4)
+    expected = F.interpolate(step, size=(5, 7), mode='bilinear', align_corners=False)
+    expected_grads = torch.autograd.grad(expected.square().sum(), params)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
 def test_modes_agree_at_table_size_and_differ_elsewhere(mlp):
@@ -71,6 +87,7 @@ def test_eval_cache_reuses_and_invalidates(mlp):
     cpb = LogCPB('extrapolate', (8, 8), (1, 1), 56)
     with torch.no_grad():
         first = cpb(fc1, fc2, (8, 8), (2, 2), training=False)
+        assert cpb.cached_sizes() == [((8, 8), (2, 2))]
         assert cpb(fc1, fc2, (8, 8), (2, 2), training=False) is first
         fc2.weight.mul_(2)  # an optimiser step or load_state_dict changes the weights in place
         second = cpb(fc1, fc2, (8, 8), (2, 2), training=False)
