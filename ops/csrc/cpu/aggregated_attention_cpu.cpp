@@ -106,8 +106,8 @@ TNX_ALWAYS_INLINE void forward_rows_impl(const Chunk<T>& c, T* scores, T* window
   const int64_t Np = c.pool, d = c.d;
   for (int64_t r = 0; r < c.rows; ++r) {
     const int64_t i = c.i0 + r, y = i / c.width, x = i % c.width;
-    T* srow = scores + r * Np;
-    const T* brow = c.bias + i * Np;
+    T* __restrict__ srow = scores + r * Np;
+    const T* __restrict__ brow = c.bias + i * Np;
     const T* q_i = c.q.row(i);
     T local[kWindowArea];
     int64_t nbr[kWindowArea];
@@ -118,11 +118,10 @@ TNX_ALWAYS_INLINE void forward_rows_impl(const Chunk<T>& c, T* scores, T* window
     T row_max = local[kCenter];
     for (int j = 0; j < kWindowArea; ++j)
       if (nbr[j] >= 0) row_max = std::max(row_max, local[j]);
+#pragma omp simd
+    for (int64_t p = 0; p < Np; ++p) srow[p] += brow[p];
 #pragma omp simd reduction(max : row_max)
-    for (int64_t p = 0; p < Np; ++p) {
-      srow[p] += brow[p];
-      row_max = std::max(row_max, srow[p]);
-    }
+    for (int64_t p = 0; p < Np; ++p) row_max = srow[p] > row_max ? srow[p] : row_max;
     T sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t p = 0; p < Np; ++p) {
@@ -167,9 +166,9 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* pr
   const int64_t Np = c.pool, d = c.d;
   for (int64_t r = 0; r < c.rows; ++r) {
     const int64_t i = c.i0 + r, y = i / c.width, x = i % c.width;
-    T* prow = probs + r * Np;
-    T* dprow = dprobs + r * Np;
-    const T* brow = c.bias + i * Np;
+    T* __restrict__ prow = probs + r * Np;
+    T* __restrict__ dprow = dprobs + r * Np;
+    const T* __restrict__ brow = c.bias + i * Np;
     const T *q_i = c.q.row(i), *g_i = c.grad.row(i);
     const T lse_i = lse[i];
     T delta = 0;
