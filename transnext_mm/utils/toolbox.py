@@ -7,6 +7,8 @@ import sys
 
 from mmengine.config import Config
 
+from .dist import prepare_cpu_distributed
+
 TOOLBOXES = {'mmdet': 'mmdet', 'mmseg': 'mmseg', 'mmpretrain': 'mmpretrain'}
 
 
@@ -31,8 +33,9 @@ def toolbox_tool_path(package: str, tool: str) -> str:
 def run_toolbox_tool(tool: str, argv=None) -> None:
     """Run the toolbox's ``tool`` (e.g. 'train.py') as ``__main__`` with ``argv``.
 
-    The config (first positional argument) decides the toolbox. transnext_mm is imported first,
-    so the TransNeXt backbone is registered and mmengine checkpoints load safely.
+    The config (first ``.py`` argument) decides the toolbox. transnext_mm is imported first, so
+    the TransNeXt backbone is registered and mmengine checkpoints load safely; ``--launcher
+    pytorch`` also works without CUDA (see :mod:`transnext_mm.utils.dist`).
     """
     import transnext_mm  # noqa: F401
 
@@ -41,5 +44,7 @@ def run_toolbox_tool(tool: str, argv=None) -> None:
     if not configs:
         raise SystemExit(f'usage: {tool} CONFIG [args of the toolbox\'s own {tool}]')
     path = toolbox_tool_path(toolbox_of(configs[0]), tool)
+    # torchrun on a machine without CUDA: gloo process group and DDP without device_ids.
+    argv = prepare_cpu_distributed(argv)
     sys.argv = [path] + argv
     runpy.run_path(path, run_name='__main__')
