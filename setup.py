@@ -64,17 +64,18 @@ def get_extensions():
                 super().build_extension(ext)
                 return
             except Exception as e:  # compiler missing or failing: keep the PyTorch path
-                self._warn(e)
-            if getattr(ext, 'cpu_sources', None):
-                print('transnext-mm: retrying transnext_mm._ext with CPU kernels only')
+                if not getattr(ext, 'cpu_sources', None):
+                    self._warn(e)
+                    self._failed.append(ext)
+                    return
+                print(f'WARNING: transnext-mm: building the CUDA kernels failed ({e}); '
+                      'retrying transnext_mm._ext with CPU kernels only')
                 ext.sources = ext.cpu_sources
                 ext.cpu_sources = None
                 ext.define_macros = [m for m in ext.define_macros if m[0] != 'WITH_CUDA']
                 ext.extra_compile_args.pop('nvcc', None)
                 ext.libraries = [lib for lib in ext.libraries if 'cuda' not in lib]
                 self.build_extension(ext)
-                return
-            self._failed.append(ext)
 
         @staticmethod
         def _warn(error):

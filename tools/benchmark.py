@@ -157,6 +157,9 @@ def run_worker(args) -> dict:
                 model.zero_grad(set_to_none=True)
 
     grad = torch.enable_grad() if args.backward else torch.no_grad()
+    # CPU: peak RSS over the runs minus the RSS with model and inputs in place (transient
+    # allocations of the forward / backward). CUDA: peak allocated minus allocated before a run.
+    base_mem = None if cuda else _rss_bytes()
     with grad:
         for _ in range(args.warmup):
             step()
@@ -164,8 +167,6 @@ def run_worker(args) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
             base_mem = torch.cuda.memory_allocated(device)
-        else:
-            base_mem = _rss_bytes()
         times = []
         for _ in range(args.repeats):
             sync()

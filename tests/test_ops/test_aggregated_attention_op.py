@@ -174,6 +174,20 @@ def test_strided_views_are_read_in_place(dtype):
 
 
 @requires_op
+def test_frozen_bias_pool_gets_no_gradient():
+    """The backbone's cached eval-mode bias is detached: the op then skips its gradient."""
+    tensors = make_inputs(2, 2, 5, 6, 4, 8)
+    tensors[6] = tensors[6].detach()
+    out = op_module.aggregated_attention_op(*tensors, 5, 6)
+    grad_out = torch.randn_like(out)
+    trainable = [t for t in tensors if t.requires_grad]
+    grads = torch.autograd.grad(out, trainable, grad_out)
+    _, grads_ref = reference_with_grads(tensors, 5, 6, grad_out)
+    for g, g_ref in zip(grads, grads_ref[:6] + grads_ref[7:]):
+        assert_close_scaled(g, g_ref, 1e-10)
+
+
+@requires_op
 def test_non_contiguous_inputs_and_mixed_dtypes():
     B, heads, height, width, Np, d = 2, 3, 4, 6, 5, 8
     N = height * width

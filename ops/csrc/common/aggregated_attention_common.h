@@ -17,8 +17,8 @@
 // dbias_pool) and stream pooled keys / queries through shared-memory tiles. Everything a thread
 // computes lives in the structs below, written once for host and device, so that the CPU build can
 // replay the kernels' per-thread code (see cpu/aggregated_attention_cuda_replay.cpp) and the tests
-// check the CUDA math even on machines without a GPU. Only the launch glue (thread indexing, tile
-// loads, barriers) is CUDA-only.
+// check the CUDA math even on machines without a GPU. Only the launch glue (thread indexing,
+// barriers, grid-stride loops) is CUDA-only.
 #pragma once
 
 #include <ATen/OpMathType.h>

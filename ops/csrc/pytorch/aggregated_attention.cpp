@@ -9,8 +9,6 @@
 namespace transnext_mm {
 namespace {
 
-constexpr int64_t kWindowArea = 9;
-
 void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
   TORCH_CHECK(t.sizes() == expected, "aggregated_attention: ", name, " must have shape ",
               expected, ", got ", t.sizes());
