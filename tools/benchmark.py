@@ -1,7 +1,7 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
 """Benchmark the TransNeXt backbone (or only its aggregated-attention core) per attention impl.
 
-Each implementation runs in its own fresh process (clean peak-memory figures, no shared caches);
+Each implementation runs in its own fresh process (clean memory figures, no shared caches);
 with ``--rounds R`` the implementations are interleaved R times and the median of the per-round
 medians is reported, which keeps comparisons fair on a shared, noisy machine.
 
@@ -23,10 +23,10 @@ import argparse
 import json
 import os
 import os.path as osp
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 IMPLS = ('reference-nocache', 'reference', 'torch', 'op', 'auto')
@@ -78,8 +78,25 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+def _peak_rss_during(fn) -> int:
+    """Peak RSS increase while ``fn`` runs, sampled every 0.5 ms by a helper thread."""
+    base = _rss_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], _rss_bytes()) - base
 
 
 def layer_shapes(arch: dict, height: int, width: int, fixed_pool_size=None):
@@ -157,16 +174,17 @@ def run_worker(args) -> dict:
                 model.zero_grad(set_to_none=True)
 
     grad = torch.enable_grad() if args.backward else torch.no_grad()
-    # CPU: peak RSS over the runs minus the RSS with model and inputs in place (transient
-    # allocations of the forward / backward). CUDA: peak allocated minus allocated before a run.
-    base_mem = None if cuda else _rss_bytes()
+
+    def allocated():
+        return torch.cuda.memory_allocated(device) if cuda else _rss_bytes()
+
     with grad:
+        before_warmup = allocated()
         for _ in range(args.warmup):
             step()
         sync()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-            base_mem = torch.cuda.memory_allocated(device)
+        # Memory kept after the warm-up: eval-mode bias caches, window tables, allocator pools.
+        retained = allocated() - before_warmup
         times = []
         for _ in range(args.repeats):
             sync()
@@ -174,9 +192,18 @@ def run_worker(args) -> dict:
             step()
             sync()
             times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()) - base_mem
+        # Transient memory of one run, measured outside the timed runs.
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            step()
+            sync()
+            peak = torch.cuda.max_memory_allocated(device) - base
+        else:
+            peak = _peak_rss_during(step)
     return dict(impl=impl, median_s=statistics.median(times), min_s=min(times),
-                peak_mem_mib=max(peak, 0) / 2**20, threads=torch.get_num_threads(),
+                peak_mem_mib=max(peak, 0) / 2**20, retained_mib=max(retained, 0) / 2**20,
+                threads=torch.get_num_threads(),
                 torch=torch.__version__,
                 device=torch.cuda.get_device_name(device) if cuda else _cpu_name())
 
@@ -214,16 +241,19 @@ def format_table(args, results) -> str:
               f'| {args.pos_bias_mode} | {args.device} {args.dtype} | '
               f'threads {first.get("threads", "?")} | torch {first.get("torch", "?")}\n'
               f'device: {first.get("device", "?")} | median of {args.repeats} runs after '
-              f'{args.warmup} warm-up, {args.rounds} round(s)')
-    rows = [('impl', 'median ms', 'min ms', 'img/s', 'peak mem MiB', 'speed-up')]
+              f'{args.warmup} warm-up, {args.rounds} round(s); peak mem: '
+              + ('max_memory_allocated' if args.device == 'cuda' else 'peak RSS (sampled)')
+              + ' increase during one run; retained: memory kept after warm-up (caches)')
+    rows = [('impl', 'median ms', 'min ms', 'img/s', 'peak mem MiB', 'retained MiB', 'speed-up')]
     base = next((r['median_s'] for r in results if 'error' not in r), None)
     for r in results:
         label = LABELS.get(r['impl'], r['impl'])
         if 'error' in r:
-            rows.append((label, 'failed: ' + r['error'][:80], '', '', '', ''))
+            rows.append((label, 'failed: ' + r['error'][:80], '', '', '', '', ''))
             continue
         rows.append((label, f'{r["median_s"] * 1e3:.1f}', f'{r["min_s"] * 1e3:.1f}',
                      f'{args.batch / r["median_s"]:.2f}', f'{r["peak_mem_mib"]:.0f}',
+                     f'{r["retained_mib"]:.0f}',
                      f'{base / r["median_s"]:.2f}x'))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [' | '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
@@ -252,6 +282,7 @@ def main(argv=None):
         merged['median_s'] = statistics.median(r['median_s'] for r in ok)
         merged['min_s'] = min(r['min_s'] for r in ok)
         merged['peak_mem_mib'] = max(r['peak_mem_mib'] for r in ok)
+        merged['retained_mib'] = max(r['retained_mib'] for r in ok)
         merged['rounds'] = [r['median_s'] for r in ok]
         results.append(merged)
     print(format_table(args, results))

@@ -332,7 +332,8 @@ def test_backbone_op_matches_torch_path(batch):
 @pytest.mark.parametrize('dtype,rel', [(torch.float32, 2e-5), (torch.float16, 3e-3),
                                        (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize('shape', [(2, 3, 5, 7, 4, 24), (1, 2, 20, 17, 70, 24),
-                                   (2, 2, 9, 13, 5, 32), (1, 1, 1, 6, 3, 5), (2, 4, 64, 64, 256, 24)])
+                                   (2, 2, 9, 13, 5, 32), (1, 1, 1, 6, 3, 5),
+                                   (2, 4, 64, 64, 256, 24)])
 def test_cuda_op_matches_reference(shape, dtype, rel):
     B, heads, height, width, Np, d = shape
     tensors = make_inputs(*shape, dtype=dtype, device='cuda')

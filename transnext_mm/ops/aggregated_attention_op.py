@@ -2,14 +2,17 @@
 """The compiled aggregated-attention op (``transnext_mm._ext``) as a PyTorch custom op.
 
 Computes exactly :func:`transnext_mm.ops.aggregated_attention.aggregated_attention_reference`
-(see that module's docstring for the formula and shapes) with fused kernels: one pass over the
-3x3 window and the pooled keys with an online softmax, without unfolded keys / values or the
-(B, heads, N, 9 + Np) score tensor; backward recomputes the scores from the saved log-sum-exp.
+(see that module's docstring for the formula and shapes) with fused kernels that never build
+unfolded keys / values or the (B, heads, N, 9 + Np) score tensor: on CUDA one pass per query over
+the 3x3 window and the pooled keys with an online softmax (fp32 statistics); on CPU per chunk of
+128 queries, with the chunk's scores kept in cache between two BLAS calls. Only the output and the
+log-sum-exp are saved; backward recomputes the probabilities. No atomics: the batch-shared
+``bias_pool`` gradient is owned per (head, query) and summed over the batch in place.
 
 Kernels: CPU for fp32 / fp64 (fp16 / bf16 are computed in fp32), CUDA for fp32 / fp16 / bf16 with
-fp32 accumulation when the extension was built with CUDA. The forward and
-backward are registered with ``torch.library`` (fake kernels and autograd formula), so
-``torch.compile`` keeps them as single graph nodes instead of breaking the graph.
+fp32 accumulation when the extension was built with CUDA. Forward and backward are registered
+with ``torch.library`` (fake kernels and autograd formula), so ``torch.compile`` keeps them as
+single graph nodes instead of breaking the graph.
 """
 from typing import Tuple
 
@@ -46,7 +49,8 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str:
     elif device.type == 'cuda':
         if not _ext.with_cuda:
             return ('transnext_mm._ext was built without CUDA kernels (no nvcc, or no GPU at '
-                    'build time: rebuild with FORCE_CUDA=1 `pip install --no-build-isolation -e .`)')
+                    'build time): rebuild with '
+                    '`FORCE_CUDA=1 pip install --no-build-isolation -e .`')
         dtypes = CUDA_DTYPES
     else:
         return f'the compiled aggregated-attention op has no kernels for device {device.type!r}'
@@ -160,6 +164,10 @@ def aggregated_attention_cuda_replay(q: Tensor, k: Tensor, v: Tensor, k_pool: Te
                                      token_weight: Tensor, height: int, width: int,
                                      grad_out: Tensor = None):
     """Run the CUDA kernels' code sequentially on CPU tensors (for tests; slow).
+
+    Args:
+        grad_out (Tensor, optional): Also run the backward kernels with this output gradient.
+            Defaults to None.
 
     Returns:
         tuple: ``(out, lse)``, and with ``grad_out`` also the 8 input gradients.

@@ -138,7 +138,8 @@ C10_HOST_DEVICE inline void load_tile(acc_t* dst, int dst_stride, const scalar_t
     dst[(e / d) * dst_stride + e % d] = static_cast<acc_t>(src[(e / d) * src_stride + e % d]);
 }
 
-// Rows of a tile: at most 32, fewer for wide heads so two tiles stay within 32 KiB of shared memory.
+// Rows of a tile: at most 32, fewer for wide heads, so that two tiles stay within 32 KiB of shared
+// memory.
 template <int kMaxD, typename acc_t>
 struct TileRows {
   static constexpr int value = kMaxD * sizeof(acc_t) <= 256 ? 32 : 16;
@@ -205,7 +206,8 @@ struct ForwardThread {
 
   C10_HOST_DEVICE void finish(scalar_t* out_row, acc_t* lse, int d) const {
     const acc_t inv = acc_t(1) / running_sum;
-    for_each_dim<HD>(d, [&](int c) { out_row[c] = static_cast<scalar_t>(acc[c] * inv + extra[c]); });
+    for_each_dim<HD>(d,
+                     [&](int c) { out_row[c] = static_cast<scalar_t>(acc[c] * inv + extra[c]); });
     *lse = running_max + tnx_log(running_sum);
   }
 };

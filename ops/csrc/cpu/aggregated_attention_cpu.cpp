@@ -352,8 +352,8 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
             at::mm_out(prob_view, q_rows, matrix(kp_bh, Np, d).t());
             at::mm_out(dprob_view, g_rows, matrix(vp_bh, Np, d).t());
           }
-          backward_rows(c, lse + bh * N, probs.data(), dprobs.data(), ds_local + bh * N * kWindowArea,
-                        weight_local + bh * N * kWindowArea,
+          backward_rows(c, lse + bh * N, probs.data(), dprobs.data(),
+                        ds_local + bh * N * kWindowArea, weight_local + bh * N * kWindowArea,
                         dtoken_weight + bh * N * kWindowArea,
                         dbias == nullptr ? nullptr : dbias + h * N * Np, b == 0, dq_window.data());
           if (Np > 0) {
