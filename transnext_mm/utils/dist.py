@@ -14,6 +14,7 @@ skips ``init_dist``), and returns the command line with ``model_wrapper_cfg.devi
 added to ``--cfg-options``, a setting mmengine passes on to DDP. With CUDA, or without a
 ``--launcher pytorch`` argument, it changes nothing.
 """
+import atexit
 import os
 from datetime import timedelta
 from typing import List, Optional, Sequence
@@ -60,7 +61,15 @@ def init_cpu_process_group(timeout_s: Optional[float] = None) -> bool:
     kwargs = {} if timeout_s is None else dict(timeout=timedelta(seconds=timeout_s))
     torch_dist.init_process_group(backend=CPU_BACKEND, rank=int(os.environ['RANK']),
                                   world_size=int(os.environ['WORLD_SIZE']), **kwargs)
+    # Tear the group down before interpreter shutdown: a gloo group still alive when the C++
+    # statics are destroyed aborts the process ("terminate called without an active exception").
+    atexit.register(_destroy_process_group)
     return True
+
+
+def _destroy_process_group() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def with_cfg_option(argv: Sequence[str], option: str) -> List[str]:

@@ -116,16 +116,9 @@ def log_cpb_bias(fc1: nn.Linear, fc2: nn.Linear, query_size: Size, key_size: Siz
 
 def log_cpb_table(fc1: nn.Linear, fc2: nn.Linear, coords_h: torch.Tensor,
                   coords_w: torch.Tensor) -> torch.Tensor:
-    """The MLP on every (coords_h[i], coords_w[j]) pair: float32 (U_h, U_w, heads).
-
-    ``fc1`` is linear in its two inputs, so its output is ``u[i] + v[j]``: a broadcast add instead
-    of a K=2 matmul over the whole grid.
-    """
-    weight = fc1.weight
-    u = torch.outer(coords_h.to(weight.dtype), weight[:, 0]) + fc1.bias
-    v = torch.outer(coords_w.to(weight.dtype), weight[:, 1])
-    hidden = (u[:, None, :] + v[None, :, :]).relu_()
-    return fc2(hidden).float()
+    """The MLP on every (coords_h[i], coords_w[j]) pair: float32 (U_h, U_w, heads)."""
+    grid = torch.stack(torch.meshgrid(coords_h, coords_w, indexing='ij'), dim=-1)
+    return fc2(F.relu(fc1(grid.to(fc1.weight.dtype)))).float()
 
 
 def apply_axis_operators(table: torch.Tensor, op_h: torch.Tensor, op_w: torch.Tensor,
