@@ -78,7 +78,9 @@ class AggregatedAttention(nn.Module):
         q_hat = F.normalize(self._heads(self.q(x), 1), dim=-1)
         k, v = self._heads(self.kv(x), 2).chunk(2, dim=1)
 
-        pooled = self.act(self.sr(x.reshape(B, height, width, C).permute(0, 3, 1, 2)))
+        # The 1x1 conv ``sr`` as a matmul on the tokens (same weights; avoids a slow conv path).
+        pooled = self.act(F.linear(x, self.sr.weight.flatten(1), self.sr.bias))
+        pooled = pooled.reshape(B, height, width, C).permute(0, 3, 1, 2)
         pooled = F.adaptive_avg_pool2d(pooled, pool_size).flatten(2).transpose(1, 2)
         k_pool, v_pool = self._heads(self.kv(self.norm(pooled)), 2).chunk(2, dim=1)
         num_pool = k_pool.shape[2]
