@@ -27,6 +27,8 @@ import torch.nn.functional as F
 WINDOW = 3
 WINDOW_AREA = WINDOW * WINDOW
 ATTN_IMPLS = ('auto', 'torch', 'op', 'reference')
+# Query rows per block of the PyTorch path's pooled scores: (B, heads, rows, Np) fits in cache.
+_ROW_BLOCK_BYTES = 4 << 20
 
 
 @functools.lru_cache(maxsize=64)
@@ -112,21 +114,46 @@ def _shifted_windows(t: torch.Tensor, height: int, width: int):
 
 def aggregated_attention_torch(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight,
                                height: int, width: int) -> torch.Tensor:
-    """Pure-PyTorch fast path: shifted views instead of an unfolded (N, 9, d) copy."""
+    """Pure-PyTorch fast path.
+
+    Shifted views of the padded grid replace the unfolded (N, 9, d) copies, and the pooled path is
+    a streaming softmax over blocks of query rows: each block's (heads, rows, Np) scores stay in
+    cache while the bias is added, the shared maximum subtracted and the exponentials summed, and
+    the softmax normalisation is applied to the (rows, d) outputs instead of the (rows, Np)
+    probabilities. The maximum is detached (softmax does not depend on it), so the in-place steps
+    keep autograd exact.
+    """
     _check_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
     B, heads, N, d = q.shape
+    num_pool = k_pool.shape[2]
     q_grid = q.reshape(B, heads, height, width, d)
-    s_local = torch.stack([(q_grid * kn).sum(-1) for kn in _shifted_windows(k, height, width)],
-                          dim=-1).reshape(B, heads, N, WINDOW_AREA)
+    s_local = torch.stack(
+        [torch.linalg.vecdot(q_grid, kn) for kn in _shifted_windows(k, height, width)],
+        dim=-1).reshape(B, heads, N, WINDOW_AREA)
     valid, _ = window_tables(height, width, q.device)
-    local_bias = rpb_local.unsqueeze(1).masked_fill(~valid, float('-inf'))  # (heads, N, 9)
-    s_pool = torch.matmul(q, k_pool.transpose(-2, -1))
-    attn = torch.cat([s_local + local_bias, s_pool + bias_pool], dim=-1).softmax(dim=-1)
-    a_local, a_pool = attn.split([WINDOW_AREA, k_pool.shape[2]], dim=-1)
-    weight = (a_local + token_weight).reshape(B, heads, height, width, WINDOW_AREA)
-    out = torch.matmul(a_pool, v_pool).reshape(B, heads, height, width, d)
+    s_local = s_local + rpb_local.unsqueeze(1).masked_fill(~valid, float('-inf'))
+    local_max = s_local.detach().amax(-1, keepdim=True)  # finite: the centre is always valid
+
+    k_pool_t = k_pool.transpose(-2, -1)
+    rows = max(1, _ROW_BLOCK_BYTES // (B * heads * max(num_pool, 1) * q.element_size()))
+    out_pool, denom, row_max = [], [], []
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        p = torch.matmul(q[:, :, r0:r1], k_pool_t).add_(bias_pool[:, r0:r1])
+        m = torch.maximum(p.detach().amax(-1, keepdim=True), local_max[:, :, r0:r1])
+        p = p.sub_(m).exp_()
+        denom.append(p.sum(-1, keepdim=True))
+        out_pool.append(torch.matmul(p, v_pool))
+        row_max.append(m)
+    out_pool, denom, row_max = (t[0] if len(t) == 1 else torch.cat(t, dim=2)
+                                for t in (out_pool, denom, row_max))
+
+    p_local = (s_local - row_max).exp()
+    inv_denom = 1.0 / (denom + p_local.sum(-1, keepdim=True))
+    weight = (p_local * inv_denom + token_weight).reshape(B, heads, height, width, WINDOW_AREA)
+    out = (out_pool * inv_denom).reshape(B, heads, height, width, d)
     for j, vn in enumerate(_shifted_windows(v, height, width)):
-        out = out + weight[..., j:j + 1] * vn
+        out = out.addcmul_(weight[..., j:j + 1], vn)
     return out.reshape(B, heads, N, d)
 
 
