@@ -19,7 +19,8 @@ mmengine's jit-based ``FlopAnalyzer``:
   ``softmax`` as one per score, and ``scaled_dot_product_attention`` as its two matmuls.
 
 TransNeXt attention layers are switched to their reference implementation while tracing
-(``attn_impl='reference'``: the same math, with every product an explicit op); the pooled path's
+(``attn_impl='reference'``: the same math, with every product an explicit op), and ConvGLU gates to
+PyTorch (the depthwise conv is then a counted conv, not the compiled kernel); the pooled path's
 ``q @ k_pool`` and ``attn @ v_pool`` are matmuls. Other elementwise ops (activations, the GLU
 gate, residual adds, normalisation of q and k) count zero, like in mmengine/fvcore.
 """
@@ -36,7 +37,7 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import init_default_scope
 
 from transnext_mm.models.backbones import TransNeXt
-from transnext_mm.models.layers import AggregatedAttention, FullAttention
+from transnext_mm.models.layers import AggregatedAttention, ConvGLU, FullAttention
 
 ATTENTION_TYPES = (AggregatedAttention, FullAttention)
 
@@ -73,10 +74,14 @@ ATTENTION_HANDLES = {
 
 
 def use_reference_attention(model: nn.Module) -> int:
-    """Switch every TransNeXt attention layer to the reference path; returns how many."""
+    """Switch every TransNeXt attention layer (and ConvGLU gate) to PyTorch; returns how many
+    attention layers."""
     layers = [m for m in model.modules() if isinstance(m, ATTENTION_TYPES)]
     for layer in layers:
         layer.attn_impl = 'reference'
+    for glu in model.modules():
+        if isinstance(glu, ConvGLU):
+            glu.impl = 'reference'
     return len(layers)
 
 

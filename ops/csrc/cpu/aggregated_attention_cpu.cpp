@@ -11,24 +11,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include "../common/aggregated_attention_common.h"
 #include "../pytorch/aggregated_attention.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
-#define TNX_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define TNX_CPU_CLONES
-#endif
-#if defined(__GNUC__)
-#define TNX_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define TNX_ALWAYS_INLINE inline
-#endif
+#include "vector_math.h"
 
 namespace transnext_mm {
 namespace {
@@ -37,26 +26,6 @@ constexpr int64_t kRows = 128;  // queries per chunk: the (kRows, Np) score buff
 // Backward: chunks of one head are grouped (at most kMaxGroups groups, independent of the thread
 // count, so results are deterministic); each group owns a partial sum of d k_pool / d v_pool.
 constexpr int64_t kMaxGroups = 16;
-
-// exp for the softmax loops: Cody-Waite range reduction and a degree-6 polynomial (~1e-7
-// relative error), branch-free so that the calling loops vectorise (std::exp does not).
-TNX_ALWAYS_INLINE float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;  // ln 2 = 0.693359375 - 2.12194440e-4, split for accuracy
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * std::bit_cast<float>(bits);
-}
-TNX_ALWAYS_INLINE double exp_approx(double x) { return std::exp(x); }
 
 template <typename T>
 TNX_ALWAYS_INLINE T dot_row(const T* a, const T* b, int64_t d) {

@@ -2,9 +2,12 @@
 #include <torch/extension.h>
 
 #include "aggregated_attention.h"
+#include "conv_glu.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "transnext_mm compiled ops: aggregated attention (CPU, and CUDA when built with it)";
+  m.doc() =
+      "transnext_mm compiled ops: aggregated attention (CPU, and CUDA when built with it) and "
+      "the convolutional GLU gate (CPU)";
   m.def("aggregated_attention_forward", &transnext_mm::aggregated_attention_forward,
         "Aggregated attention forward; returns (out, lse)");
   m.def("aggregated_attention_backward", &transnext_mm::aggregated_attention_backward,
@@ -13,6 +16,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "CPU replay of the CUDA forward kernel (tests)");
   m.def("aggregated_attention_backward_replay", &transnext_mm::aggregated_attention_backward_replay,
         "CPU replay of the CUDA backward kernels (tests)");
+  m.def("conv_glu_gate_forward", &transnext_mm::conv_glu_gate_forward,
+        "GELU(depthwise_conv3x3(gate) + bias) * value from the fc1 output [gate | value]");
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
 #else

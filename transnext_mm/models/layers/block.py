@@ -53,7 +53,7 @@ class TransNeXtBlock(nn.Module):
         attn_cls = FullAttention if full_attention else AggregatedAttention
         self.attn = attn_cls(embed_dims, num_heads, pos_bias, attn_impl=attn_impl)
         self.norm2 = nn.LayerNorm(embed_dims, eps=BLOCK_NORM_EPS)
-        self.mlp = ConvGLU(embed_dims, mlp_ratio)
+        self.mlp = ConvGLU(embed_dims, mlp_ratio, impl=attn_impl)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, height: int, width: int,

@@ -1,0 +1,64 @@
+// Copyright (c) transnext-mm contributors. All rights reserved.
+//
+// Branch-free float math for the CPU kernels' inner loops: std::exp / std::erf do not vectorise,
+// these do (GCC turns the loops that call them into AVX-512 / AVX2 code through target_clones).
+#pragma once
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+#define TNX_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TNX_CPU_CLONES
+#endif
+#if defined(__GNUC__)
+#define TNX_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define TNX_ALWAYS_INLINE inline
+#endif
+
+namespace transnext_mm {
+
+// exp: Cody-Waite range reduction and a degree-6 polynomial (~1e-7 relative error).
+TNX_ALWAYS_INLINE float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;  // ln 2 = 0.693359375 - 2.12194440e-4, split for accuracy
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * std::bit_cast<float>(bits);
+}
+TNX_ALWAYS_INLINE double exp_approx(double x) { return std::exp(x); }
+
+// erf: Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7, below float rounding of GELU's
+// 0.5 * (1 + erf)).
+TNX_ALWAYS_INLINE float erf_approx(float x) {
+  const float a = std::fabs(x);
+  const float t = 1.0f / (1.0f + 0.3275911f * a);
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  return std::copysign(1.0f - p * t * exp_approx(-a * a), x);
+}
+TNX_ALWAYS_INLINE double erf_approx(double x) { return std::erf(x); }
+
+// Exact (erf) GELU, as torch.nn.GELU().
+template <typename T>
+TNX_ALWAYS_INLINE T gelu(T x) {
+  return T(0.5) * x * (T(1) + erf_approx(x * T(0.70710678118654752440)));
+}
+
+}  // namespace transnext_mm

@@ -1,0 +1,34 @@
+// Copyright (c) transnext-mm contributors. All rights reserved.
+#include "conv_glu.h"
+
+#include <c10/util/Exception.h>
+
+namespace transnext_mm {
+
+at::Tensor conv_glu_gate_forward(const at::Tensor& hidden, const at::Tensor& weight,
+                                 const at::Tensor& bias, int64_t height, int64_t width) {
+  TORCH_CHECK(hidden.dim() == 3 && hidden.size(2) % 2 == 0,
+              "conv_glu_gate: hidden must be (B, H*W, 2*channels), got ", hidden.sizes());
+  const int64_t h = hidden.size(2) / 2;
+  TORCH_CHECK(height >= 0 && width >= 0 && hidden.size(1) == height * width,
+              "conv_glu_gate: hidden has ", hidden.size(1), " tokens but height*width = ", height,
+              "*", width);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == h && weight.size(1) == 1 &&
+                  weight.size(2) == 3 && weight.size(3) == 3,
+              "conv_glu_gate: weight must have shape (", h, ", 1, 3, 3), got ", weight.sizes());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == h, "conv_glu_gate: bias must have shape (", h,
+              "), got ", bias.sizes());
+  for (const auto& t : {weight, bias}) {
+    TORCH_CHECK(t.device() == hidden.device() && t.scalar_type() == hidden.scalar_type(),
+                "conv_glu_gate: weight and bias must match hidden's device and dtype (",
+                hidden.device(), ", ", hidden.scalar_type(), ")");
+  }
+  TORCH_CHECK(hidden.device().is_cpu(), "conv_glu_gate: CPU kernel only, got device ",
+              hidden.device());
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
+              "conv_glu_gate: CPU kernel for float32 / float64, got ", hidden.scalar_type());
+  return conv_glu_gate_forward_cpu(hidden.contiguous(), weight.contiguous(), bias.contiguous(),
+                                   height, width);
+}
+
+}  // namespace transnext_mm

@@ -1,0 +1,17 @@
+// Copyright (c) transnext-mm contributors. All rights reserved.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace transnext_mm {
+
+// The convolutional GLU's gate, GELU(depthwise_conv3x3(gate) + bias) * value, from the fc1 output
+// hidden = [gate | value] of shape (B, H*W, 2h) (tokens of a row-major H x W grid); weight
+// (h, 1, 3, 3), bias (h). Returns (B, H*W, h). CPU, fp32 / fp64.
+at::Tensor conv_glu_gate_forward(const at::Tensor& hidden, const at::Tensor& weight,
+                                 const at::Tensor& bias, int64_t height, int64_t width);
+
+at::Tensor conv_glu_gate_forward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                     const at::Tensor& bias, int64_t height, int64_t width);
+
+}  // namespace transnext_mm

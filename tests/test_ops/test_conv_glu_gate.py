@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from transnext_mm.models.layers import ConvGLU
+from transnext_mm.ops import conv_glu as gate_ops
+from transnext_mm.ops.conv_glu import conv_glu_gate, conv_glu_gate_torch
+
+requires_ext = pytest.mark.skipif(gate_ops._ext is None,
+                                  reason='transnext_mm._ext is not built')
+
+
+def gate_inputs(B, height, width, channels, dtype, requires_grad=False):
+    hidden = torch.randn(B, height * width, 2 * channels, dtype=dtype) * 2
+    weight = torch.randn(channels, 1, 3, 3, dtype=dtype) * 0.5
+    bias = torch.randn(channels, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (hidden, weight, bias)]
+
+
+@requires_ext
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize('B,height,width,channels', [(2, 5, 7, 6), (1, 1, 1, 3), (1, 1, 6, 17),
+                                                     (2, 9, 4, 33), (1, 13, 11, 64)])
+def test_compiled_gate_matches_pytorch(B, height, width, channels, dtype, tol):
+    hidden, weight, bias = gate_inputs(B, height, width, channels, dtype)
+    out = conv_glu_gate(hidden, weight, bias, height, width, impl='op')
+    ref = conv_glu_gate_torch(hidden, weight, bias, height, width)
+    assert out.shape == (B, height * width, channels)
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+@requires_ext
+@pytest.mark.parametrize('B,height,width,channels', [(2, 5, 7, 6), (1, 1, 6, 4)])
+def test_compiled_gate_gradients(B, height, width, channels):
+    args = gate_inputs(B, height, width, channels, torch.float64, requires_grad=True)
+    out = conv_glu_gate(*args, height, width, impl='op')
+    ref = conv_glu_gate_torch(*args, height, width)
+    grad = torch.randn_like(out)
+    for g, g_ref in zip(torch.autograd.grad(out, args, grad), torch.autograd.grad(ref, args, grad)):
+        torch.testing.assert_close(g, g_ref)
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: conv_glu_gate(h, w, b, height, width, impl='op'), args)
+
+
+@requires_ext
+def test_compiled_gate_frozen_conv_and_opcheck():
+    hidden, weight, bias = gate_inputs(2, 4, 5, 8, torch.float32)
+    hidden.requires_grad_()
+    out = conv_glu_gate(hidden, weight, bias, 4, 5, impl='op')
+    (grad_hidden,) = torch.autograd.grad(out.sum(), hidden)  # weight and bias need no grad
+    ref = conv_glu_gate_torch(hidden, weight, bias, 4, 5)
+    torch.testing.assert_close(grad_hidden, torch.autograd.grad(ref.sum(), hidden)[0])
+    torch.library.opcheck(torch.ops.transnext_mm.conv_glu_gate.default,
+                          (hidden.detach(), weight, bias, 4, 5))
+
+
+@requires_ext
+def test_compiled_gate_errors_name_the_argument():
+    hidden, weight, bias = gate_inputs(1, 3, 3, 4, torch.float32)
+    with pytest.raises(RuntimeError, match='weight must have shape'):
+        gate_ops._gate_op(hidden, weight[:2], bias, 3, 3)
+    with pytest.raises(RuntimeError, match='tokens but height'):
+        gate_ops._gate_op(hidden, weight, bias, 3, 4)
+    with pytest.raises(ValueError, match='impl must be one of'):
+        conv_glu_gate(hidden, weight, bias, 3, 3, impl='fast')
+
+
+def test_conv_glu_impls_agree_and_fall_back():
+    torch.manual_seed(0)
+    glu = ConvGLU(12, 4)
+    x = torch.randn(2, 6 * 5, 12)
+    glu.impl = 'torch'
+    expected = glu(x, 6, 5)
+    glu.impl = 'auto'
+    torch.testing.assert_close(glu(x, 6, 5), expected)
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # no bf16 kernel: PyTorch runs it
+        assert glu(x, 6, 5).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match='impl must be one of'):
+        ConvGLU(12, 4, impl='fast')

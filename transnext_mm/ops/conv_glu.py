@@ -1,0 +1,100 @@
+# Copyright (c) transnext-mm contributors. All rights reserved.
+"""The gate of the convolutional GLU: ``GELU(depthwise_conv3x3(gate) + bias) * value``.
+
+``hidden = [gate | value]`` is the fc1 output, (B, H*W, 2h) tokens of a row-major H x W grid;
+``weight`` (h, 1, 3, 3) and ``bias`` (h) are the depthwise conv's. Returns (B, H*W, h).
+
+:func:`conv_glu_gate_torch` is the PyTorch implementation and the oracle. On CPU (fp32 / fp64)
+the compiled kernel in ``transnext_mm._ext`` computes it in one pass over the tokens (PyTorch needs
+three passes and a oneDNN reorder of the strided gate, which dominate at stage 1); its backward is
+the PyTorch formula on the saved fc1 output. Elsewhere (CUDA, half precision, no extension)
+PyTorch runs it: cuDNN's depthwise conv is not a slow path there.
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    from transnext_mm import _ext
+except ImportError:  # not compiled: conv_glu_gate uses PyTorch
+    _ext = None
+
+GATE_IMPLS = ('auto', 'torch', 'op', 'reference')
+CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def _gate_image(gate: Tensor, height: int, width: int) -> Tensor:
+    """(B, H*W, h) tokens -> (B, h, H, W) channels-last view (no copy)."""
+    return gate.reshape(gate.shape[0], height, width, -1).permute(0, 3, 1, 2)
+
+
+def _image_tokens(image: Tensor) -> Tensor:
+    """(B, h, H, W) -> (B, H*W, h)."""
+    return image.flatten(2).transpose(1, 2)
+
+
+def conv_glu_gate_torch(hidden: Tensor, weight: Tensor, bias: Tensor, height: int,
+                        width: int) -> Tensor:
+    """PyTorch implementation of the gate (see the module docstring)."""
+    gate, value = hidden.chunk(2, dim=-1)
+    pre = F.conv2d(_gate_image(gate, height, width), weight, bias, padding=1,
+                   groups=gate.shape[-1])
+    return F.gelu(_image_tokens(pre)) * value
+
+
+@torch.library.custom_op('transnext_mm::conv_glu_gate', mutates_args=())
+def _gate_op(hidden: Tensor, weight: Tensor, bias: Tensor, height: int, width: int) -> Tensor:
+    return _ext.conv_glu_gate_forward(hidden, weight, bias, height, width)
+
+
+@_gate_op.register_fake
+def _gate_op_fake(hidden, weight, bias, height, width):
+    return hidden.new_empty((hidden.shape[0], hidden.shape[1], hidden.shape[2] // 2))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, height, width = inputs
+    ctx.save_for_backward(hidden, weight, bias)
+    ctx.grid = (height, width)
+
+
+def _backward(ctx, grad: Tensor):
+    hidden, weight, bias = ctx.saved_tensors
+    height, width = ctx.grid
+    gate, value = hidden.chunk(2, dim=-1)
+    channels = gate.shape[-1]
+    gate_image = _gate_image(gate, height, width)
+    pre = _image_tokens(F.conv2d(gate_image, weight, bias, padding=1, groups=channels))
+    grad_value = grad * F.gelu(pre)
+    grad_pre = torch.ops.aten.gelu_backward(grad * value, pre)
+    grad_gate, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        _gate_image(grad_pre, height, width), gate_image, weight, [channels], [1, 1], [1, 1],
+        [1, 1], False, [0, 0], channels, [ctx.needs_input_grad[0], *ctx.needs_input_grad[1:3]])
+    grad_hidden = None
+    if ctx.needs_input_grad[0]:
+        grad_hidden = torch.cat([_image_tokens(grad_gate), grad_value], dim=-1)
+    return grad_hidden, grad_weight, grad_bias, None, None
+
+
+_gate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gate_op_available(hidden: Tensor) -> bool:
+    """Whether the compiled gate kernel runs on ``hidden``'s device and dtype."""
+    return _ext is not None and hidden.device.type == 'cpu' and hidden.dtype in CPU_DTYPES
+
+
+def conv_glu_gate(hidden: Tensor, weight: Tensor, bias: Tensor, height: int, width: int,
+                  impl: str = 'auto') -> Tensor:
+    """The convolutional GLU's gate (see the module docstring).
+
+    Args:
+        impl (str): ``'auto'`` / ``'op'`` use the compiled CPU kernel where it applies (CPU
+            fp32 / fp64 with the extension built) and PyTorch elsewhere; ``'torch'`` /
+            ``'reference'`` always use PyTorch. Defaults to 'auto'.
+    """
+    if impl not in GATE_IMPLS:
+        raise ValueError(f'impl must be one of {GATE_IMPLS}, got {impl!r}')
+    if impl in ('auto', 'op') and gate_op_available(hidden):
+        return _gate_op(hidden, weight.to(hidden.dtype), bias.to(hidden.dtype), height, width)
+    return conv_glu_gate_torch(hidden, weight, bias, height, width)
