@@ -38,25 +38,14 @@ from transnext_mm.models.backbones.transnext import STAGE_STRIDES
 from transnext_mm.models.layers import AggregatedAttention, FullAttention
 from transnext_mm.ops.aggregated_attention import (WINDOW, aggregated_attention_probs,
                                                    unfold_window)
+from transnext_mm.utils.image import SKIMAGE_PHOTOS, SKIMAGE_PREFIX, load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SKIMAGE_PHOTOS = ('chelsea', 'astronaut', 'coffee')
 CROP_RATIO = 0.875  # ImageNet evaluation: resize to size / 0.875, centre crop (below 384)
 
 
 # ----------------------------------------------------------------------------- inputs
-def load_image(name: str) -> np.ndarray:
-    """An RGB uint8 image: one of scikit-image's photos by name, or a file."""
-    if name in SKIMAGE_PHOTOS:
-        import skimage.data
-        return getattr(skimage.data, name)()
-    if not osp.isfile(name):
-        raise FileNotFoundError(f'image {name!r} is neither a file nor one of scikit-image\'s '
-                                f'photos {SKIMAGE_PHOTOS}')
-    return np.asarray(Image.open(name).convert('RGB'))
-
-
 def preprocess(image: np.ndarray, size: int) -> Tuple[torch.Tensor, np.ndarray]:
     """ImageNet evaluation preprocessing; returns the normalised batch and the shown crop.
 
@@ -362,7 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         x, shown = preprocess(load_image(args.image), args.img_size)
         maps = capture_attention(model, x, args.stage, args.block)
         row, col = query_index(args.query, args.img_size, maps['grid'])
-        name = osp.splitext(osp.basename(args.image))[0]
+        name = osp.splitext(osp.basename(args.image))[0].replace(SKIMAGE_PREFIX, '')
         out_file = osp.join(args.out_dir, f'attention_{args.arch}_stage{args.stage}_block'
                             f'{args.block}_head{args.head}_{name}.png')
         title = (f'TransNeXt-{args.arch} ({weights}), stage {args.stage} block {args.block} '

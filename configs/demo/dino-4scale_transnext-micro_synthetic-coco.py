@@ -1,7 +1,9 @@
 # A 4-scale DINO that runs on a CPU: TransNeXt-Micro (from scratch), 100 queries, on the synthetic
 # shapes dataset of tools/dataset_converters/make_synthetic_coco.py (boxes only). DETR-style
 # detectors learn slowly; this config exists to exercise DINO's training and testing end to end.
-_base_ = '../dino/dino-5scale_transnext-tiny_8xb2-12e_coco.py'
+_base_ = [
+    '../dino/dino-5scale_transnext-tiny_8xb2-12e_coco.py', '../_base_/datasets/synthetic_coco.py'
+]
 
 num_levels = 4
 num_classes = 3
@@ -17,48 +19,15 @@ model = dict(
     dn_cfg=dict(group_cfg=dict(num_dn_queries=20)),
     test_cfg=dict(max_per_img=100))
 
-data_root = 'data/synthetic_coco/'
-metainfo = dict(
-    classes=('circle', 'square', 'triangle'),
-    palette=[(220, 20, 60), (0, 160, 60), (40, 90, 230)])
-image_scale = (160, 160)
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', with_bbox=True),
-    dict(type='Resize', scale=image_scale, keep_ratio=True),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackDetInputs')
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=image_scale, keep_ratio=True),
-    dict(type='LoadAnnotations', with_bbox=True),
-    dict(
-        type='PackDetInputs',
-        meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))
-]
-train_dataloader = dict(
-    batch_size=4,
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(
-        data_root=data_root,
-        metainfo=metainfo,
-        ann_file='annotations/instances_train.json',
-        data_prefix=dict(img='train/'),
-        pipeline=train_pipeline))
-val_dataloader = dict(
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(
-        data_root=data_root,
-        metainfo=metainfo,
-        ann_file='annotations/instances_val.json',
-        data_prefix=dict(img='val/'),
-        pipeline=test_pipeline))
-test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
-test_evaluator = val_evaluator
+# The synthetic dataset's boxes-only section over the DINO config's COCO one.
+data_root = _base_.synthetic_coco_root
+metainfo = _base_.synthetic_coco_metainfo
+image_scale = _base_.synthetic_coco_scale
+train_pipeline = _base_.synthetic_coco_train_pipeline
+test_pipeline = _base_.synthetic_coco_test_pipeline
+train_dataloader = dict(batch_size=4, **_base_.synthetic_coco_train_dataloader)
+val_dataloader = test_dataloader = _base_.synthetic_coco_val_dataloader
+val_evaluator = test_evaluator = _base_.synthetic_coco_evaluator
 
 max_epochs = 12
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)

@@ -2,9 +2,10 @@
 # by tools/dataset_converters/make_synthetic_ade20k.py, with a narrow (64-channel), shallow head
 # so that it trains on a CPU:
 #   python tools/train.py configs/demo/mask2former_transnext-micro_synthetic-ade20k.py
-_base_ = '../_base_/models/mask2former_transnext.py'
-data_root = 'data/synthetic_ade20k'
-crop_size = (128, 128)
+_base_ = ['../_base_/models/mask2former_transnext.py', '../_base_/datasets/synthetic_ade20k.py']
+# The synthetic dataset's section over the Mask2Former config's ADE20K one.
+data_root = _base_.synthetic_ade20k_root
+crop_size = _base_.synthetic_ade20k_crop_size
 embed_dims = 64
 attn_cfg = dict(embed_dims=embed_dims, num_heads=4)
 ffn_cfg = dict(embed_dims=embed_dims, feedforward_channels=2 * embed_dims)
@@ -25,6 +26,7 @@ model = dict(
             layer_cfg=dict(self_attn_cfg=attn_cfg, cross_attn_cfg=attn_cfg, ffn_cfg=ffn_cfg)),
         train_cfg=dict(num_points=1024)))
 
+# Mask2Former's shortest-edge scale jitter (mmseg's recipe) at the synthetic scale.
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', reduce_zero_label=True),
@@ -38,22 +40,12 @@ train_pipeline = [
     dict(type='PhotoMetricDistortion'),
     dict(type='PackSegInputs')
 ]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(512, 128), keep_ratio=True),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='PackSegInputs')
-]
+test_pipeline = _base_.synthetic_ade20k_test_pipeline
+tta_pipeline = _base_.synthetic_ade20k_tta_pipeline  # --tta at the synthetic scale
 train_dataloader = dict(
-    batch_size=4,
-    num_workers=0,
-    persistent_workers=False,
+    _base_.synthetic_ade20k_train_dataloader,
     dataset=dict(data_root=data_root, pipeline=train_pipeline))
-val_dataloader = dict(
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(data_root=data_root, pipeline=test_pipeline))
-test_dataloader = val_dataloader
+val_dataloader = test_dataloader = _base_.synthetic_ade20k_val_dataloader
 
 # From scratch on a few dozen images: a higher learning rate, looser gradient clipping and a
 # short schedule (the backbone keeps its 0.1x learning rate).

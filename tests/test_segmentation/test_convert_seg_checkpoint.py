@@ -78,7 +78,8 @@ def test_mmseg1x_layout_and_dataset_meta_fallback(tmp_path, upernet):
 def test_wrong_arch(tmp_path, upernet):
     src = str(tmp_path / 'micro.pth')
     torch.save(mmseg0x_checkpoint(upernet.state_dict()), src)
-    with pytest.raises(ValueError, match='TransNeXt-micro .* but the config builds TransNeXt-tiny'):
+    with pytest.raises(ValueError,
+                       match="TransNeXt-micro .* but the config's backbone is TransNeXt-tiny"):
         convert_checkpoint(src, str(tmp_path / 'out.pth'), UPERNET_TINY)
 
 

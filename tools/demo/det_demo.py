@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 from mmengine.config import DictAction
 
-from seg_demo import SKIMAGE_PHOTOS, SKIMAGE_PREFIX, load_image  # tools/demo: same image input
+from transnext_mm.utils.image import SKIMAGE_PHOTOS, SKIMAGE_PREFIX, load_image
 
 
 def detect(image_rgb: np.ndarray, config: str, checkpoint: str, device: str = 'cpu',

@@ -16,30 +16,10 @@ import os
 import os.path as osp
 from typing import Optional
 
-import cv2
 import numpy as np
 from mmengine.config import DictAction
 
-SKIMAGE_PHOTOS = ('astronaut', 'coffee', 'chelsea')
-SKIMAGE_PREFIX = 'skimage:'
-
-
-def load_image(source: str) -> np.ndarray:
-    """Read ``source`` (a path or ``skimage:NAME``) as an RGB uint8 array."""
-    if source.startswith(SKIMAGE_PREFIX):
-        name = source[len(SKIMAGE_PREFIX):]
-        if name not in SKIMAGE_PHOTOS:
-            raise ValueError(f'image: skimage photo must be one of {SKIMAGE_PHOTOS}, got {name!r}')
-        import skimage.data
-        image = getattr(skimage.data, name)()
-        return np.ascontiguousarray(image[..., :3])
-    if not osp.isfile(source):
-        raise FileNotFoundError(f'image: {source} not found (give a file or '
-                                f'{SKIMAGE_PREFIX}{{{",".join(SKIMAGE_PHOTOS)}}})')
-    image = cv2.imread(source, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f'image: {source} is not a readable image')
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+from transnext_mm.utils.image import SKIMAGE_PHOTOS, SKIMAGE_PREFIX, load_image
 
 
 def segment(image_rgb: np.ndarray, config: str, checkpoint: Optional[str] = None,

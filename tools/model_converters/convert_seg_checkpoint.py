@@ -36,8 +36,8 @@ from mmengine.registry import init_default_scope
 from mmengine.runner.checkpoint import CheckpointLoader
 
 import transnext_mm  # noqa: F401  (registers TransNeXt, installs the safe checkpoint loader)
-from transnext_mm.utils.checkpoint import (arch_name, describe_keys, infer_arch,
-                                           split_backbone_keys, unwrap_state_dict)
+from transnext_mm.utils.checkpoint import (check_arch, describe_keys, split_backbone_keys,
+                                           unwrap_state_dict)
 
 SOURCE_LAYOUTS = ('auto', 'mmseg0.x', 'mmseg1.x')
 BACKBONE_PREFIX = 'backbone.'
@@ -80,13 +80,8 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor],
         tuple: the converted state dict and the list of dropped keys.
     """
     backbone = unwrap_state_dict(state_dict)  # the 'backbone.*' keys, prefix stripped
-    found = infer_arch(backbone)
-    if found != expected_arch:
-        settings = transnext_mm.TransNeXt.arch_settings
-        raise ValueError(
-            f'the checkpoint holds TransNeXt-{arch_name(found, settings) or "custom"} {found}, '
-            f'but the config builds TransNeXt-{arch_name(expected_arch, settings) or "custom"} '
-            f'{expected_arch}: use the config of the same size')
+    check_arch(backbone, expected_arch, transnext_mm.TransNeXt.arch_settings,
+               target="the config's backbone")
     weights, classifier, derived = split_backbone_keys(backbone)
     dropped = [BACKBONE_PREFIX + k for k in classifier + derived]
     converted = OrderedDict()
@@ -169,8 +164,7 @@ def convert_checkpoint(src: str, dst: str, config: str, source: str = 'auto',
     state_dict = segmentor_state_dict(checkpoint)
 
     model, cfg = build_segmentor(config, cfg_options)
-    expected = {k: model.backbone.arch[k] for k in ('embed_dims', 'num_heads', 'depths')}
-    converted, dropped = convert_state_dict(state_dict, expected)
+    converted, dropped = convert_state_dict(state_dict, model.backbone.arch)
     check_against_model(converted, model)
 
     meta = dict(

@@ -11,6 +11,8 @@ DERIVED_BUFFER_PATTERN = re.compile(
     r'(^|\.)(relative_pos_index\d*|relative_coords_table\d*|seq_length_scale|'
     r'local_len|pool_len|padding_mask)$')
 CLASSIFIER_PREFIXES = ('head.', 'fc.')
+# The arch settings that decide the parameter names and shapes (see :func:`infer_arch`).
+ARCH_KEYS = ('embed_dims', 'num_heads', 'depths')
 _BACKBONE_MARKER = 'patch_embed1.proj.weight'
 
 
@@ -82,6 +84,43 @@ def describe_keys(keys: List[str], limit: int = 10) -> str:
 
 def arch_name(arch: dict, settings: Dict[str, dict]) -> Optional[str]:
     for name, setting in settings.items():
-        if all(list(setting[k]) == list(arch[k]) for k in ('embed_dims', 'num_heads', 'depths')):
+        if all(list(setting[k]) == list(arch[k]) for k in ARCH_KEYS):
             return name
     return None
+
+
+def check_arch(state_dict: Dict[str, torch.Tensor],
+               arch: dict,
+               arch_settings: Dict[str, dict],
+               source: str = 'the checkpoint',
+               target: str = 'the model') -> None:
+    """Check that a TransNeXt backbone state dict is of the requested arch.
+
+    Args:
+        state_dict (dict): A TransNeXt backbone state dict, unwrapped and without prefixes (see
+            :func:`unwrap_state_dict`).
+        arch (dict): The requested arch; its ``embed_dims``, ``num_heads`` and ``depths`` are
+            compared, other keys are ignored.
+        arch_settings (dict): The named archs (``TransNeXt.arch_settings``), used to name both
+            archs in the error.
+        source (str): The checkpoint, as the error names it. Defaults to 'the checkpoint'.
+        target (str): What the checkpoint is loaded into, as the error names it. Defaults to
+            'the model'.
+
+    Raises:
+        ValueError: if the state dict's arch is not ``arch``, naming the checkpoint, the detected
+            arch and the requested one.
+    """
+    found = infer_arch(state_dict)
+    wanted = {k: [int(v) for v in arch[k]] for k in ARCH_KEYS}
+    if found == wanted:
+        return
+    found_name = arch_name(found, arch_settings) or 'custom'
+    wanted_name = arch_name(wanted, arch_settings) or 'custom'
+    if found_name == 'custom':
+        fix = 'the arch of the checkpoint'
+    else:
+        fix = f"arch='{found_name}' (a TransNeXt-{found_name} config)"
+    raise ValueError(f'{source} holds TransNeXt-{found_name} {found}, but {target} is '
+                     f'TransNeXt-{wanted_name} {wanted}: use {fix}, or load a '
+                     f'TransNeXt-{wanted_name} checkpoint')

@@ -1,49 +1,17 @@
-# The synthetic COCO-format shapes dataset of tools/dataset_converters/make_synthetic_coco.py
-# (160x160 images, 3 classes, boxes and polygon masks), read by mmdet's CocoDataset and scored by
-# CocoMetric like COCO itself. Generate it with:
+# The synthetic shapes dataset (det_synthetic_coco_detection.py) for instance segmentation:
+# LoadAnnotations also reads the polygon masks and CocoMetric scores bbox and segm, as in mmdet's
+# coco_instance.py. Generate the dataset with:
 #   python tools/dataset_converters/make_synthetic_coco.py --out data/synthetic_coco
-_base_ = 'mmdet::_base_/datasets/coco_instance.py'
-
-data_root = 'data/synthetic_coco/'
-metainfo = dict(
-    classes=('circle', 'square', 'triangle'),
-    palette=[(220, 20, 60), (0, 160, 60), (40, 90, 230)])
-image_scale = (160, 160)
+_base_ = './det_synthetic_coco_detection.py'
 
 train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='Resize', scale=image_scale, keep_ratio=True),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackDetInputs')
+    dict(step, with_mask=True) if step.type == 'LoadAnnotations' else step
+    for step in _base_.train_pipeline
 ]
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=image_scale, keep_ratio=True),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(
-        type='PackDetInputs',
-        meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))
+    dict(step, with_mask=True) if step.type == 'LoadAnnotations' else step
+    for step in _base_.test_pipeline
 ]
-# Images are tiny: load them in the main process.
-train_dataloader = dict(
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(
-        data_root=data_root,
-        metainfo=metainfo,
-        ann_file='annotations/instances_train.json',
-        data_prefix=dict(img='train/'),
-        pipeline=train_pipeline))
-val_dataloader = dict(
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(
-        data_root=data_root,
-        metainfo=metainfo,
-        ann_file='annotations/instances_val.json',
-        data_prefix=dict(img='val/'),
-        pipeline=test_pipeline))
-test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
-test_evaluator = val_evaluator
+train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
+val_dataloader = test_dataloader = dict(dataset=dict(pipeline=test_pipeline))
+val_evaluator = test_evaluator = dict(metric=['bbox', 'segm'])

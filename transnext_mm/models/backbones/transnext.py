@@ -12,8 +12,8 @@ from mmengine.registry import MODELS
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from transnext_mm.ops.aggregated_attention import ATTN_IMPLS
-from transnext_mm.utils.checkpoint import (arch_name, describe_keys, infer_arch,
-                                           split_backbone_keys, unwrap_state_dict)
+from transnext_mm.utils.checkpoint import (check_arch, describe_keys, split_backbone_keys,
+                                           unwrap_state_dict)
 from ..layers.block import OverlapPatchEmbed, TransNeXtBlock
 from ..layers.log_cpb import POS_BIAS_MODES, LogCPB
 
@@ -56,7 +56,9 @@ class TransNeXt(BaseModule):
             Defaults to False.
         attn_impl (str): 'auto' (the compiled op when it has kernels for the input, else the
             PyTorch path with one warning), 'torch', 'op' or 'reference' (the readable unfold
-            path used as test oracle). Defaults to 'auto'.
+            path used as test oracle). 'auto' and 'op' also run the ConvGLU gate with its
+            compiled CPU kernel; 'torch' and 'reference' are PyTorch throughout.
+            Defaults to 'auto'.
         pretrained (str, optional): Deprecated, use ``init_cfg``. Defaults to None.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)`` loads a released
             ImageNet checkpoint (plain, or under 'model'/'state_dict', with or without
@@ -271,13 +273,7 @@ class TransNeXt(BaseModule):
                 weights of this backbone.
         """
         state_dict = unwrap_state_dict(checkpoint)
-        found = infer_arch(state_dict)
-        wanted = {k: self.arch[k] for k in ('embed_dims', 'num_heads', 'depths')}
-        if found != wanted:
-            found_name = arch_name(found, self.arch_settings) or 'a custom arch'
-            wanted_name = arch_name(wanted, self.arch_settings) or 'a custom arch'
-            raise ValueError(f'{source} holds TransNeXt-{found_name} {found}, but this backbone '
-                             f'is TransNeXt-{wanted_name} {wanted}: set arch to match')
+        check_arch(state_dict, self.arch, self.arch_settings, source, target='this backbone')
         weights, classifier, derived = split_backbone_keys(state_dict)
         own = self.state_dict()
         missing = [k for k in own if k not in weights]

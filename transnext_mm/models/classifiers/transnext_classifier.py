@@ -9,13 +9,11 @@ from mmpretrain.models.classifiers import ImageClassifier
 from mmpretrain.registry import MODELS
 
 from transnext_mm.models.backbones import TransNeXt
-from transnext_mm.utils.checkpoint import (arch_name, describe_keys, infer_arch,
-                                           split_backbone_keys)
+from transnext_mm.utils.checkpoint import check_arch, describe_keys, split_backbone_keys
 
 # A released checkpoint is a plain state dict of the original model: backbone keys without a
 # prefix (this one is always present) and the classifier Linear as ``head.weight/bias``.
 RELEASED_MARKER = 'patch_embed1.proj.weight'
-ARCH_KEYS = ('embed_dims', 'num_heads', 'depths')
 
 
 def convert_released_classifier(
@@ -68,7 +66,7 @@ class TransNeXtClassifier(ImageClassifier):
             return  # mmpretrain layout (backbone.*, head.fc.*): nothing to convert
         released = OrderedDict((k[len(prefix):], state_dict.pop(k)) for k in list(state_dict)
                                if k.startswith(prefix))
-        self._check_arch(released)
+        check_arch(released, self.backbone.arch, TransNeXt.arch_settings)
         converted, dropped = convert_released_classifier(released)
         if not hasattr(self.head, 'fc'):  # e.g. a head without a single Linear: keep names
             converted = OrderedDict((k.replace('head.fc.', 'head.', 1), v)
@@ -78,13 +76,3 @@ class TransNeXtClassifier(ImageClassifier):
             f'TransNeXtClassifier: converted a released TransNeXt checkpoint on load '
             f'({len(converted)} tensors to backbone.*/head.fc.*'
             + (f'; ignored derived buffers {describe_keys(dropped)}' if dropped else '') + ')')
-
-    def _check_arch(self, released: Dict[str, torch.Tensor]) -> None:
-        found = infer_arch(released)
-        wanted = {k: self.backbone.arch[k] for k in ARCH_KEYS}
-        if found != wanted:
-            settings = TransNeXt.arch_settings
-            raise ValueError(
-                f'the checkpoint holds TransNeXt-{arch_name(found, settings) or "custom"} '
-                f'{found}, but the model is TransNeXt-{arch_name(wanted, settings) or "custom"} '
-                f'{wanted}: use the config of that arch')
