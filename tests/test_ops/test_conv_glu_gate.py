@@ -32,20 +32,20 @@ def test_compiled_gate_matches_pytorch(B, height, width, channels, dtype, tol):
 @pytest.mark.parametrize('B,height,width,channels', [(2, 5, 7, 6), (1, 1, 6, 4)])
 def test_compiled_gate_gradients(B, height, width, channels):
     args = gate_inputs(B, height, width, channels, torch.float64, requires_grad=True)
-    out = conv_glu_gate(*args, height, width, impl='op')
+    out = gate_ops._gate_op(*args, height, width)  # the dispatcher takes PyTorch for training
     ref = conv_glu_gate_torch(*args, height, width)
     grad = torch.randn_like(out)
     for g, g_ref in zip(torch.autograd.grad(out, args, grad), torch.autograd.grad(ref, args, grad)):
         torch.testing.assert_close(g, g_ref)
     assert torch.autograd.gradcheck(
-        lambda h, w, b: conv_glu_gate(h, w, b, height, width, impl='op'), args)
+        lambda h, w, b: gate_ops._gate_op(h, w, b, height, width), args)
 
 
 @requires_ext
 def test_compiled_gate_frozen_conv_and_opcheck():
     hidden, weight, bias = gate_inputs(2, 4, 5, 8, torch.float32)
     hidden.requires_grad_()
-    out = conv_glu_gate(hidden, weight, bias, 4, 5, impl='op')
+    out = gate_ops._gate_op(hidden, weight, bias, 4, 5)
     (grad_hidden,) = torch.autograd.grad(out.sum(), hidden)  # weight and bias need no grad
     ref = conv_glu_gate_torch(hidden, weight, bias, 4, 5)
     torch.testing.assert_close(grad_hidden, torch.autograd.grad(ref.sum(), hidden)[0])
@@ -64,14 +64,32 @@ def test_compiled_gate_errors_name_the_argument():
         conv_glu_gate(hidden, weight, bias, 3, 3, impl='fast')
 
 
+@requires_ext
+def test_kernel_serves_inference_and_pytorch_serves_training(monkeypatch):
+    calls = []
+    kernel = gate_ops._gate_op
+    monkeypatch.setattr(gate_ops, '_gate_op', lambda *a: calls.append(1) or kernel(*a))
+    hidden, weight, bias = gate_inputs(1, 4, 4, 8, torch.float32)
+    with torch.no_grad():
+        conv_glu_gate(hidden, weight, bias, 4, 4)
+    assert len(calls) == 1
+    conv_glu_gate(hidden, weight, bias, 4, 4)  # no input needs a gradient
+    assert len(calls) == 2
+    conv_glu_gate(hidden, weight.requires_grad_(), bias, 4, 4)
+    conv_glu_gate(hidden, weight, bias, 4, 4, impl='torch')
+    conv_glu_gate(hidden.double(), weight.detach().double(), bias.double(), 4, 4, impl='torch')
+    assert len(calls) == 2
+
+
 def test_conv_glu_impls_agree_and_fall_back():
     torch.manual_seed(0)
     glu = ConvGLU(12, 4)
     x = torch.randn(2, 6 * 5, 12)
-    glu.impl = 'torch'
-    expected = glu(x, 6, 5)
-    glu.impl = 'auto'
-    torch.testing.assert_close(glu(x, 6, 5), expected)
+    with torch.no_grad():  # inference: 'auto' runs the compiled gate when it is built
+        glu.impl = 'torch'
+        expected = glu(x, 6, 5)
+        glu.impl = 'auto'
+        torch.testing.assert_close(glu(x, 6, 5), expected)
     with torch.autocast('cpu', dtype=torch.bfloat16):  # no bf16 kernel: PyTorch runs it
         assert glu(x, 6, 5).dtype == torch.bfloat16
     with pytest.raises(ValueError, match='impl must be one of'):

@@ -6,9 +6,11 @@
 
 :func:`conv_glu_gate_torch` is the PyTorch implementation and the oracle. On CPU (fp32 / fp64)
 the compiled kernel in ``transnext_mm._ext`` computes it in one pass over the tokens (PyTorch needs
-three passes and a oneDNN reorder of the strided gate, which dominate at stage 1); its backward is
-the PyTorch formula on the saved fc1 output. Elsewhere (CUDA, half precision, no extension)
-PyTorch runs it: cuDNN's depthwise conv is not a slow path there.
+three passes and a oneDNN reorder of the strided gate, which dominate at stage 1). It serves
+inference: when a gradient is needed PyTorch runs the gate, because its saved activations make
+the backward cheaper than the kernel's (the PyTorch formula on the saved fc1 output, which must
+recompute the conv; measured slower end to end). Elsewhere (CUDA, half precision, no extension)
+PyTorch runs it too: cuDNN's depthwise conv is not a slow path there.
 """
 import torch
 import torch.nn.functional as F
@@ -90,11 +92,12 @@ def conv_glu_gate(hidden: Tensor, weight: Tensor, bias: Tensor, height: int, wid
 
     Args:
         impl (str): ``'auto'`` / ``'op'`` use the compiled CPU kernel where it applies (CPU
-            fp32 / fp64 with the extension built) and PyTorch elsewhere; ``'torch'`` /
-            ``'reference'`` always use PyTorch. Defaults to 'auto'.
+            fp32 / fp64 with the extension built, no gradient needed) and PyTorch elsewhere;
+            ``'torch'`` / ``'reference'`` always use PyTorch. Defaults to 'auto'.
     """
     if impl not in GATE_IMPLS:
         raise ValueError(f'impl must be one of {GATE_IMPLS}, got {impl!r}')
-    if impl in ('auto', 'op') and gate_op_available(hidden):
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, weight, bias))
+    if impl in ('auto', 'op') and not needs_grad and gate_op_available(hidden):
         return _gate_op(hidden, weight.to(hidden.dtype), bias.to(hidden.dtype), height, width)
     return conv_glu_gate_torch(hidden, weight, bias, height, width)
