@@ -94,3 +94,28 @@ def test_conv_glu_impls_agree_and_fall_back():
         assert glu(x, 6, 5).dtype == torch.bfloat16
     with pytest.raises(ValueError, match='impl must be one of'):
         ConvGLU(12, 4, impl='fast')
+
+
+@requires_ext
+@pytest.mark.parametrize('strip_rows', [1, 2, 3])
+def test_conv_glu_strips_match_whole_map(monkeypatch, strip_rows):
+    """Inference in strips of rows (ragged last strip, batch 2) equals the whole-map PyTorch
+    result, and really runs strip by strip."""
+    import transnext_mm.models.layers.conv_glu as conv_glu_module
+    torch.manual_seed(0)
+    glu = ConvGLU(12, 4).eval()
+    height, width = 7, 5
+    x = torch.randn(2, height * width, 12)
+    row_bytes = 2 * width * glu.fc1.out_features * x.element_size()
+    monkeypatch.setattr(conv_glu_module, 'STRIP_BYTES', strip_rows * row_bytes)
+    fc1_calls = []
+    glu.fc1.register_forward_hook(lambda *_: fc1_calls.append(1))
+    with torch.no_grad():
+        glu.impl = 'torch'
+        expected = glu(x, height, width)
+        assert len(fc1_calls) == 1
+        glu.impl = 'auto'
+        torch.testing.assert_close(glu(x, height, width), expected)
+    assert len(fc1_calls) == 1 + -(-height // strip_rows)
+    glu(x, height, width).sum().backward()  # training: whole map, PyTorch gate
+    assert len(fc1_calls) == 2 + -(-height // strip_rows)

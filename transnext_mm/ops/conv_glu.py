@@ -86,6 +86,17 @@ def gate_op_available(hidden: Tensor) -> bool:
     return _ext is not None and hidden.device.type == 'cpu' and hidden.dtype in CPU_DTYPES
 
 
+def gate_kernel_applies(x: Tensor, params, impl: str) -> bool:
+    """Whether :func:`conv_glu_gate` will run the compiled kernel on the fc1 output of ``x``
+    (input of a layer whose parameters are ``params``): no gradient needed, CPU, fp32 / fp64
+    without autocast."""
+    if impl not in ('auto', 'op') or torch.is_autocast_enabled(x.device.type):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    return gate_op_available(x)
+
+
 def conv_glu_gate(hidden: Tensor, weight: Tensor, bias: Tensor, height: int, width: int,
                   impl: str = 'auto') -> Tensor:
     """The convolutional GLU's gate (see the module docstring).
