@@ -83,3 +83,33 @@ def test_getattr_is_restricted(tmp_path):
     torch.save({'stat': _GetattrPayload('__init__')}, bad)
     with pytest.raises(pickle.UnpicklingError, match="refusing getattr"):
         _load_checkpoint(str(bad))
+
+
+def test_http_checkpoints_load_safely(mmengine_checkpoint, tmp_path, monkeypatch):
+    """An mmengine checkpoint served over http downloads into torch.hub's cache and loads with
+    the safe loader; a file with a disallowed global is refused (mmengine's own URL loader
+    would have unpickled it with weights_only=False)."""
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    _, path = mmengine_checkpoint
+    served = tmp_path / 'served'
+    served.mkdir()
+    shutil.copy(path, served / 'epoch_1.pth')
+    torch.save({'stat': _GetattrPayload('__init__')}, served / 'bad.pth')
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    try:
+        url = f'http://127.0.0.1:{server.server_address[1]}'
+        checkpoint = _load_checkpoint(f'{url}/epoch_1.pth', map_location='cpu')
+        assert isinstance(checkpoint['message_hub']['log_scalars']['train/loss'], HistoryBuffer)
+        assert (tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'epoch_1.pth').exists()
+        with pytest.raises(pickle.UnpicklingError, match='refusing getattr'):
+            _load_checkpoint(f'{url}/bad.pth')
+    finally:
+        server.shutdown()

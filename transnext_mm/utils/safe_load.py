@@ -6,17 +6,22 @@ PyTorch >= 2.6 loads with ``weights_only=True`` by default, and mmengine 0.10.7 
 ``tools/test.py``): the message hub pickles ``HistoryBuffer`` objects, numpy arrays and scalars,
 and the buffer's statistics functions, which pickle as ``getattr(HistoryBuffer, 'mean')``.
 
-Instead of turning the safe loader off, this module registers a loader for local files in
-mmengine's ``CheckpointLoader`` that keeps ``weights_only=True`` and allows exactly those types.
+Instead of turning the safe loader off, this module registers loaders for local files and for
+http(s) URLs in mmengine's ``CheckpointLoader`` that keep ``weights_only=True`` and allow exactly
+those types (mmengine's own URL loader goes through ``torch.hub.load_state_dict_from_url``, which
+loads with ``weights_only=False``; ours downloads into the same cache and loads safely).
 ``getattr`` itself is never allowed: the pickle's ``builtins.getattr`` is resolved to
 :func:`history_buffer_statistic`, which only returns the statistics functions of
 ``HistoryBuffer`` and refuses everything else.
 """
+import os
 import os.path as osp
 import pickle
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
+from mmengine.dist import get_dist_info
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.runner.checkpoint import CheckpointLoader
 
@@ -68,6 +73,32 @@ def load_from_local_safely(filename: str, map_location=None):
                 'the file, add the type with torch.serialization.add_safe_globals') from e
 
 
+def _download(url: str, model_dir: str = None) -> str:
+    """Download ``url`` once into ``model_dir`` (default: torch.hub's checkpoint cache, as
+    mmengine and torchvision use); return the local path."""
+    model_dir = model_dir or osp.join(torch.hub.get_dir(), 'checkpoints')
+    os.makedirs(model_dir, exist_ok=True)
+    path = osp.join(model_dir, osp.basename(urlparse(url).path))
+    if not osp.exists(path):
+        torch.hub.download_url_to_file(url, path, progress=False)
+    return path
+
+
+def load_from_http_safely(filename: str, map_location=None, model_dir: str = None):
+    """Download an http(s) checkpoint (local rank 0 first when distributed, like mmengine) and
+    read it with :func:`load_from_local_safely`."""
+    rank, world_size = get_dist_info()
+    if rank == 0:
+        path = _download(filename, model_dir)
+    if world_size > 1:
+        torch.distributed.barrier()
+        if rank > 0:
+            path = _download(filename, model_dir)
+    return load_from_local_safely(path, map_location)
+
+
 def install_safe_checkpoint_loader() -> None:
-    """Make mmengine's ``CheckpointLoader`` read local files with :func:`load_from_local_safely`."""
+    """Make mmengine's ``CheckpointLoader`` read local files and http(s) URLs safely."""
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local_safely, force=True)
+    CheckpointLoader.register_scheme(prefixes=('http://', 'https://'),
+                                     loader=load_from_http_safely, force=True)
