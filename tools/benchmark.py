@@ -17,6 +17,7 @@ Examples::
 
     python tools/benchmark.py --arch tiny --size 512 512 --threads 2
     python tools/benchmark.py --arch tiny --size 512 512 --layer --backward
+    python tools/benchmark.py --arch tiny --size 512 512 --glu --attn-impl torch op
     python tools/benchmark.py --device cuda --dtype fp16 --batch 8 --attn-impl torch op
 """
 import argparse
@@ -57,6 +58,9 @@ def parse_args(argv=None):
     parser.add_argument('--layer', action='store_true',
                         help='time only the aggregated-attention core over the arch\'s '
                         'stage 1-3 layer shapes')
+    parser.add_argument('--glu', action='store_true',
+                        help='time only the ConvGLU layers (fc1, gate, fc2) at every stage\'s '
+                        'feature size; \'op\' / \'auto\' use the compiled gate for inference')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--rounds', type=int, default=1,
@@ -67,6 +71,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.batch < 1 or args.warmup < 0 or args.repeats < 1 or args.rounds < 1:
         parser.error('--batch, --repeats and --rounds must be >= 1 and --warmup >= 0')
+    if args.layer and args.glu:
+        parser.error('--layer and --glu are exclusive')
     if args.device == 'cpu' and args.dtype == 'fp16':
         parser.error('--dtype fp16 is not supported on CPU (use fp32 or bf16)')
     return args
@@ -99,14 +105,21 @@ def _peak_rss_during(fn) -> int:
     return max(peak[0], _rss_bytes()) - base
 
 
+def stage_sizes(height: int, width: int):
+    """Feature-map sizes of the 4 stages (conv patch embeddings: stride 4, then 2)."""
+    sizes = []
+    for stage in range(4):
+        stride = 4 if stage == 0 else 2
+        height, width = (height - 1) // stride + 1, (width - 1) // stride + 1
+        sizes.append((height, width))
+    return sizes
+
+
 def layer_shapes(arch: dict, height: int, width: int, fixed_pool_size=None):
     """(count, heads, head_dim, feat_h, feat_w, pool_h, pool_w) of the aggregated-attention
     layers (stages 1-3), following the backbone's feature and pooled sizes."""
     shapes = []
-    h, w = height, width
-    for stage in range(3):
-        stride = 4 if stage == 0 else 2
-        h, w = (h - 1) // stride + 1, (w - 1) // stride + 1
+    for stage, (h, w) in enumerate(stage_sizes(height, width)[:3]):
         if fixed_pool_size is not None:
             ph = pw = fixed_pool_size
         else:
@@ -160,6 +173,23 @@ def run_worker(args) -> dict:
                 for _ in range(count):
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                         out = aggregated_attention(*tensors, h, w, impl=attn_impl)
+                    if args.backward:
+                        out.float().mean().backward()
+    elif args.glu:
+        # Each stage's first ConvGLU at the stage's feature size, run depth times.
+        model.train(args.backward)
+        glus = []
+        for stage, (h, w) in enumerate(stage_sizes(*args.size)):
+            layer = getattr(model, f'block{stage + 1}')[0].mlp
+            x = torch.randn(args.batch, h * w, model.arch['embed_dims'][stage], device=device)
+            glus.append((model.arch['depths'][stage], layer, x.requires_grad_(args.backward), h,
+                         w))
+
+        def step():
+            for count, layer, x, h, w in glus:
+                for _ in range(count):
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                        out = layer(x, h, w)
                     if args.backward:
                         out.float().mean().backward()
     else:
@@ -234,7 +264,8 @@ def run_impl(argv, impl) -> dict:
 
 
 def format_table(args, results) -> str:
-    mode = 'aggregated-attention core x19 layers' if args.layer else 'backbone'
+    mode = ('aggregated-attention core (stages 1-3)' if args.layer else
+            'ConvGLU layers' if args.glu else 'backbone')
     mode += ', forward+backward (train)' if args.backward else ', forward (eval)'
     first = next((r for r in results if 'error' not in r), {})
     header = (f'TransNeXt-{args.arch} {mode} | input {args.batch}x3x{args.size[0]}x{args.size[1]} '
