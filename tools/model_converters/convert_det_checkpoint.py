@@ -69,7 +69,8 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor]
     """
     from transnext_mm.models import TransNeXt
     from transnext_mm.utils.checkpoint import (arch_name, describe_keys, infer_arch,
-                                               split_backbone_keys, unwrap_state_dict)
+                                               keep_backbone_weights, split_backbone_keys,
+                                               unwrap_state_dict)
     state_dict = OrderedDict((k[len('module.'):] if k.startswith('module.') else k, v)
                              for k, v in state_dict.items())
     if not any(k.startswith(BACKBONE_PREFIX) for k in state_dict):
@@ -90,14 +91,7 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor]
         raise ValueError(f'the backbone is an incomplete or altered TransNeXt-{name}: missing '
                          f'[{describe_keys(missing)}], unexpected [{describe_keys(unexpected)}], '
                          f'wrong shape [{describe_keys(wrong_shape)}]')
-    converted = OrderedDict()
-    for key, value in state_dict.items():
-        if key.startswith(BACKBONE_PREFIX):
-            backbone_key = key[len(BACKBONE_PREFIX):]
-            if backbone_key in weights:
-                converted[key] = value
-        else:
-            converted[key] = value
+    converted = keep_backbone_weights(state_dict, weights, BACKBONE_PREFIX)
     summary = dict(arch=name, backbone_tensors=len(weights),
                    dropped=[BACKBONE_PREFIX + k for k in classifier + derived])
     return converted, summary

@@ -36,8 +36,8 @@ from mmengine.registry import init_default_scope
 from mmengine.runner.checkpoint import CheckpointLoader
 
 import transnext_mm  # noqa: F401  (registers TransNeXt, installs the safe checkpoint loader)
-from transnext_mm.utils.checkpoint import (check_arch, describe_keys, split_backbone_keys,
-                                           unwrap_state_dict)
+from transnext_mm.utils.checkpoint import (check_arch, describe_keys, keep_backbone_weights,
+                                           split_backbone_keys, unwrap_state_dict)
 
 SOURCE_LAYOUTS = ('auto', 'mmseg0.x', 'mmseg1.x')
 BACKBONE_PREFIX = 'backbone.'
@@ -84,15 +84,7 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor],
                target="the config's backbone")
     weights, classifier, derived = split_backbone_keys(backbone)
     dropped = [BACKBONE_PREFIX + k for k in classifier + derived]
-    converted = OrderedDict()
-    for key, value in state_dict.items():
-        if key.startswith(BACKBONE_PREFIX):
-            name = key[len(BACKBONE_PREFIX):]
-            if name in weights:
-                converted[key] = value
-        else:
-            converted[key] = value
-    return converted, dropped
+    return keep_backbone_weights(state_dict, weights, BACKBONE_PREFIX), dropped
 
 
 def build_segmentor(config: str, cfg_options: Optional[dict] = None):

@@ -81,20 +81,17 @@ def _backward(ctx, grad: Tensor):
 _gate_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def gate_op_available(hidden: Tensor) -> bool:
-    """Whether the compiled gate kernel runs on ``hidden``'s device and dtype."""
-    return _ext is not None and hidden.device.type == 'cpu' and hidden.dtype in CPU_DTYPES
-
-
-def gate_kernel_applies(x: Tensor, params, impl: str) -> bool:
-    """Whether :func:`conv_glu_gate` will run the compiled kernel on the fc1 output of ``x``
-    (input of a layer whose parameters are ``params``): no gradient needed, CPU, fp32 / fp64
-    without autocast."""
-    if impl not in ('auto', 'op') or torch.is_autocast_enabled(x.device.type):
+def gate_kernel_applies(impl: str, x: Tensor, params=()) -> bool:
+    """Whether :func:`conv_glu_gate` runs the compiled kernel: ``impl`` 'auto' / 'op', the
+    extension built, ``x`` on CPU in fp32 / fp64 without autocast, and no gradient needed by
+    ``x`` or ``params``. ``x`` is the fc1 output, or the fc1 input with ``params`` including the
+    fc1 parameters (the ConvGLU layer decides before computing fc1)."""
+    if impl not in ('auto', 'op') or _ext is None:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+    if x.device.type != 'cpu' or x.dtype not in CPU_DTYPES or torch.is_autocast_enabled('cpu'):
         return False
-    return gate_op_available(x)
+    return not (torch.is_grad_enabled() and
+                (x.requires_grad or any(p.requires_grad for p in params)))
 
 
 def conv_glu_gate(hidden: Tensor, weight: Tensor, bias: Tensor, height: int, width: int,
@@ -108,7 +105,6 @@ def conv_glu_gate(hidden: Tensor, weight: Tensor, bias: Tensor, height: int, wid
     """
     if impl not in GATE_IMPLS:
         raise ValueError(f'impl must be one of {GATE_IMPLS}, got {impl!r}')
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, weight, bias))
-    if impl in ('auto', 'op') and not needs_grad and gate_op_available(hidden):
+    if gate_kernel_applies(impl, hidden, (weight, bias)):
         return _gate_op(hidden, weight.to(hidden.dtype), bias.to(hidden.dtype), height, width)
     return conv_glu_gate_torch(hidden, weight, bias, height, width)

@@ -77,6 +77,15 @@ def split_backbone_keys(state_dict: Dict[str, torch.Tensor]):
     return weights, classifier, derived
 
 
+def keep_backbone_weights(state_dict: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor],
+                          prefix: str = 'backbone.') -> 'OrderedDict[str, torch.Tensor]':
+    """``state_dict`` without the ``prefix`` keys that are not backbone ``weights`` (the
+    classifier and derived buffers that :func:`split_backbone_keys` set apart); other keys are
+    kept as they are."""
+    return OrderedDict((k, v) for k, v in state_dict.items()
+                       if not k.startswith(prefix) or k[len(prefix):] in weights)
+
+
 def describe_keys(keys: List[str], limit: int = 10) -> str:
     shown = ', '.join(keys[:limit])
     return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')

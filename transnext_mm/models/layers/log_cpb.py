@@ -53,10 +53,11 @@ def _axis_operator_cpu(query_len: int, key_len: int, table_query: int, table_key
                        pretrain_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Coordinates of one axis and its sparse (query_len*key_len, U) gather-and-resize matrix."""
     coords, index = _axis_table_cpu(table_query, table_key, pretrain_len)
-    rows_q, cols_q = _linear_resize_matrix(table_query, query_len).nonzero(as_tuple=True)
-    rows_k, cols_k = _linear_resize_matrix(table_key, key_len).nonzero(as_tuple=True)
-    weight_q = _linear_resize_matrix(table_query, query_len)[rows_q, cols_q]
-    weight_k = _linear_resize_matrix(table_key, key_len)[rows_k, cols_k]
+    resize_q = _linear_resize_matrix(table_query, query_len)
+    resize_k = _linear_resize_matrix(table_key, key_len)
+    rows_q, cols_q = resize_q.nonzero(as_tuple=True)
+    rows_k, cols_k = resize_k.nonzero(as_tuple=True)
+    weight_q, weight_k = resize_q[rows_q, cols_q], resize_k[rows_k, cols_k]
     rows = (rows_q[:, None] * key_len + rows_k[None, :]).flatten()
     cols = index[cols_q[:, None], cols_k[None, :]].flatten()
     values = (weight_q[:, None] * weight_k[None, :]).flatten()
@@ -212,15 +213,13 @@ class LogCPB:
                            signature: tuple) -> torch.Tensor:
         """Interpolation mode in eval: the MLP table does not depend on the input size, so it
         is evaluated once per weights and only gathered and resized for each new size."""
+        coords_h, op_h = log_cpb_axis_operator(*self._axis_args(0, query_size, key_size, fc1))
+        coords_w, op_w = log_cpb_axis_operator(*self._axis_args(1, query_size, key_size, fc1))
         key = (id(self), 'table')
         hit = _bias_cache.get(key)
         if hit is None or hit[0] != signature:
-            coords_h = log_cpb_axis_operator(*self._axis_args(0, query_size, key_size, fc1))[0]
-            coords_w = log_cpb_axis_operator(*self._axis_args(1, query_size, key_size, fc1))[0]
             hit = (signature, log_cpb_table(fc1, fc2, coords_h, coords_w).detach())
             self._store(key, hit)
-        op_h = log_cpb_axis_operator(*self._axis_args(0, query_size, key_size, fc1))[1]
-        op_w = log_cpb_axis_operator(*self._axis_args(1, query_size, key_size, fc1))[1]
         return apply_axis_operators(hit[1], op_h, op_w, query_size, key_size)
 
     def _axis_args(self, axis: int, query_size: Size, key_size: Size, fc1: nn.Linear) -> tuple:
