@@ -1,9 +1,11 @@
 // Copyright (c) transnext-mm contributors. All rights reserved.
 //
 // CPU kernels of the aggregated-attention op. Work is split into chunks of kRows queries of one
-// (batch, head); per chunk the pooled scores q @ k_pool^T come from one BLAS call into a small
-// buffer that stays in cache, the window scores, bias, softmax and token-weight aggregation are
-// fused in vectorisable row loops, and a second BLAS call applies the pooled values. The
+// (batch, head). fp32 forward with head dim 8/16/24/32 (TransNeXt's is 24): tiles of 4 queries
+// whose pooled scores, softmax and pooled values stay in registers / L1 (see "forward, fp32"
+// below). Otherwise, per chunk, the pooled scores q @ k_pool^T come from one BLAS call into a
+// small buffer that stays in cache, the window scores, bias, softmax and token-weight aggregation
+// are fused in vectorisable row loops, and a second BLAS call applies the pooled values. The
 // B x heads x N x (9 + Np) score tensor is never materialised; backward recomputes the chunk's
 // scores from the saved log-sum-exp. The row loops are compiled for AVX-512, AVX2 and baseline
 // x86-64 and picked at load time (GCC target_clones), so the build stays portable.
@@ -13,6 +15,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../common/aggregated_attention_common.h"
@@ -227,6 +231,172 @@ TNX_DEFINE_ROW_KERNELS(float)
 TNX_DEFINE_ROW_KERNELS(double)
 #undef TNX_DEFINE_ROW_KERNELS
 
+// ------------------------------------------------------- forward, fp32, head dim 8/16/24/32
+// The TransNeXt head dim (24) is small, so BLAS runs the chunk's two products far below peak
+// (K = 24 for the scores, N = 24 for the pooled values) and pays its call overhead 2x per chunk.
+// This path keeps everything of a tile of kTile queries in registers / L1 instead: the pooled
+// scores come from register-blocked FMAs against k_pool^T, the softmax runs on the tile's score
+// rows, and the pooled values are accumulated in registers. 8-float vectors (GCC vector
+// extensions) compile to AVX / AVX-512 in the target clones and to SSE pairs in the baseline.
+// The vectors never cross a non-inlined call, so the AVX argument-passing ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float v8f __attribute__((vector_size(32)));
+constexpr int64_t kTile = 4;        // queries per register tile
+constexpr int64_t kScoreBlock = 32;  // pooled keys per register tile (4 vectors)
+
+TNX_ALWAYS_INLINE v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+TNX_ALWAYS_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+TNX_ALWAYS_INLINE float hsum8(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+template <int D>
+TNX_ALWAYS_INLINE float dot_d(const float* a, const float* b) {
+  v8f acc = load8(a) * load8(b);
+  for (int c = 8; c < D; c += 8) acc += load8(a + c) * load8(b + c);
+  return hsum8(acc);
+}
+
+// scores (R x np_pad) = q rows (R x D) @ kpT (D x np_pad) + bias rows (R x Np); row_max[r] is
+// raised to the row's largest score. np_pad is a multiple of kScoreBlock and kpT's padding
+// columns are zero; padding scores are left unset.
+// scores (R x np_pad) = q rows (R x D) @ kpT (D x np_pad); np_pad is a multiple of kScoreBlock
+// and kpT's padding columns are zero. (Adding the bias here, while the block is in registers, was
+// measured slower: the bias rows stream from memory and stall the FMA loop.)
+template <int D, int R>
+TNX_ALWAYS_INLINE void tile_scores(const float* const* q, const float* kpT, int64_t np_pad,
+                                   float* scores) {
+  for (int64_t p0 = 0; p0 < np_pad; p0 += kScoreBlock) {
+    v8f acc[R][4] = {};
+    for (int c = 0; c < D; ++c) {
+      const float* k_row = kpT + c * np_pad + p0;
+      const v8f k0 = load8(k_row), k1 = load8(k_row + 8), k2 = load8(k_row + 16),
+                k3 = load8(k_row + 24);
+      for (int r = 0; r < R; ++r) {
+        const float qc = q[r][c];
+        acc[r][0] += qc * k0;
+        acc[r][1] += qc * k1;
+        acc[r][2] += qc * k2;
+        acc[r][3] += qc * k3;
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < 4; ++b) store8(scores + r * np_pad + p0 + 8 * b, acc[r][b]);
+  }
+}
+
+// acc (R x D) = probs rows (R x Np, row stride np_pad) @ v_pool (Np x D).
+template <int D, int R>
+TNX_ALWAYS_INLINE void tile_pooled_values(const float* probs, int64_t np_pad, const float* vp,
+                                          int64_t Np, v8f (*acc)[D / 8]) {
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < D / 8; ++b) acc[r][b] = v8f{};
+  for (int64_t p = 0; p < Np; ++p) {
+    v8f v_row[D / 8];
+    for (int b = 0; b < D / 8; ++b) v_row[b] = load8(vp + p * D + 8 * b);
+    for (int r = 0; r < R; ++r) {
+      const float w = probs[r * np_pad + p];
+      for (int b = 0; b < D / 8; ++b) acc[r][b] += w * v_row[b];
+    }
+  }
+}
+
+// R queries starting at i0 (all in one (batch, head)): scores, softmax, output rows, lse.
+template <int D, int R>
+TNX_ALWAYS_INLINE void forward_tile(const Chunk<float>& c, int64_t i0, const float* kpT,
+                                    int64_t np_pad, const float* vp, float* scores,
+                                    Rows<float> out, float* lse) {
+  const int64_t Np = c.pool;
+  const float* q[R];
+  for (int r = 0; r < R; ++r) q[r] = c.q.row(i0 + r);
+  tile_scores<D, R>(q, kpT, np_pad, scores);
+  float local[R][kWindowArea], inv_sum[R];
+  int64_t nbr[R][kWindowArea];
+  for (int r = 0; r < R; ++r) {
+    const int64_t i = i0 + r, y = i / c.width, x = i % c.width;
+    float* __restrict__ srow = scores + r * np_pad;
+    const float* __restrict__ brow = c.bias + i * Np;
+    for (int j = 0; j < kWindowArea; ++j) {
+      nbr[r][j] = window_neighbor(y, x, j, c.height, c.width);
+      local[r][j] = nbr[r][j] >= 0 ? dot_d<D>(q[r], c.k.row(nbr[r][j])) + c.rpb[j] : 0.f;
+    }
+    float row_max = local[r][kCenter];
+    for (int j = 0; j < kWindowArea; ++j)
+      if (nbr[r][j] >= 0) row_max = std::max(row_max, local[r][j]);
+#pragma omp simd
+    for (int64_t p = 0; p < Np; ++p) srow[p] += brow[p];
+#pragma omp simd reduction(max : row_max)
+    for (int64_t p = 0; p < Np; ++p) row_max = srow[p] > row_max ? srow[p] : row_max;
+    float sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t p = 0; p < Np; ++p) {
+      srow[p] = exp_approx(srow[p] - row_max);
+      sum += srow[p];
+    }
+    for (int j = 0; j < kWindowArea; ++j) {
+      local[r][j] = nbr[r][j] >= 0 ? exp_approx(local[r][j] - row_max) : 0.f;
+      sum += local[r][j];
+    }
+    inv_sum[r] = 1.f / sum;
+    lse[i] = row_max + std::log(sum);
+  }
+  v8f acc[R][D / 8];
+  tile_pooled_values<D, R>(scores, np_pad, vp, Np, acc);
+  for (int r = 0; r < R; ++r) {
+    const int64_t i = i0 + r;
+    const float* tw = c.token_weight + i * kWindowArea;
+    for (int b = 0; b < D / 8; ++b) acc[r][b] *= inv_sum[r];
+    for (int j = 0; j < kWindowArea; ++j) {
+      if (nbr[r][j] < 0) continue;
+      const float w = local[r][j] * inv_sum[r] + tw[j];
+      const float* v_row = c.v.row(nbr[r][j]);
+      for (int b = 0; b < D / 8; ++b) acc[r][b] += w * load8(v_row + 8 * b);
+    }
+    float* out_row = out.row(i);
+    for (int b = 0; b < D / 8; ++b) store8(out_row + 8 * b, acc[r][b]);
+  }
+}
+
+template <int D>
+TNX_ALWAYS_INLINE void forward_tiles_impl(const Chunk<float>& c, const float* kpT, int64_t np_pad,
+                                          const float* vp, float* scores, Rows<float> out,
+                                          float* lse) {
+  int64_t i = c.i0;
+  const int64_t end = c.i0 + c.rows;
+  for (; i + kTile <= end; i += kTile)
+    forward_tile<D, kTile>(c, i, kpT, np_pad, vp, scores, out, lse);
+  for (; i < end; ++i) forward_tile<D, 1>(c, i, kpT, np_pad, vp, scores, out, lse);
+}
+
+#define TNX_DEFINE_TILE_KERNEL(D)                                                             \
+  TNX_CPU_CLONES void forward_tiles_d##D(const Chunk<float>& c, const float* kpT,            \
+                                         int64_t np_pad, const float* vp, float* scores,     \
+                                         Rows<float> out, float* lse) {                      \
+    forward_tiles_impl<D>(c, kpT, np_pad, vp, scores, out, lse);                             \
+  }
+TNX_DEFINE_TILE_KERNEL(8)
+TNX_DEFINE_TILE_KERNEL(16)
+TNX_DEFINE_TILE_KERNEL(24)
+TNX_DEFINE_TILE_KERNEL(32)
+#undef TNX_DEFINE_TILE_KERNEL
+
+using TileKernel = void (*)(const Chunk<float>&, const float*, int64_t, const float*, float*,
+                            Rows<float>, float*);
+
+TileKernel tile_kernel_for(int64_t d) {
+  switch (d) {
+    case 8: return forward_tiles_d8;
+    case 16: return forward_tiles_d16;
+    case 24: return forward_tiles_d24;
+    case 32: return forward_tiles_d32;
+    default: return nullptr;
+  }
+}
+
 // Raw pointers and layouts of the op's (B, heads, N, d) tensors.
 struct Layouts {
   RowLayout q, k, v, grad, out, dq, dk, dv;
@@ -260,6 +430,30 @@ void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* 
                   const Shape& s, const Layouts& l) {
   const int64_t N = s.tokens, Np = s.pool, d = s.d;
   const int64_t chunks = (N + kRows - 1) / kRows;
+  if constexpr (std::is_same_v<T, float>) {
+    if (const TileKernel kernel = tile_kernel_for(d)) {
+      // k_pool^T per (batch, head), padded with zero columns to whole score blocks.
+      const int64_t np_pad = (Np + kScoreBlock - 1) / kScoreBlock * kScoreBlock;
+      std::vector<float> kpT(s.batch * s.heads * d * np_pad, 0.f);
+      for (int64_t bh = 0; bh < s.batch * s.heads; ++bh)
+        for (int64_t p = 0; p < Np; ++p)
+          for (int64_t c = 0; c < d; ++c)
+            kpT[(bh * d + c) * np_pad + p] = k_pool[(bh * Np + p) * d + c];
+      at::parallel_for(0, s.batch * s.heads * chunks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(kTile * std::max<int64_t>(np_pad, 1));
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t bh = task / chunks;
+          Chunk<float> c = chunk_of(s, l, bh, q, k, v, static_cast<const float*>(nullptr), bias,
+                                    rpb, token_weight);
+          c.i0 = (task % chunks) * kRows;
+          c.rows = std::min(kRows, N - c.i0);
+          kernel(c, kpT.data() + bh * d * np_pad, np_pad, v_pool + bh * Np * d, scores.data(),
+                 l.out.rows(out, bh, s.heads), lse + bh * N);
+        }
+      });
+      return;
+    }
+  }
   at::parallel_for(0, s.batch * s.heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scores(kRows * std::max<int64_t>(Np, 1)), pooled(kRows * d), window(kRows * d),
         inv_sum(kRows);
