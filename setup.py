@@ -88,7 +88,9 @@ def get_extensions():
                osp.join(csrc, 'cpu', 'aggregated_attention_cpu.cpp'),
                osp.join(csrc, 'cpu', 'aggregated_attention_cuda_replay.cpp'),
                osp.join(csrc, 'pytorch', 'conv_glu.cpp'),
-               osp.join(csrc, 'cpu', 'conv_glu_cpu.cpp')]
+               osp.join(csrc, 'cpu', 'conv_glu_cpu.cpp'),
+               osp.join(csrc, 'pytorch', 'cosine_qk.cpp'),
+               osp.join(csrc, 'cpu', 'cosine_qk_cpu.cpp')]
     # -fno-trapping-math lets GCC vectorise the softmax loops' min/max (torch builds with it too).
     cxx_flags = ['-O3', '-std=c++20', '-fopenmp', '-fno-math-errno', '-fno-trapping-math']
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None

@@ -7,22 +7,19 @@
 :func:`conv_glu_gate_torch` is the PyTorch implementation and the oracle. On CPU (fp32 / fp64)
 the compiled kernel in ``transnext_mm._ext`` computes it in one pass over the tokens (PyTorch needs
 three passes and a oneDNN reorder of the strided gate, which dominate at stage 1). It serves
-inference: when a gradient is needed PyTorch runs the gate, because its saved activations make
-the backward cheaper than the kernel's (the PyTorch formula on the saved fc1 output, which must
-recompute the conv; measured slower end to end). Elsewhere (CUDA, half precision, no extension)
-PyTorch runs it too: cuDNN's depthwise conv is not a slow path there.
+inference (:func:`transnext_mm.ops.dispatch.inference_kernel_applies`): when a gradient is
+needed PyTorch runs the gate, because its saved activations make the backward cheaper than the
+kernel's (the PyTorch formula on the saved fc1 output, which must recompute the conv; measured
+slower end to end). Elsewhere (CUDA, half precision, no extension) PyTorch runs it too: cuDNN's
+depthwise conv is not a slow path there.
 """
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    from transnext_mm import _ext
-except ImportError:  # not compiled: conv_glu_gate uses PyTorch
-    _ext = None
+from .dispatch import _ext, inference_kernel_applies
 
 GATE_IMPLS = ('auto', 'torch', 'op', 'reference')
-CPU_DTYPES = (torch.float32, torch.float64)
 
 
 def _gate_image(gate: Tensor, height: int, width: int) -> Tensor:
@@ -81,19 +78,6 @@ def _backward(ctx, grad: Tensor):
 _gate_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def gate_kernel_applies(impl: str, x: Tensor, params=()) -> bool:
-    """Whether :func:`conv_glu_gate` runs the compiled kernel: ``impl`` 'auto' / 'op', the
-    extension built, ``x`` on CPU in fp32 / fp64 without autocast, and no gradient needed by
-    ``x`` or ``params``. ``x`` is the fc1 output, or the fc1 input with ``params`` including the
-    fc1 parameters (the ConvGLU layer decides before computing fc1)."""
-    if impl not in ('auto', 'op') or _ext is None:
-        return False
-    if x.device.type != 'cpu' or x.dtype not in CPU_DTYPES or torch.is_autocast_enabled('cpu'):
-        return False
-    return not (torch.is_grad_enabled() and
-                (x.requires_grad or any(p.requires_grad for p in params)))
-
-
 def conv_glu_gate(hidden: Tensor, weight: Tensor, bias: Tensor, height: int, width: int,
                   impl: str = 'auto') -> Tensor:
     """The convolutional GLU's gate (see the module docstring).
@@ -105,6 +89,6 @@ def conv_glu_gate(hidden: Tensor, weight: Tensor, bias: Tensor, height: int, wid
     """
     if impl not in GATE_IMPLS:
         raise ValueError(f'impl must be one of {GATE_IMPLS}, got {impl!r}')
-    if gate_kernel_applies(impl, hidden, (weight, bias)):
+    if inference_kernel_applies(impl, hidden, (weight, bias)):
         return _gate_op(hidden, weight.to(hidden.dtype), bias.to(hidden.dtype), height, width)
     return conv_glu_gate_torch(hidden, weight, bias, height, width)

@@ -3,11 +3,12 @@
 
 #include "aggregated_attention.h"
 #include "conv_glu.h"
+#include "cosine_qk.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() =
       "transnext_mm compiled ops: aggregated attention (CPU, and CUDA when built with it) and "
-      "the convolutional GLU gate (CPU)";
+      "the convolutional GLU gate and the cosine-attention inputs (CPU)";
   m.def("aggregated_attention_forward", &transnext_mm::aggregated_attention_forward,
         "Aggregated attention forward; returns (out, lse)");
   m.def("aggregated_attention_backward", &transnext_mm::aggregated_attention_backward,
@@ -18,6 +19,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "CPU replay of the CUDA backward kernels (tests)");
   m.def("conv_glu_gate_forward", &transnext_mm::conv_glu_gate_forward,
         "GELU(depthwise_conv3x3(gate) + bias) * value from the fc1 output [gate | value]");
+  m.def("cosine_queries_keys_forward", &transnext_mm::cosine_queries_keys_forward,
+        "Scaled cosine queries, normalised keys and token weights of aggregated attention");
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
 #else

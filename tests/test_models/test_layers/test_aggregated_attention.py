@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transnext_mm.models.layers import AggregatedAttention, FullAttention, LogCPB
 from transnext_mm.ops.aggregated_attention import (aggregated_attention,
                                                    aggregated_attention_reference,
-                                                   aggregated_attention_torch)
+                                                   aggregated_attention_torch, op_available)
 
 
 def loop_aggregated_attention(layer, x, height, width, pool_size):
@@ -67,7 +67,9 @@ def test_layer_matches_paper_loops(height, width, pool):
     x = torch.randn(2, height * width, 16, dtype=torch.float64)
     with torch.no_grad():
         expected = loop_aggregated_attention(layer, x, height, width, pool)
-        for impl in ('reference', 'torch'):
+        # 'op' (when built) runs the compiled cosine-input and attention kernels here.
+        impls = ('reference', 'torch') + (('op', ) if op_available(x.device, x.dtype) else ())
+        for impl in impls:
             layer.attn_impl = impl
             torch.testing.assert_close(layer(x, height, width, pool), expected)
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from transnext_mm.ops.aggregated_attention import (WINDOW_AREA, aggregated_attention,
                                                    window_tables)
+from transnext_mm.ops.cosine_qk import cosine_queries_keys
 from .log_cpb import LogCPB
 
 Size = Tuple[int, int]
@@ -75,7 +76,7 @@ class AggregatedAttention(nn.Module):
         """The arguments of the attention core (see ``transnext_mm.ops.aggregated_attention``):
         ``(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)``."""
         B, N, C = x.shape
-        q_hat = F.normalize(self._heads(self.q(x), 1), dim=-1)
+        q = self._heads(self.q(x), 1)
         k, v = self._heads(self.kv(x), 2).chunk(2, dim=1)
 
         # The 1x1 conv ``sr`` as a matmul on the tokens (same weights; avoids a slow conv path).
@@ -88,12 +89,13 @@ class AggregatedAttention(nn.Module):
         # Length scale per query: in-image window positions + pooled keys.
         _, local_count = window_tables(height, width, x.device)
         length = torch.log((local_count + num_pool).to(x.dtype)).unsqueeze(-1)  # (N, 1)
-        q = (q_hat + self.query_embedding) * (F.softplus(self.temperature) * length)
-        token_weight = q_hat @ self.learnable_tokens + self.learnable_bias
+        q, k, token_weight = cosine_queries_keys(
+            q, k, self.query_embedding, F.softplus(self.temperature) * length,
+            self.learnable_tokens, self.learnable_bias, impl=self.attn_impl)
 
         bias_pool = self.pos_bias(self.cpb_fc1, self.cpb_fc2, (height, width), pool_size,
                                   self.training).to(x.dtype)
-        return (q, F.normalize(k, dim=-1), v, F.normalize(k_pool, dim=-1), v_pool,
+        return (q, k, v, F.normalize(k_pool, dim=-1), v_pool,
                 self.relative_pos_bias_local, bias_pool, token_weight, height, width)
 
     def project(self, out: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 import torch
 import torch.nn as nn
 
-from transnext_mm.ops.conv_glu import GATE_IMPLS, conv_glu_gate, gate_kernel_applies
+from transnext_mm.ops.conv_glu import GATE_IMPLS, conv_glu_gate
+from transnext_mm.ops.dispatch import inference_kernel_applies
 
 # Inference through the compiled gate on a large map runs fc1 -> gate -> fc2 over strips of image
 # rows whose fc1 output (the 2h-channel hidden) is at most this big, so that it stays in cache
@@ -40,7 +41,7 @@ class ConvGLU(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         hidden_row_bytes = x.shape[0] * width * self.fc1.out_features * x.element_size()
         rows = max(1, STRIP_BYTES // hidden_row_bytes)
-        if rows < height and gate_kernel_applies(self.impl, x, self.parameters()):
+        if rows < height and inference_kernel_applies(self.impl, x, self.parameters()):
             return torch.cat([self._strip(x, y0, min(height, y0 + rows), height, width)
                               for y0 in range(0, height, rows)], dim=1)
         return self._strip(x, 0, height, height, width)

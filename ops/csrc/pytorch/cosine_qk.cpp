@@ -1,0 +1,48 @@
+// Copyright (c) transnext-mm contributors. All rights reserved.
+#include "cosine_qk.h"
+
+#include <c10/util/Exception.h>
+
+namespace transnext_mm {
+
+std::vector<at::Tensor> cosine_queries_keys_forward(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& query_embedding,
+                                                    const at::Tensor& scale,
+                                                    const at::Tensor& learnable_tokens,
+                                                    const at::Tensor& learnable_bias) {
+  TORCH_CHECK(q.dim() == 4, "cosine_queries_keys: q must be (B, heads, N, d), got ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes(), "cosine_queries_keys: k must have q's shape ", q.sizes(),
+              ", got ", k.sizes());
+  const int64_t heads = q.size(1), N = q.size(2), d = q.size(3);
+  TORCH_CHECK(query_embedding.sizes() == at::IntArrayRef({heads, 1, d}),
+              "cosine_queries_keys: query_embedding must have shape (", heads, ", 1, ", d,
+              "), got ", query_embedding.sizes());
+  TORCH_CHECK(scale.sizes() == at::IntArrayRef({heads, N, 1}),
+              "cosine_queries_keys: scale must have shape (", heads, ", ", N, ", 1), got ",
+              scale.sizes());
+  TORCH_CHECK(learnable_tokens.dim() == 3 && learnable_tokens.size(0) == heads &&
+                  learnable_tokens.size(1) == d,
+              "cosine_queries_keys: learnable_tokens must have shape (", heads, ", ", d,
+              ", T), got ", learnable_tokens.sizes());
+  const int64_t T = learnable_tokens.size(2);
+  TORCH_CHECK(T <= 16, "cosine_queries_keys: at most 16 learnable tokens per head, got ", T);
+  TORCH_CHECK(learnable_bias.sizes() == at::IntArrayRef({heads, 1, T}),
+              "cosine_queries_keys: learnable_bias must have shape (", heads, ", 1, ", T,
+              "), got ", learnable_bias.sizes());
+  for (const auto& t : {k, query_embedding, scale, learnable_tokens, learnable_bias}) {
+    TORCH_CHECK(t.device() == q.device() && t.scalar_type() == q.scalar_type(),
+                "cosine_queries_keys: all inputs must match q's device and dtype (", q.device(),
+                ", ", q.scalar_type(), ")");
+  }
+  TORCH_CHECK(q.device().is_cpu(), "cosine_queries_keys: CPU kernel only, got device ",
+              q.device());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "cosine_queries_keys: CPU kernel for float32 / float64, got ", q.scalar_type());
+  // q and k are read in place when channels are contiguous (heads split out of a linear).
+  const auto rows = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
+  return cosine_queries_keys_forward_cpu(rows(q), rows(k), query_embedding.contiguous(),
+                                         scale.contiguous(), learnable_tokens.contiguous(),
+                                         learnable_bias.contiguous());
+}
+
+}  // namespace transnext_mm

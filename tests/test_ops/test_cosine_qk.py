@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from transnext_mm.ops import cosine_qk
+from transnext_mm.ops.cosine_qk import cosine_queries_keys, cosine_queries_keys_torch
+
+requires_ext = pytest.mark.skipif(cosine_qk._ext is None, reason='transnext_mm._ext is not built')
+
+
+def make_inputs(B, heads, N, d, dtype, tokens=9, split_heads=True):
+    if split_heads:  # heads split out of a (B, N, 2*heads*d) projection: strided rows
+        qk = torch.randn(B, N, 2 * heads, d, dtype=dtype) * 3
+        q, k = qk.transpose(1, 2).chunk(2, dim=1)
+    else:
+        q, k = (torch.randn(B, heads, N, d, dtype=dtype) * 3 for _ in range(2))
+    q[0, 0, 0] = 0  # a zero row: the norm's eps floor
+    return (q, k, torch.randn(heads, 1, d, dtype=dtype), torch.rand(heads, N, 1, dtype=dtype) * 8,
+            torch.randn(heads, d, tokens, dtype=dtype), torch.randn(heads, 1, tokens, dtype=dtype))
+
+
+@requires_ext
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize('B,heads,N,d,split', [(2, 3, 35, 24, True), (1, 1, 1, 5, True),
+                                               (2, 4, 300, 8, False), (1, 12, 70, 24, True),
+                                               (3, 2, 129, 7, False)])
+def test_kernel_matches_pytorch(B, heads, N, d, split, dtype, tol):
+    inputs = make_inputs(B, heads, N, d, dtype, split_heads=split)
+    outs = cosine_qk._cosine_op(*inputs)
+    refs = cosine_queries_keys_torch(*inputs)
+    for name, out, ref in zip(('q', 'k', 'token_weight'), outs, refs):
+        assert out.shape == ref.shape and out.dtype == dtype, name
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol, msg=name)
+    assert outs[0].transpose(1, 2).is_contiguous()  # (B, N, heads, d) rows for the attention op
+
+
+@requires_ext
+def test_kernel_reads_channel_strided_inputs_and_passes_opcheck():
+    q, k, *params = make_inputs(2, 2, 6, 5, torch.float32)
+    q_t = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # channels not contiguous
+    for out, ref in zip(cosine_qk._cosine_op(q_t, k, *params),
+                        cosine_queries_keys_torch(q, k, *params)):
+        torch.testing.assert_close(out, ref)
+    torch.library.opcheck(torch.ops.transnext_mm.cosine_queries_keys.default, (q, k, *params),
+                          test_utils=('test_schema', 'test_faketensor'))
+
+
+@requires_ext
+def test_errors_name_the_argument():
+    q, k, qe, scale, tokens, tbias = make_inputs(1, 2, 4, 8, torch.float32)
+    with pytest.raises(RuntimeError, match='scale must have shape'):
+        cosine_qk._cosine_op(q, k, qe, scale[:, :3], tokens, tbias)
+    with pytest.raises(RuntimeError, match='learnable_bias must have shape'):
+        cosine_qk._cosine_op(q, k, qe, scale, tokens, tbias[..., :4])
+    with pytest.raises(RuntimeError, match='at most 16 learnable tokens'):
+        cosine_qk._cosine_op(*make_inputs(1, 2, 4, 8, torch.float32, tokens=17))
+    with pytest.raises(RuntimeError, match='float32 / float64'):
+        cosine_qk._cosine_op(*(t.half() for t in (q, k, qe, scale, tokens, tbias)))
+    with pytest.raises(ValueError, match='impl must be one of'):
+        cosine_queries_keys(q, k, qe, scale, tokens, tbias, impl='fast')
+
+
+@requires_ext
+def test_kernel_serves_inference_and_pytorch_serves_training(monkeypatch):
+    calls = []
+    kernel = cosine_qk._cosine_op
+    monkeypatch.setattr(cosine_qk, '_cosine_op', lambda *a: calls.append(1) or kernel(*a))
+    inputs = make_inputs(1, 2, 5, 8, torch.float32)
+    with torch.no_grad():
+        cosine_queries_keys(*inputs)
+        cosine_queries_keys(*inputs, impl='op')
+    assert len(calls) == 2
+    cosine_queries_keys(*inputs, impl='torch')
+    q, k, qe, *rest = inputs
+    outs = cosine_queries_keys(q, k, qe.requires_grad_(), *rest)  # training: PyTorch, with grads
+    assert len(calls) == 2 and outs[0].requires_grad
+    with torch.autocast('cpu', dtype=torch.bfloat16), torch.no_grad():
+        cosine_queries_keys(*inputs)
+    assert len(calls) == 2

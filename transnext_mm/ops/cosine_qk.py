@@ -1,0 +1,69 @@
+# Copyright (c) transnext-mm contributors. All rights reserved.
+"""Queries, keys and token weights of TransNeXt's length-scaled cosine attention.
+
+With ``q_hat = q / max(|q|, 1e-12)`` per head (``F.normalize``)::
+
+    q_out        = (q_hat + query_embedding) * scale
+    k_out        = k / max(|k|, 1e-12)
+    token_weight = q_hat @ learnable_tokens + learnable_bias
+
+for ``q``, ``k`` of shape (B, heads, N, d), ``query_embedding`` (heads, 1, d), ``scale``
+(heads, N, 1) (``softplus(temperature) * ln(keys seen)``), ``learnable_tokens`` (heads, d, 9) and
+``learnable_bias`` (heads, 1, 9): the first inputs of the aggregated-attention core.
+
+:func:`cosine_queries_keys_torch` is the PyTorch formula and the oracle. On CPU (fp32 / fp64) the
+compiled kernel in ``transnext_mm._ext`` does it in one pass over the rows for inference (PyTorch
+makes seven passes; 12 ms of a stage-1 block at 512x512 on two cores), under the same rule as
+the ConvGLU gate (:func:`transnext_mm.ops.dispatch.inference_kernel_applies`).
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .dispatch import _ext, inference_kernel_applies
+
+IMPLS = ('auto', 'torch', 'op', 'reference')
+
+
+def cosine_queries_keys_torch(q: Tensor, k: Tensor, query_embedding: Tensor, scale: Tensor,
+                              learnable_tokens: Tensor,
+                              learnable_bias: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """PyTorch implementation (see the module docstring)."""
+    q_hat = F.normalize(q, dim=-1)
+    return ((q_hat + query_embedding) * scale, F.normalize(k, dim=-1),
+            q_hat @ learnable_tokens + learnable_bias)
+
+
+@torch.library.custom_op('transnext_mm::cosine_queries_keys', mutates_args=())
+def _cosine_op(q: Tensor, k: Tensor, query_embedding: Tensor, scale: Tensor,
+               learnable_tokens: Tensor, learnable_bias: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    q_out, k_out, token_weight = _ext.cosine_queries_keys_forward(
+        q, k, query_embedding, scale, learnable_tokens, learnable_bias)
+    return q_out, k_out, token_weight
+
+
+@_cosine_op.register_fake
+def _cosine_op_fake(q, k, query_embedding, scale, learnable_tokens, learnable_bias):
+    B, heads, N, d = q.shape
+    rows = q.new_empty((B, N, heads, d)).permute(0, 2, 1, 3)
+    return rows, torch.empty_like(rows), q.new_empty((B, heads, N, learnable_tokens.shape[-1]))
+
+
+def cosine_queries_keys(q: Tensor, k: Tensor, query_embedding: Tensor, scale: Tensor,
+                        learnable_tokens: Tensor, learnable_bias: Tensor,
+                        impl: str = 'auto') -> Tuple[Tensor, Tensor, Tensor]:
+    """``(q_out, k_out, token_weight)`` (see the module docstring).
+
+    Args:
+        impl (str): ``'auto'`` / ``'op'`` use the compiled CPU kernel where it applies (CPU
+            fp32 / fp64 with the extension built, no gradient needed) and PyTorch elsewhere;
+            ``'torch'`` / ``'reference'`` always use PyTorch. Defaults to 'auto'.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
+    inputs = (q, k, query_embedding, scale, learnable_tokens, learnable_bias)
+    if inference_kernel_applies(impl, q, inputs[1:]):
+        return _cosine_op(*(t.to(q.dtype) for t in inputs))
+    return cosine_queries_keys_torch(*inputs)
