@@ -12,9 +12,10 @@ for ``q``, ``k`` of shape (B, heads, N, d), ``query_embedding`` (heads, 1, d), `
 ``learnable_bias`` (heads, 1, 9): the first inputs of the aggregated-attention core.
 
 :func:`cosine_queries_keys_torch` is the PyTorch formula and the oracle. On CPU (fp32 / fp64) the
-compiled kernel in ``transnext_mm._ext`` does it in one pass over the rows for inference (PyTorch
-makes seven passes; 12 ms of a stage-1 block at 512x512 on two cores), under the same rule as
-the ConvGLU gate (:func:`transnext_mm.ops.dispatch.inference_kernel_applies`).
+compiled kernel in ``transnext_mm._ext`` does it in one pass over the rows for inference
+(PyTorch makes seven memory-bound passes: about 45 ms of a TransNeXt-Tiny forward at 512x512 on
+two cores, in-process A/B), under the same rule as the ConvGLU gate
+(:func:`transnext_mm.ops.dispatch.inference_kernel_applies`).
 """
 from typing import Tuple
 

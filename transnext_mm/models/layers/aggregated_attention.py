@@ -39,7 +39,8 @@ class AggregatedAttention(nn.Module):
         num_heads (int): Attention heads; ``C // num_heads`` is the head dimension.
         pos_bias (LogCPB): Computes the pooled-path position bias.
         attn_impl (str): Implementation of the attention core, see
-            :func:`transnext_mm.ops.aggregated_attention.aggregated_attention`.
+            :func:`transnext_mm.ops.aggregated_attention.aggregated_attention`, and of its
+            inputs, see :func:`transnext_mm.ops.cosine_qk.cosine_queries_keys`.
             Defaults to 'auto'.
     """
 
