@@ -25,8 +25,6 @@ from torch import Tensor
 
 from .dispatch import _ext, inference_kernel_applies
 
-IMPLS = ('auto', 'torch', 'op', 'reference')
-
 
 def cosine_queries_keys_torch(q: Tensor, k: Tensor, query_embedding: Tensor, scale: Tensor,
                               learnable_tokens: Tensor,
@@ -62,8 +60,6 @@ def cosine_queries_keys(q: Tensor, k: Tensor, query_embedding: Tensor, scale: Te
             fp32 / fp64 with the extension built, no gradient needed) and PyTorch elsewhere;
             ``'torch'`` / ``'reference'`` always use PyTorch. Defaults to 'auto'.
     """
-    if impl not in IMPLS:
-        raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
     inputs = (q, k, query_embedding, scale, learnable_tokens, learnable_bias)
     if inference_kernel_applies(impl, q, inputs[1:]):
         return _cosine_op(*(t.to(q.dtype) for t in inputs))

@@ -14,15 +14,23 @@ try:
 except ImportError:  # not compiled: PyTorch computes everything
     _ext = None
 
-KERNEL_IMPLS = ('auto', 'op')
+IMPLS = ('auto', 'torch', 'op', 'reference')  # 'torch' / 'reference': PyTorch only
 CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def check_impl(impl: str) -> None:
+    """Raise a ValueError naming the allowed values if ``impl`` is not one of :data:`IMPLS`."""
+    if impl not in IMPLS:
+        raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
 
 
 def inference_kernel_applies(impl: str, x: Tensor, params=()) -> bool:
     """Whether a compiled CPU inference kernel runs: ``impl`` 'auto' / 'op', the extension built,
     ``x`` on CPU in fp32 / fp64 without autocast, and no gradient needed by ``x`` or
-    ``params`` (the parameters that feed the kernel, also through layers computed before it)."""
-    if impl not in KERNEL_IMPLS or _ext is None:
+    ``params`` (the parameters that feed the kernel, also through layers computed before it).
+    An ``impl`` outside :data:`IMPLS` raises a ValueError."""
+    check_impl(impl)
+    if impl not in ('auto', 'op') or _ext is None:
         return False
     if x.device.type != 'cpu' or x.dtype not in CPU_DTYPES or torch.is_autocast_enabled('cpu'):
         return False

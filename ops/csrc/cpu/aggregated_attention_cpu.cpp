@@ -71,6 +71,36 @@ struct Chunk {
 };
 
 // ---------------------------------------------------------------------------------- forward
+// Softmax of one query over its 9 window scores `local` (biases included; entries of out-of-image
+// neighbours, nbr[j] < 0, are ignored) and its pooled scores `srow`, to which the pooled bias row
+// `brow` is added first. On exit both hold unnormalised probabilities (0 outside the image),
+// `row_max` the shift; returns the denominator.
+template <typename T>
+TNX_ALWAYS_INLINE T softmax_row(T* __restrict__ srow, const T* __restrict__ brow, int64_t Np,
+                                T* __restrict__ local, const int64_t* __restrict__ nbr,
+                                T& row_max) {
+  row_max = local[kCenter];
+  for (int j = 0; j < kWindowArea; ++j)
+    if (nbr[j] >= 0) row_max = std::max(row_max, local[j]);
+  T m = row_max;
+#pragma omp simd
+  for (int64_t p = 0; p < Np; ++p) srow[p] += brow[p];
+#pragma omp simd reduction(max : m)
+  for (int64_t p = 0; p < Np; ++p) m = srow[p] > m ? srow[p] : m;
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t p = 0; p < Np; ++p) {
+    srow[p] = exp_approx(srow[p] - m);
+    sum += srow[p];
+  }
+  for (int j = 0; j < kWindowArea; ++j) {
+    local[j] = nbr[j] >= 0 ? exp_approx(local[j] - m) : T(0);
+    sum += local[j];
+  }
+  row_max = m;
+  return sum;
+}
+
 // scores: (rows, Np) = q @ k_pool^T on entry, unnormalised probabilities on exit. window:
 // (rows, d) window output; inv_sum: 1 / softmax denominators; lse: (rows,) log-sum-exp.
 template <typename T>
@@ -88,23 +118,8 @@ TNX_ALWAYS_INLINE void forward_rows_impl(const Chunk<T>& c, T* scores, T* window
       nbr[j] = window_neighbor(y, x, j, c.height, c.width);
       local[j] = nbr[j] >= 0 ? dot_row(q_i, c.k.row(nbr[j]), d) + c.rpb[j] : T(0);
     }
-    T row_max = local[kCenter];
-    for (int j = 0; j < kWindowArea; ++j)
-      if (nbr[j] >= 0) row_max = std::max(row_max, local[j]);
-#pragma omp simd
-    for (int64_t p = 0; p < Np; ++p) srow[p] += brow[p];
-#pragma omp simd reduction(max : row_max)
-    for (int64_t p = 0; p < Np; ++p) row_max = srow[p] > row_max ? srow[p] : row_max;
-    T sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t p = 0; p < Np; ++p) {
-      srow[p] = exp_approx(srow[p] - row_max);
-      sum += srow[p];
-    }
-    for (int j = 0; j < kWindowArea; ++j) {
-      local[j] = nbr[j] >= 0 ? exp_approx(local[j] - row_max) : T(0);
-      sum += local[j];
-    }
+    T row_max;
+    const T sum = softmax_row(srow, brow, Np, local, nbr, row_max);
     const T inv = T(1) / sum;
     inv_sum[r] = inv;
     lse[r] = row_max + std::log(sum);
@@ -324,23 +339,8 @@ TNX_ALWAYS_INLINE void forward_tile(const Chunk<float>& c, int64_t i0, const flo
       nbr[r][j] = window_neighbor(y, x, j, c.height, c.width);
       local[r][j] = nbr[r][j] >= 0 ? dot_d<D>(q[r], c.k.row(nbr[r][j])) + c.rpb[j] : 0.f;
     }
-    float row_max = local[r][kCenter];
-    for (int j = 0; j < kWindowArea; ++j)
-      if (nbr[r][j] >= 0) row_max = std::max(row_max, local[r][j]);
-#pragma omp simd
-    for (int64_t p = 0; p < Np; ++p) srow[p] += brow[p];
-#pragma omp simd reduction(max : row_max)
-    for (int64_t p = 0; p < Np; ++p) row_max = srow[p] > row_max ? srow[p] : row_max;
-    float sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t p = 0; p < Np; ++p) {
-      srow[p] = exp_approx(srow[p] - row_max);
-      sum += srow[p];
-    }
-    for (int j = 0; j < kWindowArea; ++j) {
-      local[r][j] = nbr[r][j] >= 0 ? exp_approx(local[r][j] - row_max) : 0.f;
-      sum += local[r][j];
-    }
+    float row_max;
+    const float sum = softmax_row(srow, brow, Np, local[r], nbr[r], row_max);
     inv_sum[r] = 1.f / sum;
     lse[i] = row_max + std::log(sum);
   }

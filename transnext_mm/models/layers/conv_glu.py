@@ -2,8 +2,8 @@
 import torch
 import torch.nn as nn
 
-from transnext_mm.ops.conv_glu import GATE_IMPLS, conv_glu_gate
-from transnext_mm.ops.dispatch import inference_kernel_applies
+from transnext_mm.ops.conv_glu import conv_glu_gate
+from transnext_mm.ops.dispatch import check_impl, inference_kernel_applies
 
 # Inference through the compiled gate on a large map runs fc1 -> gate -> fc2 over strips of image
 # rows whose fc1 output (the 2h-channel hidden) is at most this big, so that it stays in cache
@@ -29,8 +29,7 @@ class ConvGLU(nn.Module):
     def __init__(self, embed_dims: int, mlp_ratio: float, drop: float = 0.,
                  impl: str = 'auto'):
         super().__init__()
-        if impl not in GATE_IMPLS:
-            raise ValueError(f'impl must be one of {GATE_IMPLS}, got {impl!r}')
+        check_impl(impl)
         hidden = int(2 * int(embed_dims * mlp_ratio) / 3)
         self.impl = impl
         self.fc1 = nn.Linear(embed_dims, hidden * 2)
