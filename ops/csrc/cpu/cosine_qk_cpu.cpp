@@ -97,9 +97,12 @@ std::vector<at::Tensor> cosine_queries_keys_forward_cpu(const at::Tensor& q, con
   auto k_out = at::empty({B, N, heads, d}, q.options());
   auto token_weight = at::empty({B, heads, N, T_}, q.options());
   if (q.numel() > 0) {
-    // Heads of a row must be contiguous in q and k (true for heads split out of a linear).
+    // Read in place when each row's heads and channels are contiguous (heads split out of a
+    // linear's output), else from a (B, N, heads, d) copy.
     const auto heads_together = [](const at::Tensor& t) {
-      return t.stride(1) == t.size(3) ? t : t.transpose(1, 2).contiguous().transpose(1, 2);
+      return t.stride(3) == 1 && t.stride(1) == t.size(3)
+                 ? t
+                 : t.transpose(1, 2).contiguous().transpose(1, 2);
     };
     const auto qq = heads_together(q), kk = heads_together(k);
     const auto tokens = at::constant_pad_nd(learnable_tokens, {0, kTokenLanes - T_}).contiguous();

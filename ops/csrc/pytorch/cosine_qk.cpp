@@ -38,9 +38,7 @@ std::vector<at::Tensor> cosine_queries_keys_forward(const at::Tensor& q, const a
               q.device());
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "cosine_queries_keys: CPU kernel for float32 / float64, got ", q.scalar_type());
-  // q and k are read in place when channels are contiguous (heads split out of a linear).
-  const auto rows = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
-  return cosine_queries_keys_forward_cpu(rows(q), rows(k), query_embedding.contiguous(),
+  return cosine_queries_keys_forward_cpu(q, k, query_embedding.contiguous(),
                                          scale.contiguous(), learnable_tokens.contiguous(),
                                          learnable_bias.contiguous());
 }

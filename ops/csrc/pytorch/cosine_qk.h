@@ -10,7 +10,7 @@ namespace transnext_mm {
 // The attention core's inputs of length-scaled cosine attention, in one pass over the rows:
 //   q_hat = q / max(|q|, 1e-12),  q_out = (q_hat + query_embedding) * scale,
 //   k_out = k / max(|k|, 1e-12),  token_weight = q_hat @ learnable_tokens + learnable_bias.
-// q, k: (B, heads, N, d) with contiguous channels (any other strides); query_embedding
+// q, k: (B, heads, N, d), read in place when stored (B, N, heads, d); query_embedding
 // (heads, 1, d); scale (heads, N, 1); learnable_tokens (heads, d, T), T <= 16; learnable_bias
 // (heads, 1, T). Returns {q_out, k_out} as (B, heads, N, d) stored (B, N, heads, d), and
 // token_weight (B, heads, N, T) contiguous. CPU, fp32 / fp64.
