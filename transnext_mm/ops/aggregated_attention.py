@@ -18,15 +18,15 @@ Shapes: ``q, k, v``: (B, heads, H*W, d); ``k_pool, v_pool``: (B, heads, Np, d);
 ``token_weight``: (B, heads, H*W, 9). Returns (B, heads, H*W, d).
 """
 import functools
-import warnings
 from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
-WINDOW = 3
-WINDOW_AREA = WINDOW * WINDOW
-ATTN_IMPLS = ('auto', 'torch', 'op', 'reference')
+from .aggregated_attention_op import aggregated_attention_op
+from .attention_shapes import WINDOW, WINDOW_AREA, check_attention_inputs
+from .dispatch import IMPLS as ATTN_IMPLS
+from .dispatch import choose, select
 # Query rows per block of the PyTorch path's pooled scores: (B, heads, rows, Np) fits in cache.
 _ROW_BLOCK_BYTES = 4 << 20
 
@@ -56,22 +56,6 @@ def window_tables(height: int, width: int,
     return tables
 
 
-def _check_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width):
-    B, heads, N, d = q.shape
-    if N != height * width:
-        raise ValueError(f'q has {N} positions but height*width = {height}*{width}')
-    for name, t, shape in (('k', k, q.shape), ('v', v, q.shape),
-                           ('v_pool', v_pool, k_pool.shape),
-                           ('rpb_local', rpb_local, (heads, WINDOW_AREA)),
-                           ('bias_pool', bias_pool, (heads, N, k_pool.shape[2])),
-                           ('token_weight', token_weight, (B, heads, N, WINDOW_AREA))):
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f'{name} must have shape {tuple(shape)}, got {tuple(t.shape)}')
-    if k_pool.shape[:2] != (B, heads) or k_pool.shape[3] != d:
-        raise ValueError(f'k_pool must have shape ({B}, {heads}, Np, {d}), '
-                         f'got {tuple(k_pool.shape)}')
-
-
 def unfold_window(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, heads, N, d) -> (B, heads, N, 9, d): each position's 3x3 window, zeros outside."""
     B, heads, N, d = t.shape
@@ -95,7 +79,7 @@ def aggregated_attention_probs(q, k, k_pool, rpb_local, bias_pool, height: int,
 def aggregated_attention_reference(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight,
                                    height: int, width: int) -> torch.Tensor:
     """Readable, paper-faithful implementation: unfold the window, one softmax. The test oracle."""
-    _check_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
+    check_attention_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
     a_local, a_pool = aggregated_attention_probs(q, k, k_pool, rpb_local, bias_pool, height,
                                                  width)
     v_local = unfold_window(v, height, width)
@@ -123,7 +107,7 @@ def aggregated_attention_torch(q, k, v, k_pool, v_pool, rpb_local, bias_pool, to
     probabilities. The maximum is detached (softmax does not depend on it), so the in-place steps
     keep autograd exact.
     """
-    _check_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
+    check_attention_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
     B, heads, N, d = q.shape
     num_pool = k_pool.shape[2]
     q_grid = q.reshape(B, heads, height, width, d)
@@ -157,27 +141,15 @@ def aggregated_attention_torch(q, k, v, k_pool, v_pool, rpb_local, bias_pool, to
     return out.reshape(B, heads, N, d)
 
 
-_warned = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        warnings.warn(msg, stacklevel=3)
-
-
 def op_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the compiled op has kernels for this device and dtype."""
-    try:
-        from . import aggregated_attention_op
-    except ImportError:
-        return False
-    return aggregated_attention_op.supports(device, dtype)
+    return choose('attention', 'op', device, dtype).impl == 'op'
 
 
 def aggregated_attention(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight,
                          height: int, width: int, impl: str = 'auto') -> torch.Tensor:
-    """Dispatch to an implementation of aggregated attention (see the module docstring).
+    """Aggregated attention (see the module docstring) by the implementation that
+    :func:`transnext_mm.ops.dispatch.select` picks.
 
     Args:
         impl (str): ``'auto'`` uses the compiled op when it has kernels for the input's device and
@@ -186,26 +158,9 @@ def aggregated_attention(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_we
             Defaults to 'auto'.
     """
     args = (q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
-    if impl == 'torch':
-        return aggregated_attention_torch(*args)
-    if impl == 'reference':
-        return aggregated_attention_reference(*args)
-    if impl not in ('auto', 'op'):
-        raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {impl!r}')
-    if op_available(q.device, q.dtype):
-        from .aggregated_attention_op import aggregated_attention_op
+    chosen = select('attention', impl, q)
+    if chosen == 'op':
         return aggregated_attention_op(*args)
-    reason = _op_unavailable_reason(q.device, q.dtype)
-    if impl == 'op':
-        raise RuntimeError(f"attn_impl='op' but {reason}")
-    _warn_once(f"attn_impl='auto': {reason}; falling back to the slower PyTorch path")
+    if chosen == 'reference':
+        return aggregated_attention_reference(*args)
     return aggregated_attention_torch(*args)
-
-
-def _op_unavailable_reason(device, dtype) -> str:
-    try:
-        from . import aggregated_attention_op
-    except ImportError as e:
-        return (f'the compiled aggregated-attention op is not built ({e}); '
-                'reinstall with `pip install -e .` and a C++ compiler')
-    return aggregated_attention_op.unsupported_reason(device, dtype)

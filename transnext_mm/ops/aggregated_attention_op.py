@@ -1,7 +1,7 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
 """The compiled aggregated-attention op (``transnext_mm._ext``) as a PyTorch custom op.
 
-Computes exactly :func:`transnext_mm.ops.aggregated_attention.aggregated_attention_reference`
+Computes exactly ``aggregated_attention_reference`` in :mod:`transnext_mm.ops.aggregated_attention`
 (see that module's docstring for the formula and shapes) with fused kernels that never build
 unfolded keys / values or the (B, heads, N, 9 + Np) score tensor: on CUDA one pass per query over
 the 3x3 window and the pooled keys with an online softmax (fp32 statistics); on CPU in tiles of
@@ -20,45 +20,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .aggregated_attention import _check_inputs
-
-try:
-    from transnext_mm import _ext
-    _IMPORT_ERROR = None
-except ImportError as e:  # not compiled: the dispatcher falls back to the PyTorch path
-    _ext = None
-    _IMPORT_ERROR = e
-
-CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def supports(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the compiled op has kernels for ``device`` and ``dtype``."""
-    return unsupported_reason(device, dtype) == ''
-
-
-def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str:
-    """Why the op cannot run on ``device`` / ``dtype``; empty if it can."""
-    device = torch.device(device)
-    if _ext is None:
-        return (f'the compiled aggregated-attention op transnext_mm._ext is not built '
-                f'({_IMPORT_ERROR}); reinstall with `pip install --no-build-isolation -e .` '
-                'and a C++ compiler (and nvcc for CUDA)')
-    if device.type == 'cpu':
-        dtypes = CPU_DTYPES
-    elif device.type == 'cuda':
-        if not _ext.with_cuda:
-            return ('transnext_mm._ext was built without CUDA kernels (no nvcc, or no GPU at '
-                    'build time): rebuild with '
-                    '`FORCE_CUDA=1 pip install --no-build-isolation -e .`')
-        dtypes = CUDA_DTYPES
-    else:
-        return f'the compiled aggregated-attention op has no kernels for device {device.type!r}'
-    if dtype not in dtypes:
-        return (f'the compiled aggregated-attention op has no {device.type} kernel for {dtype} '
-                f'(supported: {", ".join(str(t) for t in dtypes)})')
-    return ''
+from .attention_shapes import check_attention_inputs
+from .dispatch import _ext, choose
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -127,6 +90,11 @@ def _backward_formula(ctx, grad_out, grad_lse):
 _forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
+def _require_ext(q: Tensor) -> None:
+    if _ext is None:
+        raise RuntimeError(choose('attention', 'op', q.device, q.dtype).reason)
+
+
 def _common_dtype(tensors, device_type: str) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -150,9 +118,8 @@ def aggregated_attention_op(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_p
         Tensor: (B, heads, H*W, d) in the common dtype, stored as (B, H*W, heads, d) so that
         ``out.transpose(1, 2).reshape(B, H*W, heads*d)`` is a view.
     """
-    if _ext is None:
-        raise RuntimeError(unsupported_reason(q.device, q.dtype))
-    _check_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
+    _require_ext(q)
+    check_attention_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
     tensors = (q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight)
     dtype = _common_dtype(tensors, q.device.type)
     tensors = [t.to(dtype) for t in tensors]
@@ -163,22 +130,26 @@ def aggregated_attention_op(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_p
 def aggregated_attention_cuda_replay(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor,
                                      v_pool: Tensor, rpb_local: Tensor, bias_pool: Tensor,
                                      token_weight: Tensor, height: int, width: int,
-                                     grad_out: Tensor = None):
-    """Run the CUDA kernels' code sequentially on CPU tensors (for tests; slow).
+                                     grad_out: Tensor = None, pool_target_blocks: int = None):
+    """Run the CUDA kernels' code on CPU tensors (for tests; slow): the same block bodies,
+    grids and host glue, every block's threads as fibers between real barriers.
 
     Args:
         grad_out (Tensor, optional): Also run the backward kernels with this output gradient.
             Defaults to None.
+        pool_target_blocks (int, optional): Blocks the pooled-key gradient kernel aims for; 1
+            gives one query chunk and one batch group. Defaults to None (the GPU's setting).
 
     Returns:
         tuple: ``(out, lse)``, and with ``grad_out`` also the 8 input gradients.
     """
-    if _ext is None:
-        raise RuntimeError(unsupported_reason(q.device, q.dtype))
+    _require_ext(q)
     args = (q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight)
     out, lse = _ext.aggregated_attention_forward_replay(*args, height, width)
     if grad_out is None:
         return out, lse
+    if pool_target_blocks is None:
+        pool_target_blocks = _ext.pool_grad_target_blocks
     grads = _ext.aggregated_attention_backward_replay(grad_out, *args, out, lse, height, width,
-                                                      True)
+                                                      True, pool_target_blocks)
     return out, lse, tuple(grads)

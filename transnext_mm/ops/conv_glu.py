@@ -7,7 +7,7 @@
 :func:`conv_glu_gate_torch` is the PyTorch implementation and the oracle. On CPU (fp32 / fp64)
 the compiled kernel in ``transnext_mm._ext`` computes it in one pass over the tokens (PyTorch needs
 three passes and a oneDNN reorder of the strided gate, which dominate at stage 1). It serves
-inference (:func:`transnext_mm.ops.dispatch.inference_kernel_applies`): when a gradient is
+inference (:func:`transnext_mm.ops.dispatch.choose`): when a gradient is
 needed PyTorch runs the gate, because its saved activations make the backward cheaper than the
 kernel's (the PyTorch formula on the saved fc1 output, which must recompute the conv; measured
 slower end to end). Elsewhere (CUDA, half precision, no extension) PyTorch runs it too: cuDNN's
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import _ext, inference_kernel_applies
+from .dispatch import _ext, select
 
 
 def _gate_image(gate: Tensor, height: int, width: int) -> Tensor:
@@ -81,10 +81,12 @@ def conv_glu_gate(hidden: Tensor, weight: Tensor, bias: Tensor, height: int, wid
     """The convolutional GLU's gate (see the module docstring).
 
     Args:
-        impl (str): ``'auto'`` / ``'op'`` use the compiled CPU kernel where it applies (CPU
-            fp32 / fp64 with the extension built, no gradient needed) and PyTorch elsewhere;
-            ``'torch'`` / ``'reference'`` always use PyTorch. Defaults to 'auto'.
+        impl (str): ``'auto'`` / ``'op'`` use the compiled kernel where it applies (CPU
+            fp32 / fp64 inference, no autocast) and PyTorch elsewhere; if it applies but is not
+            built, ``'auto'`` warns once and uses PyTorch, ``'op'`` raises a RuntimeError
+            (:func:`transnext_mm.ops.dispatch.select`); ``'torch'`` / ``'reference'`` always use
+            PyTorch. Defaults to 'auto'.
     """
-    if inference_kernel_applies(impl, hidden, (weight, bias)):
+    if select('conv_glu_gate', impl, hidden, (weight, bias)) == 'op':
         return _gate_op(hidden, weight.to(hidden.dtype), bias.to(hidden.dtype), height, width)
     return conv_glu_gate_torch(hidden, weight, bias, height, width)

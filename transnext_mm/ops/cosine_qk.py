@@ -15,7 +15,7 @@ for ``q``, ``k`` of shape (B, heads, N, d), ``query_embedding`` (heads, 1, d), `
 compiled kernel in ``transnext_mm._ext`` does it in one pass over the rows for inference
 (PyTorch makes seven memory-bound passes: about 45 ms of a TransNeXt-Tiny forward at 512x512 on
 two cores, in-process A/B), under the same rule as the ConvGLU gate
-(:func:`transnext_mm.ops.dispatch.inference_kernel_applies`).
+(:func:`transnext_mm.ops.dispatch.choose`).
 """
 from typing import Tuple
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import _ext, inference_kernel_applies
+from .dispatch import _ext, select
 
 
 def cosine_queries_keys_torch(q: Tensor, k: Tensor, query_embedding: Tensor, scale: Tensor,
@@ -56,11 +56,13 @@ def cosine_queries_keys(q: Tensor, k: Tensor, query_embedding: Tensor, scale: Te
     """``(q_out, k_out, token_weight)`` (see the module docstring).
 
     Args:
-        impl (str): ``'auto'`` / ``'op'`` use the compiled CPU kernel where it applies (CPU
-            fp32 / fp64 with the extension built, no gradient needed) and PyTorch elsewhere;
-            ``'torch'`` / ``'reference'`` always use PyTorch. Defaults to 'auto'.
+        impl (str): ``'auto'`` / ``'op'`` use the compiled kernel where it applies (CPU
+            fp32 / fp64 inference, no autocast) and PyTorch elsewhere; if it applies but is not
+            built, ``'auto'`` warns once and uses PyTorch, ``'op'`` raises a RuntimeError
+            (:func:`transnext_mm.ops.dispatch.select`); ``'torch'`` / ``'reference'`` always use
+            PyTorch. Defaults to 'auto'.
     """
     inputs = (q, k, query_embedding, scale, learnable_tokens, learnable_bias)
-    if inference_kernel_applies(impl, q, inputs[1:]):
+    if select('cosine_qk', impl, q, inputs[1:]) == 'op':
         return _cosine_op(*(t.to(q.dtype) for t in inputs))
     return cosine_queries_keys_torch(*inputs)

@@ -1,0 +1,123 @@
+# Copyright (c) transnext-mm contributors. All rights reserved.
+"""The one dispatch rule (transnext_mm.ops.dispatch) for the attention core, the cosine-attention
+inputs and the ConvGLU gate, and the import structure of transnext_mm.ops."""
+import ast
+import os.path as osp
+import warnings
+
+import pytest
+import torch
+
+from transnext_mm.ops import dispatch
+from transnext_mm.ops.dispatch import Build, choose, select
+
+CPU, CUDA, META = torch.device('cpu'), torch.device('cuda'), torch.device('meta')
+F16, F32, F64, BF16 = torch.float16, torch.float32, torch.float64, torch.bfloat16
+FULL = Build(built=True, cuda=True)
+CPU_ONLY = Build(built=True, cuda=False)
+NONE = Build(built=False, cuda=False, error='No module named transnext_mm._ext')
+
+# (kernel, impl, device, dtype, needs_grad, autocast, build) -> (impl run, fallback, reason part)
+RULES = [
+    # the attention core: compiled wherever it has kernels, forward and backward
+    ('attention', 'auto', CPU, F32, True, False, CPU_ONLY, 'op', False, 'cpu kernels'),
+    ('attention', 'auto', CPU, BF16, False, False, CPU_ONLY, 'op', False, 'cpu kernels'),
+    ('attention', 'op', CUDA, F16, True, True, FULL, 'op', False, 'cuda kernels'),
+    ('attention', 'auto', CUDA, F64, False, False, FULL, 'torch', True, 'no cuda kernel for'),
+    ('attention', 'auto', CUDA, F32, False, False, CPU_ONLY, 'torch', True, 'without CUDA'),
+    ('attention', 'auto', META, F32, False, False, FULL, 'torch', True, "device 'meta'"),
+    ('attention', 'auto', CPU, torch.int32, False, False, FULL, 'torch', True, 'no cpu kernel'),
+    ('attention', 'auto', CPU, F32, False, False, NONE, 'torch', True, 'not built'),
+    ('attention', 'torch', CPU, F32, False, False, FULL, 'torch', False, "impl='torch'"),
+    ('attention', 'reference', CUDA, F32, True, False, FULL, 'reference', False, 'unfold'),
+    # the CPU inference kernels: PyTorch by design outside CPU fp32/fp64 inference
+    ('cosine_qk', 'auto', CPU, F32, False, False, CPU_ONLY, 'op', False, 'cpu inference'),
+    ('conv_glu_gate', 'op', CPU, F64, False, False, CPU_ONLY, 'op', False, 'cpu inference'),
+    ('cosine_qk', 'auto', CPU, F32, True, False, FULL, 'torch', False, 'gradient is needed'),
+    ('conv_glu_gate', 'op', CUDA, F32, False, False, FULL, 'torch', False, "PyTorch's own cuda"),
+    ('conv_glu_gate', 'auto', CPU, BF16, False, False, FULL, 'torch', False, 'got torch.bfloat16'),
+    ('cosine_qk', 'auto', CPU, F32, False, True, FULL, 'torch', False, 'got autocast'),
+    ('cosine_qk', 'reference', CPU, F32, False, False, FULL, 'torch', False, "impl='reference'"),
+    ('conv_glu_gate', 'auto', CPU, F32, False, False, NONE, 'torch', True, 'not built'),
+    ('conv_glu_gate', 'auto', CUDA, F32, False, False, NONE, 'torch', False, "PyTorch's own"),
+]
+
+
+@pytest.mark.parametrize('kernel,impl,device,dtype,grad,autocast,build,run,fallback,why', RULES)
+def test_rule(kernel, impl, device, dtype, grad, autocast, build, run, fallback, why):
+    choice = choose(kernel, impl, device, dtype, needs_grad=grad, autocast=autocast, build=build)
+    assert (choice.impl, choice.fallback) == (run, fallback), choice
+    assert why in choice.reason
+
+
+def test_bad_arguments_name_the_allowed_values():
+    with pytest.raises(ValueError, match="impl must be one of .*'auto'.*got 'fast'"):
+        choose('attention', 'fast', CPU, F32)
+    with pytest.raises(ValueError, match="kernel must be one of .*'conv_glu_gate'.*got 'gelu'"):
+        choose('gelu', 'auto', CPU, F32)
+
+
+def test_select_reads_the_gradient_state_and_autocast():
+    x, w = torch.randn(2, 3), torch.randn(3, requires_grad=True)
+    assert select('cosine_qk', 'auto', x, (w, ), build=CPU_ONLY) == 'torch'  # w needs a grad
+    with torch.no_grad():
+        assert select('cosine_qk', 'auto', x, (w, ), build=CPU_ONLY) == 'op'
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert select('conv_glu_gate', 'auto', x, build=CPU_ONLY) == 'torch'
+            assert select('attention', 'auto', x, build=CPU_ONLY) == 'op'  # computes in bf16
+
+
+def test_one_warning_per_reason_and_op_raises(monkeypatch):
+    monkeypatch.setattr(dispatch, '_warned', set())
+    x = torch.randn(2, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        with torch.no_grad():
+            for _ in range(3):  # every kernel, several layers: one shared reason, one warning
+                for kernel in dispatch.KERNELS:
+                    assert select(kernel, 'auto', x, build=NONE) == 'torch'
+        for _ in range(2):
+            select('attention', 'auto', x.to('meta'), build=FULL)  # another reason
+            select('attention', 'auto', torch.zeros(2, dtype=torch.int32), build=FULL)  # and one
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 3, messages
+    assert 'not built' in messages[0] and 'is falling back to the slower PyTorch' in messages[0]
+    assert "device 'meta'" in messages[1] and 'no cpu kernel for torch.int32' in messages[2]
+    with pytest.raises(RuntimeError, match="impl='op'.* but the compiled kernels .* not built"):
+        select('conv_glu_gate', 'op', x, build=NONE)
+    with pytest.raises(RuntimeError, match="impl='op'.* but .*no cpu kernel for torch.int32"):
+        select('attention', 'op', torch.zeros(2, dtype=torch.int32), build=FULL)
+
+
+def _package_imports(path, package):
+    """Modules of ``package`` that the module at ``path`` imports (also inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                base = node.module or ''
+                found.update([base] if base else [a.name for a in node.names])
+            elif (node.module or '').startswith(package + '.'):
+                found.add(node.module[len(package) + 1:].split('.')[0])
+            elif node.module == package:
+                found.update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name[len(package) + 1:].split('.')[0] for a in node.names
+                         if a.name.startswith(package + '.'))
+    return {m.split('.')[0] for m in found}
+
+
+def test_ops_modules_form_no_import_cycle():
+    ops_dir = osp.dirname(dispatch.__file__)
+    modules = [m[:-3] for m in sorted(__import__('os').listdir(ops_dir))
+               if m.endswith('.py') and m != '__init__.py']
+    graph = {m: _package_imports(osp.join(ops_dir, m + '.py'), 'transnext_mm.ops') & set(modules)
+             for m in modules}
+    assert graph['dispatch'] == set(), 'dispatch.py decides; it imports no other ops module'
+
+    def reaches(start, target, seen=()):
+        return any(n == target or (n not in seen and reaches(n, target, seen + (n, )))
+                   for n in graph[start])
+
+    cycles = [m for m in modules if reaches(m, m)]
+    assert not cycles, f'import cycle through {cycles}: {graph}'
