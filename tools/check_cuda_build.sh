@@ -4,7 +4,9 @@
 # Compiles ops/csrc/cuda/*.cu with nvcc for one architecture (TORCH_CUDA_ARCH_LIST, default 9.0)
 # and the CUDA launchers ops/csrc/cuda/*.cpp with the host compiler, with the flags torch's
 # BuildExtension uses, into a temporary directory, so CUDA build errors are caught on CPU-only
-# CI. Exit status: 0 ok, 1 compile error, 77 skipped (no nvcc or no CUDA torch).
+# CI. With -Xptxas -v it prints registers, stack and spills of every kernel and fails when a
+# kernel variant for an exact head dim (HeadDim<D, true>: 16, 24, 32, 48, 64) spills to local
+# memory. Exit status: 0 ok, 1 compile error or spill, 77 skipped (no nvcc or no CUDA torch).
 #
 # Usage: tools/check_cuda_build.sh            (PYTHON=... to choose the interpreter)
 set -euo pipefail
@@ -60,12 +62,61 @@ echo "check_cuda_build: $("$NVCC" --version | tail -n 2 | head -n 1) (torch CUDA
 status=0
 start=$(date +%s)
 for src in "$ROOT"/ops/csrc/cuda/*.cu; do
-  echo "  compiling ${src#$ROOT/}"
-  "$NVCC" -c "$src" -o "$OUT/$(basename "$src").o" "${INCLUDES[@]}" \
-    -std=c++20 -O3 -Xcompiler -fPIC --expt-relaxed-constexpr \
-    -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
-    -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ "${DEFINES[@]}" \
-    -gencode "arch=compute_$SM,code=sm_$SM" || status=1
+  echo "  compiling ${src#$ROOT/} (-Xptxas -v)"
+  log="$OUT/$(basename "$src").ptxas"
+  if ! "$NVCC" -c "$src" -o "$OUT/$(basename "$src").o" "${INCLUDES[@]}" \
+      -std=c++20 -O3 -Xcompiler -fPIC --expt-relaxed-constexpr -Xptxas -v \
+      -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+      -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ "${DEFINES[@]}" \
+      -gencode "arch=compute_$SM,code=sm_$SM" > "$log" 2>&1; then
+    cat "$log"
+    status=1
+    continue
+  fi
+  # Registers, stack and spills per kernel (demangled names); the exact head-dim variants
+  # (HeadDim<D, true>) must not spill to local memory, head dim 24 (the released models') above all.
+  "$PY" - "$log" <<'PYEOF' || status=1
+import re
+import subprocess
+import sys
+
+entries, name = {}, None
+for line in open(sys.argv[1]):
+    m = re.search(r"Function properties for (\S+)", line)
+    if m:
+        name = m.group(1)
+        continue
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m and name:
+        entries.setdefault(name, {}).update(stack=int(m[1]), spill=int(m[2]) + int(m[3]))
+    m = re.search(r"Compiling entry function '(\S+)'", line)
+    if m:
+        name = m.group(1)
+    m = re.search(r"Used (\d+) registers", line)
+    if m and name:
+        entries.setdefault(name, {})['registers'] = int(m[1])
+kernels = {k: v for k, v in entries.items() if 'registers' in v}
+names = subprocess.run(['c++filt'], input='\n'.join(kernels), capture_output=True,
+                       text=True).stdout.split('\n')
+failed = []
+for (mangled, info), readable in zip(kernels.items(), names):
+    readable = re.sub(r'transnext_mm::|\(anonymous namespace\)::|c10::', '', readable)
+    readable = readable.split('(')[0]
+    spill = info.get('spill', 0)
+    exact = re.search(r'HeadDim<(\d+), true>', readable)
+    flag = ''
+    if exact and spill:
+        flag = '  <- SPILLS'
+        failed.append(readable)
+    print(f"    {info['registers']:4d} regs {info.get('stack', 0):5d} B stack {spill:5d} B spill  "
+          f"{readable}{flag}")
+if not kernels:
+    print('    no ptxas statistics found')
+    sys.exit(1)
+if failed:
+    print(f'check_cuda_build: {len(failed)} exact head-dim kernels spill to local memory')
+    sys.exit(1)
+PYEOF
 done
 for src in "$ROOT"/ops/csrc/cuda/*.cpp; do
   echo "  compiling ${src#$ROOT/}"

@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from transnext_mm.ops import aggregated_attention_op as op_module
+from transnext_mm.ops import dispatch
 from transnext_mm.ops.aggregated_attention import (aggregated_attention,
-                                                   aggregated_attention_reference)
+                                                   aggregated_attention_reference, op_available)
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 BUILT = op_module._ext is not None
 requires_op = pytest.mark.skipif(
-    not BUILT, reason=f'transnext_mm._ext is not built ({op_module._IMPORT_ERROR})')
+    not BUILT, reason=f'transnext_mm._ext is not built ({dispatch._IMPORT_ERROR})')
 HAS_CUDA_OP = BUILT and op_module._ext.with_cuda and torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA_OP,
                                    reason='needs a GPU and _ext built with CUDA kernels')
@@ -69,8 +70,8 @@ SHAPES = [(2, 3, 5, 7, 4, 24), (1, 2, 1, 1, 1, 5), (2, 1, 1, 6, 3, 7), (2, 2, 9,
 def test_extension_is_built_when_a_compiler_exists():
     if shutil.which(os.environ.get('CXX', 'c++')) is None:
         pytest.skip('no C++ compiler: the package runs on its PyTorch path')
-    assert BUILT, f'transnext_mm._ext failed to import: {op_module._IMPORT_ERROR}'
-    assert op_module.supports(torch.device('cpu'), torch.float32)
+    assert BUILT, f'transnext_mm._ext failed to import: {dispatch._IMPORT_ERROR}'
+    assert op_available(torch.device('cpu'), torch.float32)
 
 
 @requires_op
@@ -126,6 +127,59 @@ def test_cuda_kernels_replayed_on_cpu_match_reference(shape, dtype, rel):
 
 
 @requires_op
+@pytest.mark.parametrize('target_blocks,groups', [(1, 1), (4, 2)])
+@pytest.mark.parametrize('dtype,rel', [(torch.float64, 1e-10), (torch.float16, 3e-3)])
+def test_replayed_pool_grad_schedules(target_blocks, groups, dtype, rel):
+    """The pooled-key gradient kernel with the batch in the grid: one chunk and one group of all
+    3 batch elements (each thread accumulates its bias gradient over them), or 3 chunks and
+    groups of 2 + 1 batch elements (per-group partial sums, summed afterwards)."""
+    shape = B, heads, height, width, Np, d = 3, 1, 7, 10, 5, 24
+    plan = op_module._ext.aggregated_attention_launch_plans(B, heads, height * width, Np, d, True,
+                                                            target_blocks)['pool_grad']
+    assert plan[2] == heads * groups and plan[5] == -(-B // groups)  # grid z, group length
+    tensors = [t.detach() for t in make_inputs(*shape, dtype=dtype)]
+    grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64).to(dtype)
+    _, _, grads = op_module.aggregated_attention_cuda_replay(
+        *tensors, height, width, grad_out=grad_out, pool_target_blocks=target_blocks)
+    _, grads_ref = reference_with_grads(tensors, height, width, grad_out)
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert_close_scaled(g, g_ref, rel * 4, name)
+
+
+@requires_op
+def test_launch_plans_put_the_batch_in_the_grid():
+    """TransNeXt-Micro stage 1 at 224x224, batch 64: the pooled-key gradient kernel used to run
+    8 blocks (chunks capped at 256 / B, batch looped per thread); now it fills the GPU."""
+    plans = op_module._ext.aggregated_attention_launch_plans(64, 2, 56 * 56, 49, 24, True,
+                                                             op_module._ext.pool_grad_target_blocks)
+    gx, gy, gz, threads, chunk_len, group_len = plans['pool_grad']
+    assert gx * gy * gz >= 512 and threads == 64
+    assert gy * chunk_len >= 56 * 56 > (gy - 1) * chunk_len  # chunks cover the queries once
+    groups = gz // 2
+    assert groups * group_len >= 64 > (groups - 1) * group_len  # groups cover the batch once
+    assert groups * 2 * 56 * 56 * 49 <= 1 << 24  # bounded bias partial sums
+    assert plans['forward'] == [25, 128, 1, 128]  # query blocks x (batch, head)
+
+
+@requires_op
+def test_replay_barrier_model():
+    """What lets the replay catch a misplaced __syncthreads in the shared kernel bodies: threads
+    run in reverse order between barriers, shared memory starts as NaN, and a barrier that not
+    all threads reach is an error. (Dropping either ctx.sync() of for_each_pool_tile in the
+    common header makes test_cuda_kernels_replayed_on_cpu_match_reference fail for every shape
+    with more than one pooled key.)"""
+    ext = op_module._ext
+    torch.testing.assert_close(ext.cuda_replay_selftest('barrier'),
+                               torch.arange(63, -1, -1, dtype=torch.float32))
+    racy = ext.cuda_replay_selftest('no_barrier')
+    assert racy[32:].isnan().all() and not racy[:32].isnan().any()  # read before written
+    with pytest.raises(RuntimeError, match='not reached by every thread'):
+        ext.cuda_replay_selftest('divergent')
+    with pytest.raises(RuntimeError, match="mode must be 'barrier'"):
+        ext.cuda_replay_selftest('fast')
+
+
+@requires_op
 def test_replay_without_bias_grad_and_fast_cpu_path_agree():
     tensors = [t.detach() for t in make_inputs(2, 2, 9, 13, 40, 24, dtype=torch.float32)]
     grad_out = torch.randn(2, 2, 9 * 13, 24)
@@ -134,7 +188,8 @@ def test_replay_without_bias_grad_and_fast_cpu_path_agree():
     grads = ext.aggregated_attention_backward(grad_out, *tensors, out, lse, 9, 13, False)
     assert grads[6].numel() == 0  # no bias_pool gradient asked for
     out_r, lse_r = ext.aggregated_attention_forward_replay(*tensors, 9, 13)
-    grads_r = ext.aggregated_attention_backward_replay(grad_out, *tensors, out, lse, 9, 13, True)
+    grads_r = ext.aggregated_attention_backward_replay(grad_out, *tensors, out, lse, 9, 13, True,
+                                                       ext.pool_grad_target_blocks)
     torch.testing.assert_close(out_r, out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse_r, lse, rtol=1e-5, atol=1e-5)
     for i, (g, g_r) in enumerate(zip(grads, grads_r)):
@@ -164,9 +219,11 @@ def test_strided_views_are_read_in_place(dtype):
     out_ref, grads_ref = reference_with_grads(tensors, height, width, grad_out)
     rel = 1e-10 if dtype == torch.float64 else 3e-3
     ext = op_module._ext
+    def replay_backward(*args):
+        return ext.aggregated_attention_backward_replay(*args, ext.pool_grad_target_blocks)
+
     for forward, backward in ((ext.aggregated_attention_forward, ext.aggregated_attention_backward),
-                              (ext.aggregated_attention_forward_replay,
-                               ext.aggregated_attention_backward_replay)):
+                              (ext.aggregated_attention_forward_replay, replay_backward)):
         out, lse = forward(*tensors, height, width)
         assert out.transpose(1, 2).is_contiguous()  # (B, N, heads, d) memory
         grads = backward(grad_out, *tensors, out, lse, height, width, True)
@@ -260,15 +317,18 @@ def test_library_registration_opcheck():
 @requires_op
 def test_dispatch_and_messages():
     cpu, meta = torch.device('cpu'), torch.device('meta')
-    assert op_module.supports(cpu, torch.float64) and op_module.supports(cpu, torch.bfloat16)
-    assert not op_module.supports(meta, torch.float32)
-    assert "no kernels for device 'meta'" in op_module.unsupported_reason(meta, torch.float32)
-    assert 'no cpu kernel for torch.int32' in op_module.unsupported_reason(cpu, torch.int32)
+    assert op_available(cpu, torch.float64) and op_available(cpu, torch.bfloat16)
+    assert not op_available(meta, torch.float32)
+
+    def reason(device, dtype):
+        return dispatch.choose('attention', 'auto', device, dtype).reason
+
+    assert "no kernels for device 'meta'" in reason(meta, torch.float32)
+    assert 'no cpu kernel for torch.int32' in reason(cpu, torch.int32)
     if not op_module._ext.with_cuda:
-        assert 'built without CUDA kernels' in op_module.unsupported_reason(
-            torch.device('cuda'), torch.float32)
+        assert 'built without CUDA kernels' in reason(torch.device('cuda'), torch.float32)
     meta_inputs = [t.detach().to(meta) for t in make_inputs(1, 2, 3, 4, 2, 8)]
-    with pytest.raises(RuntimeError, match="attn_impl='op' but .*no kernels for device 'meta'"):
+    with pytest.raises(RuntimeError, match="impl='op'.* but .*no kernels for device 'meta'"):
         aggregated_attention(*meta_inputs, 3, 4, impl='op')
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')

@@ -340,23 +340,286 @@ C10_HOST_DEVICE inline void gather_window_grads(Rows<const scalar_t> q_bh,
   *dv = sum_v;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Host-side launch parameters shared by the CUDA launchers and their CPU replay.
-constexpr int kQueryThreads = 128;  // forward and dq kernels: one query per thread
-constexpr int kPoolThreads = 64;    // pooled-key gradient kernel: one pooled key per thread
+// =============================================================================================
+// Kernel bodies, written once for the CUDA kernels and their CPU replay.
+//
+// Each body is the code of one thread block, templated over a context `Ctx` that supplies
+//   ctx.thread()  (threadIdx.x)      ctx.threads() (blockDim.x)
+//   ctx.block(a)  (blockIdx.x/y/z)   ctx.grid(a)   (gridDim.x/y/z)     ctx.sync() (__syncthreads)
+// and over the block's shared memory (a struct the CUDA kernel declares __shared__). The CUDA
+// kernels (cuda/aggregated_attention_kernels.cu) are one-line wrappers; the replay
+// (cpu/aggregated_attention_cuda_replay.cpp) runs every thread of a block as a fiber that yields at
+// ctx.sync(), in reverse thread order, over the grid that the launch plans below compute for both.
+// A missing barrier lets a thread read shared memory that others have not written yet (the replay
+// fills it with NaN first) or have overwritten already, so the replay's results go wrong.
 
-// Query chunk length of the pooled-key gradient kernel: enough (heads x key tiles x chunks) blocks
-// to fill a GPU, while the (chunks, B, heads, Np, d) partial sums stay bounded. Any length works
-// (the last tile of a chunk may be partial); multiples of 32 keep tiles full.
-inline int64_t pool_grad_chunk_len(int64_t batch, int64_t heads, int64_t num_tokens,
-                                   int64_t num_pool) {
+struct AttentionSizes {
+  int64_t batch, heads, tokens, pool, height, width;
+  int d;
+};
+
+// q, k, v, out (and grad_out, dq, dk, dv) are (B, heads, N, d) with contiguous channels and the
+// given strides; every other tensor is contiguous.
+template <typename scalar_t>
+struct ForwardParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  AttentionSizes sizes;
+  const scalar_t *q, *k, *v, *k_pool, *v_pool, *rpb, *bias, *token_weight;
+  scalar_t* out;
+  acc_t* lse;  // (B, heads, N)
+  RowLayout q_layout, k_layout, v_layout, out_layout;
+};
+
+template <typename scalar_t>
+struct BackwardParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  AttentionSizes sizes;
+  const scalar_t *grad_out, *q, *k, *v, *k_pool, *v_pool, *rpb, *bias, *token_weight, *out;
+  const acc_t* lse;
+  scalar_t *dq, *dk, *dv, *dtoken_weight;
+  acc_t *ds_local, *weight_local;  // (B, heads, N, 9) scratch
+  acc_t* delta;                    // (B, heads, N) scratch
+  acc_t* dbias_partial;  // (groups, heads, N, Np), summed over groups; null: no bias gradient
+  acc_t *dkp_partial, *dvp_partial;  // (chunks, B, heads, Np, d), summed over chunks
+  int64_t chunk_len;                 // queries per block of the pooled-key kernel
+  int64_t group_len;                 // batch elements per block of the pooled-key kernel
+  RowLayout grad_layout, q_layout, k_layout, v_layout, out_layout, dq_layout, dk_layout, dv_layout;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Launch plans (host code shared by the CUDA launchers and the replay).
+constexpr int kQueryThreads = 128;   // forward and dq kernels: one query per thread
+constexpr int kPoolThreads = 64;     // pooled-key gradient kernel: one pooled key per thread
+constexpr int kGatherThreads = 256;  // window dk / dv gather: one element per thread
+constexpr int64_t kMaxGridYZ = 65535;
+
+struct Launch {
+  int64_t grid[3];
+  int threads;
+};
+
+inline Launch query_launch(const AttentionSizes& s) {
+  const int64_t blocks = (s.tokens + kQueryThreads - 1) / kQueryThreads;
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "aggregated_attention: too many tokens");
+  return {{blocks, std::min<int64_t>(s.batch * s.heads, kMaxGridYZ), 1}, kQueryThreads};
+}
+
+inline Launch gather_launch(const AttentionSizes& s) {
+  const int64_t total = s.batch * s.heads * s.tokens * s.d;
+  return {{std::min<int64_t>((total + kGatherThreads - 1) / kGatherThreads, int64_t(1) << 20), 1,
+           1},
+          kGatherThreads};
+}
+
+// Pooled-key gradient: grid (key tiles, query chunks, heads x batch groups). Each block owns
+// d bias_pool[h, chunk, keys] for its batch group, accumulated over the group's batch elements
+// by the owning thread (no atomics) into per-group partial sums, which the launcher sums over
+// the groups. Chunks and groups are sized to fill a GPU (about kTargetBlocks blocks) while the
+// per-chunk dk_pool / dv_pool partials (chunks, B, heads, Np, d) and the per-group bias partials
+// (groups, heads, N, Np) stay bounded.
+struct PoolGradPlan {
+  int64_t chunk_len, chunks, group_len, groups;
+  Launch launch;
+};
+
+constexpr int64_t kPoolGradTargetBlocks = 1024;
+
+inline PoolGradPlan pool_grad_plan(const AttentionSizes& s, bool bias_grad,
+                                   int64_t target_blocks = kPoolGradTargetBlocks) {
   constexpr int64_t kGranule = 32;
-  const int64_t key_tiles = std::max<int64_t>(1, (num_pool + kPoolThreads - 1) / kPoolThreads);
-  int64_t chunks = (1024 + heads * key_tiles - 1) / (heads * key_tiles);
-  chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, 256 / std::max<int64_t>(batch, 1)));
-  chunks = std::max<int64_t>(1, std::min(chunks, (num_tokens + kGranule - 1) / kGranule));
-  const int64_t per_chunk = (num_tokens + chunks - 1) / chunks;
-  return std::max<int64_t>(1, (per_chunk + kGranule - 1) / kGranule) * kGranule;
+  const int64_t kTargetBlocks = std::max<int64_t>(1, target_blocks);
+  constexpr int64_t kMaxPartial = int64_t(1) << 24;  // elements of each kind of partial sums
+  const int64_t batch = std::max<int64_t>(s.batch, 1), heads = std::max<int64_t>(s.heads, 1);
+  const int64_t key_tiles = std::max<int64_t>(1, (s.pool + kPoolThreads - 1) / kPoolThreads);
+  const int64_t granules = std::max<int64_t>(1, (s.tokens + kGranule - 1) / kGranule);
+  int64_t chunks = (kTargetBlocks + heads * key_tiles - 1) / (heads * key_tiles);
+  const int64_t chunk_slab = std::max<int64_t>(1, batch * heads * s.pool * s.d);
+  chunks = std::min({chunks, granules, std::max<int64_t>(1, kMaxPartial / chunk_slab), kMaxGridYZ});
+  const int64_t chunk_len = ((granules + chunks - 1) / chunks) * kGranule;
+  chunks = std::max<int64_t>(1, (s.tokens + chunk_len - 1) / chunk_len);
+  int64_t groups = (kTargetBlocks + heads * key_tiles * chunks - 1) / (heads * key_tiles * chunks);
+  groups = std::min(groups, batch);
+  const int64_t bias_slab = std::max<int64_t>(1, heads * s.tokens * s.pool);
+  if (bias_grad) groups = std::min(groups, std::max<int64_t>(1, kMaxPartial / bias_slab));
+  groups = std::max<int64_t>(1, std::min(groups, kMaxGridYZ / heads));
+  const int64_t group_len = (batch + groups - 1) / groups;
+  groups = (batch + group_len - 1) / group_len;
+  return {chunk_len, chunks, group_len, groups, {{key_tiles, chunks, heads * groups}, kPoolThreads}};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block bodies.
+template <typename acc_t, int kTile, int kMaxD>
+struct PoolTiles {
+  acc_t kp[kTile * kMaxD];
+  acc_t vp[kTile * kMaxD];
+};
+
+// Streams this (batch, head)'s pooled keys / values through shared-memory tiles, calling
+// use(kp_tile, vp_tile, p0, count) for every tile between the barriers.
+template <typename HD, typename acc_t, int kTile, typename scalar_t, typename Ctx, typename Use>
+C10_HOST_DEVICE inline void for_each_pool_tile(const Ctx& ctx, PoolTiles<acc_t, kTile, HD::kMax>& sh,
+                                               const scalar_t* k_pool, const scalar_t* v_pool,
+                                               const AttentionSizes& s, int64_t bh, Use&& use) {
+  for (int64_t p0 = 0; p0 < s.pool; p0 += kTile) {
+    const int count = static_cast<int>(tnx_min<int64_t>(kTile, s.pool - p0));
+    const int64_t offset = (bh * s.pool + p0) * s.d;
+    load_tile(sh.kp, HD::kMax, k_pool + offset, s.d, count, s.d, ctx.thread(), ctx.threads());
+    load_tile(sh.vp, HD::kMax, v_pool + offset, s.d, count, s.d, ctx.thread(), ctx.threads());
+    ctx.sync();  // the tile is complete
+    use(sh.kp, sh.vp, p0, count);
+    ctx.sync();  // every thread is done with it before the next tile overwrites it
+  }
+}
+
+// Forward: one thread per query (grid: query blocks x (batch, head)); window, then pooled keys.
+template <typename scalar_t, typename HD>
+using ForwardShared = PoolTiles<at::opmath_type<scalar_t>,
+                                TileRows<HD::kMax, at::opmath_type<scalar_t>>::value, HD::kMax>;
+
+template <typename scalar_t, typename HD, typename Ctx>
+C10_HOST_DEVICE void forward_block(const Ctx& ctx, const ForwardParams<scalar_t>& p,
+                                   ForwardShared<scalar_t, HD>& sh) {
+  using Thread = ForwardThread<scalar_t, HD>;
+  using acc_t = typename Thread::acc_t;
+  const AttentionSizes& s = p.sizes;
+  const int64_t i = ctx.block(0) * ctx.threads() + ctx.thread();
+  const bool active = i < s.tokens;
+  for (int64_t bh = ctx.block(1); bh < s.batch * s.heads; bh += ctx.grid(1)) {
+    const int64_t h = bh % s.heads;
+    Thread thread;
+    if (active)
+      thread.window(p.q_layout.rows(p.q, bh, s.heads), p.k_layout.rows(p.k, bh, s.heads),
+                    p.v_layout.rows(p.v, bh, s.heads), p.rpb + h * kWindowArea,
+                    p.token_weight + (bh * s.tokens + i) * kWindowArea, i, s.height, s.width,
+                    s.d);
+    for_each_pool_tile<HD, acc_t, Thread::kTile>(
+        ctx, sh, p.k_pool, p.v_pool, s, bh,
+        [&](const acc_t* kp, const acc_t* vp, int64_t p0, int count) {
+          if (active)
+            thread.pool_tile(kp, vp, count, p.bias + (h * s.tokens + i) * s.pool + p0, s.d);
+        });
+    if (active)
+      thread.finish(p.out_layout.rows(p.out, bh, s.heads).row(i), p.lse + bh * s.tokens + i, s.d);
+  }
+}
+
+// Backward, query side (same grid as the forward): dq, the window's ds / weights, d token_weight
+// and delta.
+template <typename scalar_t, typename HD, typename Ctx>
+C10_HOST_DEVICE void backward_query_block(const Ctx& ctx, const BackwardParams<scalar_t>& p,
+                                          ForwardShared<scalar_t, HD>& sh) {
+  using Thread = BackwardQueryThread<scalar_t, HD>;
+  using acc_t = typename Thread::acc_t;
+  constexpr int kTile = TileRows<HD::kMax, acc_t>::value;
+  const AttentionSizes& s = p.sizes;
+  const int64_t i = ctx.block(0) * ctx.threads() + ctx.thread();
+  const bool active = i < s.tokens;
+  for (int64_t bh = ctx.block(1); bh < s.batch * s.heads; bh += ctx.grid(1)) {
+    const int64_t h = bh % s.heads;
+    const int64_t row = bh * s.tokens + i;
+    Thread thread;
+    if (active)
+      thread.window(p.q_layout.rows(p.q, bh, s.heads), p.k_layout.rows(p.k, bh, s.heads),
+                    p.v_layout.rows(p.v, bh, s.heads), p.rpb + h * kWindowArea,
+                    p.token_weight + row * kWindowArea,
+                    p.out_layout.rows(p.out, bh, s.heads).row(i),
+                    p.grad_layout.rows(p.grad_out, bh, s.heads).row(i), p.lse[row], i, s.height,
+                    s.width, s.d, p.ds_local + row * kWindowArea,
+                    p.weight_local + row * kWindowArea, p.dtoken_weight + row * kWindowArea,
+                    p.delta + row);
+    for_each_pool_tile<HD, acc_t, kTile>(
+        ctx, sh, p.k_pool, p.v_pool, s, bh,
+        [&](const acc_t* kp, const acc_t* vp, int64_t p0, int count) {
+          if (active)
+            thread.pool_tile(kp, vp, count, p.bias + (h * s.tokens + i) * s.pool + p0, s.d);
+        });
+    if (active) thread.finish(p.dq_layout.rows(p.dq, bh, s.heads).row(i), s.d);
+  }
+}
+
+// Backward, pooled-key side (grid: pool_grad_plan): one thread per pooled key, streaming the
+// block's query chunk through shared-memory tiles for each batch element of its group.
+template <typename scalar_t, typename HD>
+struct PoolGradShared {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kTile = TileRows<HD::kMax, acc_t>::value;
+  acc_t q[kTile * HD::kMax];
+  acc_t g[kTile * HD::kMax];
+  acc_t lse[kTile];
+  acc_t delta[kTile];
+};
+
+template <typename scalar_t, typename HD, typename Ctx>
+C10_HOST_DEVICE void backward_pool_block(const Ctx& ctx, const BackwardParams<scalar_t>& p,
+                                         PoolGradShared<scalar_t, HD>& sh) {
+  using Thread = BackwardPoolThread<scalar_t, HD>;
+  constexpr int kTile = PoolGradShared<scalar_t, HD>::kTile;
+  const AttentionSizes& s = p.sizes;
+  const int64_t key = ctx.block(0) * ctx.threads() + ctx.thread();
+  const bool active = key < s.pool;
+  const int64_t chunk = ctx.block(1), h = ctx.block(2) % s.heads, group = ctx.block(2) / s.heads;
+  const int64_t i_begin = chunk * p.chunk_len;
+  const int64_t i_end = tnx_min(s.tokens, i_begin + p.chunk_len);
+  const int64_t b_begin = group * p.group_len;
+  const int64_t b_end = tnx_min(s.batch, b_begin + p.group_len);
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    const int64_t bh = b * s.heads + h;
+    const Rows<const scalar_t> q_bh = p.q_layout.rows(p.q, bh, s.heads);
+    const Rows<const scalar_t> g_bh = p.grad_layout.rows(p.grad_out, bh, s.heads);
+    Thread thread;
+    if (active)
+      thread.begin(p.k_pool + (bh * s.pool + key) * s.d, p.v_pool + (bh * s.pool + key) * s.d,
+                   s.d);
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += kTile) {
+      const int count = static_cast<int>(tnx_min<int64_t>(kTile, i_end - i0));
+      load_tile(sh.q, HD::kMax, q_bh.row(i0), q_bh.stride, count, s.d, ctx.thread(),
+                ctx.threads());
+      load_tile(sh.g, HD::kMax, g_bh.row(i0), g_bh.stride, count, s.d, ctx.thread(),
+                ctx.threads());
+      for (int t = ctx.thread(); t < count; t += ctx.threads()) {
+        sh.lse[t] = p.lse[bh * s.tokens + i0 + t];
+        sh.delta[t] = p.delta[bh * s.tokens + i0 + t];
+      }
+      ctx.sync();
+      if (active) {
+        const int64_t column = (h * s.tokens + i0) * s.pool + key;
+        thread.query_tile(sh.q, sh.g, sh.lse, sh.delta, count, p.bias + column,
+                          p.dbias_partial == nullptr
+                              ? nullptr
+                              : p.dbias_partial + group * s.heads * s.tokens * s.pool + column,
+                          s.pool, b == b_begin, s.d);
+      }
+      ctx.sync();
+    }
+    if (active) {
+      const int64_t slot = ((chunk * s.batch + b) * s.heads + h) * s.pool + key;
+      thread.finish(p.dkp_partial + slot * s.d, p.dvp_partial + slot * s.d, s.d);
+    }
+  }
+}
+
+// Window keys / values (grid: gather_launch; no shared memory): one thread per (batch, head,
+// key position, channel), grid-stride.
+template <typename scalar_t, typename Ctx>
+C10_HOST_DEVICE void window_grad_block(const Ctx& ctx, const BackwardParams<scalar_t>& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const AttentionSizes& s = p.sizes;
+  const int64_t total = s.batch * s.heads * s.tokens * s.d;
+  for (int64_t idx = ctx.block(0) * ctx.threads() + ctx.thread(); idx < total;
+       idx += static_cast<int64_t>(ctx.threads()) * ctx.grid(0)) {
+    const int c = static_cast<int>(idx % s.d);
+    const int64_t n = (idx / s.d) % s.tokens;
+    const int64_t bh = idx / (static_cast<int64_t>(s.d) * s.tokens);
+    acc_t grad_k, grad_v;
+    gather_window_grads(p.q_layout.rows(p.q, bh, s.heads),
+                        p.grad_layout.rows(p.grad_out, bh, s.heads),
+                        p.ds_local + bh * s.tokens * kWindowArea,
+                        p.weight_local + bh * s.tokens * kWindowArea, n, c, s.height, s.width,
+                        &grad_k, &grad_v);
+    p.dk_layout.rows(p.dk, bh, s.heads).row(n)[c] = static_cast<scalar_t>(grad_k);
+    p.dv_layout.rows(p.dv, bh, s.heads).row(n)[c] = static_cast<scalar_t>(grad_v);
+  }
 }
 
 // Calls fn(HeadDim<...>{}) with the kernel variant for head dimension d.

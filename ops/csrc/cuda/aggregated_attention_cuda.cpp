@@ -1,34 +1,39 @@
 // Copyright (c) transnext-mm contributors. All rights reserved.
 //
-// CUDA launchers of the aggregated-attention op: allocate outputs and scratch on the inputs'
-// device, launch the kernels on the current stream, reduce the per-chunk partial sums.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
+// CUDA launchers of the aggregated-attention op: the glue shared with the CPU replay
+// (pytorch/aggregated_attention_glue.h) with a backend that launches the kernels on the current
+// stream of the inputs' device.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <type_traits>
 #include <vector>
 
-#include "../common/aggregated_attention_common.h"
-#include "../pytorch/aggregated_attention.h"
+#include "../pytorch/aggregated_attention_glue.h"
 #include "aggregated_attention_cuda.h"
 
 namespace transnext_mm {
 namespace {
 
 // fp32, fp16 and bf16 (fp32 accumulation); fp64 stays on the CPU / PyTorch paths.
-#define TNX_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                             \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__) \
-                                         AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
-
-AttentionSizes sizes_of(const at::Tensor& q, const at::Tensor& k_pool, int64_t height,
-                        int64_t width) {
-  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 128,
-              "aggregated_attention: the CUDA kernels support head dims 1..128, got ", q.size(3));
-  return {q.size(0), q.size(1), q.size(2), k_pool.size(2), height, width,
-          static_cast<int>(q.size(3))};
-}
+struct CudaBackend {
+  template <typename scalar_t>
+  static void forward(const ForwardParams<scalar_t>& p) {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "aggregated_attention: no CUDA kernel for float64");
+    } else {
+      launch_aggregated_attention_forward(p, c10::cuda::getCurrentCUDAStream());
+    }
+  }
+  template <typename scalar_t>
+  static void backward(const BackwardParams<scalar_t>& p, const Launch& pool_launch) {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "aggregated_attention: no CUDA kernel for float64");
+    } else {
+      launch_aggregated_attention_backward(p, pool_launch, c10::cuda::getCurrentCUDAStream());
+    }
+  }
+};
 
 }  // namespace
 
@@ -37,30 +42,8 @@ std::vector<at::Tensor> aggregated_attention_forward_cuda(
     const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,
     const at::Tensor& token_weight, int64_t height, int64_t width) {
   const c10::cuda::CUDAGuard device_guard(q.device());
-  auto out = empty_rows_like(q);
-  auto lse = at::empty({q.size(0), q.size(1), q.size(2)},
-                       q.options().dtype(at::toOpMathType(q.scalar_type())));
-  if (q.numel() == 0) return {out, lse};
-  const AttentionSizes sizes = sizes_of(q, k_pool, height, width);
-  TNX_DISPATCH_CUDA_TYPES(q.scalar_type(), "aggregated_attention_forward_cuda", [&] {
-    ForwardParams<scalar_t> p{sizes,
-                              q.data_ptr<scalar_t>(),
-                              k.data_ptr<scalar_t>(),
-                              v.data_ptr<scalar_t>(),
-                              k_pool.data_ptr<scalar_t>(),
-                              v_pool.data_ptr<scalar_t>(),
-                              rpb.data_ptr<scalar_t>(),
-                              bias.data_ptr<scalar_t>(),
-                              token_weight.data_ptr<scalar_t>(),
-                              out.data_ptr<scalar_t>(),
-                              lse.data_ptr<at::opmath_type<scalar_t>>(),
-                              row_layout(q),
-                              row_layout(k),
-                              row_layout(v),
-                              row_layout(out)};
-    launch_aggregated_attention_forward(p, c10::cuda::getCurrentCUDAStream());
-  });
-  return {out, lse};
+  return kernel_forward<CudaBackend>(q, k, v, k_pool, v_pool, rpb, bias, token_weight, height,
+                                     width);
 }
 
 std::vector<at::Tensor> aggregated_attention_backward_cuda(
@@ -69,70 +52,8 @@ std::vector<at::Tensor> aggregated_attention_backward_cuda(
     const at::Tensor& bias, const at::Tensor& token_weight, const at::Tensor& out,
     const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad) {
   const c10::cuda::CUDAGuard device_guard(q.device());
-  const int64_t batch = q.size(0), heads = q.size(1), N = q.size(2), d = q.size(3);
-  const int64_t Np = k_pool.size(2);
-  if (q.numel() == 0) {
-    return {empty_rows_like(q), empty_rows_like(k), empty_rows_like(v), at::zeros_like(k_pool),
-            at::zeros_like(v_pool), at::zeros_like(rpb),
-            bias_grad ? at::zeros_like(bias) : at::empty({0, N, Np}, bias.options()),
-            at::zeros_like(token_weight)};
-  }
-  const AttentionSizes sizes = sizes_of(q, k_pool, height, width);
-  const auto acc_options = q.options().dtype(lse.scalar_type());
-  auto dq = empty_rows_like(q), dk = empty_rows_like(k), dv = empty_rows_like(v);
-  auto dtoken_weight = at::empty_like(token_weight);
-  auto ds_local = at::empty({batch, heads, N, kWindowArea}, acc_options);
-  auto weight_local = at::empty_like(ds_local);
-  auto delta = at::empty({batch, heads, N}, acc_options);
-  // Every element is written by the first batch element's pass of the pooled-key kernel.
-  auto dbias = at::empty({bias_grad ? heads : 0, N, Np}, acc_options);
-  const int64_t chunk_len = pool_grad_chunk_len(batch, heads, N, Np);
-  auto dkp_partial = at::empty({(N + chunk_len - 1) / chunk_len, batch, heads, Np, d}, acc_options);
-  auto dvp_partial = at::empty_like(dkp_partial);
-  TNX_DISPATCH_CUDA_TYPES(q.scalar_type(), "aggregated_attention_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    BackwardParams<scalar_t> p;
-    p.sizes = sizes;
-    p.grad_out = grad_out.data_ptr<scalar_t>();
-    p.q = q.data_ptr<scalar_t>();
-    p.k = k.data_ptr<scalar_t>();
-    p.v = v.data_ptr<scalar_t>();
-    p.k_pool = k_pool.data_ptr<scalar_t>();
-    p.v_pool = v_pool.data_ptr<scalar_t>();
-    p.rpb = rpb.data_ptr<scalar_t>();
-    p.bias = bias.data_ptr<scalar_t>();
-    p.token_weight = token_weight.data_ptr<scalar_t>();
-    p.out = out.data_ptr<scalar_t>();
-    p.lse = lse.data_ptr<acc_t>();
-    p.dq = dq.data_ptr<scalar_t>();
-    p.dk = dk.data_ptr<scalar_t>();
-    p.dv = dv.data_ptr<scalar_t>();
-    p.dtoken_weight = dtoken_weight.data_ptr<scalar_t>();
-    p.ds_local = ds_local.data_ptr<acc_t>();
-    p.weight_local = weight_local.data_ptr<acc_t>();
-    p.delta = delta.data_ptr<acc_t>();
-    p.dbias = bias_grad ? dbias.data_ptr<acc_t>() : nullptr;
-    p.dkp_partial = dkp_partial.data_ptr<acc_t>();
-    p.dvp_partial = dvp_partial.data_ptr<acc_t>();
-    p.chunk_len = chunk_len;
-    p.grad_layout = row_layout(grad_out);
-    p.q_layout = row_layout(q);
-    p.k_layout = row_layout(k);
-    p.v_layout = row_layout(v);
-    p.out_layout = row_layout(out);
-    p.dq_layout = row_layout(dq);
-    p.dk_layout = row_layout(dk);
-    p.dv_layout = row_layout(dv);
-    launch_aggregated_attention_backward(p, c10::cuda::getCurrentCUDAStream());
-  });
-  return {dq,
-          dk,
-          dv,
-          dkp_partial.sum(0).to(q.scalar_type()),
-          dvp_partial.sum(0).to(q.scalar_type()),
-          ds_local.sum({0, 2}).to(rpb.scalar_type()),
-          dbias.to(bias.scalar_type()),
-          dtoken_weight};
+  return kernel_backward<CudaBackend>(grad_out, q, k, v, k_pool, v_pool, rpb, bias, token_weight,
+                                      out, lse, height, width, bias_grad);
 }
 
 }  // namespace transnext_mm

@@ -164,12 +164,14 @@ std::vector<at::Tensor> aggregated_attention_backward_replay(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb_local,
     const at::Tensor& bias_pool, const at::Tensor& token_weight, const at::Tensor& out,
-    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad) {
+    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad,
+    int64_t pool_target_blocks) {
   TORCH_CHECK(q.device().is_cpu(), "aggregated_attention replay: expects CPU tensors");
   const auto t = checked_backward(grad_out, q, k, v, k_pool, v_pool, rpb_local, bias_pool,
                                   token_weight, out, lse, height, width);
   return aggregated_attention_backward_cuda_replay(t[8], t[0], t[1], t[2], t[3], t[4], t[5], t[6],
-                                                   t[7], t[9], t[10], height, width, bias_grad);
+                                                   t[7], t[9], t[10], height, width, bias_grad,
+                                                   pool_target_blocks);
 }
 
 }  // namespace transnext_mm

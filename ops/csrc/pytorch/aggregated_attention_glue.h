@@ -1,0 +1,143 @@
+// Copyright (c) transnext-mm contributors. All rights reserved.
+//
+// Host glue of the CUDA kernels, shared by the CUDA launchers (cuda/aggregated_attention_cuda.cpp)
+// and their CPU replay (cpu/aggregated_attention_cuda_replay.cpp): output and scratch allocation,
+// kernel parameters, the pooled-key plan, and the final reductions of the partial sums. A
+// `Backend` runs the kernels:
+//   template <typename scalar_t> static void forward(const ForwardParams<scalar_t>&);
+//   template <typename scalar_t> static void backward(const BackwardParams<scalar_t>&,
+//                                                     const Launch& pool_launch);
+// Inputs are checked and made row-addressable by the caller (pytorch/aggregated_attention.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <vector>
+
+#include "../common/aggregated_attention_common.h"
+#include "aggregated_attention.h"
+
+namespace transnext_mm {
+
+inline AttentionSizes attention_sizes(const at::Tensor& q, const at::Tensor& k_pool,
+                                      int64_t height, int64_t width) {
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 128,
+              "aggregated_attention: the CUDA kernels support head dims 1..128, got ", q.size(3));
+  return {q.size(0), q.size(1), q.size(2), k_pool.size(2), height, width,
+          static_cast<int>(q.size(3))};
+}
+
+template <typename Backend>
+std::vector<at::Tensor> kernel_forward(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& k_pool,
+                                       const at::Tensor& v_pool, const at::Tensor& rpb,
+                                       const at::Tensor& bias, const at::Tensor& token_weight,
+                                       int64_t height, int64_t width) {
+  auto out = empty_rows_like(q);
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)},
+                       q.options().dtype(at::toOpMathType(q.scalar_type())));
+  if (q.numel() == 0) return {out, lse};
+  const AttentionSizes sizes = attention_sizes(q, k_pool, height, width);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::Half, at::ScalarType::BFloat16, q.scalar_type(), "aggregated_attention", [&] {
+        ForwardParams<scalar_t> p{sizes,
+                                  q.data_ptr<scalar_t>(),
+                                  k.data_ptr<scalar_t>(),
+                                  v.data_ptr<scalar_t>(),
+                                  k_pool.data_ptr<scalar_t>(),
+                                  v_pool.data_ptr<scalar_t>(),
+                                  rpb.data_ptr<scalar_t>(),
+                                  bias.data_ptr<scalar_t>(),
+                                  token_weight.data_ptr<scalar_t>(),
+                                  out.data_ptr<scalar_t>(),
+                                  lse.data_ptr<at::opmath_type<scalar_t>>(),
+                                  row_layout(q),
+                                  row_layout(k),
+                                  row_layout(v),
+                                  row_layout(out)};
+        Backend::template forward<scalar_t>(p);
+      });
+  return {out, lse};
+}
+
+template <typename Backend>
+std::vector<at::Tensor> kernel_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                                        const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                        const at::Tensor& rpb, const at::Tensor& bias,
+                                        const at::Tensor& token_weight, const at::Tensor& out,
+                                        const at::Tensor& lse, int64_t height, int64_t width,
+                                        bool bias_grad,
+                                        int64_t target_blocks = kPoolGradTargetBlocks) {
+  const int64_t batch = q.size(0), heads = q.size(1), N = q.size(2), d = q.size(3);
+  const int64_t Np = k_pool.size(2);
+  if (q.numel() == 0) {
+    return {empty_rows_like(q), empty_rows_like(k), empty_rows_like(v), at::zeros_like(k_pool),
+            at::zeros_like(v_pool), at::zeros_like(rpb),
+            bias_grad ? at::zeros_like(bias) : at::empty({0, N, Np}, bias.options()),
+            at::zeros_like(token_weight)};
+  }
+  const AttentionSizes sizes = attention_sizes(q, k_pool, height, width);
+  const PoolGradPlan plan = pool_grad_plan(sizes, bias_grad, target_blocks);
+  const auto acc_options = q.options().dtype(lse.scalar_type());
+  auto dq = empty_rows_like(q), dk = empty_rows_like(k), dv = empty_rows_like(v);
+  auto dtoken_weight = at::empty_like(token_weight);
+  auto ds_local = at::empty({batch, heads, N, kWindowArea}, acc_options);
+  auto weight_local = at::empty_like(ds_local);
+  auto delta = at::empty({batch, heads, N}, acc_options);
+  // Every element is written by the first batch element of its group (none when Np = 0).
+  auto dbias_partial = at::empty({bias_grad ? plan.groups : 0, heads, N, Np}, acc_options);
+  // (Np = 0: the pooled-key kernel does not run and these sums are empty.)
+  auto dkp_partial = at::empty({plan.chunks, batch, heads, Np, d}, acc_options);
+  auto dvp_partial = at::empty_like(dkp_partial);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::Half, at::ScalarType::BFloat16, q.scalar_type(), "aggregated_attention", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        BackwardParams<scalar_t> p;
+        p.sizes = sizes;
+        p.grad_out = grad_out.data_ptr<scalar_t>();
+        p.q = q.data_ptr<scalar_t>();
+        p.k = k.data_ptr<scalar_t>();
+        p.v = v.data_ptr<scalar_t>();
+        p.k_pool = k_pool.data_ptr<scalar_t>();
+        p.v_pool = v_pool.data_ptr<scalar_t>();
+        p.rpb = rpb.data_ptr<scalar_t>();
+        p.bias = bias.data_ptr<scalar_t>();
+        p.token_weight = token_weight.data_ptr<scalar_t>();
+        p.out = out.data_ptr<scalar_t>();
+        p.lse = lse.data_ptr<acc_t>();
+        p.dq = dq.data_ptr<scalar_t>();
+        p.dk = dk.data_ptr<scalar_t>();
+        p.dv = dv.data_ptr<scalar_t>();
+        p.dtoken_weight = dtoken_weight.data_ptr<scalar_t>();
+        p.ds_local = ds_local.data_ptr<acc_t>();
+        p.weight_local = weight_local.data_ptr<acc_t>();
+        p.delta = delta.data_ptr<acc_t>();
+        p.dbias_partial = bias_grad ? dbias_partial.data_ptr<acc_t>() : nullptr;
+        p.dkp_partial = dkp_partial.data_ptr<acc_t>();
+        p.dvp_partial = dvp_partial.data_ptr<acc_t>();
+        p.chunk_len = plan.chunk_len;
+        p.group_len = plan.group_len;
+        p.grad_layout = row_layout(grad_out);
+        p.q_layout = row_layout(q);
+        p.k_layout = row_layout(k);
+        p.v_layout = row_layout(v);
+        p.out_layout = row_layout(out);
+        p.dq_layout = row_layout(dq);
+        p.dk_layout = row_layout(dk);
+        p.dv_layout = row_layout(dv);
+        Backend::template backward<scalar_t>(p, plan.launch);
+      });
+  auto dbias = bias_grad ? dbias_partial.sum(0) : at::empty({0, N, Np}, acc_options);
+  return {dq,
+          dk,
+          dv,
+          dkp_partial.sum(0).to(q.scalar_type()),
+          dvp_partial.sum(0).to(q.scalar_type()),
+          ds_local.sum({0, 2}).to(rpb.scalar_type()),
+          dbias.to(bias.scalar_type()),
+          dtoken_weight};
+}
+
+}  // namespace transnext_mm
