@@ -5,8 +5,8 @@
 # and the CUDA launchers ops/csrc/cuda/*.cpp with the host compiler, with the flags torch's
 # BuildExtension uses, into a temporary directory, so CUDA build errors are caught on CPU-only
 # CI. With -Xptxas -v it prints registers, stack and spills of every kernel and fails when a
-# kernel variant for an exact head dim (HeadDim<D, true>: 16, 24, 32, 48, 64) spills to local
-# memory. Exit status: 0 ok, 1 compile error or spill, 77 skipped (no nvcc or no CUDA torch).
+# kernel variant for head dim 24 (HeadDim<24, true>, the released models') spills to local memory
+# (spills of the other exact variants, 16 / 32 / 48 / 64, are flagged). Exit status: 0 ok, 1 compile error or spill, 77 skipped (no nvcc or no CUDA torch).
 #
 # Usage: tools/check_cuda_build.sh            (PYTHON=... to choose the interpreter)
 set -euo pipefail
@@ -73,8 +73,8 @@ for src in "$ROOT"/ops/csrc/cuda/*.cu; do
     status=1
     continue
   fi
-  # Registers, stack and spills per kernel (demangled names); the exact head-dim variants
-  # (HeadDim<D, true>) must not spill to local memory, head dim 24 (the released models') above all.
+  # Registers, stack and spills per kernel (demangled names); the head-dim-24 variants (every
+  # released model) must not spill to local memory; spills of the other exact variants are flagged.
   "$PY" - "$log" <<'PYEOF' || status=1
 import re
 import subprocess
@@ -106,15 +106,17 @@ for (mangled, info), readable in zip(kernels.items(), names):
     exact = re.search(r'HeadDim<(\d+), true>', readable)
     flag = ''
     if exact and spill:
-        flag = '  <- SPILLS'
-        failed.append(readable)
+        flag = '  <- spills'
+        if exact.group(1) == '24':
+            flag = '  <- SPILLS at head dim 24'
+            failed.append(readable)
     print(f"    {info['registers']:4d} regs {info.get('stack', 0):5d} B stack {spill:5d} B spill  "
           f"{readable}{flag}")
 if not kernels:
     print('    no ptxas statistics found')
     sys.exit(1)
 if failed:
-    print(f'check_cuda_build: {len(failed)} exact head-dim kernels spill to local memory')
+    print(f'check_cuda_build: {len(failed)} head-dim-24 kernels spill to local memory')
     sys.exit(1)
 PYEOF
 done

@@ -8,7 +8,8 @@ the 3x3 window and the pooled keys with an online softmax (fp32 statistics); on 
 4 queries kept in registers (fp32 forward, head dim 8/16/24/32), else per chunk of 128 queries
 with the chunk's scores kept in cache between two BLAS calls. Only the output and the
 log-sum-exp are saved; backward recomputes the probabilities. No atomics: the batch-shared
-``bias_pool`` gradient is owned per (head, query) and summed over the batch in place.
+``bias_pool`` gradient is owned per (head, query) and summed over the batch in place (on CUDA
+per batch group, the groups' partial sums added afterwards).
 
 Kernels: CPU for fp32 / fp64 (fp16 / bf16 are computed in fp32), CUDA for fp32 / fp16 / bf16 with
 fp32 accumulation when the extension was built with CUDA. Forward and backward are registered

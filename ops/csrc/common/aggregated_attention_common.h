@@ -28,6 +28,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 namespace transnext_mm {
 
@@ -63,9 +65,9 @@ C10_HOST_DEVICE inline int64_t window_neighbor(int64_t y, int64_t x, int j, int6
   return (ny >= 0 && ny < height && nx >= 0 && nx < width) ? ny * width + nx : -1;
 }
 
-// Head-dimension loops. kExact (d == kMaxD, the released models' 24) unrolls them fully so the
+// Head-dimension loops. kExact (d == kMaxD; see dispatch_head_dim) unrolls them fully so the
 // per-thread rows live in registers; the generic variant (any d <= kMaxD) keeps them rolled, which
-// is slower (rows spill to local memory) but cheap to compile.
+// is slower (rows live in local memory) but cheap to compile.
 template <int kMaxD, bool kExact>
 struct HeadDim {
   static constexpr int kMax = kMaxD;
@@ -82,21 +84,94 @@ C10_HOST_DEVICE inline void for_each_dim(int d, Fn&& fn) {
   }
 }
 
+// 16-byte vector loads / stores of rows: for the exact head dims (whose rows are whole packs),
+// when the row is 16-byte aligned; element by element otherwise. Both visit the channels in the
+// same order, so results do not depend on the path.
+template <typename T>
+struct alignas(16) Pack16 {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+template <typename HD, typename T>
+C10_HOST_DEVICE inline bool vector_path(const T* row) {
+  if constexpr (HD::kExactDim && sizeof(T) <= 16 && HD::kMax % Pack16<T>::kSize == 0)
+    return (reinterpret_cast<uintptr_t>(row) & 15) == 0;
+  return false;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline Pack16<T> load_pack(const T* src) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const Pack16<T>*>(src);
+#else
+  Pack16<T> pack;
+  std::memcpy(static_cast<void*>(&pack), src, sizeof(pack));
+  return pack;
+#endif
+}
+
+template <typename T>
+C10_HOST_DEVICE inline void store_pack(T* dst, const Pack16<T>& pack) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<Pack16<T>*>(dst) = pack;
+#else
+  std::memcpy(static_cast<void*>(dst), &pack, sizeof(pack));
+#endif
+}
+
+// Calls fn(c, value) for the d channels of the row at src, values converted to acc_t.
+template <typename HD, typename acc_t, typename T, typename Fn>
+C10_HOST_DEVICE inline void for_each_value(const T* src, int d, Fn&& fn) {
+  if constexpr (HD::kExactDim && sizeof(T) <= 16 && HD::kMax % Pack16<T>::kSize == 0) {
+    if (vector_path<HD>(src)) {
+      constexpr int kSize = Pack16<T>::kSize;
+      TNX_UNROLL
+      for (int c = 0; c < HD::kMax; c += kSize) {
+        const Pack16<T> pack = load_pack(src + c);
+        TNX_UNROLL
+        for (int e = 0; e < kSize; ++e) fn(c + e, static_cast<acc_t>(pack.v[e]));
+      }
+      return;
+    }
+  }
+  for_each_dim<HD>(d, [&](int c) { fn(c, static_cast<acc_t>(src[c])); });
+}
+
+// Writes value(c) for the d channels of the row at dst.
+template <typename HD, typename T, typename Fn>
+C10_HOST_DEVICE inline void store_row(T* dst, int d, Fn&& value) {
+  if constexpr (HD::kExactDim && sizeof(T) <= 16 && HD::kMax % Pack16<T>::kSize == 0) {
+    if (vector_path<HD>(static_cast<const T*>(dst))) {
+      constexpr int kSize = Pack16<T>::kSize;
+      TNX_UNROLL
+      for (int c = 0; c < HD::kMax; c += kSize) {
+        Pack16<T> pack;
+        TNX_UNROLL
+        for (int e = 0; e < kSize; ++e) pack.v[e] = static_cast<T>(value(c + e));
+        store_pack(dst + c, pack);
+      }
+      return;
+    }
+  }
+  for_each_dim<HD>(d, [&](int c) { dst[c] = static_cast<T>(value(c)); });
+}
+
 template <typename HD, typename acc_t, typename scalar_t>
 C10_HOST_DEVICE inline acc_t dot(const acc_t* a, const scalar_t* b, int d) {
   acc_t sum = 0;
-  for_each_dim<HD>(d, [&](int c) { sum += a[c] * static_cast<acc_t>(b[c]); });
+  for_each_value<HD, acc_t>(b, d, [&](int c, acc_t x) { sum += a[c] * x; });
   return sum;
 }
 
 template <typename HD, typename acc_t, typename scalar_t>
 C10_HOST_DEVICE inline void axpy(acc_t* y, acc_t alpha, const scalar_t* x, int d) {
-  for_each_dim<HD>(d, [&](int c) { y[c] += alpha * static_cast<acc_t>(x[c]); });
+  for_each_value<HD, acc_t>(x, d, [&](int c, acc_t value) { y[c] += alpha * value; });
 }
 
 template <typename HD, typename acc_t, typename scalar_t>
 C10_HOST_DEVICE inline void load_row(acc_t* dst, const scalar_t* src, int d) {
-  for_each_dim<HD>(d, [&](int c) { dst[c] = static_cast<acc_t>(src[c]); });
+  for_each_value<HD, acc_t>(src, d, [&](int c, acc_t value) { dst[c] = value; });
 }
 
 template <typename HD, typename acc_t>
@@ -206,8 +281,7 @@ struct ForwardThread {
 
   C10_HOST_DEVICE void finish(scalar_t* out_row, acc_t* lse, int d) const {
     const acc_t inv = acc_t(1) / running_sum;
-    for_each_dim<HD>(d,
-                     [&](int c) { out_row[c] = static_cast<scalar_t>(acc[c] * inv + extra[c]); });
+    store_row<HD>(out_row, d, [&](int c) { return acc[c] * inv + extra[c]; });
     *lse = running_max + tnx_log(running_sum);
   }
 };
@@ -215,47 +289,71 @@ struct ForwardThread {
 // ---------------------------------------------------------------------------------------------
 // Backward, query side: one thread per query; gives dq, the window's ds / weights (for the
 // dk / dv gather), d token_weight and delta (for the pooled-key kernel).
+//
+// delta = sum_k a_k (g . value_k). With fp32 / fp64 storage it is g . out minus the token term;
+// with fp16 / bf16 storage `out` is rounded, so delta is recomputed in the accumulation type from
+// the probabilities instead (kExactDelta: one more pass over the pooled keys, delta_tile()).
 template <typename scalar_t, typename HD>
 struct BackwardQueryThread {
   using acc_t = at::opmath_type<scalar_t>;
+  static constexpr bool kExactDelta = !std::is_same_v<scalar_t, acc_t>;
   acc_t q[HD::kMax], g[HD::kMax], dq[HD::kMax];
   acc_t lse, delta;
+  acc_t prob[kWindowArea], grad_dot_v[kWindowArea];  // the window's a_j and g . v[nbr(j)]
 
-  // ds_local_row / weight_local_row: (9,) accumulation-type rows of the (B, heads, N, 9) buffers.
-  C10_HOST_DEVICE void window(Rows<const scalar_t> q_bh, Rows<const scalar_t> k_bh,
-                              Rows<const scalar_t> v_bh, const scalar_t* rpb_h,
-                              const scalar_t* tw_row, const scalar_t* out_row,
-                              const scalar_t* grad_row, acc_t lse_i, int64_t i, int64_t height,
-                              int64_t width, int d, acc_t* ds_local_row, acc_t* weight_local_row,
-                              scalar_t* dtw_row, acc_t* delta_out) {
+  C10_HOST_DEVICE void window_begin(Rows<const scalar_t> q_bh, Rows<const scalar_t> k_bh,
+                                    Rows<const scalar_t> v_bh, const scalar_t* rpb_h,
+                                    const scalar_t* tw_row, const scalar_t* out_row,
+                                    const scalar_t* grad_row, acc_t lse_i, int64_t i,
+                                    int64_t height, int64_t width, int d) {
     load_row<HD>(q, q_bh.row(i), d);
     load_row<HD>(g, grad_row, d);
     lse = lse_i;
     const int64_t y = i / width, x = i % width;
-    int64_t nbr[kWindowArea];
-    acc_t grad_dot_v[kWindowArea];
-    delta = dot<HD>(g, out_row, d);
+    delta = kExactDelta ? acc_t(0) : dot<HD>(g, out_row, d);
     TNX_UNROLL
     for (int j = 0; j < kWindowArea; ++j) {
-      nbr[j] = window_neighbor(y, x, j, height, width);
-      grad_dot_v[j] = nbr[j] >= 0 ? dot<HD>(g, v_bh.row(nbr[j]), d) : acc_t(0);
-      delta -= static_cast<acc_t>(tw_row[j]) * grad_dot_v[j];  // out minus the token term
+      const int64_t nbr = window_neighbor(y, x, j, height, width);
+      grad_dot_v[j] = nbr >= 0 ? dot<HD>(g, v_bh.row(nbr), d) : acc_t(0);
+      prob[j] = nbr >= 0
+                    ? tnx_exp(dot<HD>(q, k_bh.row(nbr), d) + static_cast<acc_t>(rpb_h[j]) - lse)
+                    : acc_t(0);
+      if constexpr (kExactDelta)
+        delta += prob[j] * grad_dot_v[j];
+      else
+        delta -= static_cast<acc_t>(tw_row[j]) * grad_dot_v[j];  // out minus the token term
     }
+  }
+
+  // kExactDelta only: the pooled keys' part of delta.
+  C10_HOST_DEVICE void delta_tile(const acc_t* kp_tile, const acc_t* vp_tile, int count,
+                                  const scalar_t* bias, int d) {
+    for (int t = 0; t < count; ++t) {
+      const acc_t p =
+          tnx_exp(dot<HD>(q, kp_tile + t * HD::kMax, d) + static_cast<acc_t>(bias[t]) - lse);
+      delta += p * dot<HD>(g, vp_tile + t * HD::kMax, d);
+    }
+  }
+
+  // ds_local_row / weight_local_row: (9,) accumulation-type rows of the (B, heads, N, 9) buffers.
+  C10_HOST_DEVICE void window_grads(Rows<const scalar_t> k_bh, const scalar_t* tw_row, int64_t i,
+                                    int64_t height, int64_t width, int d, acc_t* ds_local_row,
+                                    acc_t* weight_local_row, scalar_t* dtw_row, acc_t* delta_out) {
+    const int64_t y = i / width, x = i % width;
     fill<HD>(dq, acc_t(0), d);
     TNX_UNROLL
     for (int j = 0; j < kWindowArea; ++j) {
       dtw_row[j] = static_cast<scalar_t>(grad_dot_v[j]);
-      if (nbr[j] < 0) {
+      const int64_t nbr = window_neighbor(y, x, j, height, width);
+      if (nbr < 0) {
         ds_local_row[j] = 0;
         weight_local_row[j] = 0;
         continue;
       }
-      const scalar_t* key = k_bh.row(nbr[j]);
-      const acc_t a = tnx_exp(dot<HD>(q, key, d) + static_cast<acc_t>(rpb_h[j]) - lse);
-      const acc_t ds = a * (grad_dot_v[j] - delta);
-      axpy<HD>(dq, ds, key, d);
+      const acc_t ds = prob[j] * (grad_dot_v[j] - delta);
+      axpy<HD>(dq, ds, k_bh.row(nbr), d);
       ds_local_row[j] = ds;
-      weight_local_row[j] = a + static_cast<acc_t>(tw_row[j]);
+      weight_local_row[j] = prob[j] + static_cast<acc_t>(tw_row[j]);
     }
     *delta_out = delta;
   }
@@ -271,7 +369,7 @@ struct BackwardQueryThread {
   }
 
   C10_HOST_DEVICE void finish(scalar_t* dq_row, int d) const {
-    for_each_dim<HD>(d, [&](int c) { dq_row[c] = static_cast<scalar_t>(dq[c]); });
+    store_row<HD>(dq_row, d, [&](int c) { return dq[c]; });
   }
 };
 
@@ -310,10 +408,8 @@ struct BackwardPoolThread {
   }
 
   C10_HOST_DEVICE void finish(acc_t* dkp_row, acc_t* dvp_row, int d) const {
-    for_each_dim<HD>(d, [&](int c) {
-      dkp_row[c] = dkp[c];
-      dvp_row[c] = dvp[c];
-    });
+    store_row<HD>(dkp_row, d, [&](int c) { return dkp[c]; });
+    store_row<HD>(dvp_row, d, [&](int c) { return dvp[c]; });
   }
 };
 
@@ -451,8 +547,8 @@ inline PoolGradPlan pool_grad_plan(const AttentionSizes& s, bool bias_grad,
 // Block bodies.
 template <typename acc_t, int kTile, int kMaxD>
 struct PoolTiles {
-  acc_t kp[kTile * kMaxD];
-  acc_t vp[kTile * kMaxD];
+  alignas(16) acc_t kp[kTile * kMaxD];
+  alignas(16) acc_t vp[kTile * kMaxD];
 };
 
 // Streams this (batch, head)'s pooled keys / values through shared-memory tiles, calling
@@ -505,7 +601,7 @@ C10_HOST_DEVICE void forward_block(const Ctx& ctx, const ForwardParams<scalar_t>
 }
 
 // Backward, query side (same grid as the forward): dq, the window's ds / weights, d token_weight
-// and delta.
+// and delta (with fp16 / bf16 storage after a first pass over the pooled keys).
 template <typename scalar_t, typename HD, typename Ctx>
 C10_HOST_DEVICE void backward_query_block(const Ctx& ctx, const BackwardParams<scalar_t>& p,
                                           ForwardShared<scalar_t, HD>& sh) {
@@ -520,14 +616,25 @@ C10_HOST_DEVICE void backward_query_block(const Ctx& ctx, const BackwardParams<s
     const int64_t row = bh * s.tokens + i;
     Thread thread;
     if (active)
-      thread.window(p.q_layout.rows(p.q, bh, s.heads), p.k_layout.rows(p.k, bh, s.heads),
-                    p.v_layout.rows(p.v, bh, s.heads), p.rpb + h * kWindowArea,
-                    p.token_weight + row * kWindowArea,
-                    p.out_layout.rows(p.out, bh, s.heads).row(i),
-                    p.grad_layout.rows(p.grad_out, bh, s.heads).row(i), p.lse[row], i, s.height,
-                    s.width, s.d, p.ds_local + row * kWindowArea,
-                    p.weight_local + row * kWindowArea, p.dtoken_weight + row * kWindowArea,
-                    p.delta + row);
+      thread.window_begin(p.q_layout.rows(p.q, bh, s.heads), p.k_layout.rows(p.k, bh, s.heads),
+                          p.v_layout.rows(p.v, bh, s.heads), p.rpb + h * kWindowArea,
+                          p.token_weight + row * kWindowArea,
+                          p.out_layout.rows(p.out, bh, s.heads).row(i),
+                          p.grad_layout.rows(p.grad_out, bh, s.heads).row(i), p.lse[row], i,
+                          s.height, s.width, s.d);
+    if constexpr (Thread::kExactDelta) {
+      for_each_pool_tile<HD, acc_t, kTile>(
+          ctx, sh, p.k_pool, p.v_pool, s, bh,
+          [&](const acc_t* kp, const acc_t* vp, int64_t p0, int count) {
+            if (active)
+              thread.delta_tile(kp, vp, count, p.bias + (h * s.tokens + i) * s.pool + p0, s.d);
+          });
+    }
+    if (active)
+      thread.window_grads(p.k_layout.rows(p.k, bh, s.heads), p.token_weight + row * kWindowArea,
+                          i, s.height, s.width, s.d, p.ds_local + row * kWindowArea,
+                          p.weight_local + row * kWindowArea,
+                          p.dtoken_weight + row * kWindowArea, p.delta + row);
     for_each_pool_tile<HD, acc_t, kTile>(
         ctx, sh, p.k_pool, p.v_pool, s, bh,
         [&](const acc_t* kp, const acc_t* vp, int64_t p0, int count) {
@@ -544,8 +651,8 @@ template <typename scalar_t, typename HD>
 struct PoolGradShared {
   using acc_t = at::opmath_type<scalar_t>;
   static constexpr int kTile = TileRows<HD::kMax, acc_t>::value;
-  acc_t q[kTile * HD::kMax];
-  acc_t g[kTile * HD::kMax];
+  alignas(16) acc_t q[kTile * HD::kMax];
+  alignas(16) acc_t g[kTile * HD::kMax];
   acc_t lse[kTile];
   acc_t delta[kTile];
 };
@@ -622,15 +729,20 @@ C10_HOST_DEVICE void window_grad_block(const Ctx& ctx, const BackwardParams<scal
   }
 }
 
-// Calls fn(HeadDim<...>{}) with the kernel variant for head dimension d.
+// Calls fn(HeadDim<...>{}) with the kernel variant for head dimension d: exact variants (rows in
+// registers, loops unrolled) for 16, 24 (every released TransNeXt), 32, 48 and 64; the generic
+// one (rolled loops over up to 128 channels, rows in local memory) otherwise.
 template <typename Fn>
 inline void dispatch_head_dim(int64_t d, Fn&& fn) {
   TORCH_CHECK(d >= 1 && d <= 128,
               "aggregated_attention: the CUDA kernels support head dims 1..128, got ", d);
-  if (d == 24) {  // every released TransNeXt
-    fn(HeadDim<24, true>{});
-  } else {
-    fn(HeadDim<128, false>{});
+  switch (d) {
+    case 16: fn(HeadDim<16, true>{}); break;
+    case 24: fn(HeadDim<24, true>{}); break;
+    case 32: fn(HeadDim<32, true>{}); break;
+    case 48: fn(HeadDim<48, true>{}); break;
+    case 64: fn(HeadDim<64, true>{}); break;
+    default: fn(HeadDim<128, false>{});
   }
 }
 
