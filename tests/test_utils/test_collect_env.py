@@ -16,10 +16,9 @@ def test_collect_env_names_versions_and_kernels():
     for key in ('Python', 'PyTorch', 'CUDA available', 'MMEngine', 'mmcv', 'mmdet',
                 'mmsegmentation', 'mmpretrain', 'transnext_mm', 'transnext_mm._ext'):
         assert key in env, key
-    import mmcv
     import mmdet
     import torch
-    assert env['mmcv'] == mmcv.__version__ and env['mmdet'] == mmdet.__version__
+    assert env['mmdet'] == mmdet.__version__
     assert env['PyTorch'] == torch.__version__
     from transnext_mm.ops.dispatch import _ext
     if _ext is not None:
