@@ -109,9 +109,9 @@ def check_installed(checkout):
 
 def check_mim(work):
     out = run([sys.executable, '-m', 'mim', 'search', 'transnext_mm'])
-    names = re.findall(r'^(\S+_transnext\S*|transnext-\S+)\s', out, flags=re.M)
+    names = re.findall(r'^config id: (\S+)', out, flags=re.M)
     print(out[-2500:])
-    check('mask-rcnn_transnext-tiny_fpn_1x_coco' in out and 'transnext-tiny_in1k-224px' in out,
+    check('mask-rcnn_transnext-tiny_fpn_1x_coco' in names and 'transnext-tiny_in1k-224px' in names,
           'mim search transnext_mm does not list the models')
     print(f'[wheel_smoke] mim search lists models, e.g. {names[:3]}')
 
