@@ -2,9 +2,14 @@
 """Build and install transnext-mm.
 
 The aggregated-attention op (sources under ops/csrc) is compiled into ``transnext_mm._ext``.
+The configs, tools and model index are placed under ``transnext_mm/.mim`` (copied into sdist
+builds and wheels, symlinked for editable installs), where OpenMMLab's ``mim`` looks for them.
 """
+import glob
 import os
 import os.path as osp
+import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -21,6 +26,45 @@ def read_version() -> str:
 def read_requirements(name: str):
     with open(osp.join(ROOT, 'requirements', name)) as f:
         return [line.strip() for line in f if line.strip() and not line.startswith('#')]
+
+
+# What ``mim`` finds under ``<package>/.mim``: configs and tools (``mim train/test``) and the
+# model index (``mim search``).
+MIM_ITEMS = ('configs', 'tools', 'model-index.yml')
+MIM_IGNORE = shutil.ignore_patterns('__pycache__', '*.pyc', '*.so')
+
+
+def add_mim_extension():
+    """Place :data:`MIM_ITEMS` under ``transnext_mm/.mim`` for the running setup command.
+
+    Editable installs (``develop``, ``editable_wheel``) get relative symlinks, so the checkout's
+    files stay the only copy; builds of a wheel or an install get copies, which ``package_data``
+    ships. Other commands (``sdist``, ``egg_info``, ...) leave ``.mim`` alone: the sdist holds the
+    items at its top level and ``MANIFEST.in`` prunes ``.mim``.
+    """
+    if {'develop', 'editable_wheel'} & set(sys.argv):
+        mode = 'symlink'
+    elif {'bdist_wheel', 'build', 'build_py', 'install'} & set(sys.argv):
+        mode = 'copy'
+    else:
+        return
+    mim_dir = osp.join(ROOT, 'transnext_mm', '.mim')
+    os.makedirs(mim_dir, exist_ok=True)
+    for item in MIM_ITEMS:
+        src, dst = osp.join(ROOT, item), osp.join(mim_dir, item)
+        if not osp.exists(src):
+            raise FileNotFoundError(f'transnext-mm: {src} is missing; it is shipped under '
+                                    'transnext_mm/.mim (the sdist must hold it)')
+        if osp.islink(dst) or osp.isfile(dst):
+            os.remove(dst)
+        elif osp.isdir(dst):
+            shutil.rmtree(dst)
+        if mode == 'symlink':
+            os.symlink(osp.relpath(src, mim_dir), dst)
+        elif osp.isdir(src):
+            shutil.copytree(src, dst, ignore=MIM_IGNORE)
+        else:
+            shutil.copyfile(src, dst)
 
 
 def _env_flag(name: str) -> bool:
@@ -83,14 +127,15 @@ def get_extensions():
                   'aggregated attention will use its PyTorch implementation')
 
     csrc = osp.join('ops', 'csrc')
-    sources = [osp.join(csrc, 'pytorch', 'pybind.cpp'),
-               osp.join(csrc, 'pytorch', 'aggregated_attention.cpp'),
-               osp.join(csrc, 'cpu', 'aggregated_attention_cpu.cpp'),
-               osp.join(csrc, 'cpu', 'aggregated_attention_cuda_replay.cpp'),
-               osp.join(csrc, 'pytorch', 'conv_glu.cpp'),
-               osp.join(csrc, 'cpu', 'conv_glu_cpu.cpp'),
-               osp.join(csrc, 'pytorch', 'cosine_qk.cpp'),
-               osp.join(csrc, 'cpu', 'cosine_qk_cpu.cpp')]
+
+    def find_sources(*patterns):  # paths relative to ROOT, as setuptools wants them
+        return sorted(osp.relpath(path, ROOT) for pattern in patterns
+                      for path in glob.glob(osp.join(ROOT, csrc, pattern)))
+
+    # Every C++ file of pytorch/ (bindings, dispatch) and cpu/ (kernels); cuda/ only with CUDA.
+    sources = find_sources(osp.join('pytorch', '*.cpp'), osp.join('cpu', '*.cpp'))
+    if not sources:
+        raise FileNotFoundError(f'transnext-mm: no C++ sources under {osp.join(ROOT, csrc)}')
     # -fno-trapping-math lets GCC vectorise the softmax loops' min/max (torch builds with it too).
     cxx_flags = ['-O3', '-std=c++20', '-fopenmp', '-fno-math-errno', '-fno-trapping-math']
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
@@ -103,8 +148,7 @@ def get_extensions():
         return [ext], {'build_ext': OptionalBuildExtension}
     print('transnext-mm: building transnext_mm._ext with CPU and CUDA kernels')
     ext = CUDAExtension(
-        sources=sources + [osp.join(csrc, 'cuda', 'aggregated_attention_cuda.cpp'),
-                           osp.join(csrc, 'cuda', 'aggregated_attention_kernels.cu')],
+        sources=sources + find_sources(osp.join('cuda', '*.cpp'), osp.join('cuda', '*.cu')),
         define_macros=[('WITH_CUDA', None)],
         extra_compile_args={'cxx': cxx_flags,
                             'nvcc': ['-O3', '-std=c++20', '--expt-relaxed-constexpr']},
@@ -113,6 +157,7 @@ def get_extensions():
     return [ext], {'build_ext': OptionalBuildExtension}
 
 
+add_mim_extension()
 ext_modules, cmdclass = get_extensions()
 
 setup(
@@ -124,6 +169,9 @@ setup(
         osp.join(ROOT, 'README.md')) else '',
     long_description_content_type='text/markdown',
     packages=find_packages(include=['transnext_mm', 'transnext_mm.*']),
+    package_data={'transnext_mm': ['.mim/model-index.yml', '.mim/configs/**/*.py',
+                                   '.mim/configs/**/*.yml', '.mim/configs/**/*.md',
+                                   '.mim/tools/**/*.py', '.mim/tools/**/*.sh']},
     python_requires='>=3.8',
     install_requires=read_requirements('runtime.txt'),
     extras_require={

@@ -63,8 +63,19 @@ if ! "$VPY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION
   "${PIP[@]}" install -q --no-deps "$wheel"
 fi
 
-"${PIP[@]}" install -q -r requirements/runtime.txt -r requirements/toolboxes.txt -r requirements/tests.txt
+"${PIP[@]}" install -q -r requirements/runtime.txt -r requirements/toolboxes.txt -r requirements/tests.txt \
+  -r requirements/mim.txt
+# OpenMMLab's mim (mim search/train/test find this package's model index, configs and tools under
+# transnext_mm/.mim). Without --no-deps, pip would pull opendatalab, which downgrades setuptools to
+# 60.x, below torch's >=77.0.3; its other dependencies come from requirements/mim.txt.
+"${PIP[@]}" install -q --no-deps "openmim==0.3.9"
 # The package itself; the compiled op is built here (CPU always, CUDA when available).
 "${PIP[@]}" install -q --no-build-isolation --no-deps -e .
-"$VPY" -c "import transnext_mm, mmdet, mmseg, mmpretrain, mmcv.ops; print('transnext_mm', transnext_mm.__version__, 'ready')"
+"$VPY" -c "import transnext_mm, mmdet, mmseg, mmpretrain, mmcv.ops, mim; print('transnext_mm', transnext_mm.__version__, 'ready')"
+"$VPY" - <<'PYEOF'
+import setuptools
+major = int(setuptools.__version__.split('.')[0])
+assert 77 <= major < 81, (f'setuptools {setuptools.__version__}: torch needs >=77.0.3 and mmcv '
+                          "2.1.0's setup.py pkg_resources (gone in 81); pin setuptools==80.*")
+PYEOF
 echo "$want" > "$STAMP"

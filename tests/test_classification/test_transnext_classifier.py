@@ -113,6 +113,35 @@ def test_released_checkpoint_through_runner_and_roundtrip(released_micro, tmp_pa
         torch.testing.assert_close(fresh(x, mode='tensor'), logits)
 
 
+@pytest.mark.parametrize('wrapping', ['model', 'state_dict', 'model_ema', 'model+module.',
+                                      'module.', 'model+training-state'])
+def test_every_wrapping_of_the_backbone_loads_through_the_classifier(
+        released_micro, tmp_path, wrapping):
+    """The wrappings the backbone's init_cfg reads also load through the classification config
+    (mmengine's load_checkpoint, as tools/test.py and load_from use it): weights under 'model'
+    (the paper's fine-tuning code), 'state_dict' or 'model_ema', DDP 'module.' prefixes, and
+    training state beside the weights."""
+    state, _ = released_micro
+    weights = ({'module.' + k: v for k, v in state.items()} if 'module.' in wrapping
+               else dict(state))
+    wrapper = wrapping.split('+')[0]
+    checkpoint = weights if wrapper == 'module.' else {wrapper: weights}
+    if 'training-state' in wrapping:
+        checkpoint.update(epoch=300, optimizer={'state': {}, 'param_groups': []})
+    path = tmp_path / f'{wrapping}.pth'
+    torch.save(checkpoint, path)
+    from mmengine.logging import MMLogger
+    from mmengine.runner import load_checkpoint
+    model, _ = build_classifier(MICRO_CONFIG)
+    logger = MMLogger.get_instance(f'wrapping-{wrapping}', log_file=str(tmp_path / 'log.txt'))
+    load_checkpoint(model, str(path), map_location='cpu', strict=True, logger=logger)
+    torch.testing.assert_close(model.head.fc.weight, state['head.weight'])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits = model(x, mode='tensor')
+    torch.testing.assert_close(logits, logits_by_hand(state, x), rtol=1e-4, atol=1e-4)
+
+
 def test_checkpoint_of_another_arch_is_refused(released_micro):
     _, path = released_micro
     from mmengine.runner import load_checkpoint

@@ -113,3 +113,48 @@ def test_http_checkpoints_load_safely(mmengine_checkpoint, tmp_path, monkeypatch
             _load_checkpoint(f'{url}/bad.pth')
     finally:
         server.shutdown()
+
+
+def test_truncated_or_corrupt_checkpoints_are_named(tmp_path):
+    from mmengine.runner.checkpoint import CheckpointLoader
+    good = tmp_path / 'good.pth'
+    torch.save({f'w{i}': torch.randn(100, 100) for i in range(5)}, good)
+    data = good.read_bytes()
+    torch.save({'w': torch.randn(100, 100)}, tmp_path / 'legacy.pth',
+               _use_new_zipfile_serialization=False)
+    legacy = (tmp_path / 'legacy.pth').read_bytes()
+    broken = dict(half=data[:len(data) // 2], last_byte=data[:-1], header=data[:4], empty=b'',
+                  text=b'not a checkpoint\n' * 10, legacy_cut=legacy[:len(legacy) // 2],
+                  garbage=bytes(range(256)) * 20)
+    # Cut at every 997th byte: torch.load fails with the zip reader's RuntimeError ('failed
+    # finding central directory'), OSError [Errno 22] or EOFError, all named as corruption.
+    errors = set()
+    for cut in range(0, len(data), 997):
+        path = tmp_path / 'sweep.pth'
+        path.write_bytes(data[:cut])
+        with pytest.raises(RuntimeError, match=r'sweep\.pth is truncated or corrupt') as info:
+            CheckpointLoader.load_checkpoint(str(path), map_location='cpu')
+        errors.add(type(info.value.__cause__).__name__)
+    assert {'RuntimeError', 'OSError'} <= errors, errors  # both kinds were met and named
+    for name, content in broken.items():
+        path = tmp_path / f'{name}.pth'
+        path.write_bytes(content)
+        with pytest.raises(RuntimeError, match=rf'{name}\.pth is truncated or corrupt '
+                                               rf'\({len(content)} bytes\)'):
+            CheckpointLoader.load_checkpoint(str(path), map_location='cpu')
+    # Not corruption: a disallowed type keeps its own message, a good file loads.
+    import argparse
+    torch.save({'args': argparse.Namespace(lr=1.0)}, tmp_path / 'namespace.pth')
+    with pytest.raises(pickle.UnpicklingError, match='safe loader does not allow'):
+        CheckpointLoader.load_checkpoint(str(tmp_path / 'namespace.pth'))
+    assert set(CheckpointLoader.load_checkpoint(str(good))) == {f'w{i}' for i in range(5)}
+
+
+def test_truncated_checkpoint_through_the_backbone_init_cfg(tmp_path):
+    from transnext_mm.models.backbones import TransNeXt
+    path = tmp_path / 'transnext_micro_224_1k.pth'
+    torch.save(TransNeXt(arch='micro').state_dict(), path)
+    path.write_bytes(path.read_bytes()[:-1000])
+    model = TransNeXt(arch='micro', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with pytest.raises(RuntimeError, match='transnext_micro_224_1k.pth is truncated or corrupt'):
+        model.init_weights()

@@ -16,6 +16,35 @@ ARCH_KEYS = ('embed_dims', 'num_heads', 'depths')
 _BACKBONE_MARKER = 'patch_embed1.proj.weight'
 
 
+# The entries of a checkpoint dict that hold its weights, in the order they are looked for.
+CHECKPOINT_WRAPPERS = ('state_dict', 'model', 'model_ema')
+
+
+def find_wrapper(checkpoint: dict) -> Optional[str]:
+    """The first of :data:`CHECKPOINT_WRAPPERS` under which ``checkpoint`` holds a dict, or
+    None when it is a plain state dict."""
+    for wrapper in CHECKPOINT_WRAPPERS:
+        if isinstance(checkpoint.get(wrapper), dict):
+            return wrapper
+    return None
+
+
+def unwrap_checkpoint(checkpoint) -> 'OrderedDict[str, torch.Tensor]':
+    """Return the state dict of a checkpoint: the dict under the first of
+    :data:`CHECKPOINT_WRAPPERS` that holds one, or the checkpoint itself; ``'module.'`` (DDP)
+    prefixes removed. The other entries (optimizer, epoch, ...) are dropped.
+
+    Raises:
+        TypeError: if ``checkpoint`` is not a dict.
+    """
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f'a TransNeXt checkpoint must be a dict, got {type(checkpoint).__name__}')
+    wrapper = find_wrapper(checkpoint)
+    state_dict = checkpoint[wrapper] if wrapper else checkpoint
+    return OrderedDict((k[len('module.'):] if k.startswith('module.') else k, v)
+                       for k, v in state_dict.items())
+
+
 def unwrap_state_dict(checkpoint) -> Dict[str, torch.Tensor]:
     """Return the backbone state dict of a checkpoint in any common wrapping.
 
@@ -28,15 +57,7 @@ def unwrap_state_dict(checkpoint) -> Dict[str, torch.Tensor]:
         TypeError: if ``checkpoint`` is not a mapping of tensors.
         ValueError: if it does not hold a TransNeXt backbone.
     """
-    if not isinstance(checkpoint, dict):
-        raise TypeError(f'a TransNeXt checkpoint must be a dict, got {type(checkpoint).__name__}')
-    state_dict = checkpoint
-    for wrapper in ('state_dict', 'model', 'model_ema'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
-    state_dict = OrderedDict((k[len('module.'):] if k.startswith('module.') else k, v)
-                             for k, v in state_dict.items())
+    state_dict = unwrap_checkpoint(checkpoint)
     if any(k.startswith('backbone.') for k in state_dict):
         state_dict = OrderedDict((k[len('backbone.'):], v) for k, v in state_dict.items()
                                  if k.startswith('backbone.'))

@@ -17,6 +17,7 @@ loads with ``weights_only=False``; ours downloads into the same cache and loads 
 import os
 import os.path as osp
 import pickle
+import zipfile
 from urllib.parse import urlparse
 
 import numpy as np
@@ -58,8 +59,37 @@ SAFE_GLOBALS = [HistoryBuffer, (history_buffer_statistic, 'builtins.getattr'),
                 *_numpy_globals()]
 
 
+def _is_unreadable_archive(filename: str) -> bool:
+    """Whether ``filename`` starts like a zip checkpoint (torch >= 1.6) but its archive cannot
+    be read, as happens when the file is cut short."""
+    with open(filename, 'rb') as f:
+        if f.read(4) != b'PK\x03\x04':
+            return False
+    try:
+        with zipfile.ZipFile(filename) as archive:
+            archive.infolist()
+        return False
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return True
+
+
+def _corrupt_checkpoint_error(filename: str, error: Exception) -> RuntimeError:
+    detail = (str(error).strip().splitlines() or [''])[0][:200]
+    return RuntimeError(
+        f'{filename} is truncated or corrupt ({osp.getsize(filename)} bytes): it cannot be read '
+        f'as a PyTorch checkpoint (torch.load: {type(error).__name__}: {detail}); download or '
+        'copy it again')
+
+
 def load_from_local_safely(filename: str, map_location=None):
-    """``torch.load`` with ``weights_only=True`` that also reads mmengine's own checkpoints."""
+    """``torch.load`` with ``weights_only=True`` that also reads mmengine's own checkpoints.
+
+    Raises:
+        FileNotFoundError: if ``filename`` does not exist.
+        pickle.UnpicklingError: if it holds objects the safe loader does not allow.
+        RuntimeError: if it is truncated or corrupt (naming the file and its size), or for
+            the errors of ``torch.load`` that are not about the file (e.g. ``map_location``).
+    """
     filename = osp.expanduser(filename)
     if not osp.isfile(filename):
         raise FileNotFoundError(f'{filename} can not be found.')
@@ -67,10 +97,20 @@ def load_from_local_safely(filename: str, map_location=None):
         try:
             return torch.load(filename, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
+            if 'Unsupported global' not in str(e):  # e.g. 'Unsupported operand': not a pickle
+                raise _corrupt_checkpoint_error(filename, e) from e
             raise pickle.UnpicklingError(
                 f'{filename} holds objects that the safe loader does not allow ({e}). '
                 'transnext_mm allows tensors, numpy data and mmengine log buffers; if you trust '
                 'the file, add the type with torch.serialization.add_safe_globals') from e
+        except PermissionError:
+            raise
+        except (EOFError, OSError, KeyError) as e:  # a cut archive or pickle, garbage
+            raise _corrupt_checkpoint_error(filename, e) from e
+        except RuntimeError as e:  # zip reader errors, legacy format 'unexpected EOF'
+            if _is_unreadable_archive(filename) or 'unexpected EOF' in str(e):
+                raise _corrupt_checkpoint_error(filename, e) from e
+            raise
 
 
 def _download(url: str, model_dir: str = None) -> str:

@@ -41,8 +41,14 @@ def run_toolbox_tool(tool: str, argv=None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     configs = [a for a in argv if a.endswith('.py') and not a.startswith('-')]
+    usage = f'usage: {tool} CONFIG [args of the toolbox\'s own {tool}]'
+    if not configs and any(a in ('-h', '--help') for a in argv):
+        # ``mim train/test`` call ``tools/<tool> -h`` before running and need exit status 0.
+        print(f'{usage}\n\nThe config\'s default_scope picks mmdet, mmseg or mmpretrain; '
+              f'`{tool} CONFIG -h` shows that toolbox\'s options.')
+        raise SystemExit(0)
     if not configs:
-        raise SystemExit(f'usage: {tool} CONFIG [args of the toolbox\'s own {tool}]')
+        raise SystemExit(usage)
     path = toolbox_tool_path(toolbox_of(configs[0]), tool)
     # torchrun on a machine without CUDA: gloo process group and DDP without device_ids.
     argv = prepare_cpu_distributed(argv)

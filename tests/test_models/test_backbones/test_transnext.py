@@ -52,6 +52,28 @@ def test_input_errors():
     model(torch.randn(1, 3, 29, 29))  # the smallest size with a non-empty pooled grid
 
 
+def test_integer_images_are_refused_with_what_is_expected():
+    model = TransNeXt(arch='micro', attn_impl='torch')
+    for dtype in (torch.uint8, torch.int64, torch.bool):
+        with pytest.raises(TypeError, match=rf'floating-point input .*got dtype {dtype}'):
+            model(torch.zeros(1, 3, 64, 64, dtype=dtype))
+
+
+@pytest.mark.parametrize('out_indices', [(0, 1, 2, 3), (3, 1)])
+@pytest.mark.parametrize('size', [(64, 64), (97, 45)])
+def test_empty_batch_gives_empty_maps_of_the_batch_shapes(size, out_indices):
+    """A batch of 0 images gives maps of shape (0, C, h, w) with the sizes of a batch of 1."""
+    model = TransNeXt(arch='micro', attn_impl='torch', out_indices=out_indices).eval()
+    with torch.no_grad():
+        empty = model(torch.zeros(0, 3, *size))
+        one = model(torch.zeros(1, 3, *size))
+    assert len(empty) == len(out_indices)
+    for e, o in zip(empty, one):
+        assert e.shape == (0, *o.shape[1:]) and e.dtype == o.dtype
+    with pytest.raises(ValueError, match='too small'):
+        model(torch.zeros(0, 3, 28, 64))
+
+
 @pytest.mark.parametrize('size', [(112, 137), (65, 33)])
 def test_odd_sizes_batch2_train_and_eval(size):
     model = TransNeXt(arch='micro', attn_impl='torch', drop_path_rate=0.1)

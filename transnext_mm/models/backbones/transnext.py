@@ -1,7 +1,7 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
 import math
 import warnings
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -221,15 +221,26 @@ class TransNeXt(BaseModule):
         ratio = self.arch['pool_ratios'][stage]
         return height // ratio, width // ratio
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+    def _check_input(self, x: torch.Tensor) -> List[Tuple[int, int]]:
+        """Check the input's shape and dtype; return the feature size of every stage."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f'TransNeXt expects input of shape (B, {self.in_channels}, H, W) '
-                             f'(in_channels={self.in_channels}), got {tuple(x.shape)}')
+                             f'(in_channels={self.in_channels}), got {shape}')
+        if not x.is_floating_point():
+            raise TypeError(
+                f'TransNeXt expects a floating-point input (normalised images, as the '
+                f"toolboxes' data preprocessors produce them), got dtype {x.dtype}; convert "
+                'integer images with e.g. (x.float() - mean) / std')
         height, width = x.shape[2:]
-        for i in range(NUM_STAGES - 1):
-            # Feature size after stage i+1's patch embedding, then its pooled grid.
+        sizes = []
+        for i in range(NUM_STAGES):
+            # Feature size after stage i+1's patch embedding (7x7/4 then 3x3/2, half padding).
             height, width = ((height - 1) // (4 if i == 0 else 2) + 1,
                              (width - 1) // (4 if i == 0 else 2) + 1)
+            sizes.append((height, width))
+            if i == NUM_STAGES - 1:
+                break
             pool = self._pool_size(i, height, width)
             if min(pool) < 1:
                 raise ValueError(
@@ -237,9 +248,14 @@ class TransNeXt(BaseModule):
                     f'{height}x{width} feature map, whose pooled grid (//'
                     f'{self.arch["pool_ratios"][i]}) is empty; use inputs of at least 29x29 '
                     'pixels (32x32 or larger recommended)')
+        return sizes
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        self._check_input(x)
+        sizes = self._check_input(x)
+        if x.shape[0] == 0:
+            # An empty batch gives empty maps of the right shapes, as convolutional backbones do.
+            return tuple(x.new_empty((0, self.embed_dims[i], *sizes[i]))
+                         for i in range(NUM_STAGES) if i in self.out_indices)
         outs = []
         for i in range(NUM_STAGES):
             patch_embed, blocks, norm = self._stage_modules(i + 1)

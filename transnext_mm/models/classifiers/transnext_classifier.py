@@ -9,7 +9,8 @@ from mmpretrain.models.classifiers import ImageClassifier
 from mmpretrain.registry import MODELS
 
 from transnext_mm.models.backbones import TransNeXt
-from transnext_mm.utils.checkpoint import check_arch, describe_keys, split_backbone_keys
+from transnext_mm.utils.checkpoint import (check_arch, describe_keys, find_wrapper,
+                                           split_backbone_keys, unwrap_checkpoint)
 
 # A released checkpoint is a plain state dict of the original model: backbone keys without a
 # prefix (this one is always present) and the classifier Linear as ``head.weight/bias``.
@@ -43,8 +44,10 @@ class TransNeXtClassifier(ImageClassifier):
     state dict with ``patch_embed1.proj.weight`` at the top level), it is converted on the fly
     with :func:`convert_released_classifier`. So ``runner.load_checkpoint`` (``tools/test.py
     CONFIG RELEASED.pth``, ``load_from``), :func:`mmpretrain.apis.init_model` and
-    ``model.load_state_dict`` read released and mmpretrain checkpoints alike; a checkpoint of
-    another TransNeXt arch is refused with a clear error instead of mmengine's warning.
+    ``model.load_state_dict`` read released and mmpretrain checkpoints alike, plain or wrapped as
+    the backbone's ``init_cfg`` reads them (under ``'model'``, ``'model_ema'`` or
+    ``'state_dict'``, with or without ``'module.'`` prefixes); a checkpoint of another TransNeXt
+    arch is refused with a clear error instead of mmengine's warning.
 
     Args:
         backbone (dict): A ``TransNeXt`` backbone config.
@@ -62,6 +65,20 @@ class TransNeXtClassifier(ImageClassifier):
     def _convert_released_layout(self, state_dict: dict, prefix: str, *args) -> None:
         # Both torch's and mmengine's loaders hand every child the keys of this (mutable)
         # dict after this hook ran, so renaming in place is enough.
+        logger = MMLogger.get_current_instance()
+        local = [k for k in state_dict if k.startswith(prefix)]
+        wrapper = find_wrapper({k[len(prefix):]: state_dict[k] for k in local})
+        if wrapper or any(k.startswith(prefix + 'module.') for k in local):
+            # The wrappings the backbone's init_cfg reads too: weights under 'model',
+            # 'model_ema' or 'state_dict' (mmengine's loader only unwraps a top-level
+            # 'state_dict'), DDP 'module.' prefixes; other entries (optimizer, epoch, ...) go.
+            checkpoint = OrderedDict((k[len(prefix):], state_dict.pop(k)) for k in local)
+            state_dict.update(
+                (prefix + k, v) for k, v in unwrap_checkpoint(checkpoint).items())
+            if wrapper:
+                others = [k for k in checkpoint if k != wrapper]
+                logger.info(f'TransNeXtClassifier: loading the weights under {wrapper!r}'
+                            + (f'; ignored {describe_keys(others)}' if others else ''))
         if prefix + RELEASED_MARKER not in state_dict:
             return  # mmpretrain layout (backbone.*, head.fc.*): nothing to convert
         released = OrderedDict((k[len(prefix):], state_dict.pop(k)) for k in list(state_dict)
@@ -72,7 +89,7 @@ class TransNeXtClassifier(ImageClassifier):
             converted = OrderedDict((k.replace('head.fc.', 'head.', 1), v)
                                     for k, v in converted.items())
         state_dict.update((prefix + k, v) for k, v in converted.items())
-        MMLogger.get_current_instance().info(
+        logger.info(
             f'TransNeXtClassifier: converted a released TransNeXt checkpoint on load '
             f'({len(converted)} tensors to backbone.*/head.fc.*'
             + (f'; ignored derived buffers {describe_keys(dropped)}' if dropped else '') + ')')
