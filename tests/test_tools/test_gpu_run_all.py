@@ -56,7 +56,7 @@ def test_dry_run_writes_the_full_report(tmp_path):
     assert not failed and not errored, (failed, errored)
     # Every backbone run (op / torch against the fp64 reference), the op's edge cases, flex.
     assert len(passed) >= 14, passed
-    backbone = report['parity']['backbone']['tiny_64x64_b2']
+    backbone = report['parity']['backbone']['tiny_32x32_b1']
     for dtype in ('fp32', 'bf16'):
         for impl in ('op', 'torch'):
             run = backbone[dtype][impl]
@@ -68,19 +68,19 @@ def test_dry_run_writes_the_full_report(tmp_path):
     core = report['benchmarks']['core']
     _, _, bench_errors = gpu_report.count_checks(report['benchmarks'])
     assert not bench_errors, bench_errors
-    layers = core['layers']['64x64_b2']
+    layers = core['layers']['32x32_b1']
     for impl in ('reference', 'torch', 'op'):
         for mode in ('fwd', 'fwd_bwd'):
             assert layers[impl][mode]['total_ms_19_layers'] > 0
             assert [s['count'] for s in layers[impl][mode]['stages']] == [2, 2, 15]
-    train = core['backbone_train']['64x64_b1']
+    train = core['backbone_train']['32x32_b1']
     for impl in ('reference-nocache', 'torch', 'op'):
         assert train[impl]['median_ms'] > 0
-    assert report['benchmarks']['flex']['layers']['64x64_b2']['flex']['fwd']['stages']
-    assert core['amp_train']['64x64_b1']['bf16']['pass'] is True
+    assert report['benchmarks']['flex']['layers']['32x32_b1']['flex']['fwd']['stages']
+    assert core['amp_train']['32x32_b1']['bf16']['pass'] is True
     goals = {row['goal'] for row in report['benchmarks']['goals']}
-    assert 'layers 64x64_b2 fwd: op vs unfold reference' in goals
-    assert 'train step 64x64_b1: op vs unfold reference (no cache)' in goals
+    assert 'layers 32x32_b1 fwd: op vs unfold reference' in goals
+    assert 'train step 32x32_b1: op vs unfold reference (no cache)' in goals
 
     assert report['summary'][-1] in log  # the summary table is printed last
     with open(tmp_path / 'run_all.log') as f:

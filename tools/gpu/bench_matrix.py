@@ -281,8 +281,8 @@ def main():
                               if device == 'cuda' else 'cpu'})
     QUICK['on'] = args.dry_run
     if args.dry_run:
-        layer_sizes, train_sizes = [(2, 64, 64)], [(1, 64, 64)]
-        infer_size, infer_dtype, budget = (2, 64, 64), 'bf16', 0.5
+        layer_sizes, train_sizes = [(1, 32, 32)], [(1, 32, 32)]
+        infer_size, infer_dtype, budget = (1, 32, 32), 'bf16', 0.5
     else:
         layer_sizes = train_sizes = [(8, 512, 512), (2, 800, 1344)]
         infer_size, infer_dtype, budget = (8, 512, 512), 'fp16', 3.0
