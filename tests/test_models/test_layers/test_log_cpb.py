@@ -110,3 +110,18 @@ def test_bad_mode_and_pretrain_len():
         LogCPB('nearest', (8, 8), (1, 1), 56)
     with pytest.raises(ValueError, match='pretrain_size'):
         LogCPB('interpolate', (8, 8), (1, 1), 1)
+
+
+def test_bias_backward_under_autocast():
+    """The sparse gather runs in float32 also inside an autocast region (whose low-precision
+    backward against the float32 operators used to fail)."""
+    fc1, fc2 = nn.Linear(2, 16), nn.Linear(16, 3)
+    expected = log_cpb_bias(fc1, fc2, (4, 6), (2, 3), 8, (5, 5), (3, 3))
+    grads_expected = torch.autograd.grad(expected.sum(), [fc1.weight, fc2.weight])
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        bias = log_cpb_bias(fc1, fc2, (4, 6), (2, 3), 8, (5, 5), (3, 3))
+    assert bias.dtype == torch.float32
+    grads = torch.autograd.grad(bias.sum(), [fc1.weight, fc2.weight])
+    torch.testing.assert_close(bias, expected, rtol=2e-2, atol=2e-2)
+    for g, g_expected in zip(grads, grads_expected):
+        torch.testing.assert_close(g, g_expected, rtol=5e-2, atol=5e-2 * g_expected.abs().max())

@@ -126,10 +126,13 @@ def apply_axis_operators(table: torch.Tensor, op_h: torch.Tensor, op_w: torch.Te
                          query_size: Size, key_size: Size) -> torch.Tensor:
     """Gather (and resize) a (U_h, U_w, heads) table into the (heads, N, Nk) bias."""
     num_h, num_w, heads = table.shape
-    # h axis: (Hq*Hk, U_h) @ (U_h, U_w*heads); then w axis: (Wq*Wk, U_w) @ (U_w, Hq*Hk*heads)
-    bias = torch.sparse.mm(op_h, table.reshape(num_h, num_w * heads))
-    bias = bias.reshape(-1, num_w, heads).transpose(0, 1).reshape(num_w, -1)
-    bias = torch.sparse.mm(op_w, bias)
+    # In float32 also under autocast: autocast would run the sparse products' backward in the
+    # low precision against the float32 operators and fail.
+    with torch.autocast(table.device.type, enabled=False):
+        # h axis: (Hq*Hk, U_h) @ (U_h, U_w*heads); w axis: (Wq*Wk, U_w) @ (U_w, Hq*Hk*heads)
+        bias = torch.sparse.mm(op_h, table.reshape(num_h, num_w * heads))
+        bias = bias.reshape(-1, num_w, heads).transpose(0, 1).reshape(num_w, -1)
+        bias = torch.sparse.mm(op_w, bias)
     bias = bias.reshape(query_size[1], key_size[1], query_size[0], key_size[0], heads)
     return bias.permute(4, 2, 0, 3, 1).reshape(heads, query_size[0] * query_size[1],
                                                key_size[0] * key_size[1])

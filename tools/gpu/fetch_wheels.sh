@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Fetch the wheels that tools/gpu/run_all.sh installs on the GPU machine (no package index
+# there) into .whl/ (git-ignored; carried with the run), and check they are complete.
+#
+# The GPU machine (python3 3.12, torch 2.11) lacks mmengine and mmcv. transnext_mm imports
+# mmengine (registry, BaseModule, logging, checkpoint) and mmcv.cnn.bricks (DropPath); mmcv 2.x
+# has no binary wheels, but mmcv-lite 2.1.0 (the same Python package, without the compiled
+# ops, which transnext_mm does not use) is a pure-Python wheel that installs as `mmcv`. Their
+# pure-Python needs that the image lacks: addict, termcolor, yapf (-> platformdirs). Everything
+# else they require (numpy, matplotlib, pyyaml, rich, packaging, pillow, opencv: cv2 from
+# opencv-python-headless) is in the image, tools/gpu/device_packages.txt. Versions are those of
+# this project's CPU environment.
+#
+# Usage: bash tools/gpu/fetch_wheels.sh [DEST]      (DEST defaults to .whl; PYTHON=... picks
+#                                                    the interpreter that runs pip)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+DEST="${1:-$ROOT/.whl}"
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
+fi
+WHEELS=(mmengine==0.10.7 mmcv-lite==2.1.0 addict==2.4.0 termcolor==3.3.0 yapf==0.43.0
+        platformdirs==4.14.8)
+
+mkdir -p "$DEST"
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --implementation cp --abi cp312 --platform manylinux_2_28_x86_64 \
+  --platform manylinux2014_x86_64 --platform any -d "$DEST" "${WHEELS[@]}"
+
+# Every wheel pure Python, one version of each, every requirement (markers evaluated for
+# CPython 3.12 on Linux) met by a wheel here or a package of the GPU machine's image.
+"$PY" - "$DEST" "$ROOT/tools/gpu/device_packages.txt" <<'PYEOF'
+import email.parser
+import glob
+import os
+import sys
+import zipfile
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name, parse_wheel_filename
+
+dest, device_list = sys.argv[1], sys.argv[2]
+with open(device_list) as f:
+    device = {canonicalize_name(line.strip()) for line in f
+              if line.strip() and not line.startswith('#')}
+# The image provides cv2 through opencv-python-headless; mmengine / mmcv ask for opencv-python.
+if 'opencv-python-headless' in device:
+    device.add('opencv-python')
+env = {'python_version': '3.12', 'python_full_version': '3.12.3', 'sys_platform': 'linux',
+       'platform_system': 'Linux', 'platform_machine': 'x86_64', 'os_name': 'posix',
+       'implementation_name': 'cpython', 'platform_python_implementation': 'CPython',
+       'extra': ''}
+wheels, problems = {}, []
+for path in sorted(glob.glob(os.path.join(dest, '*.whl'))):
+    name, version, _, tags = parse_wheel_filename(os.path.basename(path))
+    if name in wheels:
+        problems.append(f'two versions of {name}: {wheels[name][0]} and {version}')
+    if not any(t.abi == 'none' and t.platform == 'any' for t in tags):
+        problems.append(f'{os.path.basename(path)} is not pure Python')
+    with zipfile.ZipFile(path) as zf:
+        meta_name = next(n for n in zf.namelist() if n.endswith('.dist-info/METADATA'))
+        meta = email.parser.Parser().parsestr(zf.read(meta_name).decode())
+    wheels[name] = (version, meta.get_all('Requires-Dist') or [])
+for name, (version, requires) in wheels.items():
+    for line in requires:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate(env):
+            continue
+        dep = canonicalize_name(req.name)
+        if dep in wheels:
+            if req.specifier and not req.specifier.contains(str(wheels[dep][0]), prereleases=True):
+                problems.append(f'{name} needs {req}, the wheel is {wheels[dep][0]}')
+        elif dep not in device:
+            problems.append(f'{name} needs {req}: neither a wheel here nor on the GPU machine')
+print(f'fetch_wheels: {len(wheels)} wheels in {dest}: '
+      + ', '.join(f'{n} {v}' for n, (v, _) in sorted(wheels.items())))
+if problems:
+    print('fetch_wheels: INCOMPLETE:\n  ' + '\n  '.join(problems))
+    sys.exit(1)
+print('fetch_wheels: all pure Python; every requirement is met by these wheels or the image')
+PYEOF
+du -sh "$DEST" | awk '{print "fetch_wheels: " $1 " to carry"}'
