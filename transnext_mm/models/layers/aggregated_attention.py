@@ -160,4 +160,10 @@ class FullAttention(nn.Module):
             out = ((q @ k.transpose(-2, -1)) + bias).softmax(dim=-1) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=1.0)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        out = out.transpose(1, 2)
+        if torch.compiler.is_exporting():
+            # The CPU kernel's output is (B, N, heads, d) in memory, so the reshape below is
+            # recorded as a view; the exporters' decomposition of attention returns (B, heads,
+            # N, d), which that view cannot take.
+            out = out.clone(memory_format=torch.contiguous_format)
+        return self.proj(out.reshape(B, N, C))
