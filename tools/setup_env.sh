@@ -64,6 +64,7 @@ if ! "$VPY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION
 fi
 
 "${PIP[@]}" install -q -r requirements/runtime.txt -r requirements/toolboxes.txt -r requirements/tests.txt
+"${PIP[@]}" install -q -r requirements/deploy.txt  # ONNX export and ONNX Runtime (tools/deployment)
 # The package itself; the compiled op is built here (CPU always, CUDA when available).
 "${PIP[@]}" install -q --no-build-isolation --no-deps -e .
 "$VPY" -c "import transnext_mm, mmdet, mmseg, mmpretrain, mmcv.ops; print('transnext_mm', transnext_mm.__version__, 'ready')"
