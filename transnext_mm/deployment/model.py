@@ -13,6 +13,7 @@ preprocessor's mean/std and channel order) and returns:
 
 The attention runs on its PyTorch path (``attn_impl='torch'``), so no compiled op is in a graph.
 """
+import copy
 import os.path as osp
 from typing import List, Optional, Tuple
 
@@ -84,14 +85,11 @@ def build_model(cfg: Config, config: str, checkpoint: Optional[str] = None,
     from mmengine.registry import init_default_scope
     from mmengine.runner import load_checkpoint
 
-    cfg = cfg.copy()
+    cfg = copy.deepcopy(cfg)
     scope = cfg.default_scope
     cfg.model.backbone.attn_impl = attn_impl  # 'torch': no compiled op in the graph
-    cfg.model.backbone.init_cfg = None
+    cfg.model.backbone.init_cfg = None  # weights come from `checkpoint` (or stay random)
     cfg.model.pop('pretrained', None)
-    for key in ('train_cfg', ):
-        if key in cfg.model and scope == 'mmseg':
-            cfg.model[key] = None
     init_default_scope(scope)
     registry = importlib.import_module(f'{scope}.registry').MODELS
     model = revert_sync_batchnorm(registry.build(cfg.model))
@@ -129,7 +127,8 @@ def _config_dataset_meta(cfg: Config) -> dict:
 
 def preprocess_meta(cfg: Config) -> dict:
     """Mean, std and channel order of the model's data preprocessor (applied before the graph)."""
-    pre = cfg.model.get('data_preprocessor') or {}
+    # mmpretrain configs keep it at the top level (the runner moves it into the model).
+    pre = cfg.model.get('data_preprocessor') or cfg.get('data_preprocessor') or {}
     return dict(mean=[float(v) for v in pre.get('mean', [0., 0., 0.])],
                 std=[float(v) for v in pre.get('std', [1., 1., 1.])],
                 bgr_to_rgb=bool(pre.get('bgr_to_rgb', pre.get('to_rgb', False))))
