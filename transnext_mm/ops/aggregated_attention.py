@@ -31,13 +31,18 @@ ATTN_IMPLS = ('auto', 'torch', 'op', 'reference')
 _ROW_BLOCK_BYTES = 4 << 20
 
 
-@functools.lru_cache(maxsize=64)
-def _window_tables_cpu(height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    valid = F.unfold(torch.ones(1, 1, height, width), WINDOW, padding=WINDOW // 2)
-    valid = valid[0].t().contiguous().bool()  # (N, 9)
+def _window_tables(height: int, width: int,
+                   device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    offsets = torch.arange(WINDOW, device=device) - WINDOW // 2
+    rows = torch.arange(height, device=device)[:, None] + offsets  # (H, 3)
+    cols = torch.arange(width, device=device)[:, None] + offsets  # (W, 3)
+    valid_rows, valid_cols = (rows >= 0) & (rows < height), (cols >= 0) & (cols < width)
+    valid = valid_rows[:, None, :, None] & valid_cols[None, :, None, :]  # (H, W, 3, 3)
+    valid = valid.reshape(height * width, WINDOW_AREA)
     return valid, valid.sum(-1)
 
 
+_window_tables_cpu = functools.lru_cache(maxsize=64)(_window_tables)
 _window_cache = {}
 
 
@@ -45,9 +50,12 @@ def window_tables(height: int, width: int,
                   device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Return ``(valid, count)`` for the 3x3 window on an ``height x width`` grid.
 
-    ``valid`` (N, 9) bool marks in-image neighbours; ``count`` (N,) counts them. Cached per size and
-    device, so no block recomputes them.
+    ``valid`` (N, 9) bool marks in-image neighbours (``F.unfold`` order); ``count`` (N,) counts
+    them. Cached per size and device in eager mode, so no block recomputes them; when traced
+    (``torch.compile``, ``torch.export``) computed in the graph, so sizes may be symbolic.
     """
+    if torch.compiler.is_compiling():
+        return _window_tables(height, width, device)
     key = (height, width, str(device))
     tables = _window_cache.get(key)
     if tables is None:
@@ -135,10 +143,13 @@ def aggregated_attention_torch(q, k, v, k_pool, v_pool, rpb_local, bias_pool, to
     local_max = s_local.detach().amax(-1, keepdim=True)  # finite: the centre is always valid
 
     k_pool_t = k_pool.transpose(-2, -1)
-    rows = max(1, _ROW_BLOCK_BYTES // (B * heads * max(num_pool, 1) * q.element_size()))
+    if torch.compiler.is_compiling():  # one block: no loop over symbolic sizes in the graph
+        blocks = [(0, N)]
+    else:
+        rows = max(1, _ROW_BLOCK_BYTES // (B * heads * max(num_pool, 1) * q.element_size()))
+        blocks = [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
     out_pool, denom, row_max = [], [], []
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
+    for r0, r1 in blocks:
         p = torch.matmul(q[:, :, r0:r1], k_pool_t).add_(bias_pool[:, r0:r1])
         m = torch.maximum(p.detach().amax(-1, keepdim=True), local_max[:, :, r0:r1])
         p = p.sub_(m).exp_()

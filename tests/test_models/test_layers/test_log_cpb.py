@@ -2,10 +2,12 @@ import math
 
 import pytest
 import torch
+import torch._dynamo
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transnext_mm.models.layers.log_cpb import LogCPB, log_cpb_bias, set_pos_bias_cache
+from transnext_mm.models.layers.log_cpb import (LogCPB, log_cpb_axis, log_cpb_bias,
+                                                set_pos_bias_cache)
 
 
 def pairwise_log_cpb(fc1, fc2, query_size, key_size, pretrain_len):
@@ -110,3 +112,32 @@ def test_bad_mode_and_pretrain_len():
         LogCPB('nearest', (8, 8), (1, 1), 56)
     with pytest.raises(ValueError, match='pretrain_size'):
         LogCPB('interpolate', (8, 8), (1, 1), 1)
+
+
+@pytest.mark.parametrize('args', [((9, 7), (3, 4), 56), ((16, 16), (16, 16), 7),
+                                  ((9, 7), (3, 4), 56, (6, 6), (2, 2)),
+                                  ((5, 11), (5, 11), 7, (4, 4), (4, 4))])
+def test_candidate_table_equals_compact_table(mlp, args, monkeypatch):
+    """Traced, the table holds all 4n-3 doubled offsets per axis instead of the occurring ones:
+    the same bias, computed without unique."""
+    fc1, fc2 = mlp
+    compact = log_cpb_bias(fc1, fc2, *args)
+    coords, index = log_cpb_axis(args[0][0], args[1][0], args[2], torch.device('cpu'))
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    full_coords, full_index = log_cpb_axis(args[0][0], args[1][0], args[2],
+                                           torch.device('cpu'))
+    assert full_coords.numel() == 4 * args[0][0] - 3 > coords.numel()
+    assert torch.equal(full_coords[full_index], coords[index])
+    torch.testing.assert_close(log_cpb_bias(fc1, fc2, *args), compact, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('mode', ['interpolate', 'extrapolate'])
+def test_compiled_bias_equals_eager(mlp, mode):
+    fc1, fc2 = mlp
+    cpb = LogCPB(mode, (6, 6), (2, 2), 56)
+    expected = cpb(fc1, fc2, (9, 7), (3, 4), training=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(cpb, fullgraph=True, backend='eager')
+    for _ in range(2):  # the second call finds nothing cached
+        torch.testing.assert_close(compiled(fc1, fc2, (9, 7), (3, 4), False), expected)
+    assert cpb.cached_sizes() == []

@@ -134,7 +134,8 @@ class TransNeXt(BaseModule):
         self.num_features = [self.embed_dims[i] for i in out_indices]
 
         depths = self.arch['depths']
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # On the CPU also while a meta default device builds the model (fast initialisation).
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         for i in range(NUM_STAGES):
             stride = STAGE_STRIDES[i]
             dims = self.embed_dims[i]

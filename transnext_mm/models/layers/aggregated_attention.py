@@ -15,12 +15,20 @@ import torch.nn.functional as F
 from transnext_mm.ops.aggregated_attention import (WINDOW_AREA, aggregated_attention,
                                                    window_tables)
 from transnext_mm.ops.cosine_qk import cosine_queries_keys
+from .adaptive_pool import adaptive_avg_pool_tokens
 from .log_cpb import LogCPB
 
 Size = Tuple[int, int]
 CPB_HIDDEN = 512
 # softplus(temperature) starts at 1 / 0.24, the inverse of a typical cosine-attention temperature.
 INIT_TEMPERATURE = math.log(math.expm1(1 / 0.24))
+
+
+def _log_length(num_keys, like: torch.Tensor):
+    """``ln(num_keys)``: a Python float, or a tensor when the size is symbolic (traced)."""
+    if isinstance(num_keys, int):
+        return math.log(num_keys)
+    return torch.full((), num_keys, dtype=like.dtype, device=like.device).log()
 
 
 def _cosine_attention_params(module: nn.Module, num_heads: int, head_dim: int) -> None:
@@ -82,8 +90,7 @@ class AggregatedAttention(nn.Module):
 
         # The 1x1 conv ``sr`` as a matmul on the tokens (same weights; avoids a slow conv path).
         pooled = self.act(F.linear(x, self.sr.weight.flatten(1), self.sr.bias))
-        pooled = pooled.reshape(B, height, width, C).permute(0, 3, 1, 2)
-        pooled = F.adaptive_avg_pool2d(pooled, pool_size).flatten(2).transpose(1, 2)
+        pooled = adaptive_avg_pool_tokens(pooled, height, width, pool_size)
         k_pool, v_pool = self._heads(self.kv(self.norm(pooled)), 2).chunk(2, dim=1)
         num_pool = k_pool.shape[2]
 
@@ -140,7 +147,7 @@ class FullAttention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3 * self.num_heads, self.head_dim).transpose(1, 2)
         q, k, v = qkv.chunk(3, dim=1)
-        scale = F.softplus(self.temperature) * math.log(N)
+        scale = F.softplus(self.temperature) * _log_length(N, x)
         q = (F.normalize(q, dim=-1) + self.query_embedding) * scale
         bias = self.pos_bias(self.cpb_fc1, self.cpb_fc2, (height, width), (height, width),
                              self.training).to(x.dtype)

@@ -40,7 +40,7 @@ class ConvGLU(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         hidden_row_bytes = x.shape[0] * width * self.fc1.out_features * x.element_size()
         rows = max(1, STRIP_BYTES // hidden_row_bytes)
-        if rows < height and inference_kernel_applies(self.impl, x, self.parameters()):
+        if inference_kernel_applies(self.impl, x, self.parameters()) and rows < height:
             return torch.cat([self._strip(x, y0, min(height, y0 + rows), height, width)
                               for y0 in range(0, height, rows)], dim=1)
         return self._strip(x, 0, height, height, width)

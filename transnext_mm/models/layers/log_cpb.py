@@ -1,18 +1,23 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
 """Log-spaced continuous position bias (log-CPB) for TransNeXt's pooled and full attention.
 
-Key coordinates are the query coordinates ``0..n-1`` average-pooled to the key grid. Per axis
-``delta = (q - k) / (P - 1) * 8`` with ``P`` the pretraining feature size of the stage, mapped to
-``sign(delta) * log2(|delta| + 1) / log2(8)``; a 2-512-heads MLP gives the bias per head.
+Per axis, the key coordinates are the query coordinates ``0..n-1`` average-pooled into ``m``
+bins. Adaptive pooling's bin ``j`` covers ``[s_j, e_j)`` with ``s_j = floor(j*n/m)`` and
+``e_j = ceil((j+1)*n/m)``, so ``k_j = (s_j + e_j - 1) / 2`` and the doubled offset
+``2*(q - k_j)`` is an integer in ``[-(2n-2), 2n-2]``. With ``P`` the stage's pretraining feature
+size, ``delta = (q - k) / (P - 1) * 8`` is mapped to ``sign(delta) * log2(|delta| + 1) / log2(8)``,
+and a 2-512-heads MLP gives the bias per head.
 
-Two facts keep this cheap. The bias only depends on the pair (delta_h, delta_w), so the MLP is
-evaluated once on the grid of unique per-axis deltas (``U_h x U_w`` points), which gives exactly
-the values of evaluating it on every unique 2-D pair. And everything after the MLP is linear and
-separable per axis: gathering the table entries of each (query, key) pair and, in interpolation
-mode, bilinearly resizing the table (first over the key grid, then over the query grid) is one
-sparse matrix per axis, ``A_h`` of shape (Hq*Hk, U_h) and ``A_w`` of shape (Wq*Wk, U_w), with at
-most 4 non-zeros a row. So ``bias = A_h M A_w^T`` (per head) costs a few passes over the output,
-never materialises the tabulated bias, and is cached per size and device like the coordinates.
+The bias only depends on the pair of per-axis offsets, so the MLP is evaluated on a table over
+the per-axis offset values (``U_h x U_w`` points) and every (query, key) pair gathers its entry
+with integer indices. In eager mode the table holds only the offsets that occur
+(``torch.unique``, computed once per size and device); when traced (``torch.compile``,
+``torch.export``) it holds all ``4n - 3`` candidates, whose indices are computed from ``arange``
+in the graph, so sizes stay symbolic and no Python-side cache is consulted. Both give the same
+value at every pair (the MLP sees the same inputs).
+
+Interpolation mode tabulates the bias at fixed grids (``img_size``) and resizes it bilinearly
+(``align_corners=False``), first over the key grid, then over the query grid.
 """
 import functools
 import math
@@ -24,66 +29,90 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .adaptive_pool import adaptive_pool_bins
+
 POS_BIAS_MODES = ('interpolate', 'extrapolate')
 Size = Tuple[int, int]
 
 
-@functools.lru_cache(maxsize=256)
-def _axis_table_cpu(query_len: int, key_len: int,
-                    pretrain_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Unique log-spaced coordinates of one axis and the (query_len, key_len) index into them."""
-    query = torch.arange(query_len, dtype=torch.float32)
-    key = F.adaptive_avg_pool1d(query[None, None], key_len)[0, 0]
-    delta = (query[:, None] - key[None, :]) / (pretrain_len - 1) * 8
-    values, index = torch.unique(delta, return_inverse=True)
-    coords = torch.sign(values) * torch.log2(values.abs() + 1.0) / math.log2(8)
-    return coords, index
+def doubled_offsets(query_len, key_len, device=None) -> torch.Tensor:
+    """``2 * (q - k_j)`` of one axis: (query_len, key_len) int64 in ``[-(2n-2), 2n-2]``."""
+    start, end = adaptive_pool_bins(query_len, key_len, device)
+    return 2 * torch.arange(query_len, device=device)[:, None] - (start + end - 1)
 
 
-def _linear_resize_matrix(in_len: int, out_len: int) -> torch.Tensor:
-    """(out_len, in_len) weights of 1-D linear resizing, align_corners=False (as F.interpolate)."""
-    if in_len == out_len:
-        return torch.eye(in_len)
-    return F.interpolate(torch.eye(in_len)[None], size=out_len, mode='linear',
-                         align_corners=False)[0].t()
+def log_spaced_coords(doubled: torch.Tensor, pretrain_len: int) -> torch.Tensor:
+    """The MLP input of one axis for doubled offsets: float32 ``sign(d) log2(|d|+1) / 3``."""
+    delta = doubled.float() / 2 / (pretrain_len - 1) * 8
+    return torch.sign(delta) * torch.log2(delta.abs() + 1.0) / math.log2(8)
 
 
 @functools.lru_cache(maxsize=256)
-def _axis_operator_cpu(query_len: int, key_len: int, table_query: int, table_key: int,
-                       pretrain_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Coordinates of one axis and its sparse (query_len*key_len, U) gather-and-resize matrix."""
-    coords, index = _axis_table_cpu(table_query, table_key, pretrain_len)
-    resize_q = _linear_resize_matrix(table_query, query_len)
-    resize_k = _linear_resize_matrix(table_key, key_len)
-    rows_q, cols_q = resize_q.nonzero(as_tuple=True)
-    rows_k, cols_k = resize_k.nonzero(as_tuple=True)
-    weight_q, weight_k = resize_q[rows_q, cols_q], resize_k[rows_k, cols_k]
-    rows = (rows_q[:, None] * key_len + rows_k[None, :]).flatten()
-    cols = index[cols_q[:, None], cols_k[None, :]].flatten()
-    values = (weight_q[:, None] * weight_k[None, :]).flatten()
-    operator = torch.sparse_coo_tensor(torch.stack([rows, cols]), values,
-                                       (query_len * key_len, coords.numel()),
-                                       check_invariants=True).coalesce()
-    return coords, operator
+def _compact_axis_cpu(query_len: int, key_len: int,
+                      pretrain_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    values, index = torch.unique(doubled_offsets(query_len, key_len), return_inverse=True)
+    return log_spaced_coords(values, pretrain_len), index
 
 
 _axis_cache: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def log_cpb_axis_operator(query_len: int, key_len: int, table_query: int, table_key: int,
-                          pretrain_len: int,
-                          device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-axis coordinates and sparse operator (see the module docstring) on ``device``.
+def log_cpb_axis(query_len, key_len, pretrain_len: int,
+                 device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MLP coordinates of one axis, (U,) float32, and each pair's index into them, (n, m) int64.
 
-    Cached per sizes and device: no block rebuilds them.
+    Eager: the offsets that occur, cached per sizes and device. Traced (or symbolic sizes): all
+    ``4n - 3`` candidates, computed in the graph.
     """
-    key = (query_len, key_len, table_query, table_key, pretrain_len, str(device))
+    if torch.compiler.is_compiling() or not isinstance(query_len + key_len, int):
+        span = 2 * query_len - 2
+        candidates = torch.arange(-span, span + 1, device=device)
+        return (log_spaced_coords(candidates, pretrain_len),
+                doubled_offsets(query_len, key_len, device) + span)
+    key = (query_len, key_len, pretrain_len, str(device))
     entry = _axis_cache.get(key)
     if entry is None:
-        entry = tuple(t.to(device) for t in _axis_operator_cpu(
-            query_len, key_len, table_query, table_key, pretrain_len))
+        entry = tuple(t.to(device) for t in _compact_axis_cpu(query_len, key_len, pretrain_len))
         _axis_cache[key] = entry
     return entry
+
+
+def log_cpb_table(fc1: nn.Linear, fc2: nn.Linear, coords_h: torch.Tensor,
+                  coords_w: torch.Tensor) -> torch.Tensor:
+    """The MLP on every (coords_h[i], coords_w[j]) pair: float32 (heads, U_h, U_w)."""
+    grid = torch.stack(torch.meshgrid(coords_h, coords_w, indexing='ij'), dim=-1)
+    return fc2(F.relu(fc1(grid.to(fc1.weight.dtype)))).float().permute(2, 0, 1)
+
+
+def gather_table(table: torch.Tensor, index_h: torch.Tensor,
+                 index_w: torch.Tensor) -> torch.Tensor:
+    """(heads, U_h, U_w) table -> (heads, Hq, Wq, Hk, Wk) bias for per-axis indices (Hq, Hk)
+    and (Wq, Wk)."""
+    return table[:, index_h[:, None, :, None], index_w[None, :, None, :]]
+
+
+def resize_bias(bias: torch.Tensor, query_size: Size, key_size: Size) -> torch.Tensor:
+    """Bilinearly resize a (heads, Hq', Wq', Hk', Wk') bias over the key grid, then over the
+    query grid (``align_corners=False``): (heads, Hq*Wq, Hk*Wk)."""
+    heads, table_qh, table_qw, table_kh, table_kw = bias.shape
+    num_keys = key_size[0] * key_size[1]
+    # Traced sizes are symbolic: resize unconditionally (a resize to the same size is exact).
+    tracing = torch.compiler.is_compiling()
+    if tracing or (table_kh, table_kw) != tuple(key_size):
+        bias = F.interpolate(bias.reshape(heads * table_qh * table_qw, 1, table_kh, table_kw), size=tuple(key_size),
+                             mode='bilinear', align_corners=False)
+    bias = bias.reshape(heads, table_qh, table_qw, num_keys)
+    if tracing or (table_qh, table_qw) != tuple(query_size):
+        # Keys as channels (a channels-last view): no copy before or after the resize.
+        bias = F.interpolate(bias.permute(0, 3, 1, 2), size=tuple(query_size), mode='bilinear',
+                             align_corners=False).permute(0, 2, 3, 1)
+    return bias.reshape(heads, query_size[0] * query_size[1], num_keys)
+
+
+def log_cpb_axes(query_size: Size, key_size: Size, pretrain_len: int, device: torch.device):
+    """:func:`log_cpb_axis` of both axes: ``((coords_h, index_h), (coords_w, index_w))``."""
+    return (log_cpb_axis(query_size[0], key_size[0], pretrain_len, device),
+            log_cpb_axis(query_size[1], key_size[1], pretrain_len, device))
 
 
 def log_cpb_bias(fc1: nn.Linear, fc2: nn.Linear, query_size: Size, key_size: Size,
@@ -98,41 +127,21 @@ def log_cpb_bias(fc1: nn.Linear, fc2: nn.Linear, query_size: Size, key_size: Siz
         key_size (tuple[int]): Key grid (Hk, Wk).
         pretrain_len (int): The stage's feature size at pretraining.
         table_query (tuple[int], optional): Query grid of the table to resize from
-            (interpolation mode). Defaults to None: evaluate at ``query_size``.
+            (interpolation mode, with ``table_key``). Defaults to None: evaluate at
+            ``query_size`` and ``key_size``.
         table_key (tuple[int], optional): Key grid of that table. Defaults to None.
 
     Returns:
         Tensor: float32 bias of shape (heads, H*W, Hk*Wk).
     """
-    table_query = tuple(table_query or query_size)
-    table_key = tuple(table_key or key_size)
-    device = fc1.weight.device
-    coords_h, op_h = log_cpb_axis_operator(query_size[0], key_size[0], table_query[0],
-                                           table_key[0], pretrain_len, device)
-    coords_w, op_w = log_cpb_axis_operator(query_size[1], key_size[1], table_query[1],
-                                           table_key[1], pretrain_len, device)
-    table = log_cpb_table(fc1, fc2, coords_h, coords_w)
-    return apply_axis_operators(table, op_h, op_w, query_size, key_size)
-
-
-def log_cpb_table(fc1: nn.Linear, fc2: nn.Linear, coords_h: torch.Tensor,
-                  coords_w: torch.Tensor) -> torch.Tensor:
-    """The MLP on every (coords_h[i], coords_w[j]) pair: float32 (U_h, U_w, heads)."""
-    grid = torch.stack(torch.meshgrid(coords_h, coords_w, indexing='ij'), dim=-1)
-    return fc2(F.relu(fc1(grid.to(fc1.weight.dtype)))).float()
-
-
-def apply_axis_operators(table: torch.Tensor, op_h: torch.Tensor, op_w: torch.Tensor,
-                         query_size: Size, key_size: Size) -> torch.Tensor:
-    """Gather (and resize) a (U_h, U_w, heads) table into the (heads, N, Nk) bias."""
-    num_h, num_w, heads = table.shape
-    # h axis: (Hq*Hk, U_h) @ (U_h, U_w*heads); then w axis: (Wq*Wk, U_w) @ (U_w, Hq*Hk*heads)
-    bias = torch.sparse.mm(op_h, table.reshape(num_h, num_w * heads))
-    bias = bias.reshape(-1, num_w, heads).transpose(0, 1).reshape(num_w, -1)
-    bias = torch.sparse.mm(op_w, bias)
-    bias = bias.reshape(query_size[1], key_size[1], query_size[0], key_size[0], heads)
-    return bias.permute(4, 2, 0, 3, 1).reshape(heads, query_size[0] * query_size[1],
-                                               key_size[0] * key_size[1])
+    interpolate = table_query is not None
+    grids = (table_query, table_key) if interpolate else (query_size, key_size)
+    (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(*grids, pretrain_len,
+                                                            fc1.weight.device)
+    bias = gather_table(log_cpb_table(fc1, fc2, coords_h, coords_w), index_h, index_w)
+    if interpolate:
+        return resize_bias(bias, query_size, key_size)
+    return bias.reshape(bias.shape[0], query_size[0] * query_size[1], key_size[0] * key_size[1])
 
 
 _cache_enabled = True
@@ -166,10 +175,12 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class LogCPB:
-    """Computes (and in eval mode caches) the log-CPB bias of one attention layer.
+    """Computes (and in eager eval mode caches) the log-CPB bias of one attention layer.
 
     A plain object, not a module, so that the MLP keeps the released checkpoint's names
-    (``attn.cpb_fc1``, ``attn.cpb_fc2``) on the attention layer that owns it.
+    (``attn.cpb_fc1``, ``attn.cpb_fc2``) on the attention layer that owns it. When traced
+    (``torch.compile``, ``torch.export``) it computes the bias in the graph and never touches the
+    cache, whose keys hold object ids and data pointers.
 
     Args:
         mode (str): 'interpolate' tabulates the bias at ``table_query`` x ``table_key`` and resizes
@@ -204,6 +215,7 @@ class LogCPB:
 
     def compute(self, fc1: nn.Linear, fc2: nn.Linear, query_size: Size,
                 key_size: Size) -> torch.Tensor:
+        """The bias (heads, H*W, Hk*Wk), computed without any cache."""
         if self.mode == 'extrapolate':
             return log_cpb_bias(fc1, fc2, query_size, key_size, self.pretrain_len)
         return log_cpb_bias(fc1, fc2, query_size, key_size, self.pretrain_len,
@@ -213,18 +225,14 @@ class LogCPB:
                            signature: tuple) -> torch.Tensor:
         """Interpolation mode in eval: the MLP table does not depend on the input size, so it
         is evaluated once per weights and only gathered and resized for each new size."""
-        coords_h, op_h = log_cpb_axis_operator(*self._axis_args(0, query_size, key_size, fc1))
-        coords_w, op_w = log_cpb_axis_operator(*self._axis_args(1, query_size, key_size, fc1))
+        (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(
+            self.table_query, self.table_key, self.pretrain_len, fc1.weight.device)
         key = (id(self), 'table')
         hit = _bias_cache.get(key)
         if hit is None or hit[0] != signature:
             hit = (signature, log_cpb_table(fc1, fc2, coords_h, coords_w).detach())
             self._store(key, hit)
-        return apply_axis_operators(hit[1], op_h, op_w, query_size, key_size)
-
-    def _axis_args(self, axis: int, query_size: Size, key_size: Size, fc1: nn.Linear) -> tuple:
-        return (query_size[axis], key_size[axis], self.table_query[axis], self.table_key[axis],
-                self.pretrain_len, fc1.weight.device)
+        return resize_bias(gather_table(hit[1], index_h, index_w), query_size, key_size)
 
     @staticmethod
     def _store(key: tuple, entry: tuple) -> None:
@@ -241,9 +249,11 @@ class LogCPB:
     def __call__(self, fc1: nn.Linear, fc2: nn.Linear, query_size: Size, key_size: Size,
                  training: bool) -> torch.Tensor:
         query_size, key_size = tuple(query_size), tuple(key_size)
-        # Cache only what no gradient can flow through: eval mode and no grad wanted by the MLP.
-        cacheable = _cache_enabled and not training and not (
-            torch.is_grad_enabled() and fc1.weight.requires_grad)
+        # Cache only in eager mode, on a device with data, and only what no gradient can flow
+        # through: eval mode and no grad wanted by the MLP.
+        cacheable = (_cache_enabled and not training and not torch.compiler.is_compiling()
+                     and fc1.weight.device.type != 'meta'
+                     and not (torch.is_grad_enabled() and fc1.weight.requires_grad))
         if not cacheable:
             return self.compute(fc1, fc2, query_size, key_size)
         key = (id(self), query_size, key_size)
