@@ -111,8 +111,11 @@ def export(net: nn.Module, meta: dict, out: str, fmt: str = 'onnx',
         raise
     except Exception as e:
         mode = 'with --dynamic' if dynamic else f'at {meta["shape"]}'
+        hint = ('; a fixed shape (without --dynamic) folds the position biases and needs no '
+                'symbolic log-CPB' if dynamic else '')
         raise DeployError(f'{meta["config"]}: export to {fmt} {mode} failed '
-                          f'({type(e).__name__}: {str(e).strip().splitlines()[0][:400]})') from e
+                          f'({type(e).__name__}: {str(e).strip().splitlines()[0][:400]}){hint}'
+                          ) from e
     return out
 
 
