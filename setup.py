@@ -177,6 +177,7 @@ setup(
     extras_require={
         'toolboxes': read_requirements('toolboxes.txt'),
         'tests': read_requirements('tests.txt'),
+        'deploy': read_requirements('deploy.txt'),
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -19,6 +19,11 @@ Examples::
     python tools/benchmark.py --arch tiny --size 512 512 --layer --backward
     python tools/benchmark.py --arch tiny --size 512 512 --glu --attn-impl torch op
     python tools/benchmark.py --device cuda --dtype fp16 --batch 8 --attn-impl torch op
+    python tools/benchmark.py --onnx upernet.onnx --attn-impl torch auto --threads 2
+
+With ``--onnx FILE`` (written by tools/deployment/pytorch2onnx.py) the exported file runs in
+ONNX Runtime (CPU, ``ort``) beside the PyTorch model of the config it was exported from (random
+weights, same task, input size and batch) with each ``--attn-impl``.
 """
 import argparse
 import json
@@ -66,6 +71,8 @@ def parse_args(argv=None):
     parser.add_argument('--rounds', type=int, default=1,
                         help='interleave the implementations this many times')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--onnx', default=None,
+                        help='time this exported .onnx file in ONNX Runtime beside PyTorch')
     parser.add_argument('--json', default=None, help='also write the results to this file')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -73,6 +80,10 @@ def parse_args(argv=None):
         parser.error('--batch, --repeats and --rounds must be >= 1 and --warmup >= 0')
     if args.layer and args.glu:
         parser.error('--layer and --glu are exclusive')
+    if args.onnx and (args.layer or args.glu or args.backward or args.device != 'cpu'
+                      or args.dtype != 'fp32'):
+        parser.error('--onnx times CPU fp32 inference of the whole exported model: it takes no '
+                     '--layer, --glu, --backward, --device cuda or --dtype')
     if args.device == 'cpu' and args.dtype == 'fp16':
         parser.error('--dtype fp16 is not supported on CPU (use fp32 or bf16)')
     return args
@@ -129,6 +140,48 @@ def layer_shapes(arch: dict, height: int, width: int, fixed_pool_size=None):
         shapes.append((arch['depths'][stage], heads, arch['embed_dims'][stage] // heads, h, w,
                        ph, pw))
     return shapes
+
+
+def run_onnx_worker(args) -> dict:
+    """Latency of the exported file (impl 'ort') or of the PyTorch model it came from."""
+    import torch
+
+    from transnext_mm.deployment import OrtModel, example_input, prepare, read_meta
+
+    impl = args.worker
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = read_meta(args.onnx)
+    x = example_input(meta)
+    if impl == 'ort':
+        run = OrtModel(args.onnx, threads=args.threads)
+    else:
+        if impl == 'reference-nocache':
+            raise ValueError('--onnx compares with torch, op, auto or reference')
+        run, _, _ = prepare(meta['config'], None, meta['shape'], meta['batch'],
+                            meta['task'] == 'backbone', attn_impl=impl)
+
+    def step():
+        with torch.no_grad():
+            run(x)
+
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = _peak_rss_during(step)
+    if impl == 'ort':
+        import onnxruntime
+        version = f'onnxruntime {onnxruntime.__version__}'
+    else:
+        version = torch.__version__
+    return dict(impl=impl, median_s=statistics.median(times), min_s=min(times),
+                peak_mem_mib=max(peak, 0) / 2**20, retained_mib=0.0,
+                threads=args.threads or torch.get_num_threads(), torch=version,
+                device=_cpu_name(), task=meta['task'])
 
 
 def run_worker(args) -> dict:
@@ -268,7 +321,12 @@ def format_table(args, results) -> str:
             'ConvGLU layers' if args.glu else 'backbone')
     mode += ', forward+backward (train)' if args.backward else ', forward (eval)'
     first = next((r for r in results if 'error' not in r), {})
-    header = (f'TransNeXt-{args.arch} {mode} | input {args.batch}x3x{args.size[0]}x{args.size[1]} '
+    model = f'TransNeXt-{args.arch}'
+    if args.onnx:
+        meta = _onnx_meta(args.onnx)
+        model, mode = meta['config'], f'{meta["task"]}, forward (eval), ort = {args.onnx}'
+        args.batch, args.size = meta['batch'], meta['shape']
+    header = (f'{model} {mode} | input {args.batch}x3x{args.size[0]}x{args.size[1]} '
               f'| {args.pos_bias_mode} | {args.device} {args.dtype} | '
               f'threads {first.get("threads", "?")} | torch {first.get("torch", "?")}\n'
               f'device: {first.get("device", "?")} | median of {args.repeats} runs after '
@@ -293,15 +351,30 @@ def format_table(args, results) -> str:
     return header + '\n' + '\n'.join(lines)
 
 
+def _onnx_meta(path: str) -> dict:
+    from transnext_mm.deployment import read_meta
+    return read_meta(path)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.worker:
-        print(json.dumps(run_worker(args)))
+        print(json.dumps(run_onnx_worker(args) if args.onnx else run_worker(args)))
         return
-    per_impl = {impl: [] for impl in args.attn_impl}
+    impls = args.attn_impl
+    if args.onnx:
+        from transnext_mm.deployment import DeployError
+        try:
+            meta = _onnx_meta(args.onnx)
+        except DeployError as e:
+            raise SystemExit(f'error: --onnx {e}')
+        impls = ['ort'] + [i for i in impls if i != 'reference-nocache']
+        if '--attn-impl' not in argv:
+            impls = ['ort', 'torch', 'auto']
+    per_impl = {impl: [] for impl in impls}
     for _ in range(args.rounds):
-        for impl in args.attn_impl:
+        for impl in impls:
             per_impl[impl].append(run_impl(argv, impl))
     results = []
     for impl, runs in per_impl.items():

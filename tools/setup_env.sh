@@ -69,6 +69,7 @@ fi
 # transnext_mm/.mim). Without --no-deps, pip would pull opendatalab, which downgrades setuptools to
 # 60.x, below torch's >=77.0.3; its other dependencies come from requirements/mim.txt.
 "${PIP[@]}" install -q --no-deps "openmim==0.3.9"
+"${PIP[@]}" install -q -r requirements/deploy.txt  # ONNX export and ONNX Runtime (tools/deployment)
 # The package itself; the compiled op is built here (CPU always, CUDA when available).
 "${PIP[@]}" install -q --no-build-isolation --no-deps -e .
 "$VPY" -c "import transnext_mm, mmdet, mmseg, mmpretrain, mmcv.ops, mim; print('transnext_mm', transnext_mm.__version__, 'ready')"

@@ -10,6 +10,10 @@ The image is a file, or one of scikit-image's bundled photos (``skimage:astronau
 
 It uses mmseg's ``init_model`` / ``inference_model`` and draws with ``SegLocalVisualizer``.
 Without a checkpoint the model is randomly initialised (useful only to check a config).
+An ``.onnx`` file written by tools/deployment/pytorch2onnx.py takes the place of config and
+checkpoint; it runs in ONNX Runtime (``transnext_mm.deployment.inference``)::
+
+    python tools/demo/seg_demo.py skimage:chelsea upernet.onnx --out-file outputs/chelsea_seg.png
 """
 import argparse
 import os
@@ -38,19 +42,19 @@ def segment(image_rgb: np.ndarray, config: str, checkpoint: Optional[str] = None
     return model, result
 
 
-def draw(model, image_rgb: np.ndarray, result, out_file: str, opacity: float = 0.5,
+def draw(dataset_meta: dict, image_rgb: np.ndarray, result, out_file: str, opacity: float = 0.5,
          with_labels: bool = True) -> dict:
     """Write the overlay PNG; returns the share of the image of each predicted class."""
     from mmseg.visualization import SegLocalVisualizer
 
     visualizer = SegLocalVisualizer(name='seg_demo', alpha=opacity)
-    visualizer.dataset_meta = model.dataset_meta
+    visualizer.dataset_meta = dataset_meta
     os.makedirs(osp.dirname(osp.abspath(out_file)), exist_ok=True)
     visualizer.add_datasample('seg_demo', image_rgb, result, draw_gt=False, draw_pred=True,
                               with_labels=with_labels, out_file=out_file)
     labels = result.pred_sem_seg.data[0].cpu().numpy()
     ids, counts = np.unique(labels, return_counts=True)
-    classes = model.dataset_meta['classes']
+    classes = dataset_meta['classes']
     return {classes[i]: c / labels.size for i, c in zip(ids.tolist(), counts.tolist())}
 
 
@@ -58,7 +62,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description='Segment an image and save the overlay (PNG)')
     parser.add_argument('image', help=f'image file, or {SKIMAGE_PREFIX}NAME with NAME in '
                         f'{", ".join(SKIMAGE_PHOTOS)}')
-    parser.add_argument('config', help='segmentation config')
+    parser.add_argument('config', help='segmentation config, or an exported .onnx file')
     parser.add_argument('checkpoint', nargs='?', default=None,
                         help='checkpoint (omit for random weights)')
     parser.add_argument('--out-file', default='outputs/seg_demo.png', help='output PNG')
@@ -78,8 +82,20 @@ def main():
     if not args.out_file.lower().endswith('.png'):
         raise SystemExit(f'--out-file must end with .png, got {args.out_file}')
     image = load_image(args.image)
-    model, result = segment(image, args.config, args.checkpoint, args.device, args.cfg_options)
-    shares = draw(model, image, result, args.out_file, args.opacity, not args.no_labels)
+    if args.config.endswith('.onnx'):
+        if args.checkpoint or args.cfg_options:
+            raise SystemExit('an .onnx model takes no checkpoint and no --cfg-options')
+        from transnext_mm.deployment import DeployError
+        from transnext_mm.deployment.inference import segment_onnx
+        try:
+            dataset_meta, result = segment_onnx(image, args.config)
+        except DeployError as e:
+            raise SystemExit(f'error: {e}')
+    else:
+        model, result = segment(image, args.config, args.checkpoint, args.device,
+                                args.cfg_options)
+        dataset_meta = model.dataset_meta
+    shares = draw(dataset_meta, image, result, args.out_file, args.opacity, not args.no_labels)
     top = ', '.join(f'{name} {100 * share:.1f}%' for name, share in
                     sorted(shares.items(), key=lambda item: -item[1])[:5])
     print(f'{args.image} ({image.shape[1]}x{image.shape[0]}): {top}')

@@ -1,0 +1,69 @@
+"""The TransNeXt backbone exported at a fixed shape (position biases folded as constants):
+ONNX Runtime and the loaded ``torch.export`` program against eager PyTorch (batch 2, odd size)."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip('onnxruntime')
+pytest.importorskip('onnxscript')
+
+from transnext_mm.deployment import (DeployError, OrtModel, compare, example_input,  # noqa: E402
+                                     export, read_meta, verify)
+from transnext_mm.deployment.export import folded_position_biases  # noqa: E402
+from transnext_mm.deployment.model import BackboneNet  # noqa: E402
+from transnext_mm.models.backbones import TransNeXt  # noqa: E402
+
+META = dict(task='backbone', config='TransNeXt-micro', shape=[64, 40], batch=2,
+            mean=[0., 0., 0.], std=[1., 1., 1.], bgr_to_rgb=False)
+
+
+@pytest.fixture(scope='module')
+def backbone():
+    torch.manual_seed(0)
+    model = TransNeXt(arch='micro', img_size=128, pos_bias_mode='extrapolate', attn_impl='torch')
+    return BackboneNet(model).eval()
+
+
+@pytest.mark.parametrize('fmt, suffix', [('onnx', '.onnx'), ('torch-export', '.pt2')])
+def test_backbone_maps_equal_pytorch(backbone, tmp_path, fmt, suffix):
+    path = str(tmp_path / f'backbone{suffix}')
+    export(backbone, META, path, fmt)
+    meta = read_meta(path)
+    assert meta['outputs'] == ['feat0', 'feat1', 'feat2', 'feat3'] and not meta['dynamic']
+    [(shape, report)] = verify(backbone, meta, path)
+    assert report['ok'] and report['rel_err'] <= 1e-4, report
+    if fmt == 'onnx':
+        maps = OrtModel(path)(example_input(meta).numpy())
+        assert [m.shape for m in maps] == [(2, 48, 16, 10), (2, 96, 8, 5), (2, 192, 4, 3),
+                                           (2, 384, 2, 2)]
+        with pytest.raises(DeployError, match='exported at'):
+            OrtModel(path)(np.zeros((2, 3, 64, 64), np.float32))
+
+
+def test_folded_biases_are_restored_and_size_checked(backbone):
+    x = example_input(META)
+    attn = backbone.backbone.block1[0].attn
+    original = attn.pos_bias
+    with folded_position_biases(backbone, x):
+        assert attn.pos_bias is not original
+        with pytest.raises(DeployError, match='folded at'):
+            backbone(example_input(META, [64, 64]))
+    assert attn.pos_bias is original
+
+
+def test_corrupt_file_is_named(tmp_path):
+    bad = tmp_path / 'bad.onnx'
+    bad.write_bytes(b'\x00garbage')
+    with pytest.raises(DeployError, match='not a readable'):
+        OrtModel(str(bad))
+
+
+def test_compare_detections_rejects_moved_boxes():
+    boxes = np.array([[[0, 0, 10, 10], [5, 5, 20, 20]]], np.float32)
+    scores = np.array([[0.9, 0.5]], np.float32)
+    labels = np.array([[1, 2]])
+    assert compare('detection', [boxes, scores, labels], [boxes, scores, labels])['ok']
+    moved = boxes + np.array([0, 0, 1, 0], np.float32)
+    assert not compare('detection', [moved, scores, labels], [boxes, scores, labels])['ok']
+    assert not compare('detection', [boxes, scores, labels[:, ::-1]],
+                       [boxes, scores, labels])['ok']

@@ -1,0 +1,136 @@
+"""Export to ONNX / torch.export and compare ONNX Runtime (or the loaded program) with PyTorch.
+
+Micro configs at small sizes; every exported file is reused by the tests of its family. The
+tolerances are issue #13's (``transnext_mm.deployment.TOLERANCES``).
+"""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip('onnxruntime')
+pytest.importorskip('onnxscript')
+
+from transnext_mm.deployment import (OrtModel, example_input, export, prepare,  # noqa: E402
+                                     read_meta, verify)
+
+ROOT = Path(__file__).resolve().parents[2]
+CLS = 'configs/classification/transnext-micro_in1k-224px.py'
+UPERNET = 'configs/demo/upernet_transnext-micro_synthetic-ade20k.py'
+MASK_RCNN = 'configs/demo/mask-rcnn_transnext-micro_fpn_synthetic-coco.py'
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location(
+        'pytorch2onnx', ROOT / 'tools' / 'deployment' / 'pytorch2onnx.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _export(tmp_path_factory, config, shape, batch=1, fmt='onnx', dynamic=False,
+            backbone_only=False):
+    net, task, meta = prepare(str(ROOT / config), None, shape, batch, backbone_only)
+    suffix = '.onnx' if fmt == 'onnx' else '.pt2'
+    out = str(tmp_path_factory.mktemp('deploy') / f'{Path(config).stem}{suffix}')
+    export(net, meta, out, fmt, dynamic)
+    return net, read_meta(out), out
+
+
+def _check(net, meta, path, shapes=()):
+    results = verify(net, meta, path, shapes)
+    for shape, report in results:
+        assert report['ok'], f'{path} at {shape}: {report}'
+    return results
+
+
+@pytest.fixture(scope='module')
+def upernet_onnx(tmp_path_factory):
+    return _export(tmp_path_factory, UPERNET, (64, 96), batch=2)
+
+
+def test_segmentation_upernet(upernet_onnx):
+    net, meta, path = upernet_onnx
+    assert meta['task'] == 'segmentation' and meta['batch'] == 2
+    logits = OrtModel(path)(example_input(meta).numpy())[0]
+    assert logits.shape == (2, 150, 64, 96)
+    report = _check(net, meta, path)[0][1]
+    assert report['rel_err'] <= 1e-3 and report['argmax_agreement'] >= 0.999
+
+
+def test_verification_fails_on_a_changed_graph(upernet_onnx, tmp_path):
+    """A corrupted weight in the graph makes --verify's comparison fail."""
+    import onnx
+    from onnx import numpy_helper
+    net, meta, path = upernet_onnx
+    model = onnx.load(path)
+    biggest = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    array = numpy_helper.to_array(biggest).copy()
+    array *= 1.5
+    biggest.CopyFrom(numpy_helper.from_array(array, biggest.name))
+    changed = str(tmp_path / 'changed.onnx')
+    onnx.save(model, changed)
+    [(_, report)] = verify(net, meta, changed)
+    assert not report['ok'] and report['rel_err'] > 1e-3
+
+
+# ---------------------------------------------------------------------------- the tool
+def test_tool_exports_and_verifies(tmp_path, capsys):
+    out = tmp_path / 'cls.onnx'
+    code = _tool().main([str(ROOT / CLS), '--shape', '64', '64', '--out', str(out), '--verify'])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert 'verify onnx vs PyTorch at 64x64: rel_err=' in text and '-> OK' in text
+
+
+@pytest.mark.parametrize('args, message', [
+    ([MASK_RCNN, '--shape', '64', '64'], 'end-to-end detection export supports'),
+    ([CLS, '--shape', '16', '16'], "below the backbone's minimum"),
+    ([CLS, '--shape', '64', '64', '--format', 'torch-export'], '--out must end with .pt2'),
+    (['configs/_base_/models/upernet_transnext.py', '--shape', '64', '64'],
+     "default_scope None"),
+])
+def test_tool_rejects_bad_input(tmp_path, capsys, args, message):
+    code = _tool().main([str(ROOT / args[0]), *args[1:], '--out', str(tmp_path / 'x.onnx')])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+
+
+def test_tool_rejects_unreadable_checkpoint(tmp_path, capsys):
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(b'not a checkpoint')
+    code = _tool().main([str(ROOT / CLS), str(bad), '--shape', '64', '64', '--out',
+                         str(tmp_path / 'x.onnx')])
+    err = capsys.readouterr().err
+    assert code == 2 and f'checkpoint: {bad} cannot be loaded' in err, err
+
+
+# ---------------------------------------------------------------------------- the demos
+def _run(*args):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_seg_demo_onnx(upernet_onnx, tmp_path):
+    out = tmp_path / 'seg.png'
+    # a batch-2 file: the demo feeds the image twice and draws the first
+    text = _run('tools/demo/seg_demo.py', 'skimage:chelsea', upernet_onnx[2], '--out-file',
+                str(out))
+    assert out.stat().st_size > 0 and 'wrote' in text
+    import cv2
+    assert cv2.imread(str(out)).shape == (300, 451, 3)
+
+
+def test_benchmark_onnx(upernet_onnx, tmp_path):
+    out = tmp_path / 'bench.json'
+    _run('tools/benchmark.py', '--onnx', upernet_onnx[2], '--attn-impl', 'torch', '--warmup',
+         '0', '--repeats', '1', '--threads', '1', '--json', str(out))
+    import json
+    rows = json.loads(out.read_text())['results']
+    assert [r['impl'] for r in rows] == ['ort', 'torch']
+    assert all('error' not in r and r['median_s'] > 0 for r in rows)

@@ -1,0 +1,207 @@
+# Copyright (c) transnext-mm contributors. All rights reserved.
+"""Export a TransNeXt model to ONNX or to a ``torch.export`` program (``.pt2``)."""
+import contextlib
+import json
+import os
+import os.path as osp
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .model import (NETS, DeployError, build_model, load_config, output_names, preprocess_meta,
+                    task_of)
+
+FORMATS = ('onnx', 'torch-export')
+FORMAT_SUFFIXES = {'onnx': '.onnx', 'torch-export': '.pt2'}
+META_KEY = 'transnext_mm'
+# The smallest input side that is a multiple of 32 and gives every stage a non-empty pooled grid.
+MIN_DYNAMIC_SIDE = 32
+MAX_DYNAMIC_SIDE = 4096
+OPSET = 18
+
+
+def prepare(config: str, checkpoint: Optional[str] = None, shape: Sequence[int] = (224, 224),
+            batch: int = 1, backbone_only: bool = False,
+            attn_impl: str = 'torch') -> Tuple[nn.Module, str, dict]:
+    """Build the exported network and check the input shape.
+
+    Args:
+        config (str): Config file.
+        checkpoint (str, optional): Checkpoint of the whole model. Defaults to None (random).
+        shape (Sequence[int]): Input (H, W). Defaults to (224, 224).
+        batch (int): Batch size. Defaults to 1.
+        backbone_only (bool): Export the backbone's feature maps. Defaults to False.
+        attn_impl (str): The backbone's ``attn_impl``: 'torch' to export, others only to
+            benchmark PyTorch. Defaults to 'torch'.
+
+    Returns:
+        tuple: ``(net, task, meta)``: the network (eval), the task and the metadata written next
+        to the graph (task, shape, preprocessing, classes, palette, output names).
+    """
+    cfg = load_config(config)
+    task = task_of(cfg, config, backbone_only)
+    if len(shape) != 2 or min(shape) < 1 or batch < 1:
+        raise DeployError(f'--shape must be two positive ints H W and --batch >= 1, got shape '
+                          f'{list(shape)}, batch {batch}')
+    model = build_model(cfg, config, checkpoint, attn_impl)
+    net = NETS[task](model).eval()
+    backbone = model.backbone if hasattr(model, 'backbone') else model
+    try:
+        backbone._check_input(torch.zeros(1, backbone.in_channels, *shape))
+    except ValueError as e:
+        raise DeployError(f'--shape {shape[0]} {shape[1]}: below the backbone\'s minimum: {e}')
+    meta = dict(task=task, config=config, shape=list(shape), batch=batch,
+                **preprocess_meta(model.cfg), **model.dataset_meta)
+    return net, task, meta
+
+
+def example_input(meta: dict, shape: Optional[Sequence[int]] = None,
+                  seed: int = 0) -> torch.Tensor:
+    """A random normalised image batch of the exported batch size (and ``shape``)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(meta['batch'], 3, *(shape or meta['shape']), generator=gen)
+
+
+def _dynamic_shapes(dynamic: bool):
+    if not dynamic:
+        return None
+    height = torch.export.Dim('height', min=MIN_DYNAMIC_SIDE, max=MAX_DYNAMIC_SIDE)
+    width = torch.export.Dim('width', min=MIN_DYNAMIC_SIDE, max=MAX_DYNAMIC_SIDE)
+    return {'x': {2: height, 3: width}}
+
+
+def export(net: nn.Module, meta: dict, out: str, fmt: str = 'onnx',
+           dynamic: bool = False) -> str:
+    """Export ``net`` (from :func:`prepare`) to ``out``.
+
+    Args:
+        net (nn.Module): The network.
+        meta (dict): Its metadata; stored in the ONNX file (``metadata_props``) or in the
+            ``.pt2`` archive's extra files, so that the demos need no config.
+        out (str): Output file, ``.onnx`` for 'onnx', ``.pt2`` for 'torch-export'.
+        fmt (str): 'onnx' or 'torch-export'. Defaults to 'onnx'.
+        dynamic (bool): Leave height and width free (batch stays fixed). Defaults to False:
+            the position biases are folded as constants at the export size.
+
+    Returns:
+        str: ``out``.
+    """
+    if fmt not in FORMATS:
+        raise DeployError(f'--format must be one of {FORMATS}, got {fmt!r}')
+    if not out.endswith(FORMAT_SUFFIXES[fmt]):
+        raise DeployError(f'--out must end with {FORMAT_SUFFIXES[fmt]} for --format {fmt}, '
+                          f'got {out}')
+    x = example_input(meta)
+    meta = dict(meta, dynamic=dynamic, format=fmt)
+    with torch.no_grad():
+        reference = net(x)  # fills the eval caches (biases, tables) at the export size
+    outputs = reference if isinstance(reference, (tuple, list)) else (reference, )
+    meta['outputs'] = output_names(meta['task'], len(outputs))
+    os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
+    folding = contextlib.nullcontext() if dynamic else folded_position_biases(net, x)
+    try:
+        with torch.no_grad(), folding:
+            program = torch.export.export(net, (x, ), dynamic_shapes=_dynamic_shapes(dynamic))
+        if fmt == 'onnx':
+            _export_onnx(program, x, out, meta)
+        else:
+            torch.export.save(program, out, extra_files={META_KEY: json.dumps(meta)})
+    except DeployError:
+        raise
+    except Exception as e:
+        mode = 'with --dynamic' if dynamic else f'at {meta["shape"]}'
+        hint = ('; a fixed shape (without --dynamic) folds the position biases and needs no '
+                'symbolic log-CPB' if dynamic else '')
+        raise DeployError(f'{meta["config"]}: export to {fmt} {mode} failed '
+                          f'({type(e).__name__}: {str(e).strip().splitlines()[0][:400]}){hint}'
+                          ) from e
+    return out
+
+
+class _RecordedBias:
+    """Wraps a layer's position bias (``LogCPB``) and keeps what it returns per size."""
+
+    def __init__(self, pos_bias):
+        self.pos_bias = pos_bias
+        self.biases = {}
+
+    def __call__(self, fc1, fc2, query_size, key_size, training: bool) -> torch.Tensor:
+        bias = self.pos_bias(fc1, fc2, query_size, key_size, training)
+        self.biases[(tuple(query_size), tuple(key_size))] = bias.detach().clone()
+        return bias
+
+    def clear_cache(self) -> None:
+        self.pos_bias.clear_cache()
+
+
+class _FoldedBias(_RecordedBias):
+    """Returns the recorded biases as constants; any other size is an error."""
+
+    def __call__(self, fc1, fc2, query_size, key_size, training: bool) -> torch.Tensor:
+        sizes = (tuple(query_size), tuple(key_size))
+        if sizes not in self.biases:
+            raise DeployError(f'position bias folded at {sorted(self.biases)}, asked for {sizes}')
+        return self.biases[sizes]
+
+
+@contextlib.contextmanager
+def folded_position_biases(net: nn.Module, x: torch.Tensor):
+    """Within the context, every attention layer of ``net`` returns its position bias at the
+    size of ``x`` as a constant (what the eval cache holds), so a fixed-shape graph carries the
+    biases as initializers instead of the log-CPB MLP and its sparse gather."""
+    from transnext_mm.models.layers.log_cpb import LogCPB
+    layers = [m for m in net.modules() if isinstance(getattr(m, 'pos_bias', None), LogCPB)]
+    originals = [m.pos_bias for m in layers]
+    try:
+        for m in layers:
+            m.pos_bias = _RecordedBias(m.pos_bias)
+        with torch.no_grad():
+            net(x)
+        for m in layers:
+            folded = _FoldedBias(m.pos_bias.pos_bias)
+            folded.biases = m.pos_bias.biases
+            m.pos_bias = folded
+        yield net
+    finally:
+        for m, original in zip(layers, originals):
+            m.pos_bias = original
+
+
+def _export_onnx(program, x: torch.Tensor, out: str, meta: dict) -> None:
+    """The ``torch.export`` program to ONNX (opset 18). The ONNX-level optimiser is skipped:
+    it took minutes on the backbone's graph, and ONNX Runtime optimises the graph itself."""
+    import onnx
+    onnx_program = torch.onnx.export(program, (x, ), dynamo=True, input_names=['input'],
+                                     output_names=meta['outputs'], opset_version=OPSET,
+                                     external_data=False, optimize=False, verbose=False)
+    model = onnx_program.model_proto
+    entry = model.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(meta)
+    onnx.save(model, out)
+
+
+def read_meta(path: str) -> dict:
+    """The metadata that :func:`export` stored in an ``.onnx`` or ``.pt2`` file."""
+    if not osp.isfile(path):
+        raise DeployError(f'{path} is not a file')
+    try:
+        if path.endswith('.onnx'):
+            import onnx
+            model = onnx.load(path, load_external_data=False)
+            props = {p.key: p.value for p in model.metadata_props}
+        elif path.endswith('.pt2'):
+            extra = {META_KEY: ''}
+            torch.export.load(path, extra_files=extra)
+            props = extra
+        else:
+            raise DeployError(f'{path}: expected an .onnx or .pt2 file')
+    except DeployError:
+        raise
+    except Exception as e:
+        raise DeployError(f'{path} is not a readable (corrupt?) exported model '
+                          f'({type(e).__name__}: {str(e)[:300]})') from e
+    if not props.get(META_KEY):
+        raise DeployError(f'{path} was not written by tools/deployment/pytorch2onnx.py '
+                          f'(no {META_KEY!r} metadata)')
+    return json.loads(props[META_KEY])
