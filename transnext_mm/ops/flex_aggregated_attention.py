@@ -21,7 +21,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .aggregated_attention import WINDOW, _check_inputs, _shifted_windows
+from .aggregated_attention import WINDOW, _shifted_windows
+from .attention_shapes import check_attention_inputs
 from .aggregated_attention_op import _common_dtype
 
 _block_masks = {}
@@ -91,7 +92,8 @@ def flex_aggregated_attention(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v
         Tensor: (B, heads, H*W, d) in the common dtype.
     """
     global _compiled_core
-    _check_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
+    check_attention_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height,
+                           width)
     B, heads, num_tokens, d = q.shape
     tensors = (q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight)
     dtype = _common_dtype(tensors, q.device.type)
