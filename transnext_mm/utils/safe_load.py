@@ -97,7 +97,8 @@ def load_from_local_safely(filename: str, map_location=None):
         try:
             return torch.load(filename, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
-            if 'Unsupported global' not in str(e):  # e.g. 'Unsupported operand': not a pickle
+            refused = 'Unsupported global' in str(e) or 'refusing getattr' in str(e)
+            if not refused:  # e.g. 'Unsupported operand': not a pickle
                 raise _corrupt_checkpoint_error(filename, e) from e
             raise pickle.UnpicklingError(
                 f'{filename} holds objects that the safe loader does not allow ({e}). '
