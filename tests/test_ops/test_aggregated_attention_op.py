@@ -114,7 +114,8 @@ REPLAY_GRAD_REL = {torch.float64: 4e-10, torch.float32: 8e-5, torch.float16: 1e-
 
 @requires_op
 @pytest.mark.parametrize('dtype,rel', [(torch.float64, 1e-10), (torch.float32, 2e-5),
-                                       (torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+                                       (torch.float16, 3e-3), (torch.bfloat16, 2e-2)],
+                         ids=['float64', 'float32', 'float16', 'bfloat16'])
 @pytest.mark.parametrize('shape', [(2, 3, 5, 7, 4, 24), (1, 2, 20, 17, 70, 24),
                                    (2, 2, 9, 13, 5, 32), (1, 1, 1, 6, 3, 5), (2, 1, 3, 4, 0, 8)])
 def test_cuda_kernels_replayed_on_cpu_match_reference(shape, dtype, rel):

@@ -32,8 +32,6 @@ def test_usage_errors_name_the_allowed_values(tmp_path):
 @pytest.mark.skipif(not glob.glob(osp.join(ROOT, 'transnext_mm', '_ext*.so')),
                     reason='transnext_mm._ext is not built in place (the dry run would spend '
                     'minutes compiling it)')
-@pytest.mark.xfail(strict=False, reason="merged tree: the dry run's report hits KeyError 'ext' "
-                   '(ops rework vs tools/gpu); to fix before the next GPU window (issue #12)')
 def test_dry_run_writes_the_full_report(tmp_path):
     proc = run_script(str(tmp_path), '--dry-run')
     log = proc.stdout + proc.stderr

@@ -80,15 +80,15 @@ def environment():
     info['nvcc'] = _run(['nvcc', '--version']).splitlines()[-2:]
     try:
         import transnext_mm
-        from transnext_mm.ops import aggregated_attention_op as op
+        from transnext_mm.ops import dispatch
+        ext = dispatch._ext
         info['transnext_mm'] = transnext_mm.__file__
-        info['ext'] = {'built': op._ext is not None,
-                       'with_cuda': bool(op._ext is not None and op._ext.with_cuda),
-                       'import_error': str(op._IMPORT_ERROR) if op._IMPORT_ERROR else None}
-        if op._ext is not None:
-            info['ext']['file'] = op._ext.__file__
-            if info['ext']['with_cuda']:
-                elf = _run(['cuobjdump', '--list-elf', op._ext.__file__])
+        info['ext'] = {'built': dispatch.BUILD.built, 'with_cuda': dispatch.BUILD.cuda,
+                       'import_error': dispatch.BUILD.error or None}
+        if ext is not None:
+            info['ext']['file'] = ext.__file__
+            if dispatch.BUILD.cuda:
+                elf = _run(['cuobjdump', '--list-elf', ext.__file__])
                 info['ext']['cubin_archs'] = sorted(set(re.findall(r'sm_\d+a?', elf)))
     except Exception as e:  # noqa: BLE001 -- recorded: the run goes on without the package
         info['transnext_mm'] = f'import failed: {type(e).__name__}: {e}'
