@@ -14,13 +14,15 @@ import pytest
 pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
 
-from transnext_mm.deployment import (OrtModel, example_input, export, prepare,  # noqa: E402
-                                     read_meta, verify)
+from transnext_mm.deployment import (DeployError, OrtModel, example_input,  # noqa: E402
+                                     export, prepare, read_meta, verify)
 
 ROOT = Path(__file__).resolve().parents[2]
 CLS = 'configs/classification/transnext-micro_in1k-224px.py'
 UPERNET = 'configs/demo/upernet_transnext-micro_synthetic-ade20k.py'
 MASK_RCNN = 'configs/demo/mask-rcnn_transnext-micro_fpn_synthetic-coco.py'
+MASK2FORMER = 'configs/demo/mask2former_transnext-micro_synthetic-ade20k.py'
+DINO = 'configs/demo/dino-4scale_transnext-micro_synthetic-coco.py'
 
 
 def _tool():
@@ -77,6 +79,37 @@ def test_verification_fails_on_a_changed_graph(upernet_onnx, tmp_path):
     assert not report['ok'] and report['rel_err'] > 1e-3
 
 
+def test_segmentation_mask2former(tmp_path_factory):
+    """Mask2Former: the pixel decoder's multi-scale deformable attention reads its level sizes
+    as tensor data (exported as constants at the fixed shape)."""
+    net, meta, path = _export(tmp_path_factory, MASK2FORMER, (64, 96))
+    # the export shape with two random inputs: nothing of the example input is baked in
+    for shape, report in _check(net, meta, path, [(64, 96)]):
+        assert report['rel_err'] <= 1e-3 and report['argmax_agreement'] >= 0.999, report
+
+
+@pytest.fixture(scope='module')
+def dino_onnx(tmp_path_factory):
+    return _export(tmp_path_factory, DINO, (64, 96))
+
+
+def test_detection_dino(dino_onnx):
+    net, meta, path = dino_onnx
+    assert meta['task'] == 'detection' and meta['outputs'] == ['boxes', 'scores', 'labels']
+    boxes, scores, labels = OrtModel(path)(example_input(meta).numpy())
+    assert boxes.shape == (1, 100, 4) and scores.shape == labels.shape == (1, 100)
+    for shape, report in _check(net, meta, path, [(64, 96)]):
+        matched, total = map(int, report['matched'].split('/'))
+        assert total >= 50 and report['min_iou'] >= 0.99, report
+
+
+def test_dino_dynamic_is_refused(tmp_path):
+    net, _, meta = prepare(str(ROOT / DINO), None, (64, 96), 1)
+    with pytest.raises(DeployError, match='--dynamic is not supported for models with '
+                       'multi-scale deformable attention'):
+        export(net, meta, str(tmp_path / 'dino.onnx'), dynamic=True)
+
+
 # ---------------------------------------------------------------------------- the tool
 def test_tool_exports_and_verifies(tmp_path, capsys):
     out = tmp_path / 'cls.onnx'
@@ -124,6 +157,15 @@ def test_seg_demo_onnx(upernet_onnx, tmp_path):
     assert out.stat().st_size > 0 and 'wrote' in text
     import cv2
     assert cv2.imread(str(out)).shape == (300, 451, 3)
+
+
+def test_det_demo_onnx(dino_onnx, tmp_path):
+    out = tmp_path / 'det.png'
+    text = _run('tools/demo/det_demo.py', 'skimage:astronaut', dino_onnx[2], '--out-file',
+                str(out), '--score-thr', '0')
+    assert 'wrote' in text and 'detections above 0.0' in text, text
+    import cv2
+    assert cv2.imread(str(out)).shape == (512, 512, 3)
 
 
 def test_benchmark_onnx(upernet_onnx, tmp_path):

@@ -101,7 +101,7 @@ def export(net: nn.Module, meta: dict, out: str, fmt: str = 'onnx',
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
     folding = contextlib.nullcontext() if dynamic else folded_position_biases(net, x)
     try:
-        with torch.no_grad(), folding:
+        with torch.no_grad(), folding, static_feature_sizes(net, dynamic, meta['config']):
             program = torch.export.export(net, (x, ), dynamic_shapes=_dynamic_shapes(dynamic))
         if fmt == 'onnx':
             _export_onnx(program, x, out, meta)
@@ -166,6 +166,37 @@ def folded_position_biases(net: nn.Module, x: torch.Tensor):
     finally:
         for m, original in zip(layers, originals):
             m.pos_bias = original
+
+
+@contextlib.contextmanager
+def static_feature_sizes(net: nn.Module, dynamic: bool, config: str):
+    """Lets ``torch.export`` see the feature sizes that mmcv's multi-scale deformable attention
+    (DINO, Mask2Former's pixel decoder) reads as tensor data, as the constants they are at a
+    fixed input shape.
+
+    mmdet builds the level sizes with ``torch._shape_as_tensor(feat)`` and later reads them back
+    (``split`` sizes, ``linspace`` counts, ``view`` shapes); traced, each read is a
+    data-dependent value and the export stops. Within the context, ``_shape_as_tensor`` builds
+    the tensor from the (static) sizes and the fake-tensor mode keeps small tensors made from
+    Python numbers as constants, so every read folds to a number. A no-op for networks without
+    deformable attention; with ``--dynamic`` their sizes are symbolic and the export is refused.
+    """
+    from mmcv.ops import MultiScaleDeformableAttention
+    if not any(isinstance(m, MultiScaleDeformableAttention) for m in net.modules()):
+        yield
+        return
+    if dynamic:
+        raise DeployError(f'{config}: --dynamic is not supported for models with multi-scale '
+                          'deformable attention (DINO, Mask2Former): mmdet/mmseg read its level '
+                          'sizes as tensor data; export at a fixed --shape')
+    from torch._subclasses import fake_tensor
+    shape_as_tensor, limit = torch._shape_as_tensor, fake_tensor.CONSTANT_NUMEL_LIMIT
+    torch._shape_as_tensor = lambda t: torch.tensor(tuple(t.shape), dtype=torch.long)
+    fake_tensor.CONSTANT_NUMEL_LIMIT = max(limit, 64)  # level sizes: (levels, 2) and cumsums
+    try:
+        yield
+    finally:
+        torch._shape_as_tensor, fake_tensor.CONSTANT_NUMEL_LIMIT = shape_as_tensor, limit
 
 
 def _export_onnx(program, x: torch.Tensor, out: str, meta: dict) -> None:
