@@ -103,6 +103,27 @@ def test_detection_dino(dino_onnx):
         assert total >= 50 and report['min_iou'] >= 0.99, report
 
 
+@pytest.fixture(scope='module')
+def mask_rcnn_onnx(tmp_path_factory):
+    from test_two_stage import sparse_config  # fewer detections than max_per_img: padding
+    config = sparse_config(tmp_path_factory.mktemp('cfg'))
+    return _export(tmp_path_factory, config, (64, 96))
+
+
+def test_detection_mask_rcnn(mask_rcnn_onnx):
+    """End to end with NMS and RoIAlign as ONNX ops; masks are the mask head's probabilities."""
+    import onnx
+    net, meta, path = mask_rcnn_onnx
+    assert meta['outputs'] == ['boxes', 'scores', 'labels', 'masks']
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    assert {'NonMaxSuppression', 'RoiAlign'} <= ops
+    boxes, scores, labels, masks = OrtModel(path)(example_input(meta).numpy())
+    assert boxes.shape == (1, 50, 4) and masks.shape == (1, 50, 28, 28)
+    assert (labels == -1).any() and (labels >= 0).any()  # padding after the detections
+    for shape, report in _check(net, meta, path, [(64, 96)]):
+        assert report['max_mask_diff'] <= 1e-3 and report['min_iou'] >= 0.99, report
+
+
 def test_dino_dynamic_is_refused(tmp_path):
     net, _, meta = prepare(str(ROOT / DINO), None, (64, 96), 1)
     with pytest.raises(DeployError, match='--dynamic is not supported for models with '
@@ -120,7 +141,6 @@ def test_tool_exports_and_verifies(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('args, message', [
-    ([MASK_RCNN, '--shape', '64', '64'], 'end-to-end detection export supports'),
     ([CLS, '--shape', '16', '16'], "below the backbone's minimum"),
     ([CLS, '--shape', '64', '64', '--format', 'torch-export'], '--out must end with .pt2'),
     (['configs/_base_/models/upernet_transnext.py', '--shape', '64', '64'],
@@ -130,6 +150,14 @@ def test_tool_rejects_bad_input(tmp_path, capsys, args, message):
     code = _tool().main([str(ROOT / args[0]), *args[1:], '--out', str(tmp_path / 'x.onnx')])
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
+
+
+def test_tool_rejects_unsupported_detector(tmp_path, capsys):
+    config = tmp_path / 'cascade.py'
+    config.write_text(f"_base_ = ['{ROOT / MASK_RCNN}']\nmodel = dict(type='CascadeRCNN')\n")
+    code = _tool().main([str(config), '--shape', '64', '64', '--out', str(tmp_path / 'x.onnx')])
+    err = capsys.readouterr().err
+    assert code == 2 and 'is a CascadeRCNN; end-to-end detection export supports' in err, err
 
 
 def test_tool_rejects_unreadable_checkpoint(tmp_path, capsys):
@@ -166,6 +194,15 @@ def test_det_demo_onnx(dino_onnx, tmp_path):
     assert 'wrote' in text and 'detections above 0.0' in text, text
     import cv2
     assert cv2.imread(str(out)).shape == (512, 512, 3)
+
+
+def test_det_demo_onnx_masks(mask_rcnn_onnx, tmp_path):
+    out = tmp_path / 'det_masks.png'
+    text = _run('tools/demo/det_demo.py', 'skimage:coffee', mask_rcnn_onnx[2], '--out-file',
+                str(out), '--score-thr', '0')
+    assert 'wrote' in text and 'detections above 0.0' in text, text
+    import cv2
+    assert cv2.imread(str(out)).shape == (400, 600, 3)
 
 
 def test_benchmark_onnx(upernet_onnx, tmp_path):

@@ -11,7 +11,7 @@ The image is a file, or one of scikit-image's bundled photos (``skimage:astronau
 It uses mmdet's ``init_detector`` / ``inference_detector`` and draws with ``DetLocalVisualizer``
 (masks too for Mask R-CNN). A released checkpoint first goes through
 tools/model_converters/convert_det_checkpoint.py. An ``.onnx`` file written by
-tools/deployment/pytorch2onnx.py (DINO) takes the place of config and checkpoint; it runs in
+tools/deployment/pytorch2onnx.py (DINO, Mask R-CNN) takes the place of config and checkpoint; it runs in
 ONNX Runtime (``transnext_mm.deployment.inference``)::
 
     python tools/demo/det_demo.py skimage:astronaut dino.onnx --out-file outputs/astronaut_det.png

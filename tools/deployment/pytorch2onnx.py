@@ -1,11 +1,12 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
-"""Export a TransNeXt model (classification, segmentation, DINO, or any config's backbone) to
-ONNX, or to a ``torch.export`` program, and check it against PyTorch.
+"""Export a TransNeXt model (classification, UperNet, Mask2Former, DINO, Mask R-CNN, or any
+config's backbone) to ONNX, or to a ``torch.export`` program, and check it against PyTorch.
 
 The graph's input is the normalised image batch (B, 3, H, W) float32 (the data preprocessor's
 mean/std and channel order are stored in the file's metadata); its outputs are the logits
 (classification), the per-pixel class logits at (H, W) (segmentation), boxes/scores/labels after
-post-processing (DINO), or the backbone's feature maps (``--backbone-only``). The aggregated
+post-processing (detection; Mask R-CNN adds the mask head's per-box probabilities), or the
+backbone's feature maps (``--backbone-only``). The aggregated
 attention exports through its PyTorch path. Examples::
 
     python tools/deployment/pytorch2onnx.py configs/demo/upernet_transnext-micro_synthetic-ade20k.py \\

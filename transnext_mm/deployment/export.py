@@ -53,6 +53,9 @@ def prepare(config: str, checkpoint: Optional[str] = None, shape: Sequence[int] 
         raise DeployError(f'--shape {shape[0]} {shape[1]}: below the backbone\'s minimum: {e}')
     meta = dict(task=task, config=config, shape=list(shape), batch=batch,
                 **preprocess_meta(model.cfg), **model.dataset_meta)
+    rcnn = (model.cfg.model.get('test_cfg') or {}).get('rcnn') or {}
+    if task == 'detection' and 'mask_thr_binary' in rcnn:
+        meta['mask_thr_binary'] = float(rcnn['mask_thr_binary'])
     return net, task, meta
 
 

@@ -67,18 +67,27 @@ def detect_onnx(image_rgb: np.ndarray, path: str):
     model = OrtModel(path)
     _check_task(model, 'detection', path)
     x, (sx, sy) = preprocess(image_rgb, model.meta)
-    boxes, scores, labels = (torch.from_numpy(o[0]) for o in model(x)[:3])
+    outputs = [torch.from_numpy(o[0]) for o in model(x)]
+    found = outputs[2] >= 0  # two-stage exports pad with label -1
+    boxes, scores, labels = (o[found] for o in outputs[:3])
     boxes = boxes / boxes.new_tensor([sx, sy, sx, sy])
     height, width = image_rgb.shape[:2]
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
     result = DetDataSample(metainfo=dict(img_shape=(height, width), ori_shape=(height, width)))
-    result.pred_instances = InstanceData(bboxes=boxes, scores=scores, labels=labels.long())
+    instances = InstanceData(bboxes=boxes, scores=scores, labels=labels.long())
+    if len(outputs) > 3:  # Mask R-CNN: the mask head's probabilities, pasted as mmdet does
+        from .two_stage import paste_masks
+        instances.masks = paste_masks(outputs[3][found], boxes, height, width,
+                                      model.meta.get('mask_thr_binary', 0.5))
+    result.pred_instances = instances
     return _dataset_meta(model.meta), result
 
 
 def _dataset_meta(meta: dict) -> dict:
     out = {k: meta[k] for k in ('classes', 'palette') if meta.get(k)}
+    if 'palette' in out:  # JSON gave lists; the visualizers take an (r, g, b) tuple per class
+        out['palette'] = [tuple(color) for color in out['palette']]
     if not out.get('classes'):
         raise DeployError(f'the exported file has no class names ({meta.get("config")})')
     return out

@@ -8,8 +8,10 @@ preprocessor's mean/std and channel order) and returns:
 * ``classification``: the logits ``(B, num_classes)``, what ``model(x, mode='tensor')`` returns;
 * ``segmentation``: the per-pixel class logits resized to ``(H, W)``, what mmseg's ``predict``
   computes before it crops padding and takes the argmax (``encode_decode``);
-* ``detection`` (DINO): ``boxes (B, K, 4)`` in input pixels (x1, y1, x2, y2), ``scores (B, K)``
-  and ``labels (B, K)`` after mmdet's own post-processing (top-K, no NMS needed).
+* ``detection``: ``boxes (B, K, 4)`` in input pixels (x1, y1, x2, y2), ``scores (B, K)`` and
+  ``labels (B, K)`` after post-processing: DINO through mmdet's own ``predict`` (top-K, no NMS);
+  Mask R-CNN through :mod:`.two_stage` (fixed-size, with NMS and RoIAlign as ONNX ops), plus
+  ``masks (B, K, M, M)``, the mask head's probabilities, pasted outside the graph.
 
 The attention runs on its PyTorch path (``attn_impl='torch'``), so no compiled op is in a graph.
 """
@@ -23,8 +25,9 @@ from mmengine.config import Config
 
 TASKS = ('backbone', 'classification', 'segmentation', 'detection')
 SCOPE_TASKS = {'mmpretrain': 'classification', 'mmseg': 'segmentation', 'mmdet': 'detection'}
-# Detectors whose end-to-end graph (post-processing included) exports.
-EXPORTABLE_DETECTORS = ('DINO', )
+# Detectors whose end-to-end graph (post-processing included) exports: DINO through mmdet's
+# predict, two-stage detectors with a StandardRoIHead through two_stage.TwoStageDetectorNet.
+EXPORTABLE_DETECTORS = ('DINO', 'MaskRCNN', 'FasterRCNN')
 
 
 class DeployError(Exception):
@@ -57,9 +60,7 @@ def task_of(cfg: Config, config: str, backbone_only: bool = False) -> str:
     if task == 'detection' and cfg.model.type not in EXPORTABLE_DETECTORS:
         raise DeployError(
             f'config: {config} is a {cfg.model.type}; end-to-end detection export supports '
-            f'{list(EXPORTABLE_DETECTORS)} (two-stage detectors run NMS and RoIAlign between '
-            'their stages, which this exporter does not rewrite); --backbone-only exports its '
-            'backbone')
+            f'{list(EXPORTABLE_DETECTORS)}; --backbone-only exports its backbone')
     return task
 
 
@@ -192,14 +193,23 @@ class DetectorNet(nn.Module):
                 torch.stack([i.labels for i in instances]))
 
 
+def detector_net(model: nn.Module) -> nn.Module:
+    """The exported network of a detector: two-stage ones through :mod:`.two_stage`."""
+    from mmdet.models.detectors import TwoStageDetector
+    if isinstance(model, TwoStageDetector):
+        from .two_stage import TwoStageDetectorNet
+        return TwoStageDetectorNet(model)
+    return DetectorNet(model)
+
+
 NETS = dict(backbone=BackboneNet, classification=ClassifierNet, segmentation=SegmentorNet,
-            detection=DetectorNet)
+            detection=detector_net)
 OUTPUT_NAMES = dict(classification=['logits'], segmentation=['seg_logits'],
-                    detection=['boxes', 'scores', 'labels'])
+                    detection=['boxes', 'scores', 'labels', 'masks'])
 
 
 def output_names(task: str, num_outputs: int) -> List[str]:
     """Names of the graph outputs of ``task``."""
     if task == 'backbone':
         return [f'feat{i}' for i in range(num_outputs)]
-    return OUTPUT_NAMES[task]
+    return OUTPUT_NAMES[task][:num_outputs]

@@ -10,7 +10,8 @@ from .model import DeployError
 
 # Tolerances of --verify (issue #13): fp32 relative errors and detection matching.
 TOLERANCES = dict(rel_err=dict(backbone=1e-4, classification=1e-4, segmentation=1e-3),
-                  seg_argmax_agreement=0.999, det_box_iou=0.99, det_score_diff=1e-3)
+                  seg_argmax_agreement=0.999, det_box_iou=0.99, det_score_diff=1e-3,
+                  det_mask_diff=1e-3)
 
 
 class OrtModel:
@@ -94,12 +95,14 @@ def compare(task: str, actual: Sequence[np.ndarray], expected: Sequence[np.ndarr
 
 def compare_detections(actual, expected) -> Dict:
     """Match every PyTorch detection to one of the same label with box IoU >= 0.99 and score
-    within 1e-3. Detections whose score ties with the last kept one (within 1e-3) may be swapped
-    with unkept ones by top-K and are not required to match."""
+    within 1e-3 (and, with a fourth output, mask probabilities within 1e-3). Detections whose
+    score ties with the last kept one (within 1e-3) may be swapped with unkept ones by top-K and
+    are not required to match; rows of score 0 are padding."""
     boxes, scores, labels = actual[:3]
     ref_boxes, ref_scores, ref_labels = expected[:3]
+    with_masks = len(expected) > 3
     matched = total = 0
-    worst_iou, worst_score = 1.0, 0.0
+    worst_iou, worst_score, worst_mask = 1.0, 0.0, 0.0
     for b in range(ref_boxes.shape[0]):
         iou = box_iou(ref_boxes[b], boxes[b])
         floor = ref_scores[b].min() + TOLERANCES['det_score_diff'] if ref_scores[b].size else 0
@@ -111,12 +114,20 @@ def compare_detections(actual, expected) -> Dict:
                 np.abs(scores[b] - ref_scores[b, i]) <= TOLERANCES['det_score_diff'])
             best = float(iou[i][same].max()) if same.any() else 0.0
             worst_iou = min(worst_iou, best)
+            ok = best >= TOLERANCES['det_box_iou']
             if same.any():
                 worst_score = max(worst_score, float(
                     np.abs(scores[b][same] - ref_scores[b, i]).min()))
-            matched += best >= TOLERANCES['det_box_iou']
-    return dict(matched=f'{matched}/{total}', min_iou=worst_iou, max_score_diff=worst_score,
-                ok=total > 0 and matched == total)
+            if same.any() and with_masks:
+                j = np.flatnonzero(same)[iou[i][same].argmax()]
+                diff = float(np.abs(actual[3][b, j] - expected[3][b, i]).max())
+                worst_mask = max(worst_mask, diff)
+                ok &= diff <= TOLERANCES['det_mask_diff']
+            matched += ok
+    report = dict(matched=f'{matched}/{total}', min_iou=worst_iou, max_score_diff=worst_score)
+    if with_masks:
+        report['max_mask_diff'] = worst_mask
+    return dict(report, ok=total > 0 and matched == total)
 
 
 def format_report(report: Dict) -> str:
