@@ -109,20 +109,33 @@ def test_export_and_onnx_with_free_height_and_width(pos_bias_mode, fixed_pool_si
                              expected)
 
 
-@pytest.mark.xfail(strict=True, reason='open finding (issue #12): under CPU bf16 autocast the '
-                   'patch_embed1 gradient has cosine ~0.01 to the fp32 one; bf16 noise or a '
-                   'bug in a low-precision backward, not yet diagnosed')
-def test_bf16_autocast_train_step():
-    model = make_backbone(attn_impl='auto', pos_bias_mode='extrapolate').train()
-    x = torch.randn(2, 3, 67, 45)
-    sum(o.float().square().mean() for o in model(x)).backward()
-    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad()
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+def _train_step_grads(attn_impl, autocast):
+    torch.manual_seed(0)
+    model = make_backbone(attn_impl=attn_impl, pos_bias_mode='extrapolate').train()
+    x = torch.randn(2, 3, 67, 45, generator=torch.Generator().manual_seed(1))
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
         outs = model(x)
-    assert all(o.dtype == torch.bfloat16 for o in outs)
+    if autocast:
+        assert all(o.dtype == torch.bfloat16 for o in outs)
     sum(o.float().square().mean() for o in outs).backward()
-    for name, p in model.named_parameters():
-        assert torch.isfinite(p.grad).all(), name
-        cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), expected[name].flatten(), 0)
-        assert cos > 0.9, f'{name}: cosine {cos:.3f} to the fp32 gradient'
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize('attn_impl', ['torch', 'auto'])
+def test_bf16_autocast_train_step(attn_impl):
+    """Under CPU bf16 autocast each parameter's gradient is as close to the fp32 one as the
+    unfold reference's under the same autocast. (Per parameter, bf16 alone moves many small
+    gradients far: the reference's own patch_embed1 weight gradient has cosine ~0.04 to fp32
+    here, while the whole gradient keeps cosine 0.9999.)"""
+    fp32 = _train_step_grads('reference', autocast=False)
+    reference = _train_step_grads('reference', autocast=True)
+    ours = _train_step_grads(attn_impl, autocast=True)
+    flat = {k: torch.cat([g[n].flatten() for n in fp32]) for k, g in
+            (('fp32', fp32), ('ours', ours))}
+    assert torch.nn.functional.cosine_similarity(flat['ours'], flat['fp32'], 0) > 0.999
+    for name, expected in fp32.items():
+        assert torch.isfinite(ours[name]).all(), name
+        err = (ours[name] - expected).norm()
+        noise = (reference[name] - expected).norm()
+        assert err <= 5 * noise + 1e-2 * expected.norm(), \
+            f'{name}: bf16 error {err:.3g}, the reference path\'s {noise:.3g}'
