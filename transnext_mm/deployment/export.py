@@ -15,8 +15,9 @@ from .model import (NETS, DeployError, build_model, load_config, output_names, p
 FORMATS = ('onnx', 'torch-export')
 FORMAT_SUFFIXES = {'onnx': '.onnx', 'torch-export': '.pt2'}
 META_KEY = 'transnext_mm'
-# The smallest input side that is a multiple of 32 and gives every stage a non-empty pooled grid.
-MIN_DYNAMIC_SIDE = 32
+# The smallest side of a --dynamic graph: a multiple of 32 at which every exported head traces
+# (UperNet's pyramid pooling guards on sides >= 61; the backbone alone needs 32).
+MIN_DYNAMIC_SIDE = 64
 MAX_DYNAMIC_SIDE = 4096
 OPSET = 18
 
