@@ -187,22 +187,17 @@ def test_seg_demo_onnx(upernet_onnx, tmp_path):
     assert cv2.imread(str(out)).shape == (300, 451, 3)
 
 
-def test_det_demo_onnx(dino_onnx, tmp_path):
+@pytest.mark.parametrize('exported, image, size', [
+    ('dino_onnx', 'astronaut', (512, 512)),
+    ('mask_rcnn_onnx', 'coffee', (400, 600)),  # masks pasted and drawn too
+])
+def test_det_demo_onnx(request, tmp_path, exported, image, size):
     out = tmp_path / 'det.png'
-    text = _run('tools/demo/det_demo.py', 'skimage:astronaut', dino_onnx[2], '--out-file',
-                str(out), '--score-thr', '0')
+    text = _run('tools/demo/det_demo.py', f'skimage:{image}', request.getfixturevalue(exported)[2],
+                '--out-file', str(out), '--score-thr', '0')
     assert 'wrote' in text and 'detections above 0.0' in text, text
     import cv2
-    assert cv2.imread(str(out)).shape == (512, 512, 3)
-
-
-def test_det_demo_onnx_masks(mask_rcnn_onnx, tmp_path):
-    out = tmp_path / 'det_masks.png'
-    text = _run('tools/demo/det_demo.py', 'skimage:coffee', mask_rcnn_onnx[2], '--out-file',
-                str(out), '--score-thr', '0')
-    assert 'wrote' in text and 'detections above 0.0' in text, text
-    import cv2
-    assert cv2.imread(str(out)).shape == (400, 600, 3)
+    assert cv2.imread(str(out)).shape == (*size, 3)
 
 
 def test_benchmark_onnx(upernet_onnx, tmp_path):

@@ -33,13 +33,16 @@ def model(tmp_path_factory):
 
 @pytest.mark.parametrize('batch, shape', [(1, (64, 96)), (2, (96, 64))])
 def test_equals_mmdet_predict(model, batch, shape):
+    from mmcv.ops import RoIAlign
     from mmdet.structures import DetDataSample
-    net = TwoStageDetectorNet(model).eval()
     x = torch.randn(batch, 3, *shape, generator=torch.Generator().manual_seed(batch))
+    for module in model.modules():  # the reference: mmdet as trained, mmcv's RoIAlign
+        if isinstance(module, RoIAlign):
+            module.use_torchvision = False
     with torch.no_grad():
-        boxes, scores, labels, masks = net(x)
         reference = model.predict(x, [DetDataSample(metainfo=m) for m in _metas(x)],
                                   rescale=False)
+        boxes, scores, labels, masks = TwoStageDetectorNet(model).eval()(x)
     max_per_img = model.roi_head.test_cfg.max_per_img
     assert boxes.shape == (batch, max_per_img, 4) and masks.shape[:2] == (batch, max_per_img)
     for b, result in enumerate(reference):
