@@ -1,6 +1,7 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
 """Export a TransNeXt model to ONNX or to a ``torch.export`` program (``.pt2``)."""
 import contextlib
+import functools
 import json
 import os
 import os.path as osp
@@ -103,7 +104,7 @@ def export(net: nn.Module, meta: dict, out: str, fmt: str = 'onnx',
     outputs = reference if isinstance(reference, (tuple, list)) else (reference, )
     meta['outputs'] = output_names(meta['task'], len(outputs))
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
-    folding = contextlib.nullcontext() if dynamic else folded_position_biases(net, x)
+    folding = traceable_adaptive_pools(net) if dynamic else folded_position_biases(net, x)
     try:
         with torch.no_grad(), folding, static_feature_sizes(net, dynamic, meta['config']):
             program = torch.export.export(net, (x, ), dynamic_shapes=_dynamic_shapes(dynamic))
@@ -170,6 +171,26 @@ def folded_position_biases(net: nn.Module, x: torch.Tensor):
     finally:
         for m, original in zip(layers, originals):
             m.pos_bias = original
+
+
+@contextlib.contextmanager
+def traceable_adaptive_pools(net: nn.Module):
+    """Within the context, the heads' ``nn.AdaptiveAvgPool2d`` layers (UperNet's pyramid pooling)
+    pool from prefix sums, so a ``--dynamic`` graph pools with the bins of its input size
+    (exporters decompose adaptive pooling with the bins of the example size)."""
+    from transnext_mm.models.layers.adaptive_pool import adaptive_avg_pool2d_prefix
+    pools = [m for m in net.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    for pool in pools:
+        size = pool.output_size
+        if size is None or (not isinstance(size, int) and None in tuple(size)):
+            raise DeployError(f'--dynamic: AdaptiveAvgPool2d with output_size {size} is not '
+                              'supported')
+        pool.forward = functools.partial(adaptive_avg_pool2d_prefix, output_size=size)
+    try:
+        yield
+    finally:
+        for pool in pools:
+            del pool.forward
 
 
 @contextlib.contextmanager

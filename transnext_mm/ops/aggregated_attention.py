@@ -34,10 +34,12 @@ _ROW_BLOCK_BYTES = 4 << 20
 def _window_tables(height: int, width: int,
                    device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     offsets = torch.arange(WINDOW, device=device) - WINDOW // 2
-    rows = torch.arange(height, device=device)[:, None] + offsets  # (H, 3)
-    cols = torch.arange(width, device=device)[:, None] + offsets  # (W, 3)
-    valid_rows, valid_cols = (rows >= 0) & (rows < height), (cols >= 0) & (cols < width)
-    valid = valid_rows[:, None, :, None] & valid_cols[None, :, None, :]  # (H, W, 3, 3)
+
+    def in_range(length):  # (length, 3): 0 <= i + offset < length, no tensor-size comparison
+        i = torch.arange(length, device=device)[:, None]
+        return (i + offsets >= 0) & (i.flip(0) - offsets >= 0)
+
+    valid = in_range(height)[:, None, :, None] & in_range(width)[None, :, None, :]  # (H, W, 3, 3)
     valid = valid.reshape(height * width, WINDOW_AREA)
     return valid, valid.sum(-1)
 

@@ -17,6 +17,11 @@ def adaptive_pool_bins(length, bins, device=None) -> Tuple[torch.Tensor, torch.T
     ``length`` and ``bins`` may be symbolic sizes (traced graphs).
     """
     j = torch.arange(bins, device=device)
+    if torch.compiler.is_exporting():
+        # sizes as 0-d tensors: the ONNX exporter's type promotion fails on tensor-SymInt
+        # arithmetic in larger graphs (UperNet), and scalar_tensor keeps the size symbolic
+        length = torch.scalar_tensor(length, dtype=torch.long, device=device)
+        bins = torch.scalar_tensor(bins, dtype=torch.long, device=device)
     return (j * length) // bins, ((j + 1) * length + bins - 1) // bins
 
 
@@ -29,6 +34,13 @@ def _pool_axis(x: torch.Tensor, dim: int, bins) -> torch.Tensor:
     shape = [1] * x.dim()
     shape[dim] = -1
     return sums / (end - start).to(x.dtype).reshape(shape)
+
+
+def adaptive_avg_pool2d_prefix(x: torch.Tensor, output_size) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d`` of (B, C, H, W) from prefix sums at the bin bounds: exact bins
+    at any traced size (exporters fix adaptive pooling's bins at the example size)."""
+    out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
+    return _pool_axis(_pool_axis(x, 2, out_h), 3, out_w)
 
 
 def adaptive_avg_pool_tokens(x: torch.Tensor, height, width, pool_size) -> torch.Tensor:
