@@ -38,9 +38,16 @@ PRE_NMS_TOP_K = 5000
 INVALID = -1.0
 
 
-def _fixed_size(keep: Tensor, size: int, dummy: int) -> Tensor:
-    """``keep`` (any length) cut or padded with ``dummy`` to exactly ``size`` indices."""
-    return torch.cat([keep, keep.new_full((size, ), dummy)])[:size]
+def _select_fixed(keep: Tensor, size: int, boxes: Tensor, scores: Tensor,
+                  *rest: Tensor) -> Tuple[Tensor, ...]:
+    """Rows ``keep`` (any length) of ``boxes``, ``scores`` (and ``rest``, labels), cut or padded
+    to exactly ``size`` rows; padding rows are an empty box, score INVALID, label -1."""
+    dummy = boxes.shape[0]  # index of the padding row appended below
+    keep = torch.cat([keep, keep.new_full((size, ), dummy)])[:size]
+    padded = [torch.cat([boxes, boxes.new_zeros(1, 4)]),
+              torch.cat([scores, scores.new_full((1, ), INVALID)])]
+    padded += [torch.cat([t, t.new_full((1, ), -1)]) for t in rest]
+    return tuple(t[keep] for t in padded)
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
@@ -124,10 +131,7 @@ class TwoStageDetectorNet(nn.Module):
                        (boxes[:, 3] - boxes[:, 1] > min_size))
             scores = torch.where(size_ok, scores, INVALID)
         keep = batched_nms(boxes, scores, torch.cat(levels), cfg.nms['iou_threshold'])
-        # index len(boxes) is the padding row appended below: an invalid, empty proposal
-        keep = _fixed_size(keep, cfg.max_per_img, boxes.shape[0])
-        boxes = torch.cat([boxes, boxes.new_zeros(1, 4)])[keep]
-        scores = torch.cat([scores, scores.new_full((1, ), INVALID)])[keep]
+        boxes, scores = _select_fixed(keep, cfg.max_per_img, boxes, scores)
         return boxes, scores > INVALID
 
     def _detections(self, feats: Tuple[Tensor], proposals: Tensor, valid: Tensor,
@@ -156,10 +160,7 @@ class TwoStageDetectorNet(nn.Module):
             scores, index = scores.topk(PRE_NMS_TOP_K)
             boxes, labels = boxes[index], labels[index]
         keep = batched_nms(boxes, scores, labels, cfg.nms['iou_threshold'])
-        keep = _fixed_size(keep, cfg.max_per_img, boxes.shape[0])
-        boxes = torch.cat([boxes, boxes.new_zeros(1, 4)])[keep]
-        scores = torch.cat([scores, scores.new_full((1, ), INVALID)])[keep]
-        labels = torch.cat([labels, labels.new_full((1, ), -1)])[keep]
+        boxes, scores, labels = _select_fixed(keep, cfg.max_per_img, boxes, scores, labels)
         found = scores > INVALID
         boxes = torch.where(found[:, None], boxes, 0.)
         scores = torch.where(found, scores, 0.)
