@@ -4,6 +4,14 @@ import sys
 import pytest
 import torch
 
+# Under pytest-xdist (tools/run_tests.sh) every worker gets its share of the cores, so workers
+# and the tools they start do not oversubscribe the machine.
+_WORKERS = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault('OMP_NUM_THREADS', str(_THREADS))
+    torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

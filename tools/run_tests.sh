@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
 # Set up .venv if needed (tools/setup_env.sh), then run the test suite.
 # Extra arguments go to pytest, e.g. `bash tools/run_tests.sh tests/test_models -x`.
+#
+# Test files run on one pytest-xdist worker per core (at most 4; TRANSNEXT_MM_TEST_WORKERS=N to
+# choose, 1 for a plain serial run). Each file stays on one worker (--dist loadfile), so its
+# module-scoped fixtures (datasets, exported models) are built once; tests/conftest.py gives each
+# worker its share of the cores as torch threads.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash tools/setup_env.sh
 export PYTHONUNBUFFERED=1
-exec .venv/bin/python -m pytest -p no:cacheprovider -q -ra --durations=15 "${@:-tests}"
+cores="$(nproc)"
+WORKERS="${TRANSNEXT_MM_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}"
+case "$WORKERS" in
+  ''|*[!0-9]*|0) echo "run_tests.sh: TRANSNEXT_MM_TEST_WORKERS must be a positive integer, got '$WORKERS'" >&2; exit 2 ;;
+esac
+XDIST=()
+[ "$WORKERS" -gt 1 ] && XDIST=(-n "$WORKERS" --dist loadfile)
+exec .venv/bin/python -m pytest -p no:cacheprovider -q -ra --durations=15 "${XDIST[@]}" "${@:-tests}"
