@@ -186,7 +186,7 @@ def check_op(rec, device, dry_run):
             key = f'op.head_dim_{head_dim}_{dtype_name}'
             with rec.guard(key):
                 rec.put(key, op_case(device, 2, 2, *grid, 12, head_dim, dtype_name))
-    # batch * heads above 65535 (the grid's y dimension).
+    # batch * heads above 65535 (once the grid's y limit; now blocks on a 1-D grid).
     # (The dry run exercises the code with a small batch: the limit is the CUDA grid's.)
     key = 'op.batch_heads_above_65535'
     with rec.guard(key):

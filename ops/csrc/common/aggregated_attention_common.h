@@ -14,11 +14,13 @@
 //   dkey_k += ds_k q_i,  dvalue_k += (a_k [+ token_weight]) g,  dtoken_weight[i, j] = g . v[nbr].
 //
 // The CUDA kernels run one thread per query (forward, dq) or per pooled key (dk_pool, dv_pool,
-// dbias_pool) and stream pooled keys / queries through shared-memory tiles. Everything a thread
-// computes lives in the structs below, written once for host and device, so that the CPU build can
-// replay the kernels' per-thread code (see cpu/aggregated_attention_cuda_replay.cpp) and the tests
-// check the CUDA math even on machines without a GPU. Only the launch glue (thread indexing,
-// barriers, grid-stride loops) is CUDA-only.
+// dbias_pool) and stream pooled keys / queries (and the block's bias_pool entries) through
+// shared-memory tiles. Everything a kernel does is written once here, for host and device: the
+// per-thread math (the structs below), the block bodies (thread indexing, barriers, grid-stride
+// loops), the launch plans and the launch sequence (run_forward_kernels / run_backward_kernels).
+// The CUDA build wraps the bodies in __global__ entry points; the CPU build replays the very same
+// bodies, block by block, with fibers (cpu/aggregated_attention_cuda_replay.cpp), so the tests
+// check the CUDA code, barriers and launch arithmetic included, on machines without a GPU.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -213,6 +215,19 @@ C10_HOST_DEVICE inline void load_tile(acc_t* dst, int dst_stride, const scalar_t
     dst[(e / d) * dst_stride + e % d] = static_cast<acc_t>(src[(e / d) * src_stride + e % d]);
 }
 
+// Cooperative load of a bias tile: `rows` rows of `count` <= kTile elements (row stride
+// src_stride) into dst (row stride kStride). Thread t loads column t % kTile of every
+// (threads / kTile)-th row: a warp reads whole row segments (coalesced), without divisions.
+// Needs threads % kTile == 0.
+template <int kTile, int kStride, typename acc_t, typename scalar_t>
+C10_HOST_DEVICE inline void load_bias_tile(acc_t* dst, const scalar_t* src, int64_t src_stride,
+                                           int rows, int count, int thread, int num_threads) {
+  const int column = thread % kTile;
+  if (column >= count) return;
+  for (int r = thread / kTile; r < rows; r += num_threads / kTile)
+    dst[r * kStride + column] = static_cast<acc_t>(src[r * src_stride + column]);
+}
+
 // Rows of a tile: at most 32, fewer for wide heads, so that two tiles stay within 32 KiB of shared
 // memory.
 template <int kMaxD, typename acc_t>
@@ -260,13 +275,14 @@ struct ForwardThread {
     }
   }
 
-  // A tile of `count` pooled keys/values (row stride HD::kMax) and this query's biases for them.
-  // Rescales only when a key raises the running max, which becomes rare after the first keys;
-  // no per-tile score array, so the tile loop need not be unrolled (registers, compile time).
+  // A tile of `count` pooled keys/values (row stride HD::kMax) and this query's biases for them
+  // (its row of the block's bias tile). Rescales only when a key raises the running max, which
+  // becomes rare after the first keys; no per-tile score array, so the tile loop need not be
+  // unrolled (registers, compile time).
   C10_HOST_DEVICE void pool_tile(const acc_t* kp_tile, const acc_t* vp_tile, int count,
-                                 const scalar_t* bias, int d) {
+                                 const acc_t* bias, int d) {
     for (int t = 0; t < count; ++t) {
-      const acc_t score = dot<HD>(q, kp_tile + t * HD::kMax, d) + static_cast<acc_t>(bias[t]);
+      const acc_t score = dot<HD>(q, kp_tile + t * HD::kMax, d) + bias[t];
       if (score > running_max) {
         const acc_t scale = tnx_exp(running_max - score);
         running_sum *= scale;
@@ -327,10 +343,9 @@ struct BackwardQueryThread {
 
   // kExactDelta only: the pooled keys' part of delta.
   C10_HOST_DEVICE void delta_tile(const acc_t* kp_tile, const acc_t* vp_tile, int count,
-                                  const scalar_t* bias, int d) {
+                                  const acc_t* bias, int d) {
     for (int t = 0; t < count; ++t) {
-      const acc_t p =
-          tnx_exp(dot<HD>(q, kp_tile + t * HD::kMax, d) + static_cast<acc_t>(bias[t]) - lse);
+      const acc_t p = tnx_exp(dot<HD>(q, kp_tile + t * HD::kMax, d) + bias[t] - lse);
       delta += p * dot<HD>(g, vp_tile + t * HD::kMax, d);
     }
   }
@@ -359,10 +374,10 @@ struct BackwardQueryThread {
   }
 
   C10_HOST_DEVICE void pool_tile(const acc_t* kp_tile, const acc_t* vp_tile, int count,
-                                 const scalar_t* bias, int d) {
+                                 const acc_t* bias, int d) {
     for (int t = 0; t < count; ++t) {
       const acc_t* key = kp_tile + t * HD::kMax;
-      const acc_t p = tnx_exp(dot<HD>(q, key, d) + static_cast<acc_t>(bias[t]) - lse);
+      const acc_t p = tnx_exp(dot<HD>(q, key, d) + bias[t] - lse);
       const acc_t ds = p * (dot<HD>(g, vp_tile + t * HD::kMax, d) - delta);
       axpy<HD>(dq, ds, key, d);
     }
@@ -443,7 +458,7 @@ C10_HOST_DEVICE inline void gather_window_grads(Rows<const scalar_t> q_bh,
 //   ctx.thread()  (threadIdx.x)      ctx.threads() (blockDim.x)
 //   ctx.block(a)  (blockIdx.x/y/z)   ctx.grid(a)   (gridDim.x/y/z)     ctx.sync() (__syncthreads)
 // and over the block's shared memory (a struct the CUDA kernel declares __shared__). The CUDA
-// kernels (cuda/aggregated_attention_kernels.cu) are one-line wrappers; the replay
+// kernels (cuda/aggregated_attention_kernels.cu) are one generic entry point; the replay
 // (cpu/aggregated_attention_cuda_replay.cpp) runs every thread of a block as a fiber that yields at
 // ctx.sync(), in reverse thread order, over the grid that the launch plans below compute for both.
 // A missing barrier lets a thread read shared memory that others have not written yet (the replay
@@ -487,6 +502,7 @@ struct BackwardParams {
 constexpr int kQueryThreads = 128;   // forward and dq kernels: one query per thread
 constexpr int kPoolThreads = 64;     // pooled-key gradient kernel: one pooled key per thread
 constexpr int kGatherThreads = 256;  // window dk / dv gather: one element per thread
+constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
 constexpr int64_t kMaxGridYZ = 65535;
 
 struct Launch {
@@ -494,10 +510,16 @@ struct Launch {
   int threads;
 };
 
+// Query-side kernels (forward, dq): one block per (query block, head, batch element) on a 1-D
+// grid, the batch element varying fastest, so that the blocks that read the same bias_pool slab
+// (head h, the block's queries) run side by side and share it in L2. Any batch x heads fits.
 inline Launch query_launch(const AttentionSizes& s) {
-  const int64_t blocks = (s.tokens + kQueryThreads - 1) / kQueryThreads;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "aggregated_attention: too many tokens");
-  return {{blocks, std::min<int64_t>(s.batch * s.heads, kMaxGridYZ), 1}, kQueryThreads};
+  const int64_t query_blocks = (s.tokens + kQueryThreads - 1) / kQueryThreads;
+  const int64_t blocks = query_blocks * s.heads * s.batch;
+  TORCH_CHECK(blocks >= 1 && blocks <= kMaxGridX,
+              "aggregated_attention: the CUDA kernels take at most 2^31 - 1 blocks of ",
+              kQueryThreads, " queries per (batch, head), got ", blocks);
+  return {{blocks, 1, 1}, kQueryThreads};
 }
 
 inline Launch gather_launch(const AttentionSizes& s) {
@@ -507,12 +529,13 @@ inline Launch gather_launch(const AttentionSizes& s) {
           kGatherThreads};
 }
 
-// Pooled-key gradient: grid (key tiles, query chunks, heads x batch groups). Each block owns
-// d bias_pool[h, chunk, keys] for its batch group, accumulated over the group's batch elements
-// by the owning thread (no atomics) into per-group partial sums, which the launcher sums over
-// the groups. Chunks and groups are sized to fill a GPU (about kTargetBlocks blocks) while the
-// per-chunk dk_pool / dv_pool partials (chunks, B, heads, Np, d) and the per-group bias partials
-// (groups, heads, N, Np) stay bounded.
+// Pooled-key gradient: grid (key tiles x batch groups, query chunks, heads), the group varying
+// fastest, so that the blocks sharing a bias_pool slab (head, chunk, key tile) run side by side.
+// Each block owns d bias_pool[h, chunk, keys] for its batch group, accumulated over the group's
+// batch elements by the owning thread (no atomics) into per-group partial sums, which the
+// launcher sums over the groups. Chunks and groups are sized to fill a GPU (about kTargetBlocks
+// blocks) while the per-chunk dk_pool / dv_pool partials (chunks, B, heads, Np, d) and the
+// per-group bias partials (groups, heads, N, Np) stay bounded.
 struct PoolGradPlan {
   int64_t chunk_len, chunks, group_len, groups;
   Launch launch;
@@ -537,38 +560,72 @@ inline PoolGradPlan pool_grad_plan(const AttentionSizes& s, bool bias_grad,
   groups = std::min(groups, batch);
   const int64_t bias_slab = std::max<int64_t>(1, heads * s.tokens * s.pool);
   if (bias_grad) groups = std::min(groups, std::max<int64_t>(1, kMaxPartial / bias_slab));
-  groups = std::max<int64_t>(1, std::min(groups, kMaxGridYZ / heads));
+  groups = std::max<int64_t>(1, groups);
   const int64_t group_len = (batch + groups - 1) / groups;
   groups = (batch + group_len - 1) / group_len;
-  return {chunk_len, chunks, group_len, groups, {{key_tiles, chunks, heads * groups}, kPoolThreads}};
+  return {chunk_len, chunks, group_len, groups, {{key_tiles * groups, chunks, heads}, kPoolThreads}};
 }
 
 // ---------------------------------------------------------------------------------------------
 // Block bodies.
+//
+// Shared memory of the query-side kernels: a tile of pooled keys / values, and the block's
+// queries' bias_pool entries for those keys (one row per thread, padded by one so that the
+// threads of a warp reading their rows hit distinct banks).
 template <typename acc_t, int kTile, int kMaxD>
 struct PoolTiles {
+  static_assert(kQueryThreads % kTile == 0, "load_bias_tile needs whole rows per pass");
+  static constexpr int kBiasStride = kTile + 1;
   alignas(16) acc_t kp[kTile * kMaxD];
   alignas(16) acc_t vp[kTile * kMaxD];
+  acc_t bias[kQueryThreads * kBiasStride];
 };
 
-// Streams this (batch, head)'s pooled keys / values through shared-memory tiles, calling
-// use(kp_tile, vp_tile, p0, count) for every tile between the barriers.
+// The query-side kernels' block index on their 1-D grid (see query_launch; the grid has one
+// block per (query block, head, batch element), fewer than 2^31, so 32-bit arithmetic decodes it
+// without 64-bit divisions, which are calls on the GPU).
+struct QueryBlock {
+  int64_t b, h, bh, first_query;
+};
+
+template <typename Ctx>
+C10_HOST_DEVICE inline QueryBlock query_block(const Ctx& ctx, const AttentionSizes& s) {
+  const uint32_t index = static_cast<uint32_t>(ctx.block(0));
+  const uint32_t batch = static_cast<uint32_t>(s.batch), heads = static_cast<uint32_t>(s.heads);
+  const uint32_t bh_index = index / batch;
+  QueryBlock blk;
+  blk.b = index - bh_index * batch;
+  blk.h = bh_index % heads;
+  blk.bh = blk.b * s.heads + blk.h;
+  blk.first_query = static_cast<int64_t>(bh_index / heads) * ctx.threads();
+  return blk;
+}
+
+// Streams this (batch, head)'s pooled keys / values through shared-memory tiles, with the
+// block's bias_pool rows for each tile (bias_h: the head's (N, Np) slab; read coalesced, a row
+// segment per warp, once per block), calling use(kp_tile, vp_tile, bias_row, count) for every
+// tile between the barriers; bias_row is this thread's query's row of the bias tile.
 template <typename HD, typename acc_t, int kTile, typename scalar_t, typename Ctx, typename Use>
 C10_HOST_DEVICE inline void for_each_pool_tile(const Ctx& ctx, PoolTiles<acc_t, kTile, HD::kMax>& sh,
                                                const scalar_t* k_pool, const scalar_t* v_pool,
-                                               const AttentionSizes& s, int64_t bh, Use&& use) {
+                                               const scalar_t* bias_h, const AttentionSizes& s,
+                                               int64_t bh, int64_t first_query, Use&& use) {
+  constexpr int kStride = PoolTiles<acc_t, kTile, HD::kMax>::kBiasStride;
+  const int rows = static_cast<int>(tnx_min<int64_t>(ctx.threads(), s.tokens - first_query));
   for (int64_t p0 = 0; p0 < s.pool; p0 += kTile) {
     const int count = static_cast<int>(tnx_min<int64_t>(kTile, s.pool - p0));
     const int64_t offset = (bh * s.pool + p0) * s.d;
     load_tile(sh.kp, HD::kMax, k_pool + offset, s.d, count, s.d, ctx.thread(), ctx.threads());
     load_tile(sh.vp, HD::kMax, v_pool + offset, s.d, count, s.d, ctx.thread(), ctx.threads());
+    load_bias_tile<kTile, kStride>(sh.bias, bias_h + first_query * s.pool + p0, s.pool, rows,
+                                   count, ctx.thread(), ctx.threads());
     ctx.sync();  // the tile is complete
-    use(sh.kp, sh.vp, p0, count);
+    use(sh.kp, sh.vp, sh.bias + ctx.thread() * kStride, count);
     ctx.sync();  // every thread is done with it before the next tile overwrites it
   }
 }
 
-// Forward: one thread per query (grid: query blocks x (batch, head)); window, then pooled keys.
+// Forward: one thread per query; window, then pooled keys.
 template <typename scalar_t, typename HD>
 using ForwardShared = PoolTiles<at::opmath_type<scalar_t>,
                                 TileRows<HD::kMax, at::opmath_type<scalar_t>>::value, HD::kMax>;
@@ -579,25 +636,23 @@ C10_HOST_DEVICE void forward_block(const Ctx& ctx, const ForwardParams<scalar_t>
   using Thread = ForwardThread<scalar_t, HD>;
   using acc_t = typename Thread::acc_t;
   const AttentionSizes& s = p.sizes;
-  const int64_t i = ctx.block(0) * ctx.threads() + ctx.thread();
+  const QueryBlock blk = query_block(ctx, s);
+  const int64_t bh = blk.bh, h = blk.h;
+  const int64_t i = blk.first_query + ctx.thread();
   const bool active = i < s.tokens;
-  for (int64_t bh = ctx.block(1); bh < s.batch * s.heads; bh += ctx.grid(1)) {
-    const int64_t h = bh % s.heads;
-    Thread thread;
-    if (active)
-      thread.window(p.q_layout.rows(p.q, bh, s.heads), p.k_layout.rows(p.k, bh, s.heads),
-                    p.v_layout.rows(p.v, bh, s.heads), p.rpb + h * kWindowArea,
-                    p.token_weight + (bh * s.tokens + i) * kWindowArea, i, s.height, s.width,
-                    s.d);
-    for_each_pool_tile<HD, acc_t, Thread::kTile>(
-        ctx, sh, p.k_pool, p.v_pool, s, bh,
-        [&](const acc_t* kp, const acc_t* vp, int64_t p0, int count) {
-          if (active)
-            thread.pool_tile(kp, vp, count, p.bias + (h * s.tokens + i) * s.pool + p0, s.d);
-        });
-    if (active)
-      thread.finish(p.out_layout.rows(p.out, bh, s.heads).row(i), p.lse + bh * s.tokens + i, s.d);
-  }
+  Thread thread;
+  if (active)
+    thread.window(p.q_layout.rows(p.q, bh, s.heads), p.k_layout.rows(p.k, bh, s.heads),
+                  p.v_layout.rows(p.v, bh, s.heads), p.rpb + h * kWindowArea,
+                  p.token_weight + (bh * s.tokens + i) * kWindowArea, i, s.height, s.width,
+                  s.d);
+  for_each_pool_tile<HD, acc_t, Thread::kTile>(
+      ctx, sh, p.k_pool, p.v_pool, p.bias + h * s.tokens * s.pool, s, bh, blk.first_query,
+      [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
+        if (active) thread.pool_tile(kp, vp, count, bias, s.d);
+      });
+  if (active)
+    thread.finish(p.out_layout.rows(p.out, bh, s.heads).row(i), p.lse + bh * s.tokens + i, s.d);
 }
 
 // Backward, query side (same grid as the forward): dq, the window's ds / weights, d token_weight
@@ -609,44 +664,43 @@ C10_HOST_DEVICE void backward_query_block(const Ctx& ctx, const BackwardParams<s
   using acc_t = typename Thread::acc_t;
   constexpr int kTile = TileRows<HD::kMax, acc_t>::value;
   const AttentionSizes& s = p.sizes;
-  const int64_t i = ctx.block(0) * ctx.threads() + ctx.thread();
+  const QueryBlock blk = query_block(ctx, s);
+  const int64_t bh = blk.bh, h = blk.h;
+  const int64_t i = blk.first_query + ctx.thread();
   const bool active = i < s.tokens;
-  for (int64_t bh = ctx.block(1); bh < s.batch * s.heads; bh += ctx.grid(1)) {
-    const int64_t h = bh % s.heads;
-    const int64_t row = bh * s.tokens + i;
-    Thread thread;
-    if (active)
-      thread.window_begin(p.q_layout.rows(p.q, bh, s.heads), p.k_layout.rows(p.k, bh, s.heads),
-                          p.v_layout.rows(p.v, bh, s.heads), p.rpb + h * kWindowArea,
-                          p.token_weight + row * kWindowArea,
-                          p.out_layout.rows(p.out, bh, s.heads).row(i),
-                          p.grad_layout.rows(p.grad_out, bh, s.heads).row(i), p.lse[row], i,
-                          s.height, s.width, s.d);
-    if constexpr (Thread::kExactDelta) {
-      for_each_pool_tile<HD, acc_t, kTile>(
-          ctx, sh, p.k_pool, p.v_pool, s, bh,
-          [&](const acc_t* kp, const acc_t* vp, int64_t p0, int count) {
-            if (active)
-              thread.delta_tile(kp, vp, count, p.bias + (h * s.tokens + i) * s.pool + p0, s.d);
-          });
-    }
-    if (active)
-      thread.window_grads(p.k_layout.rows(p.k, bh, s.heads), p.token_weight + row * kWindowArea,
-                          i, s.height, s.width, s.d, p.ds_local + row * kWindowArea,
-                          p.weight_local + row * kWindowArea,
-                          p.dtoken_weight + row * kWindowArea, p.delta + row);
+  const int64_t row = bh * s.tokens + i;
+  const scalar_t* bias_h = p.bias + h * s.tokens * s.pool;
+  Thread thread;
+  if (active)
+    thread.window_begin(p.q_layout.rows(p.q, bh, s.heads), p.k_layout.rows(p.k, bh, s.heads),
+                        p.v_layout.rows(p.v, bh, s.heads), p.rpb + h * kWindowArea,
+                        p.token_weight + row * kWindowArea,
+                        p.out_layout.rows(p.out, bh, s.heads).row(i),
+                        p.grad_layout.rows(p.grad_out, bh, s.heads).row(i), p.lse[row], i,
+                        s.height, s.width, s.d);
+  if constexpr (Thread::kExactDelta) {
     for_each_pool_tile<HD, acc_t, kTile>(
-        ctx, sh, p.k_pool, p.v_pool, s, bh,
-        [&](const acc_t* kp, const acc_t* vp, int64_t p0, int count) {
-          if (active)
-            thread.pool_tile(kp, vp, count, p.bias + (h * s.tokens + i) * s.pool + p0, s.d);
+        ctx, sh, p.k_pool, p.v_pool, bias_h, s, bh, blk.first_query,
+        [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
+          if (active) thread.delta_tile(kp, vp, count, bias, s.d);
         });
-    if (active) thread.finish(p.dq_layout.rows(p.dq, bh, s.heads).row(i), s.d);
   }
+  if (active)
+    thread.window_grads(p.k_layout.rows(p.k, bh, s.heads), p.token_weight + row * kWindowArea,
+                        i, s.height, s.width, s.d, p.ds_local + row * kWindowArea,
+                        p.weight_local + row * kWindowArea,
+                        p.dtoken_weight + row * kWindowArea, p.delta + row);
+  for_each_pool_tile<HD, acc_t, kTile>(
+      ctx, sh, p.k_pool, p.v_pool, bias_h, s, bh, blk.first_query,
+      [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
+        if (active) thread.pool_tile(kp, vp, count, bias, s.d);
+      });
+  if (active) thread.finish(p.dq_layout.rows(p.dq, bh, s.heads).row(i), s.d);
 }
 
 // Backward, pooled-key side (grid: pool_grad_plan): one thread per pooled key, streaming the
-// block's query chunk through shared-memory tiles for each batch element of its group.
+// block's query chunk through shared-memory tiles for each batch element of its group. Its bias
+// and d bias reads / writes are coalesced (consecutive threads, consecutive keys).
 template <typename scalar_t, typename HD>
 struct PoolGradShared {
   using acc_t = at::opmath_type<scalar_t>;
@@ -663,9 +717,11 @@ C10_HOST_DEVICE void backward_pool_block(const Ctx& ctx, const BackwardParams<sc
   using Thread = BackwardPoolThread<scalar_t, HD>;
   constexpr int kTile = PoolGradShared<scalar_t, HD>::kTile;
   const AttentionSizes& s = p.sizes;
-  const int64_t key = ctx.block(0) * ctx.threads() + ctx.thread();
+  const int64_t groups = (s.batch + p.group_len - 1) / p.group_len;
+  const int64_t key_tile = ctx.block(0) / groups, group = ctx.block(0) % groups;
+  const int64_t key = key_tile * ctx.threads() + ctx.thread();
   const bool active = key < s.pool;
-  const int64_t chunk = ctx.block(1), h = ctx.block(2) % s.heads, group = ctx.block(2) / s.heads;
+  const int64_t chunk = ctx.block(1), h = ctx.block(2);
   const int64_t i_begin = chunk * p.chunk_len;
   const int64_t i_end = tnx_min(s.tokens, i_begin + p.chunk_len);
   const int64_t b_begin = group * p.group_len;
@@ -744,6 +800,120 @@ inline void dispatch_head_dim(int64_t d, Fn&& fn) {
     case 64: fn(HeadDim<64, true>{}); break;
     default: fn(HeadDim<128, false>{});
   }
+}
+
+
+// =============================================================================================
+// The kernels and their launch sequence, written once for the GPU and the replay.
+//
+// A kernel is a descriptor: its block body, its shared memory, and the block size and minimum
+// resident blocks per SM it is compiled for (__launch_bounds__(kThreads, kMinBlocks)). A
+// `Launcher` runs one kernel over a grid:
+//   template <typename Kernel> void launch(const Launch&, const typename Kernel::Params&) const;
+// the CUDA one (cuda/aggregated_attention_kernels.cu) as kernel<Kernel><<<grid, threads>>>, the
+// replay (cpu/aggregated_attention_cuda_replay.cpp) block by block with fibers. Which kernels
+// run, in which order, with which grids and shared memory, is decided only here.
+struct NoShared {};
+
+// Query-side kernels of the small exact head dims (every released model has 24): 3 resident
+// blocks of 128 threads, i.e. at most 168 registers. With one-argument launch bounds ptxas (CUDA
+// 13.0, sm_90) also settles on 168 registers for the fp32 forward but spills 24 bytes to local
+// memory; asked for 3 blocks it allocates the same 168 without spills. Wider heads keep no
+// occupancy target (their rows need the registers).
+template <typename HD>
+constexpr int kQueryMinBlocks = HD::kExactDim && HD::kMax <= 24 ? 3 : 1;
+
+template <typename scalar_t, typename HD>
+struct ForwardKernel {
+  using Params = ForwardParams<scalar_t>;
+  using Shared = ForwardShared<scalar_t, HD>;
+  static constexpr int kThreads = kQueryThreads;
+  static constexpr int kMinBlocks = kQueryMinBlocks<HD>;
+  static constexpr const char* kName = "forward";
+  template <typename Ctx>
+  C10_HOST_DEVICE static void body(const Ctx& ctx, const Params& p, Shared& sh) {
+    forward_block<scalar_t, HD>(ctx, p, sh);
+  }
+};
+
+template <typename scalar_t, typename HD>
+struct BackwardQueryKernel {
+  using Params = BackwardParams<scalar_t>;
+  using Shared = ForwardShared<scalar_t, HD>;
+  static constexpr int kThreads = kQueryThreads;
+  static constexpr int kMinBlocks = kQueryMinBlocks<HD>;
+  static constexpr const char* kName = "backward_query";
+  template <typename Ctx>
+  C10_HOST_DEVICE static void body(const Ctx& ctx, const Params& p, Shared& sh) {
+    backward_query_block<scalar_t, HD>(ctx, p, sh);
+  }
+};
+
+template <typename scalar_t, typename HD>
+struct BackwardPoolKernel {
+  using Params = BackwardParams<scalar_t>;
+  using Shared = PoolGradShared<scalar_t, HD>;
+  static constexpr int kThreads = kPoolThreads;
+  static constexpr int kMinBlocks = 1;
+  static constexpr const char* kName = "backward_pool";
+  template <typename Ctx>
+  C10_HOST_DEVICE static void body(const Ctx& ctx, const Params& p, Shared& sh) {
+    backward_pool_block<scalar_t, HD>(ctx, p, sh);
+  }
+};
+
+template <typename scalar_t>
+struct WindowGradKernel {
+  using Params = BackwardParams<scalar_t>;
+  using Shared = NoShared;
+  static constexpr int kThreads = kGatherThreads;
+  static constexpr int kMinBlocks = 1;
+  static constexpr const char* kName = "window_grad";
+  template <typename Ctx>
+  C10_HOST_DEVICE static void body(const Ctx& ctx, const Params& p, Shared&) {
+    window_grad_block<scalar_t>(ctx, p);
+  }
+};
+
+// What a GPU would refuse: a block size other than the kernel's, a grid beyond CUDA's limits,
+// more static shared memory than 48 KiB (fp64 runs only in the replay and is not held to it).
+template <typename Kernel, typename Launcher>
+inline void launch_kernel_checked(const Launch& launch, const typename Kernel::Params& p,
+                                  const Launcher& launcher) {
+  TORCH_CHECK(launch.threads == Kernel::kThreads, "aggregated_attention: kernel ", Kernel::kName,
+              " is compiled for ", Kernel::kThreads, " threads per block, launched with ",
+              launch.threads);
+  TORCH_CHECK(launch.grid[0] >= 1 && launch.grid[0] <= kMaxGridX && launch.grid[1] >= 1 &&
+                  launch.grid[1] <= kMaxGridYZ && launch.grid[2] >= 1 &&
+                  launch.grid[2] <= kMaxGridYZ,
+              "aggregated_attention: kernel ", Kernel::kName, " grid (", launch.grid[0], ", ",
+              launch.grid[1], ", ", launch.grid[2], ") is outside CUDA's limits");
+  using acc_t = typename Kernel::Params::acc_t;
+  static_assert(std::is_same_v<acc_t, double> || sizeof(typename Kernel::Shared) <= 48 * 1024,
+                "a kernel's static shared memory must fit in 48 KiB");
+  launcher.template launch<Kernel>(launch, p);
+}
+
+template <typename scalar_t, typename Launcher>
+void run_forward_kernels(const ForwardParams<scalar_t>& p, const Launcher& launcher) {
+  dispatch_head_dim(p.sizes.d, [&](auto head_dim) {
+    using HD = decltype(head_dim);
+    launch_kernel_checked<ForwardKernel<scalar_t, HD>>(query_launch(p.sizes), p, launcher);
+  });
+}
+
+// Query side (dq, window ds, delta), then the pooled keys (needs delta; none when Np = 0), then
+// the window keys / values (need the window ds).
+template <typename scalar_t, typename Launcher>
+void run_backward_kernels(const BackwardParams<scalar_t>& p, const Launch& pool_launch,
+                          const Launcher& launcher) {
+  dispatch_head_dim(p.sizes.d, [&](auto head_dim) {
+    using HD = decltype(head_dim);
+    launch_kernel_checked<BackwardQueryKernel<scalar_t, HD>>(query_launch(p.sizes), p, launcher);
+    if (p.sizes.pool > 0)
+      launch_kernel_checked<BackwardPoolKernel<scalar_t, HD>>(pool_launch, p, launcher);
+  });
+  launch_kernel_checked<WindowGradKernel<scalar_t>>(gather_launch(p.sizes), p, launcher);
 }
 
 }  // namespace transnext_mm

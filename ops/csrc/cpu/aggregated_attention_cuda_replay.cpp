@@ -110,8 +110,6 @@ int64_t ReplayContext::block(int axis) const { return block_state->block(axis); 
 int64_t ReplayContext::grid(int axis) const { return block_state->grid(axis); }
 void ReplayContext::sync() const { block_state->barrier(index); }
 
-struct NoShared {};
-
 // Runs body(ctx, shared) over the grid of `launch`, block after block; shared memory is filled
 // with NaN (all bits set) before each block.
 template <typename Shared, typename Body>
@@ -128,36 +126,26 @@ void replay_grid(const Launch& launch, Body&& body) {
       }
 }
 
-// The same kernel sequence as launch_aggregated_attention_{forward,backward} in
-// cuda/aggregated_attention_kernels.cu.
+// The replay's launcher for the common header's launch sequence (run_forward_kernels /
+// run_backward_kernels): the kernels, grids and checks of the GPU, blocks run one by one.
+struct ReplayLauncher {
+  template <typename Kernel>
+  void launch(const Launch& launch, const typename Kernel::Params& p) const {
+    replay_grid<typename Kernel::Shared>(
+        launch, [&](const ReplayContext& ctx, typename Kernel::Shared& sh) {
+          Kernel::body(ctx, p, sh);
+        });
+  }
+};
+
 struct ReplayBackend {
   template <typename scalar_t>
   static void forward(const ForwardParams<scalar_t>& p) {
-    dispatch_head_dim(p.sizes.d, [&](auto head_dim) {
-      using HD = decltype(head_dim);
-      replay_grid<ForwardShared<scalar_t, HD>>(
-          query_launch(p.sizes),
-          [&](const ReplayContext& ctx, auto& sh) { forward_block<scalar_t, HD>(ctx, p, sh); });
-    });
+    run_forward_kernels(p, ReplayLauncher{});
   }
-
   template <typename scalar_t>
   static void backward(const BackwardParams<scalar_t>& p, const Launch& pool_launch) {
-    dispatch_head_dim(p.sizes.d, [&](auto head_dim) {
-      using HD = decltype(head_dim);
-      replay_grid<ForwardShared<scalar_t, HD>>(
-          query_launch(p.sizes), [&](const ReplayContext& ctx, auto& sh) {
-            backward_query_block<scalar_t, HD>(ctx, p, sh);
-          });
-      if (p.sizes.pool > 0)
-        replay_grid<PoolGradShared<scalar_t, HD>>(
-            pool_launch, [&](const ReplayContext& ctx, auto& sh) {
-              backward_pool_block<scalar_t, HD>(ctx, p, sh);
-            });
-    });
-    replay_grid<NoShared>(gather_launch(p.sizes), [&](const ReplayContext& ctx, NoShared&) {
-      window_grad_block<scalar_t>(ctx, p);
-    });
+    run_backward_kernels(p, pool_launch, ReplayLauncher{});
   }
 };
 
