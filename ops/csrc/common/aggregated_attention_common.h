@@ -802,7 +802,6 @@ inline void dispatch_head_dim(int64_t d, Fn&& fn) {
   }
 }
 
-
 // =============================================================================================
 // The kernels and their launch sequence, written once for the GPU and the replay.
 //
