@@ -5,7 +5,8 @@
 # Test files run on one pytest-xdist worker per core (at most 4; TRANSNEXT_MM_TEST_WORKERS=N to
 # choose, 1 for a plain serial run). Each file stays on one worker (--dist loadfile), so its
 # module-scoped fixtures (datasets, exported models) are built once; tests/conftest.py gives each
-# worker its share of the cores as torch threads.
+# worker its share of the cores as torch threads. A failing test's report shows captured log
+# records from WARNING up (torch.export traces at DEBUG, thousands of lines per export).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -18,4 +19,4 @@ case "$WORKERS" in
 esac
 XDIST=()
 [ "$WORKERS" -gt 1 ] && XDIST=(-n "$WORKERS" --dist loadfile)
-exec .venv/bin/python -m pytest -p no:cacheprovider -q -ra --durations=15 "${XDIST[@]}" "${@:-tests}"
+exec .venv/bin/python -m pytest -p no:cacheprovider -q -ra --durations=15 --log-level=WARNING "${XDIST[@]}" "${@:-tests}"

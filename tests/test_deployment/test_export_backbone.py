@@ -67,3 +67,13 @@ def test_compare_detections_rejects_moved_boxes():
     assert not compare('detection', [moved, scores, labels], [boxes, scores, labels])['ok']
     assert not compare('detection', [boxes, scores, labels[:, ::-1]],
                        [boxes, scores, labels])['ok']
+
+
+def test_compare_names_non_finite_outputs():
+    boxes = np.array([[[0, 0, 10, 10]]], np.float32)
+    scores, labels = np.array([[0.9]], np.float32), np.array([[1]])
+    nan_scores = np.full_like(scores, np.nan)
+    report = compare('detection', [boxes, scores, labels], [boxes, nan_scores, labels])
+    assert not report['ok'] and report['error'] == 'PyTorch output 1 has NaN or Inf values'
+    report = compare('backbone', [np.array([np.inf], np.float32)], [np.ones(1, np.float32)])
+    assert not report['ok'] and report['error'] == 'exported output 0 has NaN or Inf values'

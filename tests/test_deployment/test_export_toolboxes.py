@@ -126,6 +126,16 @@ def test_detection_mask_rcnn(mask_rcnn_onnx):
         assert report['max_mask_diff'] <= 1e-3 and report['min_iou'] >= 0.99, report
 
 
+def test_random_weights_are_the_models_own_initialisation():
+    """Without a checkpoint the model is initialised by its init_weights: mmdet's DINO allocates
+    `level_embed` uninitialised (zeros or leftover memory, now and then NaN: CI once exported a
+    DINO whose every output was NaN)."""
+    net, _, _ = prepare(str(ROOT / DINO), None, (64, 96), 1)
+    level_embed = net.model.level_embed.detach()
+    assert 0.8 < float(level_embed.std()) < 1.2  # init_weights: normal_(level_embed)
+    assert all(bool(p.isfinite().all()) for p in net.parameters())
+
+
 def test_dino_dynamic_is_refused(tmp_path):
     net, _, meta = prepare(str(ROOT / DINO), None, (64, 96), 1)
     with pytest.raises(DeployError, match='--dynamic is not supported for models with '

@@ -16,6 +16,7 @@ preprocessor's mean/std and channel order) and returns:
 The attention runs on its PyTorch path (``attn_impl='torch'``), so no compiled op is in a graph.
 """
 import copy
+import logging
 import os.path as osp
 from typing import List, Optional, Tuple
 
@@ -72,7 +73,8 @@ def build_model(cfg: Config, config: str, checkpoint: Optional[str] = None,
         cfg (Config): From :func:`load_config`.
         config (str): Its path (for messages).
         checkpoint (str, optional): A checkpoint of the whole model (loaded strictly, with the
-            project's safe loader). Defaults to None: random weights.
+            project's safe loader). Defaults to None: random weights, initialised by the
+            model's own ``init_weights`` as a training run would start.
         attn_impl (str): The backbone's ``attn_impl``; export needs 'torch' (benchmarks compare
             others). Defaults to 'torch'.
 
@@ -83,20 +85,32 @@ def build_model(cfg: Config, config: str, checkpoint: Optional[str] = None,
 
     import transnext_mm  # noqa: F401  (registers TransNeXt and the safe checkpoint loader)
     from mmengine.model import revert_sync_batchnorm
+    from mmengine.logging import MMLogger
     from mmengine.registry import init_default_scope
     from mmengine.runner import load_checkpoint
 
     cfg = copy.deepcopy(cfg)
     scope = cfg.default_scope
     cfg.model.backbone.attn_impl = attn_impl  # 'torch': no compiled op in the graph
-    cfg.model.backbone.init_cfg = None  # weights come from `checkpoint` (or stay random)
+    cfg.model.backbone.init_cfg = None  # weights come from `checkpoint` (or are random)
     cfg.model.pop('pretrained', None)
     init_default_scope(scope)
     registry = importlib.import_module(f'{scope}.registry').MODELS
     model = revert_sync_batchnorm(registry.build(cfg.model))
     model.cfg = cfg
     meta = {}
-    if checkpoint is not None:
+    if checkpoint is None:
+        # Some toolbox parameters are allocated uninitialised and only filled by init_weights
+        # (mmdet's DINO `level_embed` is torch.Tensor(...)): without it a random model reads
+        # whatever memory held, sometimes NaN. Its per-parameter report is not for the console.
+        logger = MMLogger.get_current_instance()
+        level = logger.level
+        logger.setLevel(logging.WARNING)
+        try:
+            model.init_weights()
+        finally:
+            logger.setLevel(level)
+    else:
         if not osp.isfile(checkpoint):
             raise DeployError(f'checkpoint: {checkpoint} is not a file')
         try:

@@ -78,9 +78,13 @@ def compare(task: str, actual: Sequence[np.ndarray], expected: Sequence[np.ndarr
     """
     if len(actual) != len(expected):
         return dict(ok=False, error=f'{len(actual)} outputs, PyTorch gave {len(expected)}')
-    for a, e in zip(actual, expected):
+    for i, (a, e) in enumerate(zip(actual, expected)):
         if a.shape != e.shape:
             return dict(ok=False, error=f'output shape {a.shape}, PyTorch {e.shape}')
+        # NaN compares unequal to everything: say where it came from instead of a mismatch
+        for name, out in (('PyTorch', e), ('exported', a)):
+            if np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
+                return dict(ok=False, error=f'{name} output {i} has NaN or Inf values')
     if task in ('backbone', 'classification'):
         err = max(rel_err(a, e) for a, e in zip(actual, expected))
         return dict(rel_err=err, ok=err <= TOLERANCES['rel_err'][task])
