@@ -84,8 +84,8 @@ def build_model(cfg: Config, config: str, checkpoint: Optional[str] = None,
     import importlib
 
     import transnext_mm  # noqa: F401  (registers TransNeXt and the safe checkpoint loader)
-    from mmengine.model import revert_sync_batchnorm
     from mmengine.logging import MMLogger
+    from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import init_default_scope
     from mmengine.runner import load_checkpoint
 
