@@ -602,7 +602,7 @@ std::vector<at::Tensor> aggregated_attention_backward_cpu(
         weight_local.data_ptr<scalar_t>(), dkp_partial.data_ptr<scalar_t>(),
         dvp_partial.data_ptr<scalar_t>(), groups, s, l);
   });
-  return {dq, dk, dv, dkp_partial.sum(0), dvp_partial.sum(0), ds_local.sum({0, 2}), dbias,
+  return {dq, dk, dv, dkp_partial.sum(0), dvp_partial.sum(0), ds_local.sum(at::IntArrayRef{0, 2}), dbias,
           dtoken_weight};
 }
 

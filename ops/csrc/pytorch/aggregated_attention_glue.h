@@ -135,7 +135,7 @@ std::vector<at::Tensor> kernel_backward(const at::Tensor& grad_out, const at::Te
           dv,
           dkp_partial.sum(0).to(q.scalar_type()),
           dvp_partial.sum(0).to(q.scalar_type()),
-          ds_local.sum({0, 2}).to(rpb.scalar_type()),
+          ds_local.sum(at::IntArrayRef{0, 2}).to(rpb.scalar_type()),
           dbias.to(bias.scalar_type()),
           dtoken_weight};
 }
