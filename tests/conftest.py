@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-# Under pytest-xdist (tools/run_tests.sh) every worker gets its share of the cores, so workers
+# Under pytest-xdist (.dev_scripts/run_tests.sh) every worker gets its share of the cores, so workers
 # and the tools they start do not oversubscribe the machine.
 _WORKERS = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
 if _WORKERS > 1:

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up .venv if needed (tools/setup_env.sh), generate the
+# The main job on a fresh machine: set up .venv if needed (.dev_scripts/setup_env.sh), generate the
 # synthetic COCO-format dataset, train a TransNeXt-Micro Mask R-CNN with tools/train.py, evaluate
 # the saved checkpoint with tools/test.py (COCO bbox + segm mAP). Everything lands in
 # work_dirs/demo_mask-rcnn/. EPOCHS (default 12) shortens or lengthens the training.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-bash tools/setup_env.sh
+bash .dev_scripts/setup_env.sh
 PY=.venv/bin/python
 CONFIG=configs/demo/mask-rcnn_transnext-micro_fpn_synthetic-coco.py
 WORK_DIR=work_dirs/demo_mask-rcnn

@@ -468,7 +468,7 @@ def test_cuda_backbone_autocast_matches_torch_path():
 @pytest.mark.skipif(shutil.which('nvcc') is None, reason='nvcc not found')
 def test_cuda_sources_compile():
     """CI-cheap compile check of the CUDA kernels and launchers (no GPU needed)."""
-    proc = subprocess.run(['bash', osp.join(ROOT, 'tools', 'check_cuda_build.sh')],
+    proc = subprocess.run(['bash', osp.join(ROOT, '.dev_scripts', 'check_cuda_build.sh')],
                           capture_output=True, text=True, timeout=900)
     if proc.returncode == 77:
         pytest.skip(proc.stdout.strip())

@@ -3,7 +3,7 @@
 
 On CPU PyTorch's flex_attention has no backward and compiling it takes tens of seconds, so the
 CPU tests check the eager forward; the compiled forward and backward are checked on CUDA (here
-when a GPU is present, and by ``tools/gpu/parity.py`` in the prepared GPU run).
+when a GPU is present, and by ``.dev_scripts/gpu/parity.py`` in the prepared GPU run).
 """
 import pytest
 import torch

@@ -1,5 +1,5 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
-"""The prepared GPU run (``tools/gpu/run_all.sh``) rehearsed on the CPU with ``--dry-run``, so
+"""The prepared GPU run (``.dev_scripts/gpu/run_all.sh``) rehearsed on the CPU with ``--dry-run``, so
 the script that a short GPU window depends on cannot rot between windows."""
 import glob
 import json
@@ -11,8 +11,8 @@ import sys
 import pytest
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-SCRIPT = osp.join(ROOT, 'tools', 'gpu', 'run_all.sh')
-sys.path.insert(0, osp.join(ROOT, 'tools', 'gpu'))
+SCRIPT = osp.join(ROOT, '.dev_scripts', 'gpu', 'run_all.sh')
+sys.path.insert(0, osp.join(ROOT, '.dev_scripts', 'gpu'))
 import report as gpu_report  # noqa: E402
 
 
@@ -24,7 +24,7 @@ def run_script(*args, timeout=1800):
 
 def test_usage_errors_name_the_allowed_values(tmp_path):
     proc = run_script()
-    assert proc.returncode == 2 and 'usage: bash tools/gpu/run_all.sh OUT_DIR' in proc.stderr
+    assert proc.returncode == 2 and 'usage: bash .dev_scripts/gpu/run_all.sh OUT_DIR' in proc.stderr
     proc = run_script(str(tmp_path), '--fast')
     assert proc.returncode == 2 and "unknown option '--fast' (allowed: --dry-run)" in proc.stderr
 

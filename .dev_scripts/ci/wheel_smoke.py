@@ -1,5 +1,5 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
-"""Smoke test of an installed transnext-mm wheel (run by tools/ci/wheel_smoke.sh).
+"""Smoke test of an installed transnext-mm wheel (run by .dev_scripts/ci/wheel_smoke.sh).
 
 Runs outside the checkout, in the environment the wheel was installed into, and checks: the
 sdist holds what a build needs; the wheel holds the compiled op and the ``.mim`` folder; the

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv if needed (tools/setup_env.sh), then run the test suite.
-# Extra arguments go to pytest, e.g. `bash tools/run_tests.sh tests/test_models -x`.
+# Set up .venv if needed (.dev_scripts/setup_env.sh), then run the test suite.
+# Extra arguments go to pytest, e.g. `bash .dev_scripts/run_tests.sh tests/test_models -x`.
 #
 # Test files run on one pytest-xdist worker per core (at most 4; TRANSNEXT_MM_TEST_WORKERS=N to
 # choose, 1 for a plain serial run). Each file stays on one worker (--dist loadfile), so its
@@ -10,7 +10,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-bash tools/setup_env.sh
+bash .dev_scripts/setup_env.sh
 export PYTHONUNBUFFERED=1
 cores="$(nproc)"
 WORKERS="${TRANSNEXT_MM_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}"

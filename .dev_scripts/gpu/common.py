@@ -1,5 +1,5 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
-"""Helpers shared by the drivers of the prepared GPU run (``tools/gpu/run_all.sh``).
+"""Helpers shared by the drivers of the prepared GPU run (``.dev_scripts/gpu/run_all.sh``).
 
 A driver writes one JSON part file and rewrites it after every measurement (atomically), so a
 driver killed by its time box still leaves what it measured; ``report.py`` merges the part into

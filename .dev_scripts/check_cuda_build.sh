@@ -8,7 +8,7 @@
 # kernel variant for head dim 24 (HeadDim<24, true>, the released models') spills to local memory
 # (spills of the other exact variants, 16 / 32 / 48 / 64, are flagged). Exit status: 0 ok, 1 compile error or spill, 77 skipped (no nvcc or no CUDA torch).
 #
-# Usage: tools/check_cuda_build.sh            (PYTHON=... to choose the interpreter)
+# Usage: .dev_scripts/check_cuda_build.sh            (PYTHON=... to choose the interpreter)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

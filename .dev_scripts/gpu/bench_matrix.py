@@ -1,7 +1,7 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
 """The benchmark matrix of issue #12 on the GPU (bf16 unless said), in one process per part.
 
-Part of the prepared GPU run (``tools/gpu/run_all.sh``); ``--dry-run`` runs the same code on the
+Part of the prepared GPU run (``.dev_scripts/gpu/run_all.sh``); ``--dry-run`` runs the same code on the
 CPU with tiny shapes. Times are medians of CUDA-event-timed calls after warm-up; peak memory is
 ``torch.cuda.max_memory_allocated`` above the starting point during one call.
 

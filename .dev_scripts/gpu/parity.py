@@ -1,7 +1,7 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
 """Parity of the attention implementations at the backbone's real layouts and sizes.
 
-Part of the prepared GPU run (``tools/gpu/run_all.sh``); ``--dry-run`` runs the same checks on
+Part of the prepared GPU run (``.dev_scripts/gpu/run_all.sh``); ``--dry-run`` runs the same checks on
 the CPU with tiny shapes.
 
 * ``backbone``: TransNeXt-Tiny (512x512 batch 8, 800x1344 batch 2), one training step

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The prepared GPU run of issue #12: one command that turns a short GPU window into evidence.
 #
-#   bash tools/gpu/run_all.sh OUT_DIR             on the GPU machine (wheels in .whl/, see
-#                                                 tools/gpu/fetch_wheels.sh)
-#   bash tools/gpu/run_all.sh OUT_DIR --dry-run   the same script on the CPU: tiny shapes, no
+#   bash .dev_scripts/gpu/run_all.sh OUT_DIR             on the GPU machine (wheels in .whl/, see
+#                                                 .dev_scripts/gpu/fetch_wheels.sh)
+#   bash .dev_scripts/gpu/run_all.sh OUT_DIR --dry-run   the same script on the CPU: tiny shapes, no
 #                                                 sanitizer, no wheel install
 #
 # Steps, each time-boxed and fault-isolated (a failure is recorded and the run goes on):
 # install the carried wheels (mmengine, mmcv-lite and their pure-Python needs) into /tmp/site;
 # build transnext_mm._ext for sm_90 (MAX_JOBS=16; missing CUDA kernels are a loud failure);
 # describe the environment; pytest tests/test_ops with the CUDA tests enabled; parity
-# (tools/gpu/parity.py); the benchmark matrix (tools/gpu/bench_matrix.py, part core); the
+# (.dev_scripts/gpu/parity.py); the benchmark matrix (.dev_scripts/gpu/bench_matrix.py, part core); the
 # flex_attention layers; compute-sanitizer memcheck / racecheck / synccheck over small CUDA
-# shapes (tools/gpu/sanitize_shapes.py); flex_attention parity; the torch.compile'd backbone.
+# shapes (.dev_scripts/gpu/sanitize_shapes.py); flex_attention parity; the torch.compile'd backbone.
 # Most telling first: what a short budget leaves out comes last.
 # OUT_DIR receives run_all.log and report.json (sections environment, tests, parity,
 # benchmarks, summary), rewritten after every step; the summary table is printed last.
@@ -22,7 +22,7 @@
 set -uo pipefail
 
 if [ $# -lt 1 ] || [ "${1:0:1}" = "-" ]; then
-  echo "usage: bash tools/gpu/run_all.sh OUT_DIR [--dry-run]" >&2
+  echo "usage: bash .dev_scripts/gpu/run_all.sh OUT_DIR [--dry-run]" >&2
   exit 2
 fi
 OUT_DIR="$1"
@@ -64,7 +64,7 @@ START=$SECONDS
 DRYFLAG=()
 [ $DRY -eq 1 ] && DRYFLAG=(--dry-run)
 
-report() { "$PY" tools/gpu/report.py "$@" || echo "run_all.sh: report.py $1 failed"; }
+report() { "$PY" .dev_scripts/gpu/report.py "$@" || echo "run_all.sh: report.py $1 failed"; }
 banner() { echo; echo "===== [$(( SECONDS - START )) s] $*"; }
 # box MAX: seconds a step may take, at most what is left of the budget (minus a reserve for
 # the summary).
@@ -109,8 +109,8 @@ elif ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
   report step "$REPORT" install "$(status_of $RC): $(cd .whl && ls *.whl | tr '\n' ' ')" "$DUR"
 else
-  echo "run_all.sh: no .whl/*.whl: run tools/gpu/fetch_wheels.sh here first and carry .whl"
-  report step "$REPORT" install "FAILED: no wheels in .whl/ (tools/gpu/fetch_wheels.sh)" 0
+  echo "run_all.sh: no .whl/*.whl: run .dev_scripts/gpu/fetch_wheels.sh here first and carry .whl"
+  report step "$REPORT" install "FAILED: no wheels in .whl/ (.dev_scripts/gpu/fetch_wheels.sh)" 0
 fi
 "$PY" -c "import mmengine, mmcv; print('mmengine', mmengine.__version__, 'mmcv', mmcv.__version__)" \
   || echo "run_all.sh: WARNING: mmengine / mmcv not importable: transnext_mm will not import"
@@ -147,7 +147,7 @@ fi
 
 # ----------------------------------------------------------------------- 3. environment
 banner "environment"
-boxed environment 60 "$PY" tools/gpu/report.py environment "$REPORT"
+boxed environment 60 "$PY" .dev_scripts/gpu/report.py environment "$REPORT"
 
 # ----------------------------------------------------------------------------- 4. tests
 banner "pytest tests/test_ops"
@@ -167,11 +167,11 @@ boxed pytest 120 "$PY" -m pytest "${PYTEST_ARGS[@]}"
 report pytest "$REPORT" "$WORK/junit.xml" "$DUR" "$RC"
 
 # ---------------------------------------------------------------------------- 5. parity
-banner "parity (tools/gpu/parity.py)"
+banner "parity (.dev_scripts/gpu/parity.py)"
 # On the GPU the compiled flex_attention check runs in step 8 (its compiling takes a while).
 PARTS=(op backbone)
 [ $DRY -eq 1 ] && PARTS+=(flex)
-boxed parity 120 "$PY" tools/gpu/parity.py --parts "${PARTS[@]}" --out "$WORK/parity.json" \
+boxed parity 120 "$PY" .dev_scripts/gpu/parity.py --parts "${PARTS[@]}" --out "$WORK/parity.json" \
   "${DRYFLAG[@]}"
 report set "$REPORT" parity --file "$WORK/parity.json"
 report set "$REPORT" parity.status --json "\"$(status_of $RC)\""
@@ -179,7 +179,7 @@ report set "$REPORT" parity.status --json "\"$(status_of $RC)\""
 # ------------------------------------------------------------------------- 8. sanitizer
 banner "compute-sanitizer over small CUDA shapes"
 if [ $DRY -eq 1 ]; then
-  boxed sanitize_shapes 60 "$PY" tools/gpu/sanitize_shapes.py --dry-run --quick \
+  boxed sanitize_shapes 60 "$PY" .dev_scripts/gpu/sanitize_shapes.py --dry-run --quick \
     --out "$WORK/shapes.txt"
   report set "$REPORT" tests.sanitizer.skipped --json '"dry run: no sanitizer on the CPU"'
   report step "$REPORT" sanitize_shapes_cpu "$(status_of $RC)" "$DUR" --log "$WORK/shapes.txt"
@@ -196,7 +196,7 @@ else
       # shellcheck disable=SC2086
       boxed "sanitizer_$tool" 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
         --tool "$tool" $filter --error-exitcode 9 \
-        "$PY" tools/gpu/sanitize_shapes.py --out "$WORK/shapes_$tool.txt" "${extra[@]}" \
+        "$PY" .dev_scripts/gpu/sanitize_shapes.py --out "$WORK/shapes_$tool.txt" "${extra[@]}" \
         >"$WORK/sanitizer_$tool.log" 2>&1
       grep -q "ERROR SUMMARY" "$WORK/sanitizer_$tool.log" && break
       [ $RC -eq 124 ] || [ $RC -eq 137 ] || [ $RC -eq 125 ] && break
@@ -208,23 +208,23 @@ else
 fi
 
 # ------------------------------------------------------------------- 6. benchmarks core
-banner "benchmark matrix (tools/gpu/bench_matrix.py --parts core)"
-boxed bench_core 150 "$PY" tools/gpu/bench_matrix.py --parts core --out "$WORK/bench_core.json" \
+banner "benchmark matrix (.dev_scripts/gpu/bench_matrix.py --parts core)"
+boxed bench_core 150 "$PY" .dev_scripts/gpu/bench_matrix.py --parts core --out "$WORK/bench_core.json" \
   "${DRYFLAG[@]}"
 report set "$REPORT" benchmarks.core --file "$WORK/bench_core.json"
 report set "$REPORT" benchmarks.core.status --json "\"$(status_of $RC)\""
 
 # ---------------------------------------------------------------- 7. flex_attention
-banner "flex_attention layers (tools/gpu/bench_matrix.py --parts flex)"
-boxed bench_flex 75 "$PY" tools/gpu/bench_matrix.py --parts flex --out "$WORK/bench_flex.json" \
+banner "flex_attention layers (.dev_scripts/gpu/bench_matrix.py --parts flex)"
+boxed bench_flex 75 "$PY" .dev_scripts/gpu/bench_matrix.py --parts flex --out "$WORK/bench_flex.json" \
   "${DRYFLAG[@]}"
 report set "$REPORT" benchmarks.flex --file "$WORK/bench_flex.json"
 report set "$REPORT" benchmarks.flex.status --json "\"$(status_of $RC)\""
 
 # ------------------------------------------------- 9. flex_attention parity, torch.compile
 if [ $DRY -eq 0 ]; then
-  banner "flex_attention parity (tools/gpu/parity.py --parts flex)"
-  boxed parity_flex 60 "$PY" tools/gpu/parity.py --parts flex --out "$WORK/parity_flex.json"
+  banner "flex_attention parity (.dev_scripts/gpu/parity.py --parts flex)"
+  boxed parity_flex 60 "$PY" .dev_scripts/gpu/parity.py --parts flex --out "$WORK/parity_flex.json"
   report set "$REPORT" parity.flex_compiled --file "$WORK/parity_flex.json"
 fi
 
@@ -232,8 +232,8 @@ if [ $DRY -eq 1 ]; then
   report set "$REPORT" benchmarks.compile --json \
     '{"skipped": "torch.compile of the backbone is a CUDA check (minutes of compiling on a CPU)"}'
 else
-  banner "torch.compile'd backbone (tools/gpu/bench_matrix.py --parts compile)"
-  boxed bench_compile 90 "$PY" tools/gpu/bench_matrix.py --parts compile \
+  banner "torch.compile'd backbone (.dev_scripts/gpu/bench_matrix.py --parts compile)"
+  boxed bench_compile 90 "$PY" .dev_scripts/gpu/bench_matrix.py --parts compile \
     --out "$WORK/bench_compile.json"
   report set "$REPORT" benchmarks.compile --file "$WORK/bench_compile.json"
   report set "$REPORT" benchmarks.compile.status --json "\"$(status_of $RC)\""
@@ -242,7 +242,7 @@ fi
 # --------------------------------------------------------------------------- summary
 report set "$REPORT" environment.seconds_total --json "$(( SECONDS - START ))"
 banner "summary (full figures: $REPORT)"
-"$PY" tools/gpu/report.py summary "$REPORT"
+"$PY" .dev_scripts/gpu/report.py summary "$REPORT"
 rm -rf "$WORK"
 exec >&- 2>&-
 wait "$TEE_PID" 2>/dev/null

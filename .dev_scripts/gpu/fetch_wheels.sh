@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch the wheels that tools/gpu/run_all.sh installs on the GPU machine (no package index
+# Fetch the wheels that .dev_scripts/gpu/run_all.sh installs on the GPU machine (no package index
 # there) into .whl/ (git-ignored; carried with the run), and check they are complete.
 #
 # The GPU machine (python3 3.12, torch 2.11) lacks mmengine and mmcv. transnext_mm imports
@@ -8,10 +8,10 @@
 # ops, which transnext_mm does not use) is a pure-Python wheel that installs as `mmcv`. Their
 # pure-Python needs that the image lacks: addict, termcolor, yapf (-> platformdirs). Everything
 # else they require (numpy, matplotlib, pyyaml, rich, packaging, pillow, opencv: cv2 from
-# opencv-python-headless) is in the image, tools/gpu/device_packages.txt. Versions are those of
+# opencv-python-headless) is in the image, .dev_scripts/gpu/device_packages.txt. Versions are those of
 # this project's CPU environment.
 #
-# Usage: bash tools/gpu/fetch_wheels.sh [DEST]      (DEST defaults to .whl; PYTHON=... picks
+# Usage: bash .dev_scripts/gpu/fetch_wheels.sh [DEST]      (DEST defaults to .whl; PYTHON=... picks
 #                                                    the interpreter that runs pip)
 set -euo pipefail
 
@@ -31,7 +31,7 @@ mkdir -p "$DEST"
 
 # Every wheel pure Python, one version of each, every requirement (markers evaluated for
 # CPython 3.12 on Linux) met by a wheel here or a package of the GPU machine's image.
-"$PY" - "$DEST" "$ROOT/tools/gpu/device_packages.txt" <<'PYEOF'
+"$PY" - "$DEST" "$ROOT/.dev_scripts/gpu/device_packages.txt" <<'PYEOF'
 import email.parser
 import glob
 import os

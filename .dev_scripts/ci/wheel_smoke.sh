@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI step: build the sdist, build the wheel from that sdist, install the wheel into a fresh
-# environment and smoke-test it there (tools/ci/wheel_smoke.py), from a folder outside the
+# environment and smoke-test it there (.dev_scripts/ci/wheel_smoke.py), from a folder outside the
 # checkout so that the checkout cannot be imported.
 #
 # The fresh environment is a new venv (no pip of its own) that sees the toolboxes of .venv
@@ -10,7 +10,7 @@
 # first on sys.path. Re-installing torch and the toolboxes would cost minutes and gigabytes
 # and test pip, not this package.
 #
-# Usage: bash tools/ci/wheel_smoke.sh   (after tools/setup_env.sh; KEEP=1 keeps the work folder,
+# Usage: bash .dev_scripts/ci/wheel_smoke.sh   (after .dev_scripts/setup_env.sh; KEEP=1 keeps the work folder,
 # WHEEL_SMOKE_DIR=... chooses it). Prints the sdist and wheel sizes and contents summary.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -42,7 +42,7 @@ site=$("$WORK/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()
 
 log "smoke test from $WORK/run"
 mkdir -p "$WORK/run"
-cp "$ROOT/tools/ci/wheel_smoke.py" "$WORK/run/"
+cp "$ROOT/.dev_scripts/ci/wheel_smoke.py" "$WORK/run/"
 (cd "$WORK/run" && env -u PYTHONPATH PATH="$WORK/venv/bin:$PATH" OMP_NUM_THREADS=2 \
   "$WORK/venv/bin/python" wheel_smoke.py --sdist "$sdist" --wheel "$wheel" --checkout "$ROOT")
 log "passed in $(( $(date +%s) - start )) s"
