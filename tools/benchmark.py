@@ -1,9 +1,10 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
-"""Benchmark the TransNeXt backbone (or only its aggregated-attention core) per attention impl.
+"""Benchmark the TransNeXt backbone: per attention implementation, or beside its peers.
 
-Each implementation runs in its own fresh process (clean memory figures, no shared caches);
-with ``--rounds R`` the implementations are interleaved R times and the median of the per-round
-medians is reported, which keeps comparisons fair on a shared, noisy machine.
+Per implementation (the default mode), each implementation runs in its own fresh process (clean
+memory figures, no shared caches); with ``--rounds R`` the implementations are interleaved R
+times and the median of the per-round medians is reported, which keeps comparisons fair on a
+shared, noisy machine.
 
 Implementations (``--attn-impl``, several allowed):
     reference-nocache  the straightforward implementation: the readable unfold path with the
@@ -13,6 +14,41 @@ Implementations (``--attn-impl``, several allowed):
     op                 the compiled op (transnext_mm._ext)
     auto               what attn_impl='auto' picks
 
+With ``--peers`` the backbones a user weighs TransNeXt against run side by side with TransNeXt
+(``--arch``, default micro and tiny; ``--attn-impl``, default auto) in one process, all built
+from their toolbox's registry with the settings of the toolbox's Mask R-CNN configs:
+
+    swin-t      mmdet SwinTransformer (Swin-T: embed_dims 96, depths 2,2,6,2, window 7,
+                drop_path_rate 0.2)
+    pvtv2-b2    mmdet PyramidVisionTransformerV2 (b2: embed_dims 64, num_layers 3,4,6,3,
+                drop_path_rate 0.1)
+    convnext-t  mmpretrain ConvNeXt (tiny, drop_path_rate 0.4, layer scale,
+                gap_before_final_norm False)
+
+For every input size (``--size``, default 512x512 and 800x1344) and batch (``--batch``, default 1
+and 2) each backbone is timed in three phases (``--phases`` picks eval and/or train):
+
+    train      a training step: train mode, forward, backward of the sum of the means of the
+               four feature maps, gradients zeroed (set to None)
+    cold eval  the first forward (no grad) after switching from train() to eval(): caches that
+               depend on the mode are rebuilt here
+    eval       a warm forward (no grad) in eval mode
+
+Round r runs every backbone once (train steps, then the cold eval, then the eval forwards), in
+an order rotated by r, so that a slow spell of a shared machine spreads over all of them; the
+table gives the median over the rounds (of each round's median with ``--repeats`` > 1), each
+backbone's parameters, its peak memory, and every row's ratio to the fastest peer in each
+phase (ratio > 1: slower than that peer).
+
+Peak memory (``--peers``) is the peak of the bytes held by PyTorch's allocator during one step
+(run after the timed rounds, not timed) above what was allocated when the step began (weights,
+input, caches kept from earlier steps): activations, gradients and temporaries of the step. On
+CUDA it is ``torch.cuda.max_memory_allocated``; on the CPU the same quantity is read from
+``torch.profiler``'s memory events (``profile_memory=True``: every allocation and free of
+PyTorch's CPU allocator, with its running total). Neither counts the allocator's cached but free
+blocks, the Python heap, or memory a library allocates outside PyTorch's allocator (e.g. oneDNN
+scratch buffers, allocations made inside OpenMP worker threads), so process RSS is larger.
+
 Examples::
 
     python tools/benchmark.py --arch tiny --size 512 512 --threads 2
@@ -20,40 +56,103 @@ Examples::
     python tools/benchmark.py --arch tiny --size 512 512 --glu --attn-impl torch op
     python tools/benchmark.py --device cuda --dtype fp16 --batch 8 --attn-impl torch op
     python tools/benchmark.py --onnx upernet.onnx --attn-impl torch auto --threads 2
+    python tools/benchmark.py --peers --threads 2 --json peers.json
+    python tools/benchmark.py --peers swin-t convnext-t --arch tiny --size 512 --batch 1 \\
+        --phases train --rounds 5 --threads 2
+    python tools/benchmark.py --peers --device cuda --dtype bf16 --json peers_cuda.json
 
 With ``--onnx FILE`` (written by tools/deployment/pytorch2onnx.py) the exported file runs in
 ONNX Runtime (CPU, ``ort``) beside the PyTorch model of the config it was exported from (random
 weights, same task, input size and batch) with each ``--attn-impl``.
+
+``--json OUT`` writes ``{"args": ..., "results": [...]}``; with ``--peers`` also ``"mode":
+"peers"``, ``"env"`` and ``"memory"`` (the method), and one result per backbone, size and batch:
+``model``, ``key``, ``kind`` ('peer' or 'transnext'), ``attn_impl``, ``params_m``, ``size``,
+``batch``, and per phase (``eval``, ``cold_eval``, ``train``) ``median_s``, ``min_s``,
+``rounds`` (each round's median) and, for eval and train, ``peak_mem_mib``; then
+``ratio_to_fastest_peer`` and ``fastest_peer`` per phase. A backbone that fails (e.g. out of
+memory) has ``error`` instead of its figures.
 """
 import argparse
+import contextlib
 import json
 import os
 import os.path as osp
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 IMPLS = ('reference-nocache', 'reference', 'torch', 'op', 'auto')
 LABELS = {'reference-nocache': 'reference(no-cache)'}
 DTYPES = {'fp32': 'float32', 'fp16': 'float16', 'bf16': 'bfloat16'}
+ARCHS = ('micro', 'tiny', 'small', 'base')
+PHASES = ('eval', 'train')
+# The peers: (label, toolbox whose registry builds it, config), with the backbone settings of
+# mmdet's configs swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py, pvt/retinanet_pvtv2-b2_fpn_1x_coco.py
+# and convnext/mask-rcnn_convnext-t-p4-w7_fpn_amp-ms-crop-3x_coco.py.
+PEERS = {
+    'swin-t': ('Swin-T', 'mmdet',
+               dict(type='SwinTransformer', embed_dims=96, depths=[2, 2, 6, 2],
+                    num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4, qkv_bias=True,
+                    drop_rate=0., attn_drop_rate=0., drop_path_rate=0.2, patch_norm=True,
+                    out_indices=(0, 1, 2, 3), with_cp=False)),
+    'pvtv2-b2': ('PVTv2-b2', 'mmdet',
+                 dict(type='PyramidVisionTransformerV2', embed_dims=64, num_layers=[3, 4, 6, 3],
+                      out_indices=(0, 1, 2, 3))),
+    'convnext-t': ('ConvNeXt-T', 'mmpretrain',
+                   dict(type='ConvNeXt', arch='tiny', out_indices=[0, 1, 2, 3],
+                        drop_path_rate=0.4, layer_scale_init_value=1.0,
+                        gap_before_final_norm=False)),
+}
+# TransNeXt beside the peers: the drop path rate of
+# configs/_base_/models/mask-rcnn_transnext_fpn.py.
+PEERS_TRANSNEXT_DROP_PATH = 0.3
+REGISTRIES = {'transnext_mm': 'mmengine.registry', 'mmdet': 'mmdet.registry',
+              'mmpretrain': 'mmpretrain.registry'}
+MIN_PEERS_SIDE = 32
+MEMORY_METHODS = {
+    'cuda': 'torch.cuda.max_memory_allocated during one step, minus memory_allocated before it',
+    'cpu': "peak of PyTorch's CPU allocator total during one step (torch.profiler memory events), "
+           'minus the total when it began; excludes cached free blocks, the Python heap and '
+           "memory libraries allocate outside PyTorch's allocator (process RSS is larger)",
+}
+
+
+def _positive_sizes(parser, values, flag):
+    sizes = []
+    for value in values:
+        if len(value) not in (1, 2) or min(value) < 1:
+            parser.error(f'{flag} takes H [W] (positive pixels; W defaults to H), got '
+                         f'{" ".join(map(str, value))}')
+        sizes.append((value[0], value[-1]))
+    return sizes
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--arch', default='tiny', help='micro, tiny, small or base')
-    parser.add_argument('--size', nargs=2, type=int, default=[512, 512], metavar=('H', 'W'),
-                        help='input image size')
-    parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--arch', nargs='+', default=None, choices=ARCHS,
+                        help='TransNeXt arch (default: tiny; with --peers several, default: '
+                        'micro tiny)')
+    parser.add_argument('--size', nargs='+', type=int, action='append', default=None,
+                        metavar=('H', 'W'),
+                        help='input image size, H W or one side for a square (default: 512 '
+                        '512); with --peers repeat the flag for several sizes (default: '
+                        '--size 512 512 --size 800 1344)')
+    parser.add_argument('--batch', nargs='+', type=int, default=None,
+                        help='batch size (default: 1; with --peers several, default: 1 2)')
     parser.add_argument('--img-size', type=int, default=224,
                         help="backbone img_size (where 'interpolate' tabulates the bias)")
     parser.add_argument('--pos-bias-mode', default='interpolate',
                         choices=['interpolate', 'extrapolate'])
     parser.add_argument('--fixed-pool-size', type=int, default=None)
-    parser.add_argument('--attn-impl', nargs='+', default=['reference-nocache', 'torch', 'op'],
-                        choices=IMPLS)
+    parser.add_argument('--attn-impl', nargs='+', default=None, choices=IMPLS,
+                        help='attention implementations (default: reference-nocache torch op; '
+                        'with --peers: auto, and not reference-nocache)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--dtype', default='fp32', choices=list(DTYPES),
                         help='fp16 / bf16 run under torch.autocast')
@@ -66,27 +165,210 @@ def parse_args(argv=None):
     parser.add_argument('--glu', action='store_true',
                         help='time only the ConvGLU layers (fc1, gate, fc2) at every stage\'s '
                         'feature size; \'op\' / \'auto\' use the compiled gate for inference')
-    parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--rounds', type=int, default=1,
-                        help='interleave the implementations this many times')
+    parser.add_argument('--peers', nargs='*', default=None, choices=list(PEERS),
+                        help='time TransNeXt beside these peers in one process (no value: all '
+                        'of them); see the description above for what is timed and how peak '
+                        'memory is measured')
+    parser.add_argument('--phases', nargs='+', default=None, choices=PHASES,
+                        help='with --peers: what to time, eval (warm and cold eval forwards) '
+                        'and/or train (training steps) (default: both)')
+    parser.add_argument('--warmup', type=int, default=None,
+                        help='untimed runs first (default: 2; with --peers 1 per phase)')
+    parser.add_argument('--repeats', type=int, default=None,
+                        help='timed runs per round (default: 5; with --peers 1 per phase)')
+    parser.add_argument('--rounds', type=int, default=None,
+                        help='interleave the implementations (with --peers: the backbones) this '
+                        'many times (default: 1; with --peers 3)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--onnx', default=None,
                         help='time this exported .onnx file in ONNX Runtime beside PyTorch')
-    parser.add_argument('--json', default=None, help='also write the results to this file')
+    parser.add_argument('--json', default=None,
+                        help='also write the results to this file (JSON; its layout is described '
+                        'above)')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.warmup < 0 or args.repeats < 1 or args.rounds < 1:
+    peers = args.peers is not None
+    defaults = dict(
+        arch=['micro', 'tiny'] if peers else ['tiny'],
+        size=[[512, 512], [800, 1344]] if peers else [[512, 512]],
+        batch=[1, 2] if peers else [1],
+        attn_impl=['auto'] if peers else ['reference-nocache', 'torch', 'op'],
+        warmup=1 if peers else 2, repeats=1 if peers else 5, rounds=3 if peers else 1)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.archs, args.batches = args.arch, args.batch
+    args.sizes = _positive_sizes(parser, args.size, '--size')
+    if min(args.batches) < 1 or args.warmup < 0 or args.repeats < 1 or args.rounds < 1:
         parser.error('--batch, --repeats and --rounds must be >= 1 and --warmup >= 0')
+    if args.device == 'cpu' and args.dtype == 'fp16':
+        parser.error('--dtype fp16 is not supported on CPU (use fp32 or bf16)')
+    if peers:
+        _check_peers_args(parser, args)
+        return args
+    for flag, values in (('--arch', args.archs), ('--size', args.sizes),
+                         ('--batch', args.batches)):
+        if len(values) > 1:
+            parser.error(f'{flag} takes one value without --peers')
+    if args.phases is not None:
+        parser.error('--phases goes with --peers (without it, --backward times training)')
+    args.arch, args.size, args.batch = args.archs[0], list(args.sizes[0]), args.batches[0]
     if args.layer and args.glu:
         parser.error('--layer and --glu are exclusive')
     if args.onnx and (args.layer or args.glu or args.backward or args.device != 'cpu'
                       or args.dtype != 'fp32'):
         parser.error('--onnx times CPU fp32 inference of the whole exported model: it takes no '
                      '--layer, --glu, --backward, --device cuda or --dtype')
-    if args.device == 'cpu' and args.dtype == 'fp16':
-        parser.error('--dtype fp16 is not supported on CPU (use fp32 or bf16)')
     return args
+
+
+def _check_peers_args(parser, args):
+    others = [flag for flag, on in (('--layer', args.layer), ('--glu', args.glu),
+                                    ('--backward', args.backward), ('--onnx', args.onnx))
+              if on]
+    if others:
+        parser.error(f'--peers times whole backbones in eval and train (--phases): it takes no '
+                     f'{", ".join(others)}')
+    if 'reference-nocache' in args.attn_impl:
+        parser.error('--peers runs every backbone in one process: --attn-impl reference-nocache '
+                     '(a process-wide switch) is not allowed; use reference, torch, op or auto')
+    if min(min(size) for size in args.sizes) < MIN_PEERS_SIDE:
+        parser.error(f'--size: with --peers every side must be >= {MIN_PEERS_SIDE} (the '
+                     f'backbones downsample by 32), got '
+                     f'{", ".join(f"{h}x{w}" for h, w in args.sizes)}')
+    args.size = [list(size) for size in args.sizes]
+    args.peers = list(dict.fromkeys(args.peers or PEERS))
+    args.phases = list(dict.fromkeys(args.phases or PHASES))
+
+
+# ---------------------------------------------------------------------------- shared helpers
+def build_backbone(toolbox: str, cfg: dict):
+    """Build a backbone from ``cfg`` through the registry of ``toolbox``.
+
+    Args:
+        toolbox (str): 'transnext_mm' (TransNeXt, registered in mmengine's root registry),
+            'mmdet' or 'mmpretrain'.
+        cfg (dict): The backbone's config, with ``type``.
+
+    Returns:
+        torch.nn.Module: The backbone, randomly initialised.
+    """
+    import importlib
+
+    import transnext_mm  # noqa: F401  registers TransNeXt
+    if toolbox not in REGISTRIES:
+        raise ValueError(f'toolbox must be one of {sorted(REGISTRIES)}, got {toolbox!r}')
+    registry = importlib.import_module(REGISTRIES[toolbox]).MODELS
+    return registry.build(dict(cfg))
+
+
+def transnext_cfg(args, arch: str, attn_impl: str, **overrides) -> dict:
+    """The TransNeXt config of the command line (arch, bias mode, pooling, implementation)."""
+    return dict(type='TransNeXt', arch=arch, img_size=args.img_size,
+                pos_bias_mode=args.pos_bias_mode, fixed_pool_size=args.fixed_pool_size,
+                attn_impl=attn_impl, **overrides)
+
+
+def synchronizer(device):
+    """A function that waits for ``device``'s queued work (a no-op on the CPU)."""
+    import torch
+    if device.type == 'cuda':
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def time_runs(step, repeats: int, sync) -> list:
+    """Seconds of each of ``repeats`` runs of ``step``, the device synchronised around each."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def backbone_steps(model, x, device, amp_dtype, use_amp: bool):
+    """The eval step (forward without grad) and the training step (forward, backward of the sum
+    of the outputs' means, gradients set to None) of a backbone on input ``x``."""
+    import torch
+
+    def eval_step():
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            model(x)
+
+    def train_step():
+        with torch.enable_grad():
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                outs = model(x)
+            sum(o.float().mean() for o in outs).backward()
+        model.zero_grad(set_to_none=True)
+
+    return eval_step, train_step
+
+
+# The profiler's own log lines (kineto start/stop, device probing, frees of blocks allocated
+# before it started), filtered from stderr while it runs.
+_PROFILER_LOG = re.compile(r'^(USDT|INFO|WARNING|ERROR|STAGE):\d{4}-\d\d-\d\d [\d:]+ .*\.cpp:\d+\]'
+                           r'|Memory block of unknown size')
+
+
+@contextlib.contextmanager
+def _profiler_logs_filtered():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors='replace').splitlines(keepends=True):
+                if not _PROFILER_LOG.search(line):
+                    sys.stderr.write(line)
+
+
+def cpu_allocator_peak(step) -> int:
+    """Peak bytes held by PyTorch's CPU allocator while ``step`` runs, above the total at its
+    start, from ``torch.profiler``'s memory events (each carries the allocator's running total
+    of the blocks allocated while profiling)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with _profiler_logs_filtered():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    allocation = torch._C._profiler._EventType.Allocation
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == allocation and event.extra_fields.device.type == 'cpu':
+            events.append(event)
+    if not events:
+        return 0
+    events.sort(key=lambda e: e.start_time_ns)
+    first = events[0].extra_fields
+    start = first.total_allocated - first.alloc_size
+    return max(e.extra_fields.total_allocated for e in events) - start
+
+
+def peak_memory(step, device, sync) -> int:
+    """Peak bytes of PyTorch's allocator during one run of ``step`` above the level before it
+    (``torch.cuda.max_memory_allocated`` on CUDA, :func:`cpu_allocator_peak` on the CPU)."""
+    import torch
+    if device.type != 'cuda':
+        return cpu_allocator_peak(step)
+    sync()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    sync()
+    return torch.cuda.max_memory_allocated(device) - base
 
 
 # ----------------------------------------------------------------------------------- worker
@@ -167,11 +449,7 @@ def run_onnx_worker(args) -> dict:
 
     for _ in range(args.warmup):
         step()
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    times = time_runs(step, args.repeats, lambda: None)
     peak = _peak_rss_during(step)
     if impl == 'ort':
         import onnxruntime
@@ -187,9 +465,8 @@ def run_onnx_worker(args) -> dict:
 def run_worker(args) -> dict:
     import torch
 
-    from transnext_mm.models.backbones import TransNeXt
     from transnext_mm.models.layers.log_cpb import set_pos_bias_cache
-    from transnext_mm.ops.aggregated_attention import aggregated_attention
+    from transnext_mm.ops import aggregated_attention
 
     impl = args.worker
     if args.threads:
@@ -201,13 +478,9 @@ def run_worker(args) -> dict:
     attn_impl = 'reference' if impl == 'reference-nocache' else impl
     set_pos_bias_cache(impl != 'reference-nocache')
     cuda = device.type == 'cuda'
+    sync = synchronizer(device)
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    model = TransNeXt(arch=args.arch, img_size=args.img_size, pos_bias_mode=args.pos_bias_mode,
-                      fixed_pool_size=args.fixed_pool_size, attn_impl=attn_impl).to(device)
+    model = build_backbone('transnext_mm', transnext_cfg(args, args.arch, attn_impl)).to(device)
     if args.layer:
         # Random inputs at every aggregated-attention layer shape; the core only.
         layers = []
@@ -248,13 +521,8 @@ def run_worker(args) -> dict:
     else:
         model.train(args.backward)
         x = torch.randn(args.batch, 3, *args.size, device=device)
-
-        def step():
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                outs = model(x)
-            if args.backward:
-                sum(o.float().mean() for o in outs).backward()
-                model.zero_grad(set_to_none=True)
+        eval_step, train_step = backbone_steps(model, x, device, amp_dtype, use_amp)
+        step = train_step if args.backward else eval_step
 
     grad = torch.enable_grad() if args.backward else torch.no_grad()
 
@@ -268,22 +536,9 @@ def run_worker(args) -> dict:
         sync()
         # Memory kept after the warm-up: eval-mode bias caches, window tables, allocator pools.
         retained = allocated() - before_warmup
-        times = []
-        for _ in range(args.repeats):
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - start)
+        times = time_runs(step, args.repeats, sync)
         # Transient memory of one run, measured outside the timed runs.
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            step()
-            sync()
-            peak = torch.cuda.max_memory_allocated(device) - base
-        else:
-            peak = _peak_rss_during(step)
+        peak = peak_memory(step, device, sync) if cuda else _peak_rss_during(step)
     return dict(impl=impl, median_s=statistics.median(times), min_s=min(times),
                 peak_mem_mib=max(peak, 0) / 2**20, retained_mib=max(retained, 0) / 2**20,
                 threads=torch.get_num_threads(),
@@ -300,6 +555,224 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return f'CPU ({os.cpu_count()} logical CPUs)'
+
+
+# ------------------------------------------------------------------------------------ peers
+def peers_entries(args) -> list:
+    """(key, label, kind, attn_impl, toolbox, config) of the backbones of ``--peers``: the
+    peers first, then TransNeXt per arch and implementation."""
+    entries = [(key, PEERS[key][0], 'peer', None, PEERS[key][1], PEERS[key][2])
+               for key in args.peers]
+    for arch in args.archs:
+        for impl in args.attn_impl:
+            label = f'TransNeXt-{arch}' + (f' ({impl})' if len(args.attn_impl) > 1 else '')
+            key = f'transnext-{arch}' + (f'-{impl}' if len(args.attn_impl) > 1 else '')
+            cfg = transnext_cfg(args, arch, impl, drop_path_rate=PEERS_TRANSNEXT_DROP_PATH)
+            entries.append((key, label, 'transnext', impl, 'transnext_mm', cfg))
+    return entries
+
+
+def _error_text(error: BaseException) -> str:
+    lines = str(error).strip().splitlines() or ['']
+    return f'{type(error).__name__}: {lines[0][:300]}'
+
+
+def _summary(rounds: list, runs: list) -> dict:
+    return dict(median_s=statistics.median(rounds), min_s=min(runs), rounds=rounds)
+
+
+def run_peers(args) -> dict:
+    """Time every backbone of ``--peers`` in this process; returns the JSON report."""
+    import torch
+
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('error: --device cuda: no CUDA device is available')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == 'cuda'
+    sync = synchronizer(device)
+    amp_dtype = getattr(torch, DTYPES[args.dtype])
+    use_amp = args.dtype != 'fp32'
+
+    models = {}
+    entries = peers_entries(args)
+    for key, label, kind, impl, toolbox, cfg in entries:
+        torch.manual_seed(args.seed)
+        model = build_backbone(toolbox, cfg).to(device)
+        models[key] = model
+        print(f'built {label}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M '
+              f'parameters', file=sys.stderr)
+
+    results = []
+    for height, width in args.sizes:
+        for batch in args.batches:
+            torch.manual_seed(args.seed)
+            x = torch.randn(batch, 3, height, width, device=device)
+            results += _run_peers_config(args, entries, models, x, device, sync, amp_dtype,
+                                         use_amp)
+            del x
+    env = dict(torch=torch.__version__, threads=torch.get_num_threads(), device=(
+        torch.cuda.get_device_name(device) if cuda else _cpu_name()))
+    for package in ('mmdet', 'mmpretrain', 'mmengine', 'transnext_mm'):
+        env[package] = __import__(package).__version__
+    return dict(mode='peers', env=env, memory=MEMORY_METHODS['cuda' if cuda else 'cpu'],
+                results=results)
+
+
+def _run_peers_config(args, entries, models, x, device, sync, amp_dtype, use_amp) -> list:
+    """Warm-up, interleaved rounds and peak memory of every backbone on input ``x``."""
+    import torch
+
+    steps = {key: backbone_steps(models[key], x, device, amp_dtype, use_amp)
+             for key, *_ in entries}
+    train = 'train' in args.phases
+    evaluate = 'eval' in args.phases
+    phases = (['train'] if train else []) + (['cold_eval', 'eval'] if evaluate else [])
+    runs = {key: {phase: [] for phase in phases} for key, *_ in entries}
+    rounds = {key: {phase: [] for phase in phases} for key, *_ in entries}
+    errors, memory_of = {}, {}
+
+    def guarded(key, fn):
+        if key in errors:
+            return
+        try:
+            fn()
+        except (RuntimeError, ValueError) as error:  # e.g. out of memory, too small an input
+            errors[key] = _error_text(error)
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+
+    def warm_up(key):
+        model, (eval_step, train_step) = models[key], steps[key]
+        for _ in range(args.warmup):
+            if train:
+                model.train()
+                train_step()
+            if evaluate:
+                model.eval()
+                eval_step()
+        sync()
+
+    def one_turn(key):
+        """One round of one backbone: train steps, then the cold and the warm eval runs."""
+        model, (eval_step, train_step) = models[key], steps[key]
+        timed = {}
+        model.train()
+        if train:
+            timed['train'] = time_runs(train_step, args.repeats, sync)
+        if evaluate:
+            model.eval()
+            timed['cold_eval'] = time_runs(eval_step, 1, sync)
+            timed['eval'] = time_runs(eval_step, args.repeats, sync)
+        for phase, times in timed.items():
+            runs[key][phase] += times
+            rounds[key][phase].append(statistics.median(times))
+
+    def memory(key):
+        model, (eval_step, train_step) = models[key], steps[key]
+        peaks = {}
+        if train:
+            model.train()
+            peaks['train'] = peak_memory(train_step, device, sync)
+        if evaluate:
+            model.train()
+            model.eval()
+            eval_step()  # the cold run: what it builds is kept, not part of a warm step
+            peaks['eval'] = peak_memory(eval_step, device, sync)
+        memory_of[key] = peaks
+
+    keys = [key for key, *_ in entries]
+    for key in keys:
+        guarded(key, lambda: warm_up(key))
+    for r in range(args.rounds):
+        shift = r % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            guarded(key, lambda: one_turn(key))
+    for key in keys:
+        guarded(key, lambda: memory(key))
+
+    rows = []
+    height, width = x.shape[2:]
+    for key, label, kind, impl, toolbox, cfg in entries:
+        row = dict(model=label, key=key, kind=kind, attn_impl=impl,
+                   params_m=sum(p.numel() for p in models[key].parameters()) / 1e6,
+                   size=[int(height), int(width)], batch=int(x.shape[0]))
+        if key in errors:
+            row['error'] = errors[key]
+        else:
+            for phase in phases:
+                row[phase] = _summary(rounds[key][phase], runs[key][phase])
+            for phase, peak in memory_of[key].items():
+                row[phase]['peak_mem_mib'] = max(peak, 0) / 2**20
+        rows.append(row)
+    _add_ratios(rows, phases)
+    return rows
+
+
+def _add_ratios(rows: list, phases: list) -> None:
+    """Every row's median over the fastest peer's, per phase (rows of one size and batch)."""
+    for row in rows:
+        if 'error' in row:
+            continue
+        row['ratio_to_fastest_peer'], row['fastest_peer'] = {}, {}
+        for phase in phases:
+            peers = [r for r in rows if r['kind'] == 'peer' and 'error' not in r]
+            if not peers:
+                continue
+            fastest = min(peers, key=lambda r: r[phase]['median_s'])
+            row['ratio_to_fastest_peer'][phase] = (row[phase]['median_s']
+                                                   / fastest[phase]['median_s'])
+            row['fastest_peer'][phase] = fastest['model']
+
+
+def format_peers_table(args, report: dict) -> str:
+    env = report['env']
+    runs = f'{args.repeats} run(s)' if args.repeats > 1 else 'one run'
+    lines = [f'TransNeXt and its peers in one process | {args.device} {args.dtype} | threads '
+             f'{env["threads"]} | torch {env["torch"]} | device: {env["device"]}',
+             f'{args.rounds} interleaved round(s) in rotating order, {runs} per phase and round '
+             f'after {args.warmup} warm-up; medians over the rounds',
+             'train: forward + backward (train mode) | cold eval: first forward after train() '
+             '-> eval() | eval: warm forward, no grad',
+             "x peer: the median over the fastest peer's in that phase (> 1: slower)",
+             f'peak mem: {report["memory"]}']
+    phases = (['eval', 'cold_eval'] if 'eval' in args.phases else []) + (
+        ['train'] if 'train' in args.phases else [])
+    names = dict(eval='eval', cold_eval='cold eval', train='train')
+    header = ['model', 'params M']
+    for phase in phases:
+        header += [f'{names[phase]} ms', 'x peer']
+    header += [f'{names[p]} peak MiB' for p in ('eval', 'train') if p in phases]
+    configs = []
+    for row in report['results']:
+        if (row['size'], row['batch']) not in configs:
+            configs.append((row['size'], row['batch']))
+    for size, batch in configs:
+        rows = [r for r in report['results'] if (r['size'], r['batch']) == (size, batch)]
+        first = next((r for r in rows if 'fastest_peer' in r), {})
+        fastest = ', '.join(f'{names[p]} {first["fastest_peer"][p]}'
+                            for p in phases if p in first.get('fastest_peer', {}))
+        table = [header]
+        for r in rows:
+            if 'error' in r:
+                table.append([r['model'], f'{r["params_m"]:.1f}', 'failed: ' + r['error'][:100]]
+                             + [''] * (len(header) - 3))
+                continue
+            cells = [r['model'], f'{r["params_m"]:.1f}']
+            for phase in phases:
+                ratio = r['ratio_to_fastest_peer'].get(phase)
+                cells += [f'{r[phase]["median_s"] * 1e3:.1f}',
+                          f'{ratio:.2f}x' if ratio is not None else '']
+            cells += [f'{r[p]["peak_mem_mib"]:.0f}' for p in ('eval', 'train') if p in phases]
+            table.append(cells)
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        text = [' | '.join(c.ljust(w) if i == 0 else c.rjust(w)
+                           for i, (c, w) in enumerate(zip(row, widths))) for row in table]
+        text.insert(1, '-+-'.join('-' * w for w in widths))
+        lines += ['', f'input {batch}x3x{size[0]}x{size[1]}'
+                  + (f' | fastest peer: {fastest}' if fastest else '')] + text
+    return '\n'.join(lines)
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -356,11 +829,22 @@ def _onnx_meta(path: str) -> dict:
     return read_meta(path)
 
 
+def _write_json(path: str, report: dict) -> None:
+    with open(path, 'w') as f:
+        json.dump(report, f, indent=2)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(run_onnx_worker(args) if args.onnx else run_worker(args)))
+        return
+    if args.peers is not None:
+        report = run_peers(args)
+        print(format_peers_table(args, report))
+        if args.json:
+            _write_json(args.json, dict(args=vars(args), **report))
         return
     impls = args.attn_impl
     if args.onnx:
@@ -391,8 +875,7 @@ def main(argv=None):
         results.append(merged)
     print(format_table(args, results))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(dict(args=vars(args), results=results), f, indent=2)
+        _write_json(args.json, dict(args=vars(args), results=results))
 
 
 if __name__ == '__main__':

@@ -1,9 +1,11 @@
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,3 +30,86 @@ def test_benchmark_rejects_layer_with_glu():
     cmd = [sys.executable, str(ROOT / 'tools' / 'benchmark.py'), '--layer', '--glu']
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and '--layer and --glu are exclusive' in result.stderr
+
+
+# ------------------------------------------------------------------------------- --peers
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location('benchmark_tool', ROOT / 'tools' / 'benchmark.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_peers_smoke(tmp_path):
+    """--peers at a tiny size: every peer and TransNeXt timed in each phase, with peak memory
+    and ratios in the JSON (a smoke test of the mode, not a timing)."""
+    out = tmp_path / 'peers.json'
+    cmd = [sys.executable, str(ROOT / 'tools' / 'benchmark.py'), '--peers', '--arch', 'micro',
+           '--size', '64', '--batch', '1', '--rounds', '1', '--threads', '1', '--json', str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report['mode'] == 'peers' and report['env']['mmdet'] and report['memory']
+    rows = {r['model']: r for r in report['results']}
+    assert set(rows) == {'Swin-T', 'PVTv2-b2', 'ConvNeXt-T', 'TransNeXt-micro'}
+    peers = [r for r in rows.values() if r['kind'] == 'peer']
+    for row in rows.values():
+        assert 'error' not in row, row
+        assert row['size'] == [64, 64] and row['batch'] == 1
+        assert set(row['ratio_to_fastest_peer']) == {'eval', 'cold_eval', 'train'}
+        for phase in ('eval', 'cold_eval', 'train'):
+            assert row[phase]['median_s'] > 0 and len(row[phase]['rounds']) == 1
+            fastest = min(peers, key=lambda r: r[phase]['median_s'])
+            assert row['fastest_peer'][phase] == fastest['model']
+            assert row['ratio_to_fastest_peer'][phase] == pytest.approx(
+                row[phase]['median_s'] / fastest[phase]['median_s'])
+        assert row['eval']['peak_mem_mib'] > 0
+        # The training step holds every parameter's gradient (float32) at its end.
+        assert row['train']['peak_mem_mib'] >= row['params_m'] * 1e6 * 4 / 2**20
+    assert 20 < rows['Swin-T']['params_m'] < 30 and rows['TransNeXt-micro']['attn_impl'] == 'auto'
+    table = result.stdout
+    assert 'input 1x3x64x64 | fastest peer: eval ' in table and 'x peer' in table
+    assert all(name in table for name in rows)
+
+
+def test_cpu_allocator_peak_follows_live_tensors():
+    """The CPU peak memory is the most tensor memory live at once during the step."""
+    benchmark = _benchmark_module()
+    mib = 2**20
+
+    def step():
+        a = torch.ones(mib // 4)  # 1 MiB
+        b = torch.ones(2 * mib // 4)  # 3 MiB live
+        del a
+        c = torch.ones(mib // 4)  # 3 MiB live again
+        del b, c
+
+    peak = benchmark.cpu_allocator_peak(step)
+    assert 3 * mib <= peak < 3 * mib + 4096
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--peers', '--layer'], '--peers times whole backbones in eval and train (--phases): it '
+     'takes no --layer'),
+    (['--peers', '--attn-impl', 'reference-nocache'], 'reference-nocache (a process-wide switch)'),
+    (['--peers', '--size', '16'], '--size: with --peers every side must be >= 32'),
+    (['--peers', '--size', '64', '64', '64'], '--size takes H [W]'),
+    (['--peers', 'resnet-50'], "argument --peers: invalid choice: 'resnet-50' (choose from "),
+    (['--arch', 'micro', 'tiny'], '--arch takes one value without --peers'),
+    (['--size', '64', '--size', '96'], '--size takes one value without --peers'),
+    (['--phases', 'eval'], '--phases goes with --peers'),
+])
+def test_benchmark_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _benchmark_module().parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_benchmark_peers_defaults():
+    args = _benchmark_module().parse_args(['--peers'])
+    assert args.peers == ['swin-t', 'pvtv2-b2', 'convnext-t']
+    assert args.archs == ['micro', 'tiny'] and args.attn_impl == ['auto']
+    assert args.sizes == [(512, 512), (800, 1344)] and args.batches == [1, 2]
+    assert args.phases == ['eval', 'train']
+    args = _benchmark_module().parse_args(['--size', '64', '48'])  # the per-impl mode: one size
+    assert args.size == [64, 48] and args.arch == 'tiny' and args.batch == 1
