@@ -15,6 +15,7 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 from mmdet.registry import MODELS
+from transnext_mm.utils import conversion
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 MASK_RCNN = osp.join(ROOT, 'configs/demo/mask-rcnn_transnext-micro_fpn_synthetic-coco.py')
@@ -58,7 +59,7 @@ def test_mmdet2_mask_rcnn(mask_rcnn_state, tmp_path):
     src, dst = str(tmp_path / 'release.pth'), str(tmp_path / 'converted.pth')
     torch.save(release, src)
     summary = converter.convert(src, dst, config=MASK_RCNN)
-    assert summary['format'] == 'mmdet2' and summary['arch'] == 'micro'
+    assert summary['source'] == 'mmdet2' and summary['arch'] == 'micro'
     assert sorted(summary['dropped']) == ['backbone.relative_coords_table1',
                                           'backbone.relative_pos_index1']
 
@@ -86,7 +87,7 @@ def test_mmdet3_dino_keeps_dataset_meta(tmp_path):
                     state_dict=state, message_hub=dict(log_scalars={}),
                     optimizer=dict(state={}, param_groups=[])), src)
     summary = converter.convert(src, dst, config=DINO)
-    assert summary['format'] == 'mmdet3' and summary['dropped'] == []
+    assert summary['source'] == 'mmdet3' and summary['dropped'] == []
     converted = torch.load(dst, map_location='cpu', weights_only=True)
     assert converted['meta']['dataset_meta'] == dataset_meta
     assert converted['meta']['source_epoch'] == 12
@@ -97,7 +98,8 @@ def test_config_of_another_arch_is_rejected(mask_rcnn_state, tmp_path):
     src = str(tmp_path / 'release.pth')
     torch.save(mmdet2_release(mask_rcnn_state), src)
     tiny = osp.join(ROOT, 'configs/mask-rcnn/mask-rcnn_transnext-tiny_fpn_1x_coco.py')
-    with pytest.raises(ValueError, match='TransNeXt-micro backbone but .* builds TransNeXt-tiny'):
+    with pytest.raises(ValueError,
+                       match="TransNeXt-micro .* but the config's backbone is TransNeXt-tiny"):
         converter.convert(src, str(tmp_path / 'out.pth'), config=tiny)
 
 
@@ -110,7 +112,7 @@ def test_head_mismatch_is_reported(mask_rcnn_state, tmp_path):
     with pytest.raises(ValueError) as error:
         converter.convert(src, str(tmp_path / 'out.pth'), config=MASK_RCNN)
     message = str(error.value)
-    assert 'missing (1): roi_head.mask_head.conv_logits.bias' in message
+    assert '1 missing keys: roi_head.mask_head.conv_logits.bias' in message
     assert 'roi_head.bbox_head.fc_cls.weight: (81, 1024) vs (4, 1024)' in message
     assert not osp.exists(tmp_path / 'out.pth')
 
@@ -120,16 +122,45 @@ def test_incomplete_backbone_is_rejected(mask_rcnn_state):
     del state['backbone.block3.4.attn.temperature']
     with pytest.raises(ValueError,
                        match=r'incomplete .* missing \[block3\.4\.attn\.temperature\]'):
-        converter.convert_state_dict(state)
+        conversion.convert_state_dict(state)
 
 
 def test_not_a_detector_is_rejected(mask_rcnn_state):
     backbone_only = {k[len('backbone.'):]: v for k, v in mask_rcnn_state.items()
                      if k.startswith('backbone.')}
-    with pytest.raises(ValueError, match="no 'backbone.' keys"):
-        converter.convert_state_dict(backbone_only)
+    with pytest.raises(ValueError, match=r"not a detector checkpoint: no 'backbone\.\*' keys"):
+        conversion.convert_state_dict(backbone_only)
 
 
 def test_bad_source_format(tmp_path):
-    with pytest.raises(ValueError, match=r"fmt must be one of \('auto', 'mmdet2', 'mmdet3'\)"):
-        converter.convert('unused.pth', str(tmp_path / 'out.pth'), fmt='mmdet1')
+    with pytest.raises(ValueError, match=r"source must be one of \('auto', 'mmdet2', 'mmdet3'\)"):
+        converter.convert('unused.pth', str(tmp_path / 'out.pth'), source='mmdet1')
+
+
+def test_classes_from_the_config_when_the_source_has_none(mask_rcnn_state, tmp_path):
+    """A source without class names takes them from the config's test dataset."""
+    src, dst = str(tmp_path / 'release.pth'), str(tmp_path / 'converted.pth')
+    torch.save(dict(meta=dict(mmdet_version='3.3.0'), state_dict=dict(mask_rcnn_state)), src)
+    assert converter.convert(src, dst, config=MASK_RCNN)['classes'] == len(CLASSES)
+    meta = torch.load(dst, map_location='cpu', weights_only=True)['meta']
+    assert tuple(meta['dataset_meta']['classes']) == CLASSES
+    # Without a config there is nothing to take them from.
+    assert converter.convert(src, dst)['classes'] == 0
+
+
+def test_command_line(mask_rcnn_state, tmp_path, capsys):
+    """main(argv): --source-format and --source name the same option; errors are messages."""
+    src, dst = str(tmp_path / 'release.pth'), str(tmp_path / 'converted.pth')
+    torch.save(mmdet2_release(mask_rcnn_state), src)
+    for flag in ('--source-format', '--source'):
+        converter.main([src, dst, '--config', MASK_RCNN, flag, 'mmdet2'])
+        out = capsys.readouterr().out
+        assert f'converted {src} (mmdet2) -> {dst}: TransNeXt-micro' in out
+        assert f'checked: matches the model of {MASK_RCNN} exactly' in out
+    with pytest.raises(SystemExit) as error:
+        converter.main([src, dst, '--source', 'mmseg1.x'])
+    assert error.value.code == 2
+    assert "argument --source/--source-format: invalid choice: 'mmseg1.x'" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r'^error: .*missing\.pth can not be found'):
+        converter.main([str(tmp_path / 'missing.pth'), dst])

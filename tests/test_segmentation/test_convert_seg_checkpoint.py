@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mmseg.datasets import ADE20KDataset
-from tools.model_converters.convert_seg_checkpoint import (build_segmentor, convert_checkpoint,
-                                                           detect_layout)
+from tools.model_converters.convert_seg_checkpoint import convert, detect_source
+from transnext_mm.utils.conversion import build_model
 from transnext_mm.utils.safe_load import load_from_local_safely
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -36,7 +36,7 @@ def mmseg0x_checkpoint(state_dict: dict) -> dict:
 
 @pytest.fixture(scope='module')
 def upernet():
-    model, _ = build_segmentor(UPERNET_DEMO)
+    model, _ = build_model(UPERNET_DEMO)
     return model
 
 
@@ -49,8 +49,8 @@ def test_mmseg0x_upernet(tmp_path, upernet):
     src, dst = str(tmp_path / 'released.pth'), str(tmp_path / 'converted.pth')
     torch.save(mmseg0x_checkpoint(wrapped), src)
 
-    summary = convert_checkpoint(src, dst, UPERNET_DEMO)
-    assert summary['layout'] == 'mmseg0.x'
+    summary = convert(src, dst, UPERNET_DEMO)
+    assert summary['source'] == 'mmseg0.x'
     assert sorted(summary['dropped']) == ['backbone.block1.0.attn.seq_length_scale',
                                           'backbone.relative_pos_index1']
     converted = load_from_local_safely(dst)
@@ -60,16 +60,16 @@ def test_mmseg0x_upernet(tmp_path, upernet):
     meta = converted['meta']
     assert meta['dataset_meta']['classes'] == ADE20KDataset.METAINFO['classes']
     assert meta['dataset_meta']['palette'][3] == list(ADE20KDataset.METAINFO['palette'][3])
-    assert (meta['source_layout'], meta['source_iter']) == ('mmseg0.x', 160000)
+    assert (meta['source_format'], meta['source_iter']) == ('mmseg0.x', 160000)
 
 
 def test_mmseg1x_layout_and_dataset_meta_fallback(tmp_path, upernet):
     checkpoint = dict(meta=dict(mmseg_version='1.2.2'), state_dict=upernet.state_dict())
-    assert detect_layout(checkpoint) == 'mmseg1.x'
-    assert detect_layout(dict(state_dict={})) == 'unknown'
+    assert detect_source(checkpoint) == 'mmseg1.x'
+    assert detect_source(dict(state_dict={})) == 'unknown'
     src, dst = str(tmp_path / 'src.pth'), str(tmp_path / 'dst.pth')
     torch.save(checkpoint, src)
-    convert_checkpoint(src, dst, UPERNET_DEMO)
+    convert(src, dst, UPERNET_DEMO)
     # No class names in the source: the config's dataset (ADE20K) provides them.
     assert load_from_local_safely(dst)['meta']['dataset_meta']['classes'] == \
         ADE20KDataset.METAINFO['classes']
@@ -80,7 +80,7 @@ def test_wrong_arch(tmp_path, upernet):
     torch.save(mmseg0x_checkpoint(upernet.state_dict()), src)
     with pytest.raises(ValueError,
                        match="TransNeXt-micro .* but the config's backbone is TransNeXt-tiny"):
-        convert_checkpoint(src, str(tmp_path / 'out.pth'), UPERNET_TINY)
+        convert(src, str(tmp_path / 'out.pth'), UPERNET_TINY)
 
 
 def test_wrong_head(tmp_path, upernet):
@@ -88,7 +88,7 @@ def test_wrong_head(tmp_path, upernet):
     torch.save(mmseg0x_checkpoint(upernet.state_dict()), src)
     with pytest.raises(ValueError, match='missing keys: decode_head.pixel_decoder.*unexpected '
                        'keys: decode_head.conv_seg'):
-        convert_checkpoint(src, str(tmp_path / 'out.pth'), MASK2FORMER_DEMO)
+        convert(src, str(tmp_path / 'out.pth'), MASK2FORMER_DEMO)
 
 
 def test_missing_and_misshapen_keys(tmp_path, upernet):
@@ -99,13 +99,22 @@ def test_missing_and_misshapen_keys(tmp_path, upernet):
     torch.save(mmseg0x_checkpoint(state_dict), src)
     with pytest.raises(ValueError, match=r'1 missing keys: decode_head.conv_seg.bias; 1 keys of '
                        r'the wrong shape: auxiliary_head.conv_seg.weight: \(19, 32, 1, 1\)'):
-        convert_checkpoint(src, str(tmp_path / 'out.pth'), UPERNET_DEMO)
+        convert(src, str(tmp_path / 'out.pth'), UPERNET_DEMO)
 
 
 def test_not_a_segmentor_and_bad_source(tmp_path, upernet):
     src = str(tmp_path / 'backbone_only.pth')
     torch.save(dict(state_dict=upernet.backbone.state_dict()), src)
     with pytest.raises(ValueError, match="no 'backbone.\\*' keys"):
-        convert_checkpoint(src, str(tmp_path / 'out.pth'), UPERNET_DEMO)
+        convert(src, str(tmp_path / 'out.pth'), UPERNET_DEMO)
     with pytest.raises(ValueError, match='source must be one of'):
-        convert_checkpoint(src, str(tmp_path / 'out.pth'), UPERNET_DEMO, source='mmseg2')
+        convert(src, str(tmp_path / 'out.pth'), UPERNET_DEMO, source='mmseg2')
+
+
+def test_config_is_required(tmp_path, capsys):
+    from tools.model_converters.convert_seg_checkpoint import main
+    with pytest.raises(SystemExit):
+        main(['src.pth', str(tmp_path / 'out.pth')])
+    assert 'the following arguments are required: --config' in capsys.readouterr().err
+    with pytest.raises(ValueError, match='a config is required to convert a segmentor'):
+        convert('src.pth', str(tmp_path / 'out.pth'))
