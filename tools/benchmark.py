@@ -26,7 +26,7 @@ from their toolbox's registry with the settings of the toolbox's Mask R-CNN conf
                 gap_before_final_norm False)
 
 For every input size (``--size``, default 512x512 and 800x1344) and batch (``--batch``, default 1
-and 2) each backbone is timed in three phases (``--phases`` picks eval and/or train):
+and 2) each backbone gets three timings (``--steps`` picks eval and/or train):
 
     train      a training step: train mode, forward, backward of the sum of the means of the
                four feature maps, gradients zeroed (set to None)
@@ -38,7 +38,7 @@ Round r runs every backbone once (train steps, then the cold eval, then the eval
 an order rotated by r, so that a slow spell of a shared machine spreads over all of them; the
 table gives the median over the rounds (of each round's median with ``--repeats`` > 1), each
 backbone's parameters, its peak memory, and every row's ratio to the fastest peer in each
-phase (ratio > 1: slower than that peer).
+timing (ratio > 1: slower than that peer).
 
 Peak memory (``--peers``) is the peak of the bytes held by PyTorch's allocator during one step
 (run after the timed rounds, not timed) above what was allocated when the step began (weights,
@@ -58,7 +58,7 @@ Examples::
     python tools/benchmark.py --onnx upernet.onnx --attn-impl torch auto --threads 2
     python tools/benchmark.py --peers --threads 2 --json peers.json
     python tools/benchmark.py --peers swin-t convnext-t --arch tiny --size 512 --batch 1 \\
-        --phases train --rounds 5 --threads 2
+        --steps train --rounds 5 --threads 2
     python tools/benchmark.py --peers --device cuda --dtype bf16 --json peers_cuda.json
 
 With ``--onnx FILE`` (written by tools/deployment/pytorch2onnx.py) the exported file runs in
@@ -68,9 +68,9 @@ weights, same task, input size and batch) with each ``--attn-impl``.
 ``--json OUT`` writes ``{"args": ..., "results": [...]}``; with ``--peers`` also ``"mode":
 "peers"``, ``"env"`` and ``"memory"`` (the method), and one result per backbone, size and batch:
 ``model``, ``key``, ``kind`` ('peer' or 'transnext'), ``attn_impl``, ``params_m``, ``size``,
-``batch``, and per phase (``eval``, ``cold_eval``, ``train``) ``median_s``, ``min_s``,
+``batch``, and per timing (``eval``, ``cold_eval``, ``train``) ``median_s``, ``min_s``,
 ``rounds`` (each round's median) and, for eval and train, ``peak_mem_mib``; then
-``ratio_to_fastest_peer`` and ``fastest_peer`` per phase. A backbone that fails (e.g. out of
+``ratio_to_fastest_peer`` and ``fastest_peer`` per timing. A backbone that fails (e.g. out of
 memory) has ``error`` instead of its figures.
 """
 import argparse
@@ -90,7 +90,7 @@ IMPLS = ('reference-nocache', 'reference', 'torch', 'op', 'auto')
 LABELS = {'reference-nocache': 'reference(no-cache)'}
 DTYPES = {'fp32': 'float32', 'fp16': 'float16', 'bf16': 'bfloat16'}
 ARCHS = ('micro', 'tiny', 'small', 'base')
-PHASES = ('eval', 'train')
+STEPS = ('eval', 'train')
 # The peers: (label, toolbox whose registry builds it, config), with the backbone settings of
 # mmdet's configs swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py, pvt/retinanet_pvtv2-b2_fpn_1x_coco.py
 # and convnext/mask-rcnn_convnext-t-p4-w7_fpn_amp-ms-crop-3x_coco.py.
@@ -169,13 +169,13 @@ def parse_args(argv=None):
                         help='time TransNeXt beside these peers in one process (no value: all '
                         'of them); see the description above for what is timed and how peak '
                         'memory is measured')
-    parser.add_argument('--phases', nargs='+', default=None, choices=PHASES,
+    parser.add_argument('--steps', nargs='+', default=None, choices=STEPS,
                         help='with --peers: what to time, eval (warm and cold eval forwards) '
                         'and/or train (training steps) (default: both)')
     parser.add_argument('--warmup', type=int, default=None,
-                        help='untimed runs first (default: 2; with --peers 1 per phase)')
+                        help='untimed runs first (default: 2; with --peers 1 per timing)')
     parser.add_argument('--repeats', type=int, default=None,
-                        help='timed runs per round (default: 5; with --peers 1 per phase)')
+                        help='timed runs per round (default: 5; with --peers 1 per timing)')
     parser.add_argument('--rounds', type=int, default=None,
                         help='interleave the implementations (with --peers: the backbones) this '
                         'many times (default: 1; with --peers 3)')
@@ -210,8 +210,8 @@ def parse_args(argv=None):
                          ('--batch', args.batches)):
         if len(values) > 1:
             parser.error(f'{flag} takes one value without --peers')
-    if args.phases is not None:
-        parser.error('--phases goes with --peers (without it, --backward times training)')
+    if args.steps is not None:
+        parser.error('--steps goes with --peers (without it, --backward times training)')
     args.arch, args.size, args.batch = args.archs[0], list(args.sizes[0]), args.batches[0]
     if args.layer and args.glu:
         parser.error('--layer and --glu are exclusive')
@@ -227,7 +227,7 @@ def _check_peers_args(parser, args):
                                     ('--backward', args.backward), ('--onnx', args.onnx))
               if on]
     if others:
-        parser.error(f'--peers times whole backbones in eval and train (--phases): it takes no '
+        parser.error(f'--peers times whole backbones in eval and train (--steps): it takes no '
                      f'{", ".join(others)}')
     if 'reference-nocache' in args.attn_impl:
         parser.error('--peers runs every backbone in one process: --attn-impl reference-nocache '
@@ -238,7 +238,7 @@ def _check_peers_args(parser, args):
                      f'{", ".join(f"{h}x{w}" for h, w in args.sizes)}')
     args.size = [list(size) for size in args.sizes]
     args.peers = list(dict.fromkeys(args.peers or PEERS))
-    args.phases = list(dict.fromkeys(args.phases or PHASES))
+    args.steps = list(dict.fromkeys(args.steps or STEPS))
 
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -624,13 +624,13 @@ def _run_peers_config(args, entries, models, x, device, sync, amp_dtype, use_amp
     """Warm-up, interleaved rounds and peak memory of every backbone on input ``x``."""
     import torch
 
-    steps = {key: backbone_steps(models[key], x, device, amp_dtype, use_amp)
+    step_fns = {key: backbone_steps(models[key], x, device, amp_dtype, use_amp)
              for key, *_ in entries}
-    train = 'train' in args.phases
-    evaluate = 'eval' in args.phases
-    phases = (['train'] if train else []) + (['cold_eval', 'eval'] if evaluate else [])
-    runs = {key: {phase: [] for phase in phases} for key, *_ in entries}
-    rounds = {key: {phase: [] for phase in phases} for key, *_ in entries}
+    train = 'train' in args.steps
+    evaluate = 'eval' in args.steps
+    timings = (['train'] if train else []) + (['cold_eval', 'eval'] if evaluate else [])
+    runs = {key: {timing: [] for timing in timings} for key, *_ in entries}
+    rounds = {key: {timing: [] for timing in timings} for key, *_ in entries}
     errors, memory_of = {}, {}
 
     def guarded(key, fn):
@@ -644,7 +644,7 @@ def _run_peers_config(args, entries, models, x, device, sync, amp_dtype, use_amp
                 torch.cuda.empty_cache()
 
     def warm_up(key):
-        model, (eval_step, train_step) = models[key], steps[key]
+        model, (eval_step, train_step) = models[key], step_fns[key]
         for _ in range(args.warmup):
             if train:
                 model.train()
@@ -656,7 +656,7 @@ def _run_peers_config(args, entries, models, x, device, sync, amp_dtype, use_amp
 
     def one_turn(key):
         """One round of one backbone: train steps, then the cold and the warm eval runs."""
-        model, (eval_step, train_step) = models[key], steps[key]
+        model, (eval_step, train_step) = models[key], step_fns[key]
         timed = {}
         model.train()
         if train:
@@ -665,12 +665,12 @@ def _run_peers_config(args, entries, models, x, device, sync, amp_dtype, use_amp
             model.eval()
             timed['cold_eval'] = time_runs(eval_step, 1, sync)
             timed['eval'] = time_runs(eval_step, args.repeats, sync)
-        for phase, times in timed.items():
-            runs[key][phase] += times
-            rounds[key][phase].append(statistics.median(times))
+        for timing, times in timed.items():
+            runs[key][timing] += times
+            rounds[key][timing].append(statistics.median(times))
 
     def memory(key):
-        model, (eval_step, train_step) = models[key], steps[key]
+        model, (eval_step, train_step) = models[key], step_fns[key]
         peaks = {}
         if train:
             model.train()
@@ -701,29 +701,29 @@ def _run_peers_config(args, entries, models, x, device, sync, amp_dtype, use_amp
         if key in errors:
             row['error'] = errors[key]
         else:
-            for phase in phases:
-                row[phase] = _summary(rounds[key][phase], runs[key][phase])
-            for phase, peak in memory_of[key].items():
-                row[phase]['peak_mem_mib'] = max(peak, 0) / 2**20
+            for timing in timings:
+                row[timing] = _summary(rounds[key][timing], runs[key][timing])
+            for timing, peak in memory_of[key].items():
+                row[timing]['peak_mem_mib'] = max(peak, 0) / 2**20
         rows.append(row)
-    _add_ratios(rows, phases)
+    _add_ratios(rows, timings)
     return rows
 
 
-def _add_ratios(rows: list, phases: list) -> None:
-    """Every row's median over the fastest peer's, per phase (rows of one size and batch)."""
+def _add_ratios(rows: list, timings: list) -> None:
+    """Every row's median over the fastest peer's, per timing (rows of one size and batch)."""
     for row in rows:
         if 'error' in row:
             continue
         row['ratio_to_fastest_peer'], row['fastest_peer'] = {}, {}
-        for phase in phases:
+        for timing in timings:
             peers = [r for r in rows if r['kind'] == 'peer' and 'error' not in r]
             if not peers:
                 continue
-            fastest = min(peers, key=lambda r: r[phase]['median_s'])
-            row['ratio_to_fastest_peer'][phase] = (row[phase]['median_s']
-                                                   / fastest[phase]['median_s'])
-            row['fastest_peer'][phase] = fastest['model']
+            fastest = min(peers, key=lambda r: r[timing]['median_s'])
+            row['ratio_to_fastest_peer'][timing] = (row[timing]['median_s']
+                                                   / fastest[timing]['median_s'])
+            row['fastest_peer'][timing] = fastest['model']
 
 
 def format_peers_table(args, report: dict) -> str:
@@ -731,19 +731,19 @@ def format_peers_table(args, report: dict) -> str:
     runs = f'{args.repeats} run(s)' if args.repeats > 1 else 'one run'
     lines = [f'TransNeXt and its peers in one process | {args.device} {args.dtype} | threads '
              f'{env["threads"]} | torch {env["torch"]} | device: {env["device"]}',
-             f'{args.rounds} interleaved round(s) in rotating order, {runs} per phase and round '
+             f'{args.rounds} interleaved round(s) in rotating order, {runs} per timing and round '
              f'after {args.warmup} warm-up; medians over the rounds',
              'train: forward + backward (train mode) | cold eval: first forward after train() '
              '-> eval() | eval: warm forward, no grad',
-             "x peer: the median over the fastest peer's in that phase (> 1: slower)",
+             "x peer: the median over the fastest peer's in that column (> 1: slower)",
              f'peak mem: {report["memory"]}']
-    phases = (['eval', 'cold_eval'] if 'eval' in args.phases else []) + (
-        ['train'] if 'train' in args.phases else [])
+    timings = (['eval', 'cold_eval'] if 'eval' in args.steps else []) + (
+        ['train'] if 'train' in args.steps else [])
     names = dict(eval='eval', cold_eval='cold eval', train='train')
     header = ['model', 'params M']
-    for phase in phases:
-        header += [f'{names[phase]} ms', 'x peer']
-    header += [f'{names[p]} peak MiB' for p in ('eval', 'train') if p in phases]
+    for timing in timings:
+        header += [f'{names[timing]} ms', 'x peer']
+    header += [f'{names[p]} peak MiB' for p in ('eval', 'train') if p in timings]
     configs = []
     for row in report['results']:
         if (row['size'], row['batch']) not in configs:
@@ -752,7 +752,7 @@ def format_peers_table(args, report: dict) -> str:
         rows = [r for r in report['results'] if (r['size'], r['batch']) == (size, batch)]
         first = next((r for r in rows if 'fastest_peer' in r), {})
         fastest = ', '.join(f'{names[p]} {first["fastest_peer"][p]}'
-                            for p in phases if p in first.get('fastest_peer', {}))
+                            for p in timings if p in first.get('fastest_peer', {}))
         table = [header]
         for r in rows:
             if 'error' in r:
@@ -760,11 +760,11 @@ def format_peers_table(args, report: dict) -> str:
                              + [''] * (len(header) - 3))
                 continue
             cells = [r['model'], f'{r["params_m"]:.1f}']
-            for phase in phases:
-                ratio = r['ratio_to_fastest_peer'].get(phase)
-                cells += [f'{r[phase]["median_s"] * 1e3:.1f}',
+            for timing in timings:
+                ratio = r['ratio_to_fastest_peer'].get(timing)
+                cells += [f'{r[timing]["median_s"] * 1e3:.1f}',
                           f'{ratio:.2f}x' if ratio is not None else '']
-            cells += [f'{r[p]["peak_mem_mib"]:.0f}' for p in ('eval', 'train') if p in phases]
+            cells += [f'{r[p]["peak_mem_mib"]:.0f}' for p in ('eval', 'train') if p in timings]
             table.append(cells)
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         text = [' | '.join(c.ljust(w) if i == 0 else c.rjust(w)

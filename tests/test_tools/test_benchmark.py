@@ -41,7 +41,7 @@ def _benchmark_module():
 
 
 def test_benchmark_peers_smoke(tmp_path):
-    """--peers at a tiny size: every peer and TransNeXt timed in each phase, with peak memory
+    """--peers at a tiny size: every peer and TransNeXt timed in each timing, with peak memory
     and ratios in the JSON (a smoke test of the mode, not a timing)."""
     out = tmp_path / 'peers.json'
     cmd = [sys.executable, str(ROOT / 'tools' / 'benchmark.py'), '--peers', '--arch', 'micro',
@@ -57,12 +57,12 @@ def test_benchmark_peers_smoke(tmp_path):
         assert 'error' not in row, row
         assert row['size'] == [64, 64] and row['batch'] == 1
         assert set(row['ratio_to_fastest_peer']) == {'eval', 'cold_eval', 'train'}
-        for phase in ('eval', 'cold_eval', 'train'):
-            assert row[phase]['median_s'] > 0 and len(row[phase]['rounds']) == 1
-            fastest = min(peers, key=lambda r: r[phase]['median_s'])
-            assert row['fastest_peer'][phase] == fastest['model']
-            assert row['ratio_to_fastest_peer'][phase] == pytest.approx(
-                row[phase]['median_s'] / fastest[phase]['median_s'])
+        for timing in ('eval', 'cold_eval', 'train'):
+            assert row[timing]['median_s'] > 0 and len(row[timing]['rounds']) == 1
+            fastest = min(peers, key=lambda r: r[timing]['median_s'])
+            assert row['fastest_peer'][timing] == fastest['model']
+            assert row['ratio_to_fastest_peer'][timing] == pytest.approx(
+                row[timing]['median_s'] / fastest[timing]['median_s'])
         assert row['eval']['peak_mem_mib'] > 0
         # The training step holds every parameter's gradient (float32) at its end.
         assert row['train']['peak_mem_mib'] >= row['params_m'] * 1e6 * 4 / 2**20
@@ -89,7 +89,7 @@ def test_cpu_allocator_peak_follows_live_tensors():
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--peers', '--layer'], '--peers times whole backbones in eval and train (--phases): it '
+    (['--peers', '--layer'], '--peers times whole backbones in eval and train (--steps): it '
      'takes no --layer'),
     (['--peers', '--attn-impl', 'reference-nocache'], 'reference-nocache (a process-wide switch)'),
     (['--peers', '--size', '16'], '--size: with --peers every side must be >= 32'),
@@ -97,7 +97,7 @@ def test_cpu_allocator_peak_follows_live_tensors():
     (['--peers', 'resnet-50'], "argument --peers: invalid choice: 'resnet-50' (choose from "),
     (['--arch', 'micro', 'tiny'], '--arch takes one value without --peers'),
     (['--size', '64', '--size', '96'], '--size takes one value without --peers'),
-    (['--phases', 'eval'], '--phases goes with --peers'),
+    (['--steps', 'eval'], '--steps goes with --peers'),
 ])
 def test_benchmark_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -110,6 +110,6 @@ def test_benchmark_peers_defaults():
     assert args.peers == ['swin-t', 'pvtv2-b2', 'convnext-t']
     assert args.archs == ['micro', 'tiny'] and args.attn_impl == ['auto']
     assert args.sizes == [(512, 512), (800, 1344)] and args.batches == [1, 2]
-    assert args.phases == ['eval', 'train']
+    assert args.steps == ['eval', 'train']
     args = _benchmark_module().parse_args(['--size', '64', '48'])  # the per-impl mode: one size
     assert args.size == [64, 48] and args.arch == 'tiny' and args.batch == 1
