@@ -1,7 +1,7 @@
 """Export to ONNX / torch.export and compare ONNX Runtime (or the loaded program) with PyTorch.
 
 Micro configs at small sizes; every exported file is reused by the tests of its family. The
-tolerances are issue #13's (``transnext_mm.deployment.TOLERANCES``).
+tolerances are those of ``--verify`` (``transnext_mm.deployment.TOLERANCES``).
 """
 import importlib.util
 import subprocess

@@ -1,6 +1,6 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
-"""The prepared GPU run (``.dev_scripts/gpu/run_all.sh``) rehearsed on the CPU with ``--dry-run``, so
-the script that a short GPU window depends on cannot rot between windows."""
+"""The GPU check (``.dev_scripts/gpu/run_all.sh``) rehearsed on the CPU with ``--dry-run``, so that
+the script keeps working on machines without a GPU."""
 import glob
 import json
 import os

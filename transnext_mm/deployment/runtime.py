@@ -8,7 +8,7 @@ import torch
 from .export import example_input, read_meta
 from .model import DeployError
 
-# Tolerances of --verify (issue #13): fp32 relative errors and detection matching.
+# Tolerances of --verify: fp32 relative errors and detection matching.
 TOLERANCES = dict(rel_err=dict(backbone=1e-4, classification=1e-4, segmentation=1e-3),
                   seg_argmax_agreement=0.999, det_box_iou=0.99, det_score_diff=1e-3,
                   det_mask_diff=1e-3)
