@@ -132,8 +132,11 @@ def get_extensions():
         return sorted(osp.relpath(path, ROOT) for pattern in patterns
                       for path in glob.glob(osp.join(ROOT, csrc, pattern)))
 
-    # Every C++ file of pytorch/ (bindings, dispatch) and cpu/ (kernels); cuda/ only with CUDA.
-    sources = find_sources(osp.join('pytorch', '*.cpp'), osp.join('cpu', '*.cpp'))
+    # mmcv's layout: pytorch/ (bindings, device dispatch and checks), pytorch/cpu/ (CPU kernels),
+    # replay/ (the CPU replay of the CUDA kernels), pytorch/cuda/ (CUDA launchers and kernels, only
+    # with CUDA); common/ holds the headers they share.
+    sources = find_sources(osp.join('pytorch', '*.cpp'), osp.join('pytorch', 'cpu', '*.cpp'),
+                           osp.join('replay', '*.cpp'))
     if not sources:
         raise FileNotFoundError(f'transnext-mm: no C++ sources under {osp.join(ROOT, csrc)}')
     # -fno-trapping-math lets GCC vectorise the softmax loops' min/max (torch builds with it too).
@@ -148,7 +151,8 @@ def get_extensions():
         return [ext], {'build_ext': OptionalBuildExtension}
     print('transnext-mm: building transnext_mm._ext with CPU and CUDA kernels')
     ext = CUDAExtension(
-        sources=sources + find_sources(osp.join('cuda', '*.cpp'), osp.join('cuda', '*.cu')),
+        sources=sources + find_sources(osp.join('pytorch', 'cuda', '*.cpp'),
+                                       osp.join('pytorch', 'cuda', '*.cu')),
         define_macros=[('WITH_CUDA', None)],
         extra_compile_args={'cxx': cxx_flags,
                             'nvcc': ['-O3', '-std=c++20', '--expt-relaxed-constexpr']},

@@ -18,8 +18,14 @@ import zipfile
 
 SDIST_NEEDS = ['setup.py', 'MANIFEST.in', 'README.md', 'model-index.yml',
                'requirements/runtime.txt', 'requirements/toolboxes.txt',
-               'ops/csrc/pytorch/pybind.cpp', 'ops/csrc/common/aggregated_attention_common.h',
-               'ops/csrc/cuda/aggregated_attention_kernels.cu',
+               'ops/csrc/pytorch/pybind.cpp', 'ops/csrc/common/aggregated_attention_geometry.h',
+               'ops/csrc/common/cuda/aggregated_attention_blocks.cuh',
+               'ops/csrc/common/cuda/aggregated_attention_launch.cuh',
+               'ops/csrc/common/cuda/aggregated_attention_thread.cuh',
+               'ops/csrc/pytorch/cpu/aggregated_attention_cpu.cpp',
+               'ops/csrc/pytorch/cuda/aggregated_attention_kernels.cu',
+               'ops/csrc/pytorch/cuda/aggregated_attention_glue.h',
+               'ops/csrc/replay/aggregated_attention_cuda_replay.cpp',
                'configs/mask-rcnn/metafile.yml', 'configs/mask-rcnn/README.md',
                'configs/_base_/models/mask-rcnn_transnext_fpn.py', 'tools/train.py',
                'tools/dataset_converters/make_synthetic_coco.py', 'transnext_mm/__init__.py']
@@ -71,16 +77,18 @@ def check_installed(checkout):
     import torch
 
     import transnext_mm
-    from transnext_mm import _ext
+    from transnext_mm.ops.dispatch import BUILD, compiled_ext
+    ext = compiled_ext()
+    check(ext is not None, f'transnext_mm._ext does not import: {BUILD.error}')
     package = osp.dirname(osp.realpath(transnext_mm.__file__))
     check(not package.startswith(osp.realpath(checkout)),
           f'transnext_mm was imported from the checkout ({package})')
-    check(osp.dirname(_ext.__file__) == package, f'_ext at {_ext.__file__}')
+    check(osp.dirname(ext.__file__) == package, f'_ext at {ext.__file__}')
     mim = osp.join(package, '.mim')
     check(osp.isfile(osp.join(mim, 'model-index.yml')) and not osp.islink(osp.join(mim, 'configs')),
           f'{mim} lacks model-index.yml or holds links instead of copies')
     print(f'[wheel_smoke] transnext_mm {transnext_mm.__version__} from {package}; _ext '
-          f'with_cuda={_ext.with_cuda}')
+          f'with_cuda={ext.with_cuda}')
 
     from transnext_mm.models.backbones import TransNeXt
     torch.manual_seed(0)

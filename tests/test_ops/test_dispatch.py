@@ -2,6 +2,7 @@
 """The one dispatch rule (transnext_mm.ops.dispatch) for the attention core, the cosine-attention
 inputs and the ConvGLU gate, and the import structure of transnext_mm.ops."""
 import ast
+import os
 import os.path as osp
 import warnings
 
@@ -89,35 +90,57 @@ def test_one_warning_per_reason_and_op_raises(monkeypatch):
         select('attention', 'op', torch.zeros(2, dtype=torch.int32), build=FULL)
 
 
-def _package_imports(path, package):
-    """Modules of ``package`` that the module at ``path`` imports (also inside functions)."""
-    found = set()
-    for node in ast.walk(ast.parse(open(path).read())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1:
-                base = node.module or ''
-                found.update([base] if base else [a.name for a in node.names])
-            elif (node.module or '').startswith(package + '.'):
-                found.add(node.module[len(package) + 1:].split('.')[0])
-            elif node.module == package:
-                found.update(a.name for a in node.names)
-        elif isinstance(node, ast.Import):
-            found.update(a.name[len(package) + 1:].split('.')[0] for a in node.names
-                         if a.name.startswith(package + '.'))
-    return {m.split('.')[0] for m in found}
+OPS = 'transnext_mm.ops'
+
+
+def _ops_modules():
+    """{dotted name under transnext_mm.ops: path} of every module of the ops package (a
+    subpackage under its own name, e.g. 'aggregated_attention' and 'aggregated_attention.op')."""
+    ops_dir = osp.dirname(dispatch.__file__)
+    modules = {}
+    for folder, _, files in os.walk(ops_dir):
+        package = osp.relpath(folder, ops_dir).replace(os.sep, '.').lstrip('.')
+        for name in files:
+            if name.endswith('.py'):
+                module = package if name == '__init__.py' else '.'.join(
+                    filter(None, [package, name[:-3]]))
+                modules[module] = osp.join(folder, name)
+    return modules
+
+
+def _imported_modules(node, module, is_package):
+    """Absolute dotted names that an import statement of ``module`` (its name under
+    transnext_mm, '' for transnext_mm itself) refers to: ``from a import b`` names both ``a`` and
+    ``a.b`` (``b`` may be a submodule)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = node.module or ''
+    if node.level:
+        parts = f'transnext_mm.{module}'.rstrip('.').split('.')
+        parts = parts if is_package else parts[:-1]
+        parts = parts[:len(parts) - node.level + 1]
+        base = '.'.join(parts + ([base] if base else []))
+    return [base] + [f'{base}.{a.name}' for a in node.names]
 
 
 def test_ops_modules_form_no_import_cycle():
-    ops_dir = osp.dirname(dispatch.__file__)
-    modules = [m[:-3] for m in sorted(__import__('os').listdir(ops_dir))
-               if m.endswith('.py') and m != '__init__.py']
-    graph = {m: _package_imports(osp.join(ops_dir, m + '.py'), 'transnext_mm.ops') & set(modules)
-             for m in modules}
+    modules = _ops_modules()
+    graph = {}
+    for module, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for name in _imported_modules(node, f'ops.{module}' if module else 'ops',
+                                              path.endswith('__init__.py')):
+                    if name.startswith(OPS + '.') and name[len(OPS) + 1:] in modules:
+                        targets.add(name[len(OPS) + 1:])
+        graph[module] = targets - {module}
     assert graph['dispatch'] == set(), 'dispatch.py decides; it imports no other ops module'
+    assert 'aggregated_attention.op' in graph and 'aggregated_attention.replay' in graph
 
     def reaches(start, target, seen=()):
         return any(n == target or (n not in seen and reaches(n, target, seen + (n, )))
                    for n in graph[start])
 
-    cycles = [m for m in modules if reaches(m, m)]
+    cycles = [m for m in graph if reaches(m, m)]
     assert not cycles, f'import cycle through {cycles}: {graph}'

@@ -65,6 +65,12 @@ class Build(NamedTuple):
 BUILD = Build(_ext is not None, bool(_ext is not None and _ext.with_cuda), str(_IMPORT_ERROR or ''))
 
 
+def compiled_ext():
+    """The compiled kernels, the module ``transnext_mm._ext``; None when it is not built (then
+    :data:`BUILD` holds the import error)."""
+    return _ext
+
+
 class Choice(NamedTuple):
     """The implementation that runs (``'op'``, ``'torch'`` or ``'reference'``), why, and
     whether it is a fallback (the compiled kernel should run here but cannot)."""

@@ -1,7 +1,7 @@
 // Copyright (c) transnext-mm contributors. All rights reserved.
 //
 // Device dispatch and input checks of the aggregated-attention op.
-#include "aggregated_attention.h"
+#include "pytorch/aggregated_attention.h"
 
 #include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>

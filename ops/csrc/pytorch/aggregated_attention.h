@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "../common/aggregated_attention_common.h"
+#include "common/aggregated_attention_geometry.h"
 
 namespace transnext_mm {
 
@@ -35,7 +35,7 @@ std::vector<at::Tensor> aggregated_attention_backward(
     const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad);
 
 // CPU replays of the CUDA kernels on CPU tensors (tests only; see
-// cpu/aggregated_attention_cuda_replay.cpp). Same arguments and results as above; the backward
+// replay/aggregated_attention_cuda_replay.cpp). Same arguments and results as above; the backward
 // takes the pooled-key kernel's target block count (kPoolGradTargetBlocks on the GPU; 1 gives one
 // query chunk and one batch group, the other extreme of its schedule).
 std::vector<at::Tensor> aggregated_attention_forward_replay(

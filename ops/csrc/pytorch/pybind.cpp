@@ -1,9 +1,10 @@
 // Copyright (c) transnext-mm contributors. All rights reserved.
 #include <torch/extension.h>
 
-#include "aggregated_attention.h"
-#include "conv_glu.h"
-#include "cosine_qk.h"
+#include "common/cuda/aggregated_attention_launch.cuh"
+#include "pytorch/aggregated_attention.h"
+#include "pytorch/conv_glu.h"
+#include "pytorch/cosine_qk.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() =

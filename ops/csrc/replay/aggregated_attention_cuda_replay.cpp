@@ -1,30 +1,32 @@
 // Copyright (c) transnext-mm contributors. All rights reserved.
 //
-// CPU replay of the CUDA kernels: the same block bodies (common/aggregated_attention_common.h),
-// launch plans and host glue (pytorch/aggregated_attention_glue.h) as the CUDA build, run on CPU
-// tensors. Every block of the grid runs its threads as fibers (ucontext) with their own stacks,
-// so per-thread locals live as on the GPU; ctx.sync() is a real barrier: a thread yields there,
-// and the block moves on only when every thread has arrived. Between two barriers the threads
-// run one after the other in *reverse* order, and shared memory starts as NaN, so code that
-// reads shared memory without the barrier that makes it valid reads NaN or another tile's data
-// and the results go wrong; a barrier that not every thread reaches fails with an error.
-// Used by the tests to check the CUDA code (all dtypes, including fp16 / bf16 storage with fp32
-// accumulation) on machines without a GPU. Slow by design; not used for real work.
+// CPU replay of the CUDA kernels: the same block bodies (common/cuda/), launch plans and host glue
+// (pytorch/cuda/aggregated_attention_glue.h) as the CUDA build, run on CPU tensors. Every block of
+// the grid runs its threads as fibers (ucontext) with their own stacks, so per-thread locals live
+// as on the GPU; ctx.sync() is a real barrier: a thread yields there, and the block moves on only
+// when every thread has arrived. Between two barriers the threads run one after the other in
+// *reverse* order, and shared memory starts as NaN, so code that reads shared memory without the
+// barrier that makes it valid reads NaN or another tile's data and the results go wrong; a barrier
+// that not every thread reaches fails with an error. Used by the tests to check the CUDA code (all
+// dtypes, including fp16 / bf16 storage with fp32 accumulation) on machines without a GPU. Slow by
+// design; not used for real work.
 #include <ucontext.h>
 
 #include <cstring>
 #include <memory>
 #include <vector>
 
-#include "../common/aggregated_attention_common.h"
-#include "../pytorch/aggregated_attention_glue.h"
+#include "common/cuda/aggregated_attention_blocks.cuh"
+#include "common/cuda/aggregated_attention_launch.cuh"
+#include "pytorch/cuda/aggregated_attention_glue.h"
 
 namespace transnext_mm {
 namespace {
 
 class FiberBlock;
 
-// The kernel-body context of the replay (see the Ctx contract in the common header).
+// The kernel-body context of the replay (see the Ctx contract in
+// common/cuda/aggregated_attention_blocks.cuh).
 struct ReplayContext {
   FiberBlock* block_state;
   int index;
@@ -126,7 +128,7 @@ void replay_grid(const Launch& launch, Body&& body) {
       }
 }
 
-// The replay's launcher for the common header's launch sequence (run_forward_kernels /
+// The replay's launcher for the kernels' launch sequence (run_forward_kernels /
 // run_backward_kernels): the kernels, grids and checks of the GPU, blocks run one by one.
 struct ReplayLauncher {
   template <typename Kernel>
