@@ -90,6 +90,7 @@ def test_one_warning_per_reason_and_op_raises(monkeypatch):
         select('attention', 'op', torch.zeros(2, dtype=torch.int32), build=FULL)
 
 
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 OPS = 'transnext_mm.ops'
 
 
@@ -144,3 +145,37 @@ def test_ops_modules_form_no_import_cycle():
 
     cycles = [m for m in graph if reaches(m, m)]
     assert not cycles, f'import cycle through {cycles}: {graph}'
+
+
+# The one module that loads each compiled extension.
+EXTENSION_OWNERS = {'transnext_mm._ext': 'transnext_mm/ops/dispatch.py'}
+
+
+def test_no_module_imports_private_names_of_another():
+    """Private names stay in their module: a name that others need is public in its owner
+    (e.g. dispatch.compiled_ext()); only the owner of a compiled extension imports it."""
+    offenders = []
+    for top in ('transnext_mm', 'tools', 'tests', '.dev_scripts'):
+        for folder, _, files in os.walk(osp.join(ROOT, top)):
+            for name in files:
+                if not name.endswith('.py'):
+                    continue
+                path = osp.join(folder, name)
+                rel = osp.relpath(path, ROOT).replace(os.sep, '/')
+                parts = rel[:-3].split('/')
+                is_package = parts[-1] == '__init__'
+                module = '.'.join(parts[1:-1] if is_package else parts[1:])
+                for node in ast.walk(ast.parse(open(path).read())):
+                    if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                        continue
+                    if isinstance(node, ast.ImportFrom) and node.level and top != 'transnext_mm':
+                        continue  # relative imports outside the package: not ours
+                    names = _imported_modules(node, module, is_package)
+                    for full in names[1:] if isinstance(node, ast.ImportFrom) else names:
+                        if not full.startswith('transnext_mm'):
+                            continue
+                        private = [p for p in full.split('.') if p.startswith('_')
+                                   and not p.startswith('__')]
+                        if private and EXTENSION_OWNERS.get(full) != rel:
+                            offenders.append(f'{rel}:{node.lineno} imports {full}')
+    assert not offenders, offenders
