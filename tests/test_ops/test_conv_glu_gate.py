@@ -102,13 +102,13 @@ def test_conv_glu_impls_agree_and_fall_back():
 def test_conv_glu_strips_match_whole_map(monkeypatch, strip_rows):
     """Inference in strips of rows (ragged last strip, batch 2) equals the whole-map PyTorch
     result, and really runs strip by strip."""
-    import transnext_mm.models.layers.conv_glu as conv_glu_module
+    from transnext_mm.ops import dispatch
     torch.manual_seed(0)
     glu = ConvGLU(12, 4).eval()
     height, width = 7, 5
     x = torch.randn(2, height * width, 12)
     row_bytes = 2 * width * glu.fc1.out_features * x.element_size()
-    monkeypatch.setattr(conv_glu_module, 'STRIP_BYTES', strip_rows * row_bytes)
+    monkeypatch.setattr(dispatch, 'CONV_GLU_STRIP_BYTES', strip_rows * row_bytes)
     fc1_calls = []
     glu.fc1.register_forward_hook(lambda *_: fc1_calls.append(1))
     with torch.no_grad():

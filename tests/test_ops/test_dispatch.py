@@ -1,6 +1,7 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
-"""The one dispatch rule (transnext_mm.ops.dispatch) for the attention core, the cosine-attention
-inputs and the ConvGLU gate, and the import structure of transnext_mm.ops."""
+"""The one dispatch rule (transnext_mm.ops.dispatch) for the attention core, the full attention,
+the cosine-attention inputs and the ConvGLU gate (and its strips), and the import structure of
+transnext_mm.ops."""
 import ast
 import os
 import os.path as osp
@@ -31,6 +32,14 @@ RULES = [
     ('attention', 'auto', CPU, F32, False, False, NONE, 'torch', True, 'not built'),
     ('attention', 'torch', CPU, F32, False, False, FULL, 'torch', False, "impl='torch'"),
     ('attention', 'reference', CUDA, F32, True, False, FULL, 'reference', False, 'unfold'),
+    # the full attention: explicit scores for 'reference', PyTorch's SDPA for the rest
+    ('full_attention', 'reference', CPU, F32, True, False, FULL, 'reference', False, 'explicit'),
+    ('full_attention', 'reference', CUDA, F16, False, True, NONE, 'reference', False, 'explicit'),
+    ('full_attention', 'auto', CPU, F32, False, False, FULL, 'torch', False,
+     'scaled_dot_product_attention'),
+    ('full_attention', 'op', CUDA, BF16, True, True, FULL, 'torch', False, 'no compiled kernel'),
+    ('full_attention', 'auto', CPU, F32, False, False, NONE, 'torch', False, 'no compiled kernel'),
+    ('full_attention', 'torch', CPU, F64, True, False, CPU_ONLY, 'torch', False, "impl='torch'"),
     # the CPU inference kernels: PyTorch by design outside CPU fp32/fp64 inference
     ('cosine_qk', 'auto', CPU, F32, False, False, CPU_ONLY, 'op', False, 'cpu inference'),
     ('conv_glu_gate', 'op', CPU, F64, False, False, CPU_ONLY, 'op', False, 'cpu inference'),
@@ -92,6 +101,55 @@ def test_one_warning_per_reason_and_op_raises(monkeypatch):
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 OPS = 'transnext_mm.ops'
+
+
+def test_full_attention_never_falls_back():
+    """No compiled kernel to miss: 'op' neither warns nor raises, whatever was built."""
+    x = torch.randn(2, 3, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        for impl, expected in (('op', 'torch'), ('auto', 'torch'), ('reference', 'reference')):
+            for build in (FULL, NONE):
+                assert select('full_attention', impl, x, build=build) == expected
+
+
+def conv_glu_input(B=2, height=7, width=5, channels=12, dtype=torch.float32):
+    return torch.randn(B, height * width, channels, dtype=dtype)
+
+
+@pytest.mark.parametrize('budget_rows,expected', [(1, 1), (3, 3), (6, 6), (7, 7), (100, 7)])
+def test_conv_glu_strips_fill_the_byte_budget(monkeypatch, budget_rows, expected):
+    """Inference with the compiled gate: strips of the most rows whose fc1 output (B x width x
+    hidden channels) fits in CONV_GLU_STRIP_BYTES, at least one row, at most the map."""
+    x = conv_glu_input()
+    row_bytes = 2 * 5 * 24 * 4
+    monkeypatch.setattr(dispatch, 'CONV_GLU_STRIP_BYTES', budget_rows * row_bytes + row_bytes - 1)
+    with torch.no_grad():
+        assert dispatch.conv_glu_strip_rows('auto', x, (), 7, 5, 24, build=CPU_ONLY) == expected
+    monkeypatch.setattr(dispatch, 'CONV_GLU_STRIP_BYTES', 0)  # less than a row: one row
+    with torch.no_grad():
+        assert dispatch.conv_glu_strip_rows('op', x, (), 7, 5, 24, build=CPU_ONLY) == 1
+
+
+def test_conv_glu_runs_whole_maps_where_pytorch_runs_the_gate(monkeypatch):
+    """One pass over the map (rows = height) wherever PyTorch runs the gate: training,
+    impl='torch' / 'reference', bf16, CUDA, autocast, or a missing build (which warns)."""
+    monkeypatch.setattr(dispatch, 'CONV_GLU_STRIP_BYTES', 1)  # one-row strips if it applied
+    monkeypatch.setattr(dispatch, '_warned', set())
+    x, w = conv_glu_input(), torch.randn(3, requires_grad=True)
+    assert dispatch.conv_glu_strip_rows('auto', x, (w, ), 7, 5, 24, build=CPU_ONLY) == 7
+    with torch.no_grad():
+        for impl in ('torch', 'reference'):
+            assert dispatch.conv_glu_strip_rows(impl, x, (w, ), 7, 5, 24, build=CPU_ONLY) == 7
+        bf16 = conv_glu_input(dtype=BF16)
+        assert dispatch.conv_glu_strip_rows('auto', bf16, (), 7, 5, 24, build=CPU_ONLY) == 7
+        assert dispatch.conv_glu_strip_rows('auto', x.to(META), (), 7, 5, 24, build=FULL) == 7
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert dispatch.conv_glu_strip_rows('auto', x, (), 7, 5, 24, build=CPU_ONLY) == 7
+        with pytest.warns(UserWarning, match='not built'):
+            assert dispatch.conv_glu_strip_rows('auto', x, (), 7, 5, 24, build=NONE) == 7
+        with pytest.raises(RuntimeError, match='not built'):
+            dispatch.conv_glu_strip_rows('op', x, (), 7, 5, 24, build=NONE)
 
 
 def _ops_modules():

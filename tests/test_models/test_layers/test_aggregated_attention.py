@@ -3,8 +3,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from transnext_mm.models.layers import AggregatedAttention, FullAttention, LogCPB
+from transnext_mm.ops import dispatch
 from transnext_mm.ops.aggregated_attention import op_available
 
 
@@ -83,3 +85,27 @@ def test_full_attention_sdpa_matches_explicit():
     torch.testing.assert_close(out, out_ref)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref)
+
+
+class FunctionCalls(TorchFunctionMode):
+    """Records the names of the torch functions called inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, '__name__', str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('impl', ['reference', 'torch', 'auto', 'op'])
+def test_full_attention_runs_what_dispatch_chooses(impl):
+    """'reference': explicit scores; the rest: F.scaled_dot_product_attention."""
+    layer = FullAttention(48, 2, LogCPB('extrapolate', (4, 4), (4, 4), 7), attn_impl=impl)
+    x = torch.randn(1, 20, 48)
+    with torch.no_grad(), FunctionCalls() as calls:
+        layer(x, 4, 5)
+    chosen = dispatch.choose('full_attention', impl, x.device, x.dtype).impl
+    assert ('scaled_dot_product_attention' in calls.names) == (chosen == 'torch')
+    assert ('softmax' in calls.names) == (chosen == 'reference')
