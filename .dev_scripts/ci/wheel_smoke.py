@@ -2,7 +2,8 @@
 """Smoke test of an installed transnext-mm wheel (run by .dev_scripts/ci/wheel_smoke.sh).
 
 Runs outside the checkout, in the environment the wheel was installed into, and checks: the
-sdist holds what a build needs; the wheel holds the compiled op and the ``.mim`` folder; the
+sdist holds what a build needs; the wheel holds the compiled op and the ``.mim`` folder, and not
+the tests' CPU replay of the CUDA kernels (no ``_ext_replay``, no replay symbols in ``_ext``); the
 installed package (not the checkout) is imported; ``_ext`` is present; a backbone forward with
 the compiled op equals the reference path; shipped configs are found under ``.mim`` and built;
 ``mim search`` lists the models; ``mim train`` and ``mim test`` run a shipped config by name.
@@ -11,6 +12,7 @@ import argparse
 import os
 import os.path as osp
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -34,6 +36,11 @@ WHEEL_NEEDS = ['transnext_mm/.mim/model-index.yml', 'transnext_mm/.mim/configs/d
                'transnext_mm/.mim/tools/train.py', 'transnext_mm/.mim/tools/test.py',
                'transnext_mm/.mim/tools/dist_train.sh', 'transnext_mm/collect_env.py']
 DEMO = 'mask-rcnn_transnext-micro_fpn_synthetic-coco.py'
+# The bindings of the tests' CPU replay of the CUDA kernels (transnext_mm._ext_replay), and a
+# class of its code: none may be in the shipped _ext.
+REPLAY_NAMES = ('aggregated_attention_forward_replay', 'aggregated_attention_backward_replay',
+                'aggregated_attention_launch_plans', 'cuda_replay_selftest',
+                'pool_grad_target_blocks', 'FiberBlock')
 
 
 def check(condition, message):
@@ -64,6 +71,8 @@ def check_archives(sdist, wheel):
     check(not missing, f'the wheel lacks {missing}')
     check(any(re.match(r'transnext_mm/_ext\..*\.so$', f) for f in wheel_files),
           'the wheel holds no compiled transnext_mm/_ext*.so')
+    replay = [f for f in wheel_files if '_ext_replay' in f]
+    check(not replay, f'the wheel ships the tests\' CPU replay of the CUDA kernels: {replay}')
     configs = [f for f in files if f.startswith('configs/') and f.endswith('.py')]
     shipped = [f for f in wheel_files if f.startswith('transnext_mm/.mim/configs/')
                and f.endswith('.py')]
@@ -71,6 +80,19 @@ def check_archives(sdist, wheel):
           f'{len(shipped)} under .mim in the wheel')
     print(f'[wheel_smoke] sdist {len(files)} files, wheel {len(wheel_files)} files '
           f'({len(shipped)} configs under .mim)')
+
+
+def replay_symbols(library):
+    """What of the CPU replay the library holds: dynamic symbols that name it (``nm -DC``) and
+    its names anywhere in the file (bindings, symbol table, debug information)."""
+    found = []
+    nm = shutil.which('nm')
+    if nm:
+        symbols = subprocess.run([nm, '-DC', library], capture_output=True, text=True).stdout
+        found += [line for line in symbols.splitlines() if 'replay' in line.lower()]
+    with open(library, 'rb') as f:
+        data = f.read()
+    return found + [name for name in REPLAY_NAMES if name.encode() in data]
 
 
 def check_installed(checkout):
@@ -84,6 +106,10 @@ def check_installed(checkout):
     check(not package.startswith(osp.realpath(checkout)),
           f'transnext_mm was imported from the checkout ({package})')
     check(osp.dirname(ext.__file__) == package, f'_ext at {ext.__file__}')
+    replay = replay_symbols(ext.__file__)
+    check(not replay, f'{ext.__file__} holds the CPU replay of the CUDA kernels: {replay[:10]}')
+    check(not any(name.startswith('_ext_replay') for name in os.listdir(package)),
+          'the installed package holds transnext_mm._ext_replay')
     mim = osp.join(package, '.mim')
     check(osp.isfile(osp.join(mim, 'model-index.yml')) and not osp.islink(osp.join(mim, 'configs')),
           f'{mim} lacks model-index.yml or holds links instead of copies')

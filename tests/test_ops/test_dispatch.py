@@ -206,7 +206,10 @@ def test_ops_modules_form_no_import_cycle():
 
 
 # The one module that loads each compiled extension.
-EXTENSION_OWNERS = {'transnext_mm._ext': 'transnext_mm/ops/dispatch.py'}
+EXTENSION_OWNERS = {
+    'transnext_mm._ext': 'transnext_mm/ops/dispatch.py',
+    'transnext_mm._ext_replay': 'transnext_mm/ops/aggregated_attention/replay.py',
+}
 
 
 def test_no_module_imports_private_names_of_another():

@@ -16,8 +16,11 @@
 #include <memory>
 #include <vector>
 
+#include "replay/aggregated_attention_replay.h"
+
 #include "common/cuda/aggregated_attention_blocks.cuh"
 #include "common/cuda/aggregated_attention_launch.cuh"
+#include "pytorch/aggregated_attention_checks.h"
 #include "pytorch/cuda/aggregated_attention_glue.h"
 
 namespace transnext_mm {
@@ -193,23 +196,28 @@ at::Tensor cuda_replay_selftest(const std::string& mode) {
   return out;
 }
 
-std::vector<at::Tensor> aggregated_attention_forward_cuda_replay(
+std::vector<at::Tensor> aggregated_attention_forward_replay(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
-    const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,
+    const at::Tensor& v_pool, const at::Tensor& rpb_local, const at::Tensor& bias_pool,
     const at::Tensor& token_weight, int64_t height, int64_t width) {
-  return kernel_forward<ReplayBackend>(q, k, v, k_pool, v_pool, rpb, bias, token_weight, height,
+  TORCH_CHECK(q.device().is_cpu(), "aggregated_attention replay: expects CPU tensors");
+  const auto t = checked_forward(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight,
+                                 height, width);
+  return kernel_forward<ReplayBackend>(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], height,
                                        width);
 }
 
-std::vector<at::Tensor> aggregated_attention_backward_cuda_replay(
+std::vector<at::Tensor> aggregated_attention_backward_replay(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
-    const at::Tensor& bias, const at::Tensor& token_weight, const at::Tensor& out,
+    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb_local,
+    const at::Tensor& bias_pool, const at::Tensor& token_weight, const at::Tensor& out,
     const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad,
     int64_t pool_target_blocks) {
-  return kernel_backward<ReplayBackend>(grad_out, q, k, v, k_pool, v_pool, rpb, bias,
-                                        token_weight, out, lse, height, width, bias_grad,
-                                        pool_target_blocks);
+  TORCH_CHECK(q.device().is_cpu(), "aggregated_attention replay: expects CPU tensors");
+  const auto t = checked_backward(grad_out, q, k, v, k_pool, v_pool, rpb_local, bias_pool,
+                                  token_weight, out, lse, height, width);
+  return kernel_backward<ReplayBackend>(t[8], t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[9],
+                                        t[10], height, width, bias_grad, pool_target_blocks);
 }
 
 }  // namespace transnext_mm

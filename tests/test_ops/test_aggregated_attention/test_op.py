@@ -39,6 +39,15 @@ def test_extension_is_built_when_a_compiler_exists():
 
 
 @requires_op
+def test_compiled_ext_holds_no_replay():
+    """The CPU replay of the CUDA kernels is a test extension of its own (_ext_replay), not part
+    of the op that ships."""
+    names = [name for name in dir(EXT) if 'replay' in name or name in (
+        'aggregated_attention_launch_plans', 'pool_grad_target_blocks')]
+    assert not names, names
+
+
+@requires_op
 @pytest.mark.parametrize('dtype,rel', [(torch.float64, 1e-10), (torch.float32, 2e-5)])
 @pytest.mark.parametrize('shape', SHAPES)
 def test_cpu_op_matches_reference(shape, dtype, rel):

@@ -1,6 +1,11 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
 """The CUDA kernels' code (block bodies, launch plans, host glue) replayed on the CPU against the
-readable reference implementation and the CPU kernels."""
+readable reference implementation and the CPU kernels.
+
+The replay is a test extension of its own (transnext_mm._ext_replay), built only when asked for:
+these tests fail, saying how to build it, when it is missing (see
+:func:`transnext_mm.ops.aggregated_attention.replay.replay_ext`).
+"""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,8 +15,17 @@ from transnext_mm.ops import dispatch
 from transnext_mm.ops.aggregated_attention.replay import (aggregated_attention_cuda_replay,
                                                           replay_ext)
 
-requires_op = pytest.mark.skipif(
-    not dispatch.BUILD.built, reason=f'transnext_mm._ext is not built ({dispatch.BUILD.error})')
+
+
+def cpu_kernels():
+    """The compiled op's module (the CPU kernels the replay is compared with)."""
+    assert dispatch.BUILD.built, f'transnext_mm._ext is not built ({dispatch.BUILD.error})'
+    return dispatch.compiled_ext()
+
+
+def test_replay_is_built():
+    """Fails, saying how to build it, where the replay is missing (it is never skipped)."""
+    assert replay_ext().__name__ == 'transnext_mm._ext_replay'
 
 
 # Gradient tolerances of the replayed CUDA kernels: with fp16 / bf16 storage the backward
@@ -21,7 +35,6 @@ REPLAY_GRAD_REL = {torch.float64: 4e-10, torch.float32: 8e-5, torch.float16: 1e-
                    torch.bfloat16: 1e-2}
 
 
-@requires_op
 @pytest.mark.parametrize('dtype,rel', [(torch.float64, 1e-10), (torch.float32, 2e-5),
                                        (torch.float16, 3e-3), (torch.bfloat16, 2e-2)],
                          ids=['float64', 'float32', 'float16', 'bfloat16'])
@@ -33,7 +46,7 @@ def test_cuda_kernels_replayed_on_cpu_match_reference(shape, dtype, rel):
     tensors = [t.detach() for t in make_inputs(*shape, dtype=dtype)]
     grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64).to(dtype)
     out, lse, grads = aggregated_attention_cuda_replay(*tensors, height, width,
-                                                                 grad_out=grad_out)
+                                                       grad_out=grad_out)
     out_ref, grads_ref = reference_with_grads(tensors, height, width, grad_out)
     assert out.dtype == dtype
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -43,7 +56,6 @@ def test_cuda_kernels_replayed_on_cpu_match_reference(shape, dtype, rel):
         assert_close_scaled(g, g_ref, REPLAY_GRAD_REL[dtype], name)
 
 
-@requires_op
 @pytest.mark.parametrize('unaligned', [False, True])
 @pytest.mark.parametrize('d,dtype', [(16, torch.float16), (48, torch.float16), (64, torch.float16),
                                      (64, torch.float32)])
@@ -60,14 +72,13 @@ def test_replayed_head_dim_variants_and_row_alignment(d, dtype, unaligned):
             assert tensors[j].data_ptr() % 16 != 0
     grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64).to(dtype)
     out, _, grads = aggregated_attention_cuda_replay(*tensors, height, width,
-                                                               grad_out=grad_out)
+                                                     grad_out=grad_out)
     out_ref, grads_ref = reference_with_grads(tensors, height, width, grad_out)
     assert_close_scaled(out, out_ref, REPLAY_GRAD_REL[dtype], 'out')
     for name, g, g_ref in zip(NAMES, grads, grads_ref):
         assert_close_scaled(g, g_ref, REPLAY_GRAD_REL[dtype], name)
 
 
-@requires_op
 @pytest.mark.parametrize('target_blocks,groups', [(1, 1), (4, 2)])
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float16])
 def test_replayed_pool_grad_schedules(target_blocks, groups, dtype):
@@ -89,7 +100,6 @@ def test_replayed_pool_grad_schedules(target_blocks, groups, dtype):
         assert_close_scaled(g, g_ref, REPLAY_GRAD_REL[dtype], name)
 
 
-@requires_op
 def test_launch_plans_put_the_batch_in_the_grid():
     """TransNeXt-Micro stage 1 at 224x224, batch 64: the pooled-key gradient kernel used to run
     8 blocks (chunks capped at 256 / B, batch looped per thread); now it fills the GPU."""
@@ -110,7 +120,6 @@ def test_launch_plans_put_the_batch_in_the_grid():
     assert plans['forward'] == [80000, 1, 1, 128] and plans['pool_grad'][2] == 2
 
 
-@requires_op
 def test_replay_barrier_model():
     """What lets the replay catch a misplaced __syncthreads in the shared kernel bodies: threads
     run in reverse order between barriers, shared memory starts as NaN, and a barrier that not
@@ -130,13 +139,12 @@ def test_replay_barrier_model():
         ext.cuda_replay_selftest('fast')
 
 
-@requires_op
 def test_replay_without_bias_grad_and_fast_cpu_path_agree():
     tensors = [t.detach() for t in make_inputs(2, 2, 9, 13, 40, 24, dtype=torch.float32)]
     grad_out = torch.randn(2, 2, 9 * 13, 24)
-    ext = replay_ext()
-    out, lse = ext.aggregated_attention_forward(*tensors, 9, 13)
-    grads = ext.aggregated_attention_backward(grad_out, *tensors, out, lse, 9, 13, False)
+    ext, cpu = replay_ext(), cpu_kernels()
+    out, lse = cpu.aggregated_attention_forward(*tensors, 9, 13)
+    grads = cpu.aggregated_attention_backward(grad_out, *tensors, out, lse, 9, 13, False)
     assert grads[6].numel() == 0  # no bias_pool gradient asked for
     out_r, lse_r = ext.aggregated_attention_forward_replay(*tensors, 9, 13)
     grads_r = ext.aggregated_attention_backward_replay(grad_out, *tensors, out, lse, 9, 13, True,
@@ -148,7 +156,6 @@ def test_replay_without_bias_grad_and_fast_cpu_path_agree():
             torch.testing.assert_close(g_r, g, rtol=1e-4, atol=1e-4)
 
 
-@requires_op
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float16])
 def test_strided_views_are_read_in_place(dtype):
     """q / k / v / grad_out as head views of (B, N, C) projections: no copies, same results,
@@ -169,11 +176,12 @@ def test_strided_views_are_read_in_place(dtype):
     assert not any(t.is_contiguous() for t in tensors[:3] + [grad_out])
     out_ref, grads_ref = reference_with_grads(tensors, height, width, grad_out)
     rel = 1e-10 if dtype == torch.float64 else 3e-3
-    ext = replay_ext()
+    ext, cpu = replay_ext(), cpu_kernels()
+
     def replay_backward(*args):
         return ext.aggregated_attention_backward_replay(*args, ext.pool_grad_target_blocks)
 
-    for forward, backward in ((ext.aggregated_attention_forward, ext.aggregated_attention_backward),
+    for forward, backward in ((cpu.aggregated_attention_forward, cpu.aggregated_attention_backward),
                               (ext.aggregated_attention_forward_replay, replay_backward)):
         out, lse = forward(*tensors, height, width)
         assert out.transpose(1, 2).is_contiguous()  # (B, N, heads, d) memory

@@ -1,28 +1,35 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
 """The CPU replay of the aggregated-attention CUDA kernels (for tests; slow).
 
-The replay (``ops/csrc/replay``) runs the CUDA kernels' block bodies, launch plans and host glue
-on CPU tensors, every block's threads as fibers between real barriers, so that the tests check
-the CUDA code on machines without a GPU. It is not used for real work.
+The replay (``ops/csrc/replay``, compiled into ``transnext_mm._ext_replay``) runs the CUDA
+kernels' block bodies, launch plans and host glue on CPU tensors, every block's threads as fibers
+between real barriers, so that the tests check the CUDA code on machines without a GPU. It is a
+test tool, not used for real work and not shipped in the wheel: ``setup.py`` builds it only with
+``TRANSNEXT_MM_WITH_REPLAY=1``, which the development install (``.dev_scripts/setup_env.sh``)
+sets.
 """
-import torch
 from torch import Tensor
 
-from ..dispatch import choose, compiled_ext
+HOW_TO_BUILD = ('TRANSNEXT_MM_WITH_REPLAY=1 pip install --no-build-isolation -e . (what '
+                '.dev_scripts/setup_env.sh runs), or in place: TRANSNEXT_MM_WITH_OPS=0 '
+                'TRANSNEXT_MM_WITH_REPLAY=1 python setup.py build_ext --inplace')
 
 
 def replay_ext():
-    """The compiled module with the replay's bindings: ``aggregated_attention_forward_replay``,
+    """The compiled replay ``transnext_mm._ext_replay``: ``aggregated_attention_forward_replay``,
     ``aggregated_attention_backward_replay``, ``aggregated_attention_launch_plans``,
     ``cuda_replay_selftest`` and ``pool_grad_target_blocks``.
 
     Raises:
-        RuntimeError: If the replay is not built, saying how to build it.
+        RuntimeError: If it is not built, saying how to build it.
     """
-    ext = compiled_ext()
-    if ext is None:
-        raise RuntimeError(choose('attention', 'op', torch.device('cpu'), torch.float32).reason)
-    return ext
+    try:
+        from transnext_mm import _ext_replay
+    except ImportError as e:
+        raise RuntimeError(
+            'the CPU replay of the CUDA kernels (transnext_mm._ext_replay, a test tool built '
+            f'only when asked for) is not built ({e}); build it with {HOW_TO_BUILD}') from e
+    return _ext_replay
 
 
 def aggregated_attention_cuda_replay(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor,
