@@ -1,7 +1,9 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
 """Build and install transnext-mm.
 
-The aggregated-attention op (sources under ops/csrc) is compiled into ``transnext_mm._ext``.
+The aggregated-attention op (sources under ops/csrc) is compiled into ``transnext_mm._ext``; the
+CPU replay of its CUDA kernels, a test tool, into ``transnext_mm._ext_replay`` when asked for
+(``TRANSNEXT_MM_WITH_REPLAY=1``, as the development install does).
 The configs, tools and model index are placed under ``transnext_mm/.mim`` (copied into sdist
 builds and wheels, symlinked for editable installs), where OpenMMLab's ``mim`` looks for them.
 """
@@ -71,15 +73,30 @@ def _env_flag(name: str) -> bool:
     return os.getenv(name, '0').lower() in ('1', 'true', 'yes', 'on')
 
 
-def get_extensions():
-    """The compiled aggregated-attention op ``transnext_mm._ext``.
+# What a failed build of each extension leaves.
+WITHOUT = {
+    'transnext_mm._ext': 'aggregated attention will use its PyTorch implementation',
+    'transnext_mm._ext_replay': "the tests of the CUDA kernels' CPU replay will fail",
+}
 
-    CPU kernels are always built; CUDA kernels too when torch has CUDA, nvcc is found and either
-    a GPU is visible or ``FORCE_CUDA=1``. ``TORCH_CUDA_ARCH_LIST`` and ``MAX_JOBS`` are honoured
-    by torch's ``BuildExtension``. ``TRANSNEXT_MM_WITH_OPS=0`` skips the op. A failed compile
-    only warns: the package then runs on its PyTorch path.
+
+def get_extensions():
+    """The compiled aggregated-attention op ``transnext_mm._ext`` and, when asked for, the CPU
+    replay of its CUDA kernels ``transnext_mm._ext_replay``.
+
+    ``_ext``: CPU kernels are always built; CUDA kernels too when torch has CUDA, nvcc is found
+    and either a GPU is visible or ``FORCE_CUDA=1``. ``TORCH_CUDA_ARCH_LIST`` and ``MAX_JOBS``
+    are honoured by torch's ``BuildExtension``. ``TRANSNEXT_MM_WITH_OPS=0`` skips the op. A
+    failed compile only warns: the package then runs on its PyTorch path.
+
+    ``_ext_replay`` (``ops/csrc/replay``; CPU only): the CUDA kernels' block bodies, launch plans
+    and host glue run on CPU tensors, for the tests. It is no part of the product, so it is built
+    only with ``TRANSNEXT_MM_WITH_REPLAY=1`` (``.dev_scripts/setup_env.sh`` sets it for the
+    development install).
     """
-    if os.getenv('TRANSNEXT_MM_WITH_OPS', '1') == '0':
+    with_ops = os.getenv('TRANSNEXT_MM_WITH_OPS', '1') != '0'
+    with_replay = _env_flag('TRANSNEXT_MM_WITH_REPLAY')
+    if not (with_ops or with_replay):
         return [], {}
     try:
         import torch
@@ -98,7 +115,8 @@ def get_extensions():
             try:
                 super().build_extensions()
             except Exception as e:  # e.g. no C++ compiler: torch's ABI check fails first
-                self._warn(e)
+                for ext in self.extensions:
+                    self._warn(ext, e)
                 self._failed = list(self.extensions)
             # Nothing to copy or install for an extension that failed.
             self.extensions = [ext for ext in self.extensions if ext not in self._failed]
@@ -109,7 +127,7 @@ def get_extensions():
                 return
             except Exception as e:  # compiler missing or failing: keep the PyTorch path
                 if not getattr(ext, 'cpu_sources', None):
-                    self._warn(e)
+                    self._warn(ext, e)
                     self._failed.append(ext)
                     return
                 print(f'WARNING: transnext-mm: building the CUDA kernels failed ({e}); '
@@ -122,9 +140,9 @@ def get_extensions():
                 self.build_extension(ext)
 
         @staticmethod
-        def _warn(error):
-            print(f'WARNING: transnext-mm: building transnext_mm._ext failed ({error}); '
-                  'aggregated attention will use its PyTorch implementation')
+        def _warn(ext, error):
+            print(f'WARNING: transnext-mm: building {ext.name} failed ({error}); '
+                  f'{WITHOUT[ext.name]}')
 
     csrc = osp.join('ops', 'csrc')
 
@@ -132,12 +150,25 @@ def get_extensions():
         return sorted(osp.relpath(path, ROOT) for pattern in patterns
                       for path in glob.glob(osp.join(ROOT, csrc, pattern)))
 
-    # Every C++ file of pytorch/ (bindings, dispatch) and cpu/ (kernels); cuda/ only with CUDA.
-    sources = find_sources(osp.join('pytorch', '*.cpp'), osp.join('cpu', '*.cpp'))
-    if not sources:
-        raise FileNotFoundError(f'transnext-mm: no C++ sources under {osp.join(ROOT, csrc)}')
+    # mmcv's layout: pytorch/ (bindings, device dispatch and checks), pytorch/cpu/ (CPU kernels),
+    # pytorch/cuda/ (CUDA launchers and kernels, only with CUDA); common/ holds the headers they
+    # share. replay/ (with its own bindings) is the test extension.
+    sources = find_sources(osp.join('pytorch', '*.cpp'), osp.join('pytorch', 'cpu', '*.cpp'))
+    replay_sources = find_sources(osp.join('replay', '*.cpp'))
+    if not sources or (with_replay and not replay_sources):
+        raise FileNotFoundError(f'transnext-mm: C++ sources missing under {osp.join(ROOT, csrc)}')
     # -fno-trapping-math lets GCC vectorise the softmax loops' min/max (torch builds with it too).
     cxx_flags = ['-O3', '-std=c++20', '-fopenmp', '-fno-math-errno', '-fno-trapping-math']
+    extensions = []
+    if with_replay:
+        print('transnext-mm: building transnext_mm._ext_replay (the CPU replay of the CUDA '
+              'kernels, for the tests)')
+        extensions.append(
+            CppExtension(name='transnext_mm._ext_replay', sources=replay_sources,
+                         include_dirs=[osp.join(ROOT, csrc)], extra_link_args=['-fopenmp'],
+                         extra_compile_args={'cxx': cxx_flags}))
+    if not with_ops:
+        return extensions, {'build_ext': OptionalBuildExtension}
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and (torch.cuda.is_available() or _env_flag('FORCE_CUDA')))
     common = dict(name='transnext_mm._ext', include_dirs=[osp.join(ROOT, csrc)],
@@ -145,16 +176,17 @@ def get_extensions():
     if not with_cuda:
         print('transnext-mm: building transnext_mm._ext with CPU kernels')
         ext = CppExtension(sources=sources, extra_compile_args={'cxx': cxx_flags}, **common)
-        return [ext], {'build_ext': OptionalBuildExtension}
+        return [ext] + extensions, {'build_ext': OptionalBuildExtension}
     print('transnext-mm: building transnext_mm._ext with CPU and CUDA kernels')
     ext = CUDAExtension(
-        sources=sources + find_sources(osp.join('cuda', '*.cpp'), osp.join('cuda', '*.cu')),
+        sources=sources + find_sources(osp.join('pytorch', 'cuda', '*.cpp'),
+                                       osp.join('pytorch', 'cuda', '*.cu')),
         define_macros=[('WITH_CUDA', None)],
         extra_compile_args={'cxx': cxx_flags,
                             'nvcc': ['-O3', '-std=c++20', '--expt-relaxed-constexpr']},
         **common)
     ext.cpu_sources = sources  # built instead if the CUDA build fails
-    return [ext], {'build_ext': OptionalBuildExtension}
+    return [ext] + extensions, {'build_ext': OptionalBuildExtension}
 
 
 add_mim_extension()

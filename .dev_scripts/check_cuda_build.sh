@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Compile-only check of the CUDA kernels of transnext_mm._ext (no GPU needed, only nvcc).
 #
-# Compiles ops/csrc/cuda/*.cu with nvcc for one architecture (TORCH_CUDA_ARCH_LIST, default 9.0)
-# and the CUDA launchers ops/csrc/cuda/*.cpp with the host compiler, with the flags torch's
-# BuildExtension uses, into a temporary directory, so CUDA build errors are caught on CPU-only
-# CI. With -Xptxas -v it prints registers, stack and spills of every kernel and fails when a
-# kernel variant for head dim 24 (HeadDim<24, true>, the released models') spills to local memory
-# (spills of the other exact variants, 16 / 32 / 48 / 64, are flagged). Exit status: 0 ok, 1 compile error or spill, 77 skipped (no nvcc or no CUDA torch).
+# Compiles ops/csrc/pytorch/cuda/*.cu (which include the kernel headers of ops/csrc/common/cuda)
+# with nvcc for one architecture (TORCH_CUDA_ARCH_LIST, default 9.0) and the CUDA launchers
+# ops/csrc/pytorch/cuda/*.cpp with the host compiler, with the flags torch's BuildExtension uses,
+# into a temporary directory, so CUDA build errors are caught on CPU-only CI. With -Xptxas -v it
+# prints registers, stack and spills of every kernel and fails when a kernel variant for head
+# dim 24 (HeadDim<24, true>, the released models') spills to local memory (spills of the other
+# exact variants, 16 / 32 / 48 / 64, are flagged). Exit status: 0 ok, 1 compile error or spill,
+# 77 skipped (no nvcc or no CUDA torch).
 #
 # Usage: .dev_scripts/check_cuda_build.sh            (PYTHON=... to choose the interpreter)
 set -euo pipefail
@@ -61,7 +63,7 @@ DEFINES=(-DWITH_CUDA -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_ext
 echo "check_cuda_build: $("$NVCC" --version | tail -n 2 | head -n 1) (torch CUDA ${TORCH_INFO[0]}), sm_$SM"
 status=0
 start=$(date +%s)
-for src in "$ROOT"/ops/csrc/cuda/*.cu; do
+for src in "$ROOT"/ops/csrc/pytorch/cuda/*.cu; do
   echo "  compiling ${src#$ROOT/} (-Xptxas -v)"
   log="$OUT/$(basename "$src").ptxas"
   if ! "$NVCC" -c "$src" -o "$OUT/$(basename "$src").o" "${INCLUDES[@]}" \
@@ -120,7 +122,7 @@ if failed:
     sys.exit(1)
 PYEOF
 done
-for src in "$ROOT"/ops/csrc/cuda/*.cpp; do
+for src in "$ROOT"/ops/csrc/pytorch/cuda/*.cpp; do
   echo "  compiling ${src#$ROOT/}"
   "${CXX:-c++}" -c "$src" -o "$OUT/$(basename "$src").o" "${INCLUDES[@]}" "${DEFINES[@]}" \
     -std=c++20 -O1 -fPIC || status=1

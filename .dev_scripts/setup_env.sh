@@ -30,10 +30,12 @@ PIP=("$VPY" -m pip --disable-pip-version-check)
 
 # Everything below is skipped when nothing changed since the last successful set-up.
 # The stamp covers what decides the installation, op sources included (the editable install
-# builds transnext_mm/_ext in the checkout).
-want="torch=$TORCH_VERSION mmcv=$MMCV_VERSION inputs=$(cat setup.py requirements/*.txt \
+# builds transnext_mm/_ext and the tests' transnext_mm/_ext_replay in the checkout); both
+# libraries must be there.
+want="torch=$TORCH_VERSION mmcv=$MMCV_VERSION replay=1 inputs=$(cat setup.py requirements/*.txt \
   $(find ops -type f 2>/dev/null | sort) 2>/dev/null | sha1sum | cut -c1-12)"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && ls transnext_mm/_ext*.so >/dev/null 2>&1; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] \
+    && ls transnext_mm/_ext.*.so transnext_mm/_ext_replay.*.so >/dev/null 2>&1; then
   log "environment up to date ($want)"
   exit 0
 fi
@@ -70,8 +72,10 @@ fi
 # 60.x, below torch's >=77.0.3; its other dependencies come from requirements/mim.txt.
 "${PIP[@]}" install -q --no-deps "openmim==0.3.9"
 "${PIP[@]}" install -q -r requirements/deploy.txt  # ONNX export and ONNX Runtime (tools/deployment)
-# The package itself; the compiled op is built here (CPU always, CUDA when available).
-"${PIP[@]}" install -q --no-build-isolation --no-deps -e .
+# The package itself; the compiled op is built here (CPU always, CUDA when available), and with
+# TRANSNEXT_MM_WITH_REPLAY=1 the CPU replay of the CUDA kernels that the tests use (no part of
+# the wheel).
+TRANSNEXT_MM_WITH_REPLAY=1 "${PIP[@]}" install -q --no-build-isolation --no-deps -e .
 "$VPY" -c "import transnext_mm, mmdet, mmseg, mmpretrain, mmcv.ops, mim; print('transnext_mm', transnext_mm.__version__, 'ready')"
 "$VPY" - <<'PYEOF'
 import setuptools

@@ -2,7 +2,8 @@
 """Smoke test of an installed transnext-mm wheel (run by .dev_scripts/ci/wheel_smoke.sh).
 
 Runs outside the checkout, in the environment the wheel was installed into, and checks: the
-sdist holds what a build needs; the wheel holds the compiled op and the ``.mim`` folder; the
+sdist holds what a build needs; the wheel holds the compiled op and the ``.mim`` folder, and not
+the tests' CPU replay of the CUDA kernels (no ``_ext_replay``, no replay symbols in ``_ext``); the
 installed package (not the checkout) is imported; ``_ext`` is present; a backbone forward with
 the compiled op equals the reference path; shipped configs are found under ``.mim`` and built;
 ``mim search`` lists the models; ``mim train`` and ``mim test`` run a shipped config by name.
@@ -11,6 +12,7 @@ import argparse
 import os
 import os.path as osp
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -18,8 +20,14 @@ import zipfile
 
 SDIST_NEEDS = ['setup.py', 'MANIFEST.in', 'README.md', 'model-index.yml',
                'requirements/runtime.txt', 'requirements/toolboxes.txt',
-               'ops/csrc/pytorch/pybind.cpp', 'ops/csrc/common/aggregated_attention_common.h',
-               'ops/csrc/cuda/aggregated_attention_kernels.cu',
+               'ops/csrc/pytorch/pybind.cpp', 'ops/csrc/common/aggregated_attention_geometry.h',
+               'ops/csrc/common/cuda/aggregated_attention_blocks.cuh',
+               'ops/csrc/common/cuda/aggregated_attention_launch.cuh',
+               'ops/csrc/common/cuda/aggregated_attention_thread.cuh',
+               'ops/csrc/pytorch/cpu/aggregated_attention_cpu.cpp',
+               'ops/csrc/pytorch/cuda/aggregated_attention_kernels.cu',
+               'ops/csrc/pytorch/cuda/aggregated_attention_glue.h',
+               'ops/csrc/replay/aggregated_attention_cuda_replay.cpp',
                'configs/mask-rcnn/metafile.yml', 'configs/mask-rcnn/README.md',
                'configs/_base_/models/mask-rcnn_transnext_fpn.py', 'tools/train.py',
                'tools/dataset_converters/make_synthetic_coco.py', 'transnext_mm/__init__.py']
@@ -28,6 +36,11 @@ WHEEL_NEEDS = ['transnext_mm/.mim/model-index.yml', 'transnext_mm/.mim/configs/d
                'transnext_mm/.mim/tools/train.py', 'transnext_mm/.mim/tools/test.py',
                'transnext_mm/.mim/tools/dist_train.sh', 'transnext_mm/collect_env.py']
 DEMO = 'mask-rcnn_transnext-micro_fpn_synthetic-coco.py'
+# The bindings of the tests' CPU replay of the CUDA kernels (transnext_mm._ext_replay), and a
+# class of its code: none may be in the shipped _ext.
+REPLAY_NAMES = ('aggregated_attention_forward_replay', 'aggregated_attention_backward_replay',
+                'aggregated_attention_launch_plans', 'cuda_replay_selftest',
+                'pool_grad_target_blocks', 'FiberBlock')
 
 
 def check(condition, message):
@@ -58,6 +71,8 @@ def check_archives(sdist, wheel):
     check(not missing, f'the wheel lacks {missing}')
     check(any(re.match(r'transnext_mm/_ext\..*\.so$', f) for f in wheel_files),
           'the wheel holds no compiled transnext_mm/_ext*.so')
+    replay = [f for f in wheel_files if '_ext_replay' in f]
+    check(not replay, f'the wheel ships the tests\' CPU replay of the CUDA kernels: {replay}')
     configs = [f for f in files if f.startswith('configs/') and f.endswith('.py')]
     shipped = [f for f in wheel_files if f.startswith('transnext_mm/.mim/configs/')
                and f.endswith('.py')]
@@ -67,20 +82,39 @@ def check_archives(sdist, wheel):
           f'({len(shipped)} configs under .mim)')
 
 
+def replay_symbols(library):
+    """What of the CPU replay the library holds: dynamic symbols that name it (``nm -DC``) and
+    its names anywhere in the file (bindings, symbol table, debug information)."""
+    found = []
+    nm = shutil.which('nm')
+    if nm:
+        symbols = subprocess.run([nm, '-DC', library], capture_output=True, text=True).stdout
+        found += [line for line in symbols.splitlines() if 'replay' in line.lower()]
+    with open(library, 'rb') as f:
+        data = f.read()
+    return found + [name for name in REPLAY_NAMES if name.encode() in data]
+
+
 def check_installed(checkout):
     import torch
 
     import transnext_mm
-    from transnext_mm import _ext
+    from transnext_mm.ops.dispatch import BUILD, compiled_ext
+    ext = compiled_ext()
+    check(ext is not None, f'transnext_mm._ext does not import: {BUILD.error}')
     package = osp.dirname(osp.realpath(transnext_mm.__file__))
     check(not package.startswith(osp.realpath(checkout)),
           f'transnext_mm was imported from the checkout ({package})')
-    check(osp.dirname(_ext.__file__) == package, f'_ext at {_ext.__file__}')
+    check(osp.dirname(ext.__file__) == package, f'_ext at {ext.__file__}')
+    replay = replay_symbols(ext.__file__)
+    check(not replay, f'{ext.__file__} holds the CPU replay of the CUDA kernels: {replay[:10]}')
+    check(not any(name.startswith('_ext_replay') for name in os.listdir(package)),
+          'the installed package holds transnext_mm._ext_replay')
     mim = osp.join(package, '.mim')
     check(osp.isfile(osp.join(mim, 'model-index.yml')) and not osp.islink(osp.join(mim, 'configs')),
           f'{mim} lacks model-index.yml or holds links instead of copies')
     print(f'[wheel_smoke] transnext_mm {transnext_mm.__version__} from {package}; _ext '
-          f'with_cuda={_ext.with_cuda}')
+          f'with_cuda={ext.with_cuda}')
 
     from transnext_mm.models.backbones import TransNeXt
     torch.manual_seed(0)

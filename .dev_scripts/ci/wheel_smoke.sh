@@ -28,7 +28,9 @@ sdist=$(ls "$WORK"/dist/transnext*mm-*.tar.gz)
 log "$(basename "$sdist"): $(du -k "$sdist" | cut -f1) KiB, $(tar -tzf "$sdist" | grep -vc '/$') files"
 
 log "wheel from the sdist (compiles the op)"
-MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$VPY" -m pip --disable-pip-version-check wheel -q \
+# The product only: never the tests' CPU replay of the CUDA kernels, whatever the environment says.
+env -u TRANSNEXT_MM_WITH_REPLAY MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+  "$VPY" -m pip --disable-pip-version-check wheel -q \
   --no-build-isolation --no-deps -w "$WORK/dist" "$sdist" >"$WORK/wheel.log" 2>&1 \
   || { tail -50 "$WORK/wheel.log"; exit 1; }
 wheel=$(ls "$WORK"/dist/transnext_mm-*.whl)

@@ -1,5 +1,5 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
-"""The benchmark matrix of issue #12 on the GPU (bf16 unless said), in one process per part.
+"""The benchmark matrix on the GPU (bf16 unless said), in one process per part.
 
 Part of the prepared GPU run (``.dev_scripts/gpu/run_all.sh``); ``--dry-run`` runs the same code on the
 CPU with tiny shapes. Times are medians of CUDA-event-timed calls after warm-up; peak memory is
@@ -40,7 +40,7 @@ def timed(step, device, warmup, repeats, budget_s=3.0):
 # ---------------------------------------------------------------------------------- layers
 def layer_impl(name):
     if name == 'flex':
-        from transnext_mm.ops.flex_aggregated_attention import flex_aggregated_attention
+        from transnext_mm.ops.aggregated_attention.flex import flex_aggregated_attention
         return flex_aggregated_attention
     from transnext_mm.ops.aggregated_attention import aggregated_attention
 

@@ -143,8 +143,8 @@ def check_backbone(rec, device, sizes, dtypes, impls, arch):
 
 def op_case(device, B, heads, height, width, num_pool, head_dim, dtype_name, seed=0):
     """Errors of the op's output and 8 gradients against float64 reference autograd."""
-    from transnext_mm.ops.aggregated_attention import aggregated_attention_reference
-    from transnext_mm.ops.aggregated_attention_op import aggregated_attention_op
+    from transnext_mm.ops.aggregated_attention import (aggregated_attention_op,
+                                                       aggregated_attention_reference)
     dtype = DTYPES[dtype_name]
     tensors = core_inputs(B, heads, height, width, num_pool, head_dim, dtype, device, seed,
                           requires_grad=True)
@@ -165,7 +165,7 @@ def op_case(device, B, heads, height, width, num_pool, head_dim, dtype_name, see
 
 
 def op_run(tensors, grad_out, height, width):
-    from transnext_mm.ops.aggregated_attention_op import aggregated_attention_op
+    from transnext_mm.ops.aggregated_attention import aggregated_attention_op
     out = aggregated_attention_op(*tensors, height, width)
     return (out, *torch.autograd.grad(out, tensors, grad_out))
 
@@ -252,7 +252,7 @@ def check_stream(shape, device):
 
 def check_flex(rec, device, dry_run):
     from transnext_mm.ops.aggregated_attention import aggregated_attention_reference
-    from transnext_mm.ops.flex_aggregated_attention import flex_aggregated_attention
+    from transnext_mm.ops.aggregated_attention.flex import flex_aggregated_attention
     # (B, heads, H, W, Np, d): Tiny's stages 1-3 at 512x512 batch 8.
     shapes = [(2, 3, 8, 8, 4, 24)] if dry_run else [(8, 3, 128, 128, 256, 24),
                                                     (8, 6, 64, 64, 256, 24),

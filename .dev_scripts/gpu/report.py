@@ -81,7 +81,7 @@ def environment():
     try:
         import transnext_mm
         from transnext_mm.ops import dispatch
-        ext = dispatch._ext
+        ext = dispatch.compiled_ext()
         info['transnext_mm'] = transnext_mm.__file__
         info['ext'] = {'built': dispatch.BUILD.built, 'with_cuda': dispatch.BUILD.cuda,
                        'import_error': dispatch.BUILD.error or None}
@@ -153,7 +153,7 @@ def _ratio(a, b):
 
 
 def goals(report):
-    """Each goal of issue #12 with the measured value, the target and whether it is met."""
+    """Each performance goal with the measured value, the target and whether it is met."""
     core = _get(report, 'benchmarks', 'core') or {}
     flex = _get(report, 'benchmarks', 'flex') or {}
     out = []

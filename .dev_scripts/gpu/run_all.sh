@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU run of issue #12: one command that turns a short GPU window into evidence.
+# The prepared GPU run: one command that checks and measures the op on a GPU and records it all.
 #
 #   bash .dev_scripts/gpu/run_all.sh OUT_DIR             on the GPU machine (wheels in .whl/, see
 #                                                 .dev_scripts/gpu/fetch_wheels.sh)
@@ -8,7 +8,8 @@
 #
 # Steps, each time-boxed and fault-isolated (a failure is recorded and the run goes on):
 # install the carried wheels (mmengine, mmcv-lite and their pure-Python needs) into /tmp/site;
-# build transnext_mm._ext for sm_90 (MAX_JOBS=16; missing CUDA kernels are a loud failure);
+# build transnext_mm._ext for sm_90 (MAX_JOBS=16; missing CUDA kernels are a loud failure) and
+# the tests' CPU replay of the CUDA kernels transnext_mm._ext_replay;
 # describe the environment; pytest tests/test_ops with the CUDA tests enabled; parity
 # (.dev_scripts/gpu/parity.py); the benchmark matrix (.dev_scripts/gpu/bench_matrix.py, part core); the
 # flex_attention layers; compute-sanitizer memcheck / racecheck / synccheck over small CUDA
@@ -116,24 +117,32 @@ fi
   || echo "run_all.sh: WARNING: mmengine / mmcv not importable: transnext_mm will not import"
 
 # ----------------------------------------------------------------------------- 2. build
-if [ $DRY -eq 1 ] && ls transnext_mm/_ext*.so >/dev/null 2>&1; then
-  report step "$REPORT" build "skipped: dry run and $(ls transnext_mm/_ext*.so) exists" 0
+# The op (transnext_mm._ext) and the tests' CPU replay of its CUDA kernels (_ext_replay).
+LIBS="transnext_mm/_ext.*.so transnext_mm/_ext_replay.*.so"
+if [ $DRY -eq 1 ] && ls $LIBS >/dev/null 2>&1; then
+  report step "$REPORT" build "skipped: dry run and $(echo $(ls $LIBS)) exist" 0
 else
   if [ $DRY -eq 1 ]; then
-    banner "building transnext_mm._ext (CPU kernels, MAX_JOBS=2)"
-    boxed build 900 env MAX_JOBS=2 "$PY" setup.py build_ext --inplace >"$WORK/build.log" 2>&1
-  elif "$PY" -c 'from transnext_mm.ops.dispatch import _ext; import sys; sys.exit(0 if _ext is not None and _ext.with_cuda else 1)' 2>/dev/null; then
+    banner "building transnext_mm._ext (CPU kernels) and _ext_replay (MAX_JOBS=2)"
+    boxed build 900 env TRANSNEXT_MM_WITH_REPLAY=1 MAX_JOBS=2 \
+      "$PY" setup.py build_ext --inplace >"$WORK/build.log" 2>&1
+  elif "$PY" -c 'import sys; from transnext_mm.ops.dispatch import BUILD; sys.exit(0 if BUILD.cuda else 1)' 2>/dev/null; then
     banner "using the carried transnext_mm._ext (built ahead with nvcc for sm_90)"
     RC=0 DUR=0
+    if ! ls transnext_mm/_ext_replay.*.so >/dev/null 2>&1; then
+      banner "building transnext_mm._ext_replay (MAX_JOBS=16)"
+      boxed build 300 env TRANSNEXT_MM_WITH_OPS=0 TRANSNEXT_MM_WITH_REPLAY=1 MAX_JOBS=16 \
+        "$PY" setup.py build_ext --inplace >"$WORK/build.log" 2>&1
+    fi
   else
-    banner "building transnext_mm._ext for sm_90 (MAX_JOBS=16)"
-    rm -f transnext_mm/_ext*.so
-    boxed build 300 env TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 MAX_JOBS=16 \
-      "$PY" setup.py build_ext --inplace >"$WORK/build.log" 2>&1
+    banner "building transnext_mm._ext for sm_90 and _ext_replay (MAX_JOBS=16)"
+    rm -f $LIBS
+    boxed build 300 env TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 TRANSNEXT_MM_WITH_REPLAY=1 \
+      MAX_JOBS=16 "$PY" setup.py build_ext --inplace >"$WORK/build.log" 2>&1
   fi
   tail -n 5 "$WORK/build.log"
   BUILD="$(status_of $RC)"
-  WITH_CUDA="$("$PY" -c 'from transnext_mm.ops import aggregated_attention_op as m; print(bool(m._ext and m._ext.with_cuda))' 2>/dev/null | tail -n 1)"
+  WITH_CUDA="$("$PY" -c 'from transnext_mm.ops.dispatch import BUILD; print(BUILD.cuda)' 2>/dev/null | tail -n 1)"
   if [ $DRY -eq 0 ] && [ "$WITH_CUDA" != "True" ]; then
     echo "#################################################################################"
     echo "### BUILD FAILED: transnext_mm._ext has NO CUDA KERNELS (with_cuda=$WITH_CUDA)."
@@ -155,7 +164,7 @@ PYTEST_ARGS=(-q -p no:cacheprovider -o addopts= --junitxml="$WORK/junit.xml")
 if [ $DRY -eq 1 ]; then
   # The CUDA tests' CPU side: the CUDA kernels' code replayed on the CPU (the rest of
   # tests/test_ops runs in the suite anyway).
-  PYTEST_ARGS+=(tests/test_ops/test_aggregated_attention_op.py -k "replayed_on_cpu and float32")
+  PYTEST_ARGS+=(tests/test_ops/test_aggregated_attention/test_replay.py -k "replayed_on_cpu and float32")
 else
   # The whole op suite; the CUDA tests run since a GPU is visible. Left out: the compile-only
   # check (step 2 built the same sources) and flex_attention, whose compiled CUDA check

@@ -21,8 +21,8 @@ SHAPES = [(2, 3, 5, 7, 4, 24), (1, 2, 1, 1, 1, 24), (1, 1, 1, 9, 3, 16), (2, 1, 
 
 
 def run_case(shape, dtype, device, strided=False):
-    from transnext_mm.ops.aggregated_attention import aggregated_attention_reference
-    from transnext_mm.ops.aggregated_attention_op import aggregated_attention_op
+    from transnext_mm.ops.aggregated_attention import (aggregated_attention_op,
+                                                       aggregated_attention_reference)
     B, heads, height, width, num_pool, d = shape
     tensors = core_inputs(*shape, dtype, device)
     if strided:  # heads split out of a (B, N, heads * d) projection, as in the backbone

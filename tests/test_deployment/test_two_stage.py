@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transnext_mm.deployment.model import _metas, build_model, load_config
+from transnext_mm.deployment.model import build_model, image_metas, load_config
 from transnext_mm.deployment.runtime import compare_detections
 from transnext_mm.deployment.two_stage import TwoStageDetectorNet, paste_masks
 
@@ -40,7 +40,7 @@ def test_equals_mmdet_predict(model, batch, shape):
         if isinstance(module, RoIAlign):
             module.use_torchvision = False
     with torch.no_grad():
-        reference = model.predict(x, [DetDataSample(metainfo=m) for m in _metas(x)],
+        reference = model.predict(x, [DetDataSample(metainfo=m) for m in image_metas(x)],
                                   rescale=False)
         boxes, scores, labels, masks = TwoStageDetectorNet(model).eval()(x)
     max_per_img = model.roi_head.test_cfg.max_per_img

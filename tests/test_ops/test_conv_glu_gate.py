@@ -4,9 +4,9 @@ import torch
 from transnext_mm.models.layers import ConvGLU
 from transnext_mm.ops import conv_glu as gate_ops
 from transnext_mm.ops.conv_glu import conv_glu_gate, conv_glu_gate_torch
+from transnext_mm.ops.dispatch import BUILD
 
-requires_ext = pytest.mark.skipif(gate_ops._ext is None,
-                                  reason='transnext_mm._ext is not built')
+requires_ext = pytest.mark.skipif(not BUILD.built, reason='transnext_mm._ext is not built')
 
 
 def gate_inputs(B, height, width, channels, dtype, requires_grad=False):
@@ -32,20 +32,21 @@ def test_compiled_gate_matches_pytorch(B, height, width, channels, dtype, tol):
 @pytest.mark.parametrize('B,height,width,channels', [(2, 5, 7, 6), (1, 1, 6, 4)])
 def test_compiled_gate_gradients(B, height, width, channels):
     args = gate_inputs(B, height, width, channels, torch.float64, requires_grad=True)
-    out = gate_ops._gate_op(*args, height, width)  # the dispatcher takes PyTorch for training
+    # The dispatcher takes PyTorch for training; the kernel has the PyTorch backward.
+    out = gate_ops.conv_glu_gate_op(*args, height, width)
     ref = conv_glu_gate_torch(*args, height, width)
     grad = torch.randn_like(out)
     for g, g_ref in zip(torch.autograd.grad(out, args, grad), torch.autograd.grad(ref, args, grad)):
         torch.testing.assert_close(g, g_ref)
     assert torch.autograd.gradcheck(
-        lambda h, w, b: gate_ops._gate_op(h, w, b, height, width), args)
+        lambda h, w, b: gate_ops.conv_glu_gate_op(h, w, b, height, width), args)
 
 
 @requires_ext
 def test_compiled_gate_frozen_conv_and_opcheck():
     hidden, weight, bias = gate_inputs(2, 4, 5, 8, torch.float32)
     hidden.requires_grad_()
-    out = gate_ops._gate_op(hidden, weight, bias, 4, 5)
+    out = gate_ops.conv_glu_gate_op(hidden, weight, bias, 4, 5)
     (grad_hidden,) = torch.autograd.grad(out.sum(), hidden)  # weight and bias need no grad
     ref = conv_glu_gate_torch(hidden, weight, bias, 4, 5)
     torch.testing.assert_close(grad_hidden, torch.autograd.grad(ref.sum(), hidden)[0])
@@ -57,9 +58,9 @@ def test_compiled_gate_frozen_conv_and_opcheck():
 def test_compiled_gate_errors_name_the_argument():
     hidden, weight, bias = gate_inputs(1, 3, 3, 4, torch.float32)
     with pytest.raises(RuntimeError, match='weight must have shape'):
-        gate_ops._gate_op(hidden, weight[:2], bias, 3, 3)
+        gate_ops.conv_glu_gate_op(hidden, weight[:2], bias, 3, 3)
     with pytest.raises(RuntimeError, match='tokens but height'):
-        gate_ops._gate_op(hidden, weight, bias, 3, 4)
+        gate_ops.conv_glu_gate_op(hidden, weight, bias, 3, 4)
     with pytest.raises(ValueError, match='impl must be one of'):
         conv_glu_gate(hidden, weight, bias, 3, 3, impl='fast')
 
@@ -67,8 +68,8 @@ def test_compiled_gate_errors_name_the_argument():
 @requires_ext
 def test_kernel_serves_inference_and_pytorch_serves_training(monkeypatch):
     calls = []
-    kernel = gate_ops._gate_op
-    monkeypatch.setattr(gate_ops, '_gate_op', lambda *a: calls.append(1) or kernel(*a))
+    kernel = gate_ops.conv_glu_gate_op
+    monkeypatch.setattr(gate_ops, 'conv_glu_gate_op', lambda *a: calls.append(1) or kernel(*a))
     hidden, weight, bias = gate_inputs(1, 4, 4, 8, torch.float32)
     with torch.no_grad():
         conv_glu_gate(hidden, weight, bias, 4, 4)
@@ -101,13 +102,13 @@ def test_conv_glu_impls_agree_and_fall_back():
 def test_conv_glu_strips_match_whole_map(monkeypatch, strip_rows):
     """Inference in strips of rows (ragged last strip, batch 2) equals the whole-map PyTorch
     result, and really runs strip by strip."""
-    import transnext_mm.models.layers.conv_glu as conv_glu_module
+    from transnext_mm.ops import dispatch
     torch.manual_seed(0)
     glu = ConvGLU(12, 4).eval()
     height, width = 7, 5
     x = torch.randn(2, height * width, 12)
     row_bytes = 2 * width * glu.fc1.out_features * x.element_size()
-    monkeypatch.setattr(conv_glu_module, 'STRIP_BYTES', strip_rows * row_bytes)
+    monkeypatch.setattr(dispatch, 'CONV_GLU_STRIP_BYTES', strip_rows * row_bytes)
     fc1_calls = []
     glu.fc1.register_forward_hook(lambda *_: fc1_calls.append(1))
     with torch.no_grad():

@@ -3,8 +3,9 @@ import torch
 
 from transnext_mm.ops import cosine_qk
 from transnext_mm.ops.cosine_qk import cosine_queries_keys, cosine_queries_keys_torch
+from transnext_mm.ops.dispatch import BUILD
 
-requires_ext = pytest.mark.skipif(cosine_qk._ext is None, reason='transnext_mm._ext is not built')
+requires_ext = pytest.mark.skipif(not BUILD.built, reason='transnext_mm._ext is not built')
 
 
 def make_inputs(B, heads, N, d, dtype, tokens=9, split_heads=True):
@@ -25,7 +26,7 @@ def make_inputs(B, heads, N, d, dtype, tokens=9, split_heads=True):
                                                (3, 2, 129, 7, False)])
 def test_kernel_matches_pytorch(B, heads, N, d, split, dtype, tol):
     inputs = make_inputs(B, heads, N, d, dtype, split_heads=split)
-    outs = cosine_qk._cosine_op(*inputs)
+    outs = cosine_qk.cosine_queries_keys_op(*inputs)
     refs = cosine_queries_keys_torch(*inputs)
     for name, out, ref in zip(('q', 'k', 'token_weight'), outs, refs):
         assert out.shape == ref.shape and out.dtype == dtype, name
@@ -37,7 +38,7 @@ def test_kernel_matches_pytorch(B, heads, N, d, split, dtype, tol):
 def test_kernel_reads_channel_strided_inputs_and_passes_opcheck():
     q, k, *params = make_inputs(2, 2, 6, 5, torch.float32)
     q_t = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # channels not contiguous
-    for out, ref in zip(cosine_qk._cosine_op(q_t, k, *params),
+    for out, ref in zip(cosine_qk.cosine_queries_keys_op(q_t, k, *params),
                         cosine_queries_keys_torch(q, k, *params)):
         torch.testing.assert_close(out, ref)
     torch.library.opcheck(torch.ops.transnext_mm.cosine_queries_keys.default, (q, k, *params),
@@ -48,13 +49,15 @@ def test_kernel_reads_channel_strided_inputs_and_passes_opcheck():
 def test_errors_name_the_argument():
     q, k, qe, scale, tokens, tbias = make_inputs(1, 2, 4, 8, torch.float32)
     with pytest.raises(RuntimeError, match='scale must have shape'):
-        cosine_qk._cosine_op(q, k, qe, scale[:, :3], tokens, tbias)
+        cosine_qk.cosine_queries_keys_op(q, k, qe, scale[:, :3], tokens, tbias)
     with pytest.raises(RuntimeError, match='learnable_bias must have shape'):
-        cosine_qk._cosine_op(q, k, qe, scale, tokens, tbias[..., :4])
+        cosine_qk.cosine_queries_keys_op(q, k, qe, scale, tokens, tbias[..., :4])
     with pytest.raises(RuntimeError, match='at most 16 learnable tokens'):
-        cosine_qk._cosine_op(*make_inputs(1, 2, 4, 8, torch.float32, tokens=17))
+        cosine_qk.cosine_queries_keys_op(
+            *make_inputs(1, 2, 4, 8, torch.float32, tokens=17))
     with pytest.raises(RuntimeError, match='float32 / float64'):
-        cosine_qk._cosine_op(*(t.half() for t in (q, k, qe, scale, tokens, tbias)))
+        cosine_qk.cosine_queries_keys_op(
+            *(t.half() for t in (q, k, qe, scale, tokens, tbias)))
     with pytest.raises(ValueError, match='impl must be one of'):
         cosine_queries_keys(q, k, qe, scale, tokens, tbias, impl='fast')
 
@@ -62,8 +65,9 @@ def test_errors_name_the_argument():
 @requires_ext
 def test_kernel_serves_inference_and_pytorch_serves_training(monkeypatch):
     calls = []
-    kernel = cosine_qk._cosine_op
-    monkeypatch.setattr(cosine_qk, '_cosine_op', lambda *a: calls.append(1) or kernel(*a))
+    kernel = cosine_qk.cosine_queries_keys_op
+    monkeypatch.setattr(cosine_qk, 'cosine_queries_keys_op',
+                        lambda *a: calls.append(1) or kernel(*a))
     inputs = make_inputs(1, 2, 5, 8, torch.float32)
     with torch.no_grad():
         cosine_queries_keys(*inputs)

@@ -20,10 +20,10 @@ def test_collect_env_names_versions_and_kernels():
     import torch
     assert env['mmdet'] == mmdet.__version__
     assert env['PyTorch'] == torch.__version__
-    from transnext_mm.ops.dispatch import _ext
-    if _ext is not None:
+    from transnext_mm.ops.dispatch import BUILD
+    if BUILD.built:
         assert env['_ext CPU kernels'] == 'yes'
-        assert env['_ext CUDA kernels'].startswith('yes' if _ext.with_cuda else 'no')
+        assert env['_ext CUDA kernels'].startswith('yes' if BUILD.cuda else 'no')
 
 
 def test_module_prints_the_environment():

@@ -149,7 +149,9 @@ def preprocess_meta(cfg: Config) -> dict:
                 bgr_to_rgb=bool(pre.get('bgr_to_rgb', pre.get('to_rgb', False))))
 
 
-def _metas(x: torch.Tensor) -> List[dict]:
+def image_metas(x: torch.Tensor) -> List[dict]:
+    """Per-image meta information of a batch ``x`` (B, 3, H, W) of unpadded, unscaled images, as
+    the toolboxes' predict methods read it."""
     height, width = x.shape[2:]
     meta = dict(img_shape=(height, width), pad_shape=(height, width),
                 batch_input_shape=(height, width), ori_shape=(height, width),
@@ -187,7 +189,7 @@ class SegmentorNet(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_decode(x, _metas(x))
+        return self.model.encode_decode(x, image_metas(x))
 
 
 class DetectorNet(nn.Module):
@@ -199,7 +201,7 @@ class DetectorNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from mmdet.structures import DetDataSample
-        samples = [DetDataSample(metainfo=meta) for meta in _metas(x)]
+        samples = [DetDataSample(metainfo=meta) for meta in image_metas(x)]
         results = self.model.predict(x, samples, rescale=False)
         instances = [r.pred_instances for r in results]
         return (torch.stack([i.bboxes for i in instances]),

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import _ext, select
+from .dispatch import compiled_ext, select
 
 
 def _gate_image(gate: Tensor, height: int, width: int) -> Tensor:
@@ -40,12 +40,15 @@ def conv_glu_gate_torch(hidden: Tensor, weight: Tensor, bias: Tensor, height: in
 
 
 @torch.library.custom_op('transnext_mm::conv_glu_gate', mutates_args=())
-def _gate_op(hidden: Tensor, weight: Tensor, bias: Tensor, height: int, width: int) -> Tensor:
-    return _ext.conv_glu_gate_forward(hidden, weight, bias, height, width)
+def conv_glu_gate_op(hidden: Tensor, weight: Tensor, bias: Tensor, height: int,
+                     width: int) -> Tensor:
+    """The compiled gate as a custom op (CPU, fp32 / fp64; no dispatch: see
+    :func:`conv_glu_gate`), with the PyTorch formula as its backward."""
+    return compiled_ext().conv_glu_gate_forward(hidden, weight, bias, height, width)
 
 
-@_gate_op.register_fake
-def _gate_op_fake(hidden, weight, bias, height, width):
+@conv_glu_gate_op.register_fake
+def _conv_glu_gate_op_fake(hidden, weight, bias, height, width):
     return hidden.new_empty((hidden.shape[0], hidden.shape[1], hidden.shape[2] // 2))
 
 
@@ -73,7 +76,7 @@ def _backward(ctx, grad: Tensor):
     return grad_hidden, grad_weight, grad_bias, None, None
 
 
-_gate_op.register_autograd(_backward, setup_context=_setup_context)
+conv_glu_gate_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def conv_glu_gate(hidden: Tensor, weight: Tensor, bias: Tensor, height: int, width: int,
@@ -88,5 +91,6 @@ def conv_glu_gate(hidden: Tensor, weight: Tensor, bias: Tensor, height: int, wid
             PyTorch. Defaults to 'auto'.
     """
     if select('conv_glu_gate', impl, hidden, (weight, bias)) == 'op':
-        return _gate_op(hidden, weight.to(hidden.dtype), bias.to(hidden.dtype), height, width)
+        return conv_glu_gate_op(hidden, weight.to(hidden.dtype), bias.to(hidden.dtype), height,
+                                width)
     return conv_glu_gate_torch(hidden, weight, bias, height, width)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import _ext, select
+from .dispatch import compiled_ext, select
 
 
 def cosine_queries_keys_torch(q: Tensor, k: Tensor, query_embedding: Tensor, scale: Tensor,
@@ -36,15 +36,18 @@ def cosine_queries_keys_torch(q: Tensor, k: Tensor, query_embedding: Tensor, sca
 
 
 @torch.library.custom_op('transnext_mm::cosine_queries_keys', mutates_args=())
-def _cosine_op(q: Tensor, k: Tensor, query_embedding: Tensor, scale: Tensor,
-               learnable_tokens: Tensor, learnable_bias: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    q_out, k_out, token_weight = _ext.cosine_queries_keys_forward(
+def cosine_queries_keys_op(q: Tensor, k: Tensor, query_embedding: Tensor, scale: Tensor,
+                           learnable_tokens: Tensor,
+                           learnable_bias: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The compiled kernel as a custom op (CPU, fp32 / fp64, forward only; no dispatch: see
+    :func:`cosine_queries_keys`)."""
+    q_out, k_out, token_weight = compiled_ext().cosine_queries_keys_forward(
         q, k, query_embedding, scale, learnable_tokens, learnable_bias)
     return q_out, k_out, token_weight
 
 
-@_cosine_op.register_fake
-def _cosine_op_fake(q, k, query_embedding, scale, learnable_tokens, learnable_bias):
+@cosine_queries_keys_op.register_fake
+def _cosine_queries_keys_op_fake(q, k, query_embedding, scale, learnable_tokens, learnable_bias):
     B, heads, N, d = q.shape
     rows = q.new_empty((B, N, heads, d)).permute(0, 2, 1, 3)
     return rows, torch.empty_like(rows), q.new_empty((B, heads, N, learnable_tokens.shape[-1]))
@@ -64,5 +67,5 @@ def cosine_queries_keys(q: Tensor, k: Tensor, query_embedding: Tensor, scale: Te
     """
     inputs = (q, k, query_embedding, scale, learnable_tokens, learnable_bias)
     if select('cosine_qk', impl, q, inputs[1:]) == 'op':
-        return _cosine_op(*(t.to(q.dtype) for t in inputs))
+        return cosine_queries_keys_op(*(t.to(q.dtype) for t in inputs))
     return cosine_queries_keys_torch(*inputs)

@@ -12,10 +12,15 @@ Three kernels have a compiled implementation in ``transnext_mm._ext`` beside the
   activations make the backward cheap), and on other devices, in other dtypes or under autocast
   PyTorch's own kernels are not a slow path. Only a missing build is a fallback for them.
 
+``'full_attention'``, the last stage's attention over all tokens, has no compiled kernel:
+``impl='reference'`` computes its scores explicitly (the readable path), every other value runs
+PyTorch's ``F.scaled_dot_product_attention``.
+
 :func:`choose` is the rule (a pure function of kernel, requested implementation, device, dtype,
 gradient state and what was built); :func:`select` applies it to tensors: on a fallback,
 ``impl='auto'`` warns once per reason (one warning however many kernels and layers share it) and
-``impl='op'`` raises a RuntimeError with the same reason.
+``impl='op'`` raises a RuntimeError with the same reason. :func:`conv_glu_strip_rows` decides
+in how many strips of image rows the ConvGLU runs where its compiled gate runs.
 """
 import warnings
 from typing import Iterable, NamedTuple, Optional
@@ -31,14 +36,17 @@ except ImportError as e:  # not compiled: PyTorch computes everything
     _IMPORT_ERROR = e
 
 IMPLS = ('auto', 'torch', 'op', 'reference')  # 'torch' / 'reference': PyTorch only
-KERNELS = ('attention', 'cosine_qk', 'conv_glu_gate')
+KERNELS = ('attention', 'full_attention', 'cosine_qk', 'conv_glu_gate')
 KERNEL_NAMES = {
     'attention': 'aggregated-attention op',
+    'full_attention': 'full attention',
     'cosine_qk': 'cosine-attention input kernel',
     'conv_glu_gate': 'ConvGLU gate kernel',
 }
-# Devices and dtypes each compiled kernel has code for ('cuda' only when built with CUDA).
+# Devices and dtypes each compiled kernel has code for ('cuda' only when built with CUDA); the
+# full attention has no compiled kernel.
 KERNEL_DTYPES = {
+    'full_attention': {},
     'attention': {
         'cpu': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
         'cuda': (torch.float32, torch.float16, torch.bfloat16)
@@ -51,7 +59,17 @@ KERNEL_DTYPES = {
     },
 }
 # Whether the kernel also serves training (has a compiled backward worth running).
-KERNEL_TRAINS = {'attention': True, 'cosine_qk': False, 'conv_glu_gate': False}
+KERNEL_TRAINS = {'attention': True, 'full_attention': False, 'cosine_qk': False,
+                 'conv_glu_gate': False}
+# What impl='reference' runs, for the kernels with a readable path of their own.
+REFERENCES = {
+    'attention': 'the readable unfold implementation',
+    'full_attention': 'explicit scores and softmax',
+}
+# Inference through the compiled ConvGLU gate on a large map runs fc1 -> gate -> fc2 over strips
+# of image rows whose fc1 output (the 2h-channel hidden) is at most this big, so that it stays in
+# cache instead of a round trip through memory (50 MB at stage 1 of a 512x512 input).
+CONV_GLU_STRIP_BYTES = 8 << 20
 
 
 class Build(NamedTuple):
@@ -63,6 +81,12 @@ class Build(NamedTuple):
 
 
 BUILD = Build(_ext is not None, bool(_ext is not None and _ext.with_cuda), str(_IMPORT_ERROR or ''))
+
+
+def compiled_ext():
+    """The compiled kernels, the module ``transnext_mm._ext``; None when it is not built (then
+    :data:`BUILD` holds the import error)."""
+    return _ext
 
 
 class Choice(NamedTuple):
@@ -108,10 +132,13 @@ def choose(kernel: str, impl: str, device, dtype: torch.dtype, needs_grad: bool 
     build = BUILD if build is None else build
     device = torch.device(device)
     name = KERNEL_NAMES[kernel]
-    if impl == 'reference' and kernel == 'attention':
-        return Choice('reference', "impl='reference': the readable unfold implementation")
+    if impl == 'reference' and kernel in REFERENCES:
+        return Choice('reference', f"impl='reference': {REFERENCES[kernel]}")
     if impl in ('torch', 'reference'):
         return Choice('torch', f"impl={impl!r}: PyTorch")
+    if kernel == 'full_attention':
+        return Choice('torch', f"the {name} has no compiled kernel: PyTorch's "
+                      'F.scaled_dot_product_attention serves it')
     dtypes = KERNEL_DTYPES[kernel].get(device.type, ())
     if not KERNEL_TRAINS[kernel]:
         # CPU inference kernels: PyTorch by design elsewhere; only a missing build falls back.
@@ -180,6 +207,27 @@ def select(kernel: str, impl: str, x: Tensor, params: Iterable[Tensor] = (),
     return choice.impl
 
 
-def inference_kernel_applies(impl: str, x: Tensor, params: Iterable[Tensor] = ()) -> bool:
-    """Whether the compiled ConvGLU gate runs for ``x`` (see :func:`select`)."""
-    return select('conv_glu_gate', impl, x, params) == 'op'
+def conv_glu_strip_rows(impl: str, x: Tensor, params: Iterable[Tensor], height: int,
+                        width: int, hidden_channels: int, build: Optional[Build] = None) -> int:
+    """Image rows per strip in which the ConvGLU runs fc1 -> gate -> fc2 on ``x``.
+
+    Where the compiled gate runs (:func:`select` for ``'conv_glu_gate'``, with its fallback
+    warning or error), strips whose fc1 output takes at most :data:`CONV_GLU_STRIP_BYTES`;
+    elsewhere, and when one strip holds the whole map, ``height``: one pass over the map.
+
+    Args:
+        impl (str): The requested implementation, one of :data:`IMPLS`.
+        x (Tensor): The ConvGLU's input, (B, H*W, C).
+        params (Iterable[Tensor]): The ConvGLU's parameters (their gradient state counts).
+        height (int): Rows of the token grid.
+        width (int): Columns of the token grid.
+        hidden_channels (int): Channels of the fc1 output (gate and value halves).
+        build (Build, optional): What was built. Defaults to None (this installation's).
+
+    Returns:
+        int: Rows per strip, between 1 and ``height``.
+    """
+    if select('conv_glu_gate', impl, x, params, build) != 'op':
+        return height
+    row_bytes = x.shape[0] * width * hidden_channels * x.element_size()
+    return min(height, max(1, CONV_GLU_STRIP_BYTES // row_bytes))

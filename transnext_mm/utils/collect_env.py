@@ -64,17 +64,17 @@ def fatbin_archs(path: str) -> List[str]:
 def ext_info() -> 'OrderedDict[str, str]':
     """What ``transnext_mm._ext`` holds: its file, CPU kernels, CUDA kernels and their GPU
     architectures; or why it cannot be imported."""
+    from transnext_mm.ops.dispatch import BUILD, compiled_ext
     info = OrderedDict()
-    try:
-        from transnext_mm import _ext
-    except ImportError as e:
-        info['transnext_mm._ext'] = f'not available ({e}): the PyTorch paths are used'
+    ext = compiled_ext()
+    if ext is None:
+        info['transnext_mm._ext'] = f'not available ({BUILD.error}): the PyTorch paths are used'
         return info
-    info['transnext_mm._ext'] = _ext.__file__
+    info['transnext_mm._ext'] = ext.__file__
     info['_ext CPU kernels'] = 'yes'
-    if getattr(_ext, 'with_cuda', False):
+    if getattr(ext, 'with_cuda', False):
         try:
-            archs = fatbin_archs(_ext.__file__)
+            archs = fatbin_archs(ext.__file__)
         except (OSError, ValueError, IndexError, struct.error):  # not an ELF we can read
             archs = []
         info['_ext CUDA kernels'] = 'yes, ' + (', '.join(archs) if archs else

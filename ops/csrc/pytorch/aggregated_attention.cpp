@@ -1,92 +1,16 @@
 // Copyright (c) transnext-mm contributors. All rights reserved.
 //
-// Device dispatch and input checks of the aggregated-attention op.
-#include "aggregated_attention.h"
+// Device dispatch of the aggregated-attention op, after its input checks
+// (aggregated_attention_checks.h).
+#include "pytorch/aggregated_attention.h"
 
 #include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 
+#include "pytorch/aggregated_attention_checks.h"
+
 namespace transnext_mm {
 namespace {
-
-void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
-  TORCH_CHECK(t.sizes() == expected, "aggregated_attention: ", name, " must have shape ",
-              expected, ", got ", t.sizes());
-}
-
-// (B, heads, N, d) tensors are read row by row: any strides with contiguous channels will do.
-bool rows_addressable(const at::Tensor& t) {
-  return t.dim() == 4 && (t.stride(3) == 1 || t.size(3) <= 1) && t.stride(0) >= 0 &&
-         t.stride(1) >= 0 && t.stride(2) >= 0;
-}
-
-// Checks shapes, devices and dtypes; returns the tensors in argument order, q / k / v /
-// grad_out / out as they are when rows_addressable, everything else contiguous.
-std::vector<at::Tensor> checked(const std::vector<std::pair<const char*, at::Tensor>>& named,
-                                int64_t height, int64_t width) {
-  const at::Tensor& q = named[0].second;
-  TORCH_CHECK(q.dim() == 4, "aggregated_attention: q must be (B, heads, H*W, d), got ", q.sizes());
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()),
-              "aggregated_attention: inputs must be floating point, got ", q.scalar_type());
-  const int64_t B = q.size(0), heads = q.size(1), N = q.size(2), d = q.size(3);
-  TORCH_CHECK(height >= 0 && width >= 0 && height * width == N, "aggregated_attention: q has ", N,
-              " positions but height*width = ", height, "*", width);
-  std::vector<at::Tensor> out;
-  for (const auto& [name, t] : named) {
-    TORCH_CHECK(t.device() == q.device(), "aggregated_attention: ", name, " is on ", t.device(),
-                " but q is on ", q.device());
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), "aggregated_attention: ", name, " has dtype ",
-                t.scalar_type(), " but q has ", q.scalar_type());
-    const bool per_row = out.size() <= 2 || out.size() >= 8;  // q, k, v, grad_out, out
-    out.push_back(per_row && rows_addressable(t) ? t : t.contiguous());
-  }
-  const at::Tensor& k_pool = out[3];
-  TORCH_CHECK(k_pool.dim() == 4 && k_pool.size(0) == B && k_pool.size(1) == heads &&
-                  k_pool.size(3) == d,
-              "aggregated_attention: k_pool must have shape (", B, ", ", heads, ", Np, ", d,
-              "), got ", k_pool.sizes());
-  const int64_t Np = k_pool.size(2);
-  check_shape(out[1], "k", q.sizes());
-  check_shape(out[2], "v", q.sizes());
-  check_shape(out[4], "v_pool", k_pool.sizes());
-  check_shape(out[5], "rpb_local", {heads, kWindowArea});
-  check_shape(out[6], "bias_pool", {heads, N, Np});
-  check_shape(out[7], "token_weight", {B, heads, N, kWindowArea});
-  return out;
-}
-
-std::vector<at::Tensor> checked_forward(const at::Tensor& q, const at::Tensor& k,
-                                        const at::Tensor& v, const at::Tensor& k_pool,
-                                        const at::Tensor& v_pool, const at::Tensor& rpb_local,
-                                        const at::Tensor& bias_pool,
-                                        const at::Tensor& token_weight, int64_t height,
-                                        int64_t width) {
-  return checked({{"q", q}, {"k", k}, {"v", v}, {"k_pool", k_pool}, {"v_pool", v_pool},
-                  {"rpb_local", rpb_local}, {"bias_pool", bias_pool},
-                  {"token_weight", token_weight}},
-                 height, width);
-}
-
-// Order: q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, grad_out, out, lse.
-std::vector<at::Tensor> checked_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb_local,
-    const at::Tensor& bias_pool, const at::Tensor& token_weight, const at::Tensor& out,
-    const at::Tensor& lse, int64_t height, int64_t width) {
-  auto t = checked({{"q", q}, {"k", k}, {"v", v}, {"k_pool", k_pool}, {"v_pool", v_pool},
-                    {"rpb_local", rpb_local}, {"bias_pool", bias_pool},
-                    {"token_weight", token_weight}, {"grad_out", grad_out}, {"out", out}},
-                   height, width);
-  check_shape(t[8], "grad_out", q.sizes());
-  check_shape(t[9], "out", q.sizes());
-  check_shape(lse, "lse", {q.size(0), q.size(1), q.size(2)});
-  TORCH_CHECK(lse.device() == q.device() &&
-                  lse.scalar_type() == at::toOpMathType(q.scalar_type()),
-              "aggregated_attention: lse must be ", at::toOpMathType(q.scalar_type()), " on ",
-              q.device(), ", got ", lse.scalar_type(), " on ", lse.device());
-  t.push_back(lse.contiguous());
-  return t;
-}
 
 std::vector<at::Tensor> to_dtype(const std::vector<at::Tensor>& tensors, at::ScalarType dtype) {
   std::vector<at::Tensor> out;
@@ -147,31 +71,6 @@ std::vector<at::Tensor> aggregated_attention_backward(
                                                  f[7], f[9], lse_c, height, width, bias_grad);
   for (auto& g : grads) g = g.to(q.scalar_type());
   return grads;
-}
-
-std::vector<at::Tensor> aggregated_attention_forward_replay(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
-    const at::Tensor& v_pool, const at::Tensor& rpb_local, const at::Tensor& bias_pool,
-    const at::Tensor& token_weight, int64_t height, int64_t width) {
-  TORCH_CHECK(q.device().is_cpu(), "aggregated_attention replay: expects CPU tensors");
-  const auto t = checked_forward(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight,
-                                 height, width);
-  return aggregated_attention_forward_cuda_replay(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7],
-                                                  height, width);
-}
-
-std::vector<at::Tensor> aggregated_attention_backward_replay(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb_local,
-    const at::Tensor& bias_pool, const at::Tensor& token_weight, const at::Tensor& out,
-    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad,
-    int64_t pool_target_blocks) {
-  TORCH_CHECK(q.device().is_cpu(), "aggregated_attention replay: expects CPU tensors");
-  const auto t = checked_backward(grad_out, q, k, v, k_pool, v_pool, rpb_local, bias_pool,
-                                  token_weight, out, lse, height, width);
-  return aggregated_attention_backward_cuda_replay(t[8], t[0], t[1], t[2], t[3], t[4], t[5], t[6],
-                                                   t[7], t[9], t[10], height, width, bias_grad,
-                                                   pool_target_blocks);
 }
 
 }  // namespace transnext_mm

@@ -3,11 +3,9 @@
 
 #include <ATen/ATen.h>
 
-#include <map>
-#include <string>
 #include <vector>
 
-#include "../common/aggregated_attention_common.h"
+#include "common/aggregated_attention_geometry.h"
 
 namespace transnext_mm {
 
@@ -34,43 +32,7 @@ std::vector<at::Tensor> aggregated_attention_backward(
     const at::Tensor& bias_pool, const at::Tensor& token_weight, const at::Tensor& out,
     const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad);
 
-// CPU replays of the CUDA kernels on CPU tensors (tests only; see
-// cpu/aggregated_attention_cuda_replay.cpp). Same arguments and results as above; the backward
-// takes the pooled-key kernel's target block count (kPoolGradTargetBlocks on the GPU; 1 gives one
-// query chunk and one batch group, the other extreme of its schedule).
-std::vector<at::Tensor> aggregated_attention_forward_replay(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
-    const at::Tensor& v_pool, const at::Tensor& rpb_local, const at::Tensor& bias_pool,
-    const at::Tensor& token_weight, int64_t height, int64_t width);
-std::vector<at::Tensor> aggregated_attention_backward_replay(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb_local,
-    const at::Tensor& bias_pool, const at::Tensor& token_weight, const at::Tensor& out,
-    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad,
-    int64_t pool_target_blocks);
-
-// The CUDA kernels' launch plans for these sizes, as the replay and the GPU use them:
-// {"forward": grid x, y, z, threads}, {"pool_grad": ..., chunk_len, group_len}, {"gather": ...}.
-std::map<std::string, std::vector<int64_t>> aggregated_attention_launch_plans(
-    int64_t batch, int64_t heads, int64_t tokens, int64_t pool, int64_t d, bool bias_grad,
-    int64_t pool_target_blocks);
-
-// Checks of the replay's barrier model (tests): a block of 64 threads passes values through
-// shared memory. mode "barrier": with __syncthreads, returns them reversed; "no_barrier": without
-// it (stale values: NaN); "divergent": thread 0 skips the barrier (raises).
-at::Tensor cuda_replay_selftest(const std::string& mode);
-
 // Backends.
-std::vector<at::Tensor> aggregated_attention_forward_cuda_replay(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
-    const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,
-    const at::Tensor& token_weight, int64_t height, int64_t width);
-std::vector<at::Tensor> aggregated_attention_backward_cuda_replay(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
-    const at::Tensor& bias, const at::Tensor& token_weight, const at::Tensor& out,
-    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad,
-    int64_t pool_target_blocks);
 std::vector<at::Tensor> aggregated_attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
     const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,

@@ -1,5 +1,5 @@
 // Copyright (c) transnext-mm contributors. All rights reserved.
-#include "conv_glu.h"
+#include "pytorch/conv_glu.h"
 
 #include <c10/util/Exception.h>
 

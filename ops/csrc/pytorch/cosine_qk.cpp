@@ -1,5 +1,5 @@
 // Copyright (c) transnext-mm contributors. All rights reserved.
-#include "cosine_qk.h"
+#include "pytorch/cosine_qk.h"
 
 #include <c10/util/Exception.h>
 

@@ -1,9 +1,9 @@
 // Copyright (c) transnext-mm contributors. All rights reserved.
 #include <torch/extension.h>
 
-#include "aggregated_attention.h"
-#include "conv_glu.h"
-#include "cosine_qk.h"
+#include "pytorch/aggregated_attention.h"
+#include "pytorch/conv_glu.h"
+#include "pytorch/cosine_qk.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() =
@@ -13,15 +13,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Aggregated attention forward; returns (out, lse)");
   m.def("aggregated_attention_backward", &transnext_mm::aggregated_attention_backward,
         "Aggregated attention backward; returns the 8 input gradients");
-  m.def("aggregated_attention_forward_replay", &transnext_mm::aggregated_attention_forward_replay,
-        "CPU replay of the CUDA forward kernel (tests)");
-  m.def("aggregated_attention_backward_replay", &transnext_mm::aggregated_attention_backward_replay,
-        "CPU replay of the CUDA backward kernels (tests)");
-  m.attr("pool_grad_target_blocks") = transnext_mm::kPoolGradTargetBlocks;
-  m.def("aggregated_attention_launch_plans", &transnext_mm::aggregated_attention_launch_plans,
-        "Grids of the CUDA kernels for given sizes (tests)");
-  m.def("cuda_replay_selftest", &transnext_mm::cuda_replay_selftest,
-        "Checks of the CUDA replay's barrier model (tests)");
   m.def("conv_glu_gate_forward", &transnext_mm::conv_glu_gate_forward,
         "GELU(depthwise_conv3x3(gate) + bias) * value from the fc1 output [gate | value]");
   m.def("cosine_queries_keys_forward", &transnext_mm::cosine_queries_keys_forward,

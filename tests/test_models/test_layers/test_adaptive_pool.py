@@ -3,7 +3,6 @@ import torch
 import torch.nn.functional as F
 
 from transnext_mm.models.layers.adaptive_pool import adaptive_avg_pool_tokens, adaptive_pool_bins
-from transnext_mm.ops.aggregated_attention import _window_tables
 
 
 @pytest.mark.parametrize('length,bins', [(7, 3), (13, 13), (128, 16), (29, 1), (10, 4)])
@@ -24,10 +23,3 @@ def test_export_pooling_equals_adaptive_avg_pool(size, pool, monkeypatch):
                                         pool).flatten(2).transpose(1, 2))
     monkeypatch.setattr(torch.compiler, 'is_exporting', lambda: True)  # the prefix-sum path
     torch.testing.assert_close(adaptive_avg_pool_tokens(x, *size, pool), expected)
-
-
-@pytest.mark.parametrize('size', [(1, 1), (3, 5), (6, 4)])
-def test_window_tables_match_unfold(size):
-    valid, count = _window_tables(*size)
-    expected = F.unfold(torch.ones(1, 1, *size), 3, padding=1)[0].t().bool()
-    assert torch.equal(valid, expected) and torch.equal(count, expected.sum(-1))

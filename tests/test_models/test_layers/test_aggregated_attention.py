@@ -1,14 +1,13 @@
 import math
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from transnext_mm.models.layers import AggregatedAttention, FullAttention, LogCPB
-from transnext_mm.ops.aggregated_attention import (aggregated_attention,
-                                                   aggregated_attention_reference,
-                                                   aggregated_attention_torch, op_available)
+from transnext_mm.ops import dispatch
+from transnext_mm.ops.aggregated_attention import op_available
 
 
 def loop_aggregated_attention(layer, x, height, width, pool_size):
@@ -74,59 +73,6 @@ def test_layer_matches_paper_loops(height, width, pool):
             torch.testing.assert_close(layer(x, height, width, pool), expected)
 
 
-def random_core_inputs(B=2, heads=3, height=5, width=7, Np=4, d=8, dtype=torch.float64):
-    N = height * width
-    g = lambda *s: torch.randn(*s, dtype=dtype, requires_grad=True)  # noqa: E731
-    q = g(B, heads, N, d)
-    k = F.normalize(torch.randn(B, heads, N, d, dtype=dtype), dim=-1).requires_grad_()
-    kp = F.normalize(torch.randn(B, heads, Np, d, dtype=dtype), dim=-1).requires_grad_()
-    return (q, k, g(B, heads, N, d), kp, g(B, heads, Np, d), g(heads, 9), g(heads, N, Np),
-            g(B, heads, N, 9), height, width)
-
-
-@pytest.mark.parametrize('height,width,Np', [(5, 7, 4), (1, 1, 1), (1, 6, 2), (9, 13, 3)])
-def test_torch_path_matches_reference_forward_and_backward(height, width, Np):
-    args = random_core_inputs(height=height, width=width, Np=Np)
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    out_ref = aggregated_attention_reference(*args)
-    grads_ref = torch.autograd.grad(out_ref.square().sum(), tensors)
-    out = aggregated_attention_torch(*args)
-    grads = torch.autograd.grad(out.square().sum(), tensors)
-    torch.testing.assert_close(out, out_ref)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref)
-
-
-@pytest.mark.parametrize('block_rows', [1, 4, 7])
-def test_torch_path_row_blocks_match_reference(monkeypatch, block_rows):
-    """The streaming softmax over blocks of query rows (ragged last block, batch 2) equals the
-    one-softmax reference, also with large scores where a missing max shift would overflow."""
-    core = sys.modules[aggregated_attention_torch.__module__]
-    args = list(random_core_inputs(height=5, width=6, Np=5))
-    with torch.no_grad():
-        args[0].mul_(40)  # scores of a few hundred: exp overflows without the shared maximum
-    B, heads, _, _ = args[0].shape
-    monkeypatch.setattr(core, '_ROW_BLOCK_BYTES', block_rows * B * heads * 5 * 8)
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    out_ref = aggregated_attention_reference(*args)
-    grads_ref = torch.autograd.grad(out_ref.square().sum(), tensors)
-    out = aggregated_attention_torch(*args)
-    grads = torch.autograd.grad(out.square().sum(), tensors)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, out_ref)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref)
-
-
-def test_core_shape_errors_and_impl_names():
-    args = list(random_core_inputs())
-    args[6] = args[6][:, :-1]
-    with pytest.raises(ValueError, match='bias_pool must have shape'):
-        aggregated_attention_torch(*args)
-    with pytest.raises(ValueError, match='impl must be one of'):
-        aggregated_attention(*random_core_inputs(), impl='cuda')
-
-
 def test_full_attention_sdpa_matches_explicit():
     layer = FullAttention(48, 2, LogCPB('extrapolate', (4, 4), (4, 4), 7)).double()
     x = torch.randn(2, 20, 48, dtype=torch.float64, requires_grad=True)
@@ -139,3 +85,27 @@ def test_full_attention_sdpa_matches_explicit():
     torch.testing.assert_close(out, out_ref)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref)
+
+
+class FunctionCalls(TorchFunctionMode):
+    """Records the names of the torch functions called inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, '__name__', str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('impl', ['reference', 'torch', 'auto', 'op'])
+def test_full_attention_runs_what_dispatch_chooses(impl):
+    """'reference': explicit scores; the rest: F.scaled_dot_product_attention."""
+    layer = FullAttention(48, 2, LogCPB('extrapolate', (4, 4), (4, 4), 7), attn_impl=impl)
+    x = torch.randn(1, 20, 48)
+    with torch.no_grad(), FunctionCalls() as calls:
+        layer(x, 4, 5)
+    chosen = dispatch.choose('full_attention', impl, x.device, x.dtype).impl
+    assert ('scaled_dot_product_attention' in calls.names) == (chosen == 'torch')
+    assert ('softmax' in calls.names) == (chosen == 'reference')

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transnext_mm.ops.aggregated_attention import (WINDOW_AREA, aggregated_attention,
                                                    window_tables)
 from transnext_mm.ops.cosine_qk import cosine_queries_keys
+from transnext_mm.ops.dispatch import select
 from .adaptive_pool import adaptive_avg_pool_tokens
 from .log_cpb import LogCPB
 
@@ -124,7 +125,8 @@ class FullAttention(nn.Module):
         num_heads (int): Attention heads.
         pos_bias (LogCPB): Computes the position bias over all token pairs.
         attn_impl (str): 'reference' computes the scores explicitly; any other value uses
-            ``F.scaled_dot_product_attention``. Defaults to 'auto'.
+            ``F.scaled_dot_product_attention`` (:func:`transnext_mm.ops.dispatch.choose`, kernel
+            ``'full_attention'``). Defaults to 'auto'.
     """
 
     def __init__(self, embed_dims: int, num_heads: int, pos_bias: LogCPB,
@@ -156,7 +158,7 @@ class FullAttention(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int, pool_size: Size = None):
         B, N, C = x.shape
         q, k, v, bias = self.attention_inputs(x, height, width)
-        if self.attn_impl == 'reference':
+        if select('full_attention', self.attn_impl, q) == 'reference':
             out = ((q @ k.transpose(-2, -1)) + bias).softmax(dim=-1) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=1.0)

@@ -3,12 +3,7 @@ import torch
 import torch.nn as nn
 
 from transnext_mm.ops.conv_glu import conv_glu_gate
-from transnext_mm.ops.dispatch import check_impl, inference_kernel_applies
-
-# Inference through the compiled gate on a large map runs fc1 -> gate -> fc2 over strips of image
-# rows whose fc1 output (the 2h-channel hidden) is at most this big, so that it stays in cache
-# instead of a round trip through memory (50 MB at stage 1 of a 512x512 input).
-STRIP_BYTES = 8 << 20
+from transnext_mm.ops.dispatch import check_impl, conv_glu_strip_rows
 
 
 class ConvGLU(nn.Module):
@@ -38,9 +33,11 @@ class ConvGLU(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        hidden_row_bytes = x.shape[0] * width * self.fc1.out_features * x.element_size()
-        rows = max(1, STRIP_BYTES // hidden_row_bytes)
-        if inference_kernel_applies(self.impl, x, self.parameters()) and rows < height:
+        # Inference through the compiled gate on a large map runs in strips of image rows
+        # (transnext_mm.ops.dispatch decides), so that each strip's fc1 output stays in cache.
+        rows = conv_glu_strip_rows(self.impl, x, self.parameters(), height, width,
+                                   self.fc1.out_features)
+        if rows < height:
             return torch.cat([self._strip(x, y0, min(height, y0 + rows), height, width)
                               for y0 in range(0, height, rows)], dim=1)
         return self._strip(x, 0, height, height, width)

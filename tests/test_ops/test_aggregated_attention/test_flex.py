@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from transnext_mm.ops.aggregated_attention import aggregated_attention_reference
-from transnext_mm.ops.flex_aggregated_attention import (flex_aggregated_attention,
+from transnext_mm.ops.aggregated_attention.flex import (flex_aggregated_attention,
                                                         window_block_mask)
 
 flex = pytest.importorskip('torch.nn.attention.flex_attention')

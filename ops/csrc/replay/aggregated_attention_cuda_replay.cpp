@@ -1,30 +1,35 @@
 // Copyright (c) transnext-mm contributors. All rights reserved.
 //
-// CPU replay of the CUDA kernels: the same block bodies (common/aggregated_attention_common.h),
-// launch plans and host glue (pytorch/aggregated_attention_glue.h) as the CUDA build, run on CPU
-// tensors. Every block of the grid runs its threads as fibers (ucontext) with their own stacks,
-// so per-thread locals live as on the GPU; ctx.sync() is a real barrier: a thread yields there,
-// and the block moves on only when every thread has arrived. Between two barriers the threads
-// run one after the other in *reverse* order, and shared memory starts as NaN, so code that
-// reads shared memory without the barrier that makes it valid reads NaN or another tile's data
-// and the results go wrong; a barrier that not every thread reaches fails with an error.
-// Used by the tests to check the CUDA code (all dtypes, including fp16 / bf16 storage with fp32
-// accumulation) on machines without a GPU. Slow by design; not used for real work.
+// CPU replay of the CUDA kernels: the same block bodies (common/cuda/), launch plans and host glue
+// (pytorch/cuda/aggregated_attention_glue.h) as the CUDA build, run on CPU tensors. Every block of
+// the grid runs its threads as fibers (ucontext) with their own stacks, so per-thread locals live
+// as on the GPU; ctx.sync() is a real barrier: a thread yields there, and the block moves on only
+// when every thread has arrived. Between two barriers the threads run one after the other in
+// *reverse* order, and shared memory starts as NaN, so code that reads shared memory without the
+// barrier that makes it valid reads NaN or another tile's data and the results go wrong; a barrier
+// that not every thread reaches fails with an error. Used by the tests to check the CUDA code (all
+// dtypes, including fp16 / bf16 storage with fp32 accumulation) on machines without a GPU. Slow by
+// design; not used for real work.
 #include <ucontext.h>
 
 #include <cstring>
 #include <memory>
 #include <vector>
 
-#include "../common/aggregated_attention_common.h"
-#include "../pytorch/aggregated_attention_glue.h"
+#include "replay/aggregated_attention_replay.h"
+
+#include "common/cuda/aggregated_attention_blocks.cuh"
+#include "common/cuda/aggregated_attention_launch.cuh"
+#include "pytorch/aggregated_attention_checks.h"
+#include "pytorch/cuda/aggregated_attention_glue.h"
 
 namespace transnext_mm {
 namespace {
 
 class FiberBlock;
 
-// The kernel-body context of the replay (see the Ctx contract in the common header).
+// The kernel-body context of the replay (see the Ctx contract in
+// common/cuda/aggregated_attention_blocks.cuh).
 struct ReplayContext {
   FiberBlock* block_state;
   int index;
@@ -126,7 +131,7 @@ void replay_grid(const Launch& launch, Body&& body) {
       }
 }
 
-// The replay's launcher for the common header's launch sequence (run_forward_kernels /
+// The replay's launcher for the kernels' launch sequence (run_forward_kernels /
 // run_backward_kernels): the kernels, grids and checks of the GPU, blocks run one by one.
 struct ReplayLauncher {
   template <typename Kernel>
@@ -191,23 +196,28 @@ at::Tensor cuda_replay_selftest(const std::string& mode) {
   return out;
 }
 
-std::vector<at::Tensor> aggregated_attention_forward_cuda_replay(
+std::vector<at::Tensor> aggregated_attention_forward_replay(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
-    const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,
+    const at::Tensor& v_pool, const at::Tensor& rpb_local, const at::Tensor& bias_pool,
     const at::Tensor& token_weight, int64_t height, int64_t width) {
-  return kernel_forward<ReplayBackend>(q, k, v, k_pool, v_pool, rpb, bias, token_weight, height,
+  TORCH_CHECK(q.device().is_cpu(), "aggregated_attention replay: expects CPU tensors");
+  const auto t = checked_forward(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight,
+                                 height, width);
+  return kernel_forward<ReplayBackend>(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], height,
                                        width);
 }
 
-std::vector<at::Tensor> aggregated_attention_backward_cuda_replay(
+std::vector<at::Tensor> aggregated_attention_backward_replay(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
-    const at::Tensor& bias, const at::Tensor& token_weight, const at::Tensor& out,
+    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb_local,
+    const at::Tensor& bias_pool, const at::Tensor& token_weight, const at::Tensor& out,
     const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad,
     int64_t pool_target_blocks) {
-  return kernel_backward<ReplayBackend>(grad_out, q, k, v, k_pool, v_pool, rpb, bias,
-                                        token_weight, out, lse, height, width, bias_grad,
-                                        pool_target_blocks);
+  TORCH_CHECK(q.device().is_cpu(), "aggregated_attention replay: expects CPU tensors");
+  const auto t = checked_backward(grad_out, q, k, v, k_pool, v_pool, rpb_local, bias_pool,
+                                  token_weight, out, lse, height, width);
+  return kernel_backward<ReplayBackend>(t[8], t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[9],
+                                        t[10], height, width, bias_grad, pool_target_blocks);
 }
 
 }  // namespace transnext_mm

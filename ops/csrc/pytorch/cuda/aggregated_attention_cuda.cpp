@@ -1,7 +1,7 @@
 // Copyright (c) transnext-mm contributors. All rights reserved.
 //
 // CUDA launchers of the aggregated-attention op: the glue shared with the CPU replay
-// (pytorch/aggregated_attention_glue.h) with a backend that launches the kernels on the current
+// (aggregated_attention_glue.h) with a backend that launches the kernels on the current
 // stream of the inputs' device.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -9,8 +9,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "../pytorch/aggregated_attention_glue.h"
-#include "aggregated_attention_cuda.h"
+#include "pytorch/cuda/aggregated_attention_cuda.h"
+#include "pytorch/cuda/aggregated_attention_glue.h"
 
 namespace transnext_mm {
 namespace {

@@ -1,7 +1,7 @@
 // Copyright (c) transnext-mm contributors. All rights reserved.
 //
-// Host glue of the CUDA kernels, shared by the CUDA launchers (cuda/aggregated_attention_cuda.cpp)
-// and their CPU replay (cpu/aggregated_attention_cuda_replay.cpp): output and scratch allocation,
+// Host glue of the CUDA kernels, shared by the CUDA launchers (aggregated_attention_cuda.cpp) and
+// their CPU replay (replay/aggregated_attention_cuda_replay.cpp): output and scratch allocation,
 // kernel parameters, the pooled-key plan, and the final reductions of the partial sums. A
 // `Backend` runs the kernels:
 //   template <typename scalar_t> static void forward(const ForwardParams<scalar_t>&);
@@ -15,8 +15,10 @@
 
 #include <vector>
 
-#include "../common/aggregated_attention_common.h"
-#include "aggregated_attention.h"
+#include "common/aggregated_attention_geometry.h"
+#include "common/cuda/aggregated_attention_blocks.cuh"
+#include "common/cuda/aggregated_attention_launch.cuh"
+#include "pytorch/aggregated_attention.h"
 
 namespace transnext_mm {
 

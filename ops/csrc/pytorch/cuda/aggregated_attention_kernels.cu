@@ -3,14 +3,15 @@
 // CUDA kernels of the aggregated-attention op: a fused flash-style forward (one online softmax over
 // the 3x3 window and the pooled keys; only out and the fp32 log-sum-exp are written) and a
 // recomputing backward in three kernels (query side, pooled-key side, window keys/values gather).
-// The kernels, their grids and their order are common/aggregated_attention_common.h's (the code
-// the CPU replay runs too); this file only supplies CUDA's indices, barrier and launch.
+// The kernels, their grids and their order are those of common/cuda/ (the code the CPU replay runs
+// too); this file only supplies CUDA's indices, barrier and launch.
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "../common/aggregated_attention_common.h"
-#include "aggregated_attention_cuda.h"
+#include "common/cuda/aggregated_attention_blocks.cuh"
+#include "common/cuda/aggregated_attention_launch.cuh"
+#include "pytorch/cuda/aggregated_attention_cuda.h"
 
 namespace transnext_mm {
 namespace {
@@ -28,8 +29,8 @@ struct CudaContext {
   __device__ void sync() const { __syncthreads(); }
 };
 
-// One entry point for every kernel descriptor of the common header: the block body with its
-// shared memory, compiled for the descriptor's launch bounds.
+// One entry point for every kernel descriptor of aggregated_attention_blocks.cuh: the block body
+// with its shared memory, compiled for the descriptor's launch bounds.
 template <typename Kernel>
 __global__ void __launch_bounds__(Kernel::kThreads, Kernel::kMinBlocks)
     kernel(const typename Kernel::Params p) {

@@ -13,8 +13,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "../pytorch/cosine_qk.h"
-#include "vector_math.h"
+#include "pytorch/cosine_qk.h"
+#include "pytorch/cpu/vector_math.h"
 
 namespace transnext_mm {
 namespace {

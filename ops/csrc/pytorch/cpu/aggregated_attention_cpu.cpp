@@ -19,9 +19,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "../common/aggregated_attention_common.h"
-#include "../pytorch/aggregated_attention.h"
-#include "vector_math.h"
+#include "common/aggregated_attention_geometry.h"
+#include "pytorch/aggregated_attention.h"
+#include "pytorch/cpu/vector_math.h"
 
 namespace transnext_mm {
 namespace {

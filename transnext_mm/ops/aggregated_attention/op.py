@@ -1,15 +1,15 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
 """The compiled aggregated-attention op (``transnext_mm._ext``) as a PyTorch custom op.
 
-Computes exactly ``aggregated_attention_reference`` in :mod:`transnext_mm.ops.aggregated_attention`
-(see that module's docstring for the formula and shapes) with fused kernels that never build
-unfolded keys / values or the (B, heads, N, 9 + Np) score tensor: on CUDA one pass per query over
-the 3x3 window and the pooled keys with an online softmax (fp32 statistics); on CPU in tiles of
-4 queries kept in registers (fp32 forward, head dim 8/16/24/32), else per chunk of 128 queries
-with the chunk's scores kept in cache between two BLAS calls. Only the output and the
+Computes exactly :func:`~transnext_mm.ops.aggregated_attention.aggregated_attention_reference` (see
+:mod:`transnext_mm.ops.aggregated_attention` for the formula and shapes) with fused kernels that
+never build unfolded keys / values or the (B, heads, N, 9 + Np) score tensor: on CUDA one pass per
+query over the 3x3 window and the pooled keys with an online softmax (fp32 statistics); on CPU in
+tiles of 4 queries kept in registers (fp32 forward, head dim 8/16/24/32), else per chunk of 128
+queries with the chunk's scores kept in cache between two BLAS calls. Only the output and the
 log-sum-exp are saved; backward recomputes the probabilities. No atomics: the batch-shared
-``bias_pool`` gradient is owned per (head, query) and summed over the batch in place (on CUDA
-per batch group, the groups' partial sums added afterwards).
+``bias_pool`` gradient is owned per (head, query) and summed over the batch in place (on CUDA per
+batch group, the groups' partial sums added afterwards).
 
 Kernels: CPU for fp32 / fp64 (fp16 / bf16 are computed in fp32), CUDA for fp32 / fp16 / bf16 with
 fp32 accumulation when the extension was built with CUDA. Forward and backward are registered
@@ -21,8 +21,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .attention_shapes import check_attention_inputs
-from .dispatch import _ext, choose
+from ..dispatch import choose, compiled_ext
+from .shapes import check_attention_inputs, common_dtype
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,8 +39,8 @@ def _empty_rows_like(t: Tensor) -> Tensor:
 def _forward(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, rpb_local: Tensor,
              bias_pool: Tensor, token_weight: Tensor, height: int,
              width: int) -> Tuple[Tensor, Tensor]:
-    out, lse = _ext.aggregated_attention_forward(q, k, v, k_pool, v_pool, rpb_local, bias_pool,
-                                                 token_weight, height, width)
+    out, lse = compiled_ext().aggregated_attention_forward(q, k, v, k_pool, v_pool, rpb_local,
+                                                           bias_pool, token_weight, height, width)
     return out, lse
 
 
@@ -54,9 +54,9 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor,
               rpb_local: Tensor, bias_pool: Tensor, token_weight: Tensor, out: Tensor, lse: Tensor,
               height: int, width: int, bias_grad: bool
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _ext.aggregated_attention_backward(grad_out, q, k, v, k_pool, v_pool, rpb_local,
-                                               bias_pool, token_weight, out, lse, height, width,
-                                               bias_grad)
+    grads = compiled_ext().aggregated_attention_backward(grad_out, q, k, v, k_pool, v_pool,
+                                                         rpb_local, bias_pool, token_weight, out,
+                                                         lse, height, width, bias_grad)
     return tuple(grads)
 
 
@@ -91,18 +91,9 @@ def _backward_formula(ctx, grad_out, grad_lse):
 _forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
-def _require_ext(q: Tensor) -> None:
-    if _ext is None:
-        raise RuntimeError(choose('attention', 'op', q.device, q.dtype).reason)
-
-
-def _common_dtype(tensors, device_type: str) -> torch.dtype:
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+def op_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the compiled op has kernels for this device and dtype."""
+    return choose('attention', 'op', device, dtype).impl == 'op'
 
 
 def aggregated_attention_op(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor,
@@ -119,38 +110,13 @@ def aggregated_attention_op(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_p
         Tensor: (B, heads, H*W, d) in the common dtype, stored as (B, H*W, heads, d) so that
         ``out.transpose(1, 2).reshape(B, H*W, heads*d)`` is a view.
     """
-    _require_ext(q)
-    check_attention_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
+    if compiled_ext() is None:
+        raise RuntimeError(choose('attention', 'op', q.device, q.dtype).reason)
+    check_attention_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height,
+                           width)
     tensors = (q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight)
-    dtype = _common_dtype(tensors, q.device.type)
+    dtype = common_dtype(tensors, q.device.type)
     tensors = [t.to(dtype) for t in tensors]
     out, _ = torch.ops.transnext_mm.aggregated_attention_forward(*tensors, height, width)
     return out
 
-
-def aggregated_attention_cuda_replay(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor,
-                                     v_pool: Tensor, rpb_local: Tensor, bias_pool: Tensor,
-                                     token_weight: Tensor, height: int, width: int,
-                                     grad_out: Tensor = None, pool_target_blocks: int = None):
-    """Run the CUDA kernels' code on CPU tensors (for tests; slow): the same block bodies,
-    grids and host glue, every block's threads as fibers between real barriers.
-
-    Args:
-        grad_out (Tensor, optional): Also run the backward kernels with this output gradient.
-            Defaults to None.
-        pool_target_blocks (int, optional): Blocks the pooled-key gradient kernel aims for; 1
-            gives one query chunk and one batch group. Defaults to None (the GPU's setting).
-
-    Returns:
-        tuple: ``(out, lse)``, and with ``grad_out`` also the 8 input gradients.
-    """
-    _require_ext(q)
-    args = (q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight)
-    out, lse = _ext.aggregated_attention_forward_replay(*args, height, width)
-    if grad_out is None:
-        return out, lse
-    if pool_target_blocks is None:
-        pool_target_blocks = _ext.pool_grad_target_blocks
-    grads = _ext.aggregated_attention_backward_replay(grad_out, *args, out, lse, height, width,
-                                                      True, pool_target_blocks)
-    return out, lse, tuple(grads)

@@ -1,6 +1,9 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
-"""Window size and argument checks shared by every implementation of the aggregated-attention
-core (see :mod:`transnext_mm.ops.aggregated_attention` for the formula and shapes)."""
+"""Window size, argument checks and the dtype rule shared by every implementation of the
+aggregated-attention core (see :mod:`transnext_mm.ops.aggregated_attention` for the formula and
+shapes)."""
+import torch
+
 WINDOW = 3
 WINDOW_AREA = WINDOW * WINDOW
 
@@ -21,3 +24,15 @@ def check_attention_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_
     if k_pool.shape[:2] != (B, heads) or k_pool.shape[3] != d:
         raise ValueError(f'k_pool must have shape ({B}, {heads}, Np, {d}), '
                          f'got {tuple(k_pool.shape)}')
+
+
+def common_dtype(tensors, device_type: str) -> torch.dtype:
+    """The one dtype the compiled op and the flex_attention path compute in: the autocast dtype
+    inside an autocast region on ``device_type`` (as for a matmul), else the promoted dtype of
+    ``tensors``."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype

@@ -1,13 +1,14 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
 """Aggregated attention on ``torch.nn.attention.flex_attention`` (no compiled extension).
 
-Computes the function of :func:`transnext_mm.ops.aggregated_attention.aggregated_attention_reference`
-(see that module's docstring for the formula and shapes) as one flex attention over a key
-sequence of length ``N + Np``: the grid's ``N`` keys, of which a block mask keeps each query's
-3x3 neighbourhood (so out-of-image neighbours and all other grid keys are masked), followed by
-the ``Np`` pooled keys, which every query sees. The ``score_mod`` adds ``rpb_local`` by window
-offset to the window scores and ``bias_pool`` by pooled index to the pooled ones; the scale is
-1 (the caller has folded it into ``q``). The learnable-token term
+Computes the function of
+:func:`~transnext_mm.ops.aggregated_attention.aggregated_attention_reference` (see
+:mod:`transnext_mm.ops.aggregated_attention` for the formula and shapes) as one flex attention over
+a key sequence of length ``N + Np``: the grid's ``N`` keys, of which a block mask keeps each
+query's 3x3 neighbourhood (so out-of-image neighbours and all other grid keys are masked), followed
+by the ``Np`` pooled keys, which every query sees. The ``score_mod`` adds ``rpb_local`` by window
+offset to the window scores and ``bias_pool`` by pooled index to the pooled ones; the scale is 1
+(the caller has folded it into ``q``). The learnable-token term
 ``sum_j token_weight[i, j] * v[nbr(i, j)]`` is not part of the softmax and is added outside.
 
 This is an alternative to the compiled op, benchmarked beside it on CUDA
@@ -21,9 +22,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .aggregated_attention import WINDOW, _shifted_windows
-from .attention_shapes import check_attention_inputs
-from .aggregated_attention_op import _common_dtype
+from .shapes import WINDOW, check_attention_inputs, common_dtype
+from .torch_impl import shifted_windows
 
 _block_masks = {}
 _compiled_core = None
@@ -96,7 +96,7 @@ def flex_aggregated_attention(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v
                            width)
     B, heads, num_tokens, d = q.shape
     tensors = (q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight)
-    dtype = _common_dtype(tensors, q.device.type)
+    dtype = common_dtype(tensors, q.device.type)
     q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight = (t.to(dtype) for t in tensors)
     block_mask = window_block_mask(height, width, k_pool.shape[2], q.device)
     core = _flex_core
@@ -110,6 +110,6 @@ def flex_aggregated_attention(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v
         # The learnable-token term: token weights times the window's values (zeros outside).
         out = out.reshape(B, heads, height, width, d)
         weight = token_weight.reshape(B, heads, height, width, token_weight.shape[-1])
-        for j, v_shifted in enumerate(_shifted_windows(v, height, width)):
+        for j, v_shifted in enumerate(shifted_windows(v, height, width)):
             out = torch.addcmul(out, weight[..., j:j + 1], v_shifted)
     return out.reshape(B, heads, num_tokens, d)

@@ -7,7 +7,8 @@
 
 #include <cuda_runtime_api.h>
 
-#include "../common/aggregated_attention_common.h"
+#include "common/cuda/aggregated_attention_blocks.cuh"
+#include "common/cuda/aggregated_attention_launch.cuh"
 
 namespace transnext_mm {
 

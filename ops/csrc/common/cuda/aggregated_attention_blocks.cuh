@@ -1,0 +1,409 @@
+// Copyright (c) transnext-mm contributors. All rights reserved.
+//
+// Block bodies of the aggregated-attention CUDA kernels, the kernel descriptors and their launch
+// sequence, written once for the CUDA kernels and their CPU replay (see
+// common/cuda/aggregated_attention_thread.cuh for how the kernel headers fit together).
+//
+// Each body is the code of one thread block, templated over a context `Ctx` that supplies
+//   ctx.thread()  (threadIdx.x)      ctx.threads() (blockDim.x)
+//   ctx.block(a)  (blockIdx.x/y/z)   ctx.grid(a)   (gridDim.x/y/z)     ctx.sync() (__syncthreads)
+// and over the block's shared memory (a struct the CUDA kernel declares __shared__). The CUDA
+// kernels (pytorch/cuda/aggregated_attention_kernels.cu) are one generic entry point; the replay
+// (replay/aggregated_attention_cuda_replay.cpp) runs every thread of a block as a fiber that yields
+// at ctx.sync(), in reverse thread order, over the grid that the launch plans
+// (aggregated_attention_launch.cuh) compute for both. A missing barrier lets a thread read shared
+// memory that others have not written yet (the replay fills it with NaN first) or have
+// overwritten already, so the replay's results go wrong.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/aggregated_attention_geometry.h"
+#include "common/cuda/aggregated_attention_launch.cuh"
+#include "common/cuda/aggregated_attention_thread.cuh"
+
+namespace transnext_mm {
+
+// q, k, v, out (and grad_out, dq, dk, dv) are (B, heads, N, d) with contiguous channels and the
+// given strides; every other tensor is contiguous.
+template <typename scalar_t>
+struct ForwardParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  AttentionSizes sizes;
+  const scalar_t *q, *k, *v, *k_pool, *v_pool, *rpb, *bias, *token_weight;
+  scalar_t* out;
+  acc_t* lse;  // (B, heads, N)
+  RowLayout q_layout, k_layout, v_layout, out_layout;
+};
+
+template <typename scalar_t>
+struct BackwardParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  AttentionSizes sizes;
+  const scalar_t *grad_out, *q, *k, *v, *k_pool, *v_pool, *rpb, *bias, *token_weight, *out;
+  const acc_t* lse;
+  scalar_t *dq, *dk, *dv, *dtoken_weight;
+  acc_t *ds_local, *weight_local;  // (B, heads, N, 9) scratch
+  acc_t* delta;                    // (B, heads, N) scratch
+  acc_t* dbias_partial;  // (groups, heads, N, Np), summed over groups; null: no bias gradient
+  acc_t *dkp_partial, *dvp_partial;  // (chunks, B, heads, Np, d), summed over chunks
+  int64_t chunk_len;                 // queries per block of the pooled-key kernel
+  int64_t group_len;                 // batch elements per block of the pooled-key kernel
+  RowLayout grad_layout, q_layout, k_layout, v_layout, out_layout, dq_layout, dk_layout, dv_layout;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Block bodies.
+//
+// Shared memory of the query-side kernels: a tile of pooled keys / values, and the block's
+// queries' bias_pool entries for those keys (one row per thread, padded by one so that the
+// threads of a warp reading their rows hit distinct banks).
+template <typename acc_t, int kTile, int kMaxD>
+struct PoolTiles {
+  static_assert(kQueryThreads % kTile == 0, "load_bias_tile needs whole rows per pass");
+  static constexpr int kBiasStride = kTile + 1;
+  alignas(16) acc_t kp[kTile * kMaxD];
+  alignas(16) acc_t vp[kTile * kMaxD];
+  acc_t bias[kQueryThreads * kBiasStride];
+};
+
+// The query-side kernels' block index on their 1-D grid (see query_launch; the grid has one
+// block per (query block, head, batch element), fewer than 2^31, so 32-bit arithmetic decodes it
+// without 64-bit divisions, which are calls on the GPU).
+struct QueryBlock {
+  int64_t b, h, bh, first_query;
+};
+
+template <typename Ctx>
+C10_HOST_DEVICE inline QueryBlock query_block(const Ctx& ctx, const AttentionSizes& s) {
+  const uint32_t index = static_cast<uint32_t>(ctx.block(0));
+  const uint32_t batch = static_cast<uint32_t>(s.batch), heads = static_cast<uint32_t>(s.heads);
+  const uint32_t bh_index = index / batch;
+  QueryBlock blk;
+  blk.b = index - bh_index * batch;
+  blk.h = bh_index % heads;
+  blk.bh = blk.b * s.heads + blk.h;
+  blk.first_query = static_cast<int64_t>(bh_index / heads) * ctx.threads();
+  return blk;
+}
+
+// Streams this (batch, head)'s pooled keys / values through shared-memory tiles, with the
+// block's bias_pool rows for each tile (bias_h: the head's (N, Np) slab; read coalesced, a row
+// segment per warp, once per block), calling use(kp_tile, vp_tile, bias_row, count) for every
+// tile between the barriers; bias_row is this thread's query's row of the bias tile.
+template <typename HD, typename acc_t, int kTile, typename scalar_t, typename Ctx, typename Use>
+C10_HOST_DEVICE inline void for_each_pool_tile(const Ctx& ctx, PoolTiles<acc_t, kTile, HD::kMax>& sh,
+                                               const scalar_t* k_pool, const scalar_t* v_pool,
+                                               const scalar_t* bias_h, const AttentionSizes& s,
+                                               int64_t bh, int64_t first_query, Use&& use) {
+  constexpr int kStride = PoolTiles<acc_t, kTile, HD::kMax>::kBiasStride;
+  const int rows = static_cast<int>(tnx_min<int64_t>(ctx.threads(), s.tokens - first_query));
+  for (int64_t p0 = 0; p0 < s.pool; p0 += kTile) {
+    const int count = static_cast<int>(tnx_min<int64_t>(kTile, s.pool - p0));
+    const int64_t offset = (bh * s.pool + p0) * s.d;
+    load_tile(sh.kp, HD::kMax, k_pool + offset, s.d, count, s.d, ctx.thread(), ctx.threads());
+    load_tile(sh.vp, HD::kMax, v_pool + offset, s.d, count, s.d, ctx.thread(), ctx.threads());
+    load_bias_tile<kTile, kStride>(sh.bias, bias_h + first_query * s.pool + p0, s.pool, rows,
+                                   count, ctx.thread(), ctx.threads());
+    ctx.sync();  // the tile is complete
+    use(sh.kp, sh.vp, sh.bias + ctx.thread() * kStride, count);
+    ctx.sync();  // every thread is done with it before the next tile overwrites it
+  }
+}
+
+// Forward: one thread per query; window, then pooled keys.
+template <typename scalar_t, typename HD>
+using ForwardShared = PoolTiles<at::opmath_type<scalar_t>,
+                                TileRows<HD::kMax, at::opmath_type<scalar_t>>::value, HD::kMax>;
+
+template <typename scalar_t, typename HD, typename Ctx>
+C10_HOST_DEVICE void forward_block(const Ctx& ctx, const ForwardParams<scalar_t>& p,
+                                   ForwardShared<scalar_t, HD>& sh) {
+  using Thread = ForwardThread<scalar_t, HD>;
+  using acc_t = typename Thread::acc_t;
+  const AttentionSizes& s = p.sizes;
+  const QueryBlock blk = query_block(ctx, s);
+  const int64_t bh = blk.bh, h = blk.h;
+  const int64_t i = blk.first_query + ctx.thread();
+  const bool active = i < s.tokens;
+  Thread thread;
+  if (active)
+    thread.window(p.q_layout.rows(p.q, bh, s.heads), p.k_layout.rows(p.k, bh, s.heads),
+                  p.v_layout.rows(p.v, bh, s.heads), p.rpb + h * kWindowArea,
+                  p.token_weight + (bh * s.tokens + i) * kWindowArea, i, s.height, s.width,
+                  s.d);
+  for_each_pool_tile<HD, acc_t, Thread::kTile>(
+      ctx, sh, p.k_pool, p.v_pool, p.bias + h * s.tokens * s.pool, s, bh, blk.first_query,
+      [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
+        if (active) thread.pool_tile(kp, vp, count, bias, s.d);
+      });
+  if (active)
+    thread.finish(p.out_layout.rows(p.out, bh, s.heads).row(i), p.lse + bh * s.tokens + i, s.d);
+}
+
+// Backward, query side (same grid as the forward): dq, the window's ds / weights, d token_weight
+// and delta (with fp16 / bf16 storage after a first pass over the pooled keys).
+template <typename scalar_t, typename HD, typename Ctx>
+C10_HOST_DEVICE void backward_query_block(const Ctx& ctx, const BackwardParams<scalar_t>& p,
+                                          ForwardShared<scalar_t, HD>& sh) {
+  using Thread = BackwardQueryThread<scalar_t, HD>;
+  using acc_t = typename Thread::acc_t;
+  constexpr int kTile = TileRows<HD::kMax, acc_t>::value;
+  const AttentionSizes& s = p.sizes;
+  const QueryBlock blk = query_block(ctx, s);
+  const int64_t bh = blk.bh, h = blk.h;
+  const int64_t i = blk.first_query + ctx.thread();
+  const bool active = i < s.tokens;
+  const int64_t row = bh * s.tokens + i;
+  const scalar_t* bias_h = p.bias + h * s.tokens * s.pool;
+  Thread thread;
+  if (active)
+    thread.window_begin(p.q_layout.rows(p.q, bh, s.heads), p.k_layout.rows(p.k, bh, s.heads),
+                        p.v_layout.rows(p.v, bh, s.heads), p.rpb + h * kWindowArea,
+                        p.token_weight + row * kWindowArea,
+                        p.out_layout.rows(p.out, bh, s.heads).row(i),
+                        p.grad_layout.rows(p.grad_out, bh, s.heads).row(i), p.lse[row], i,
+                        s.height, s.width, s.d);
+  if constexpr (Thread::kExactDelta) {
+    for_each_pool_tile<HD, acc_t, kTile>(
+        ctx, sh, p.k_pool, p.v_pool, bias_h, s, bh, blk.first_query,
+        [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
+          if (active) thread.delta_tile(kp, vp, count, bias, s.d);
+        });
+  }
+  if (active)
+    thread.window_grads(p.k_layout.rows(p.k, bh, s.heads), p.token_weight + row * kWindowArea,
+                        i, s.height, s.width, s.d, p.ds_local + row * kWindowArea,
+                        p.weight_local + row * kWindowArea,
+                        p.dtoken_weight + row * kWindowArea, p.delta + row);
+  for_each_pool_tile<HD, acc_t, kTile>(
+      ctx, sh, p.k_pool, p.v_pool, bias_h, s, bh, blk.first_query,
+      [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
+        if (active) thread.pool_tile(kp, vp, count, bias, s.d);
+      });
+  if (active) thread.finish(p.dq_layout.rows(p.dq, bh, s.heads).row(i), s.d);
+}
+
+// Backward, pooled-key side (grid: pool_grad_plan): one thread per pooled key, streaming the
+// block's query chunk through shared-memory tiles for each batch element of its group. Its bias
+// and d bias reads / writes are coalesced (consecutive threads, consecutive keys).
+template <typename scalar_t, typename HD>
+struct PoolGradShared {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kTile = TileRows<HD::kMax, acc_t>::value;
+  alignas(16) acc_t q[kTile * HD::kMax];
+  alignas(16) acc_t g[kTile * HD::kMax];
+  acc_t lse[kTile];
+  acc_t delta[kTile];
+};
+
+template <typename scalar_t, typename HD, typename Ctx>
+C10_HOST_DEVICE void backward_pool_block(const Ctx& ctx, const BackwardParams<scalar_t>& p,
+                                         PoolGradShared<scalar_t, HD>& sh) {
+  using Thread = BackwardPoolThread<scalar_t, HD>;
+  constexpr int kTile = PoolGradShared<scalar_t, HD>::kTile;
+  const AttentionSizes& s = p.sizes;
+  const int64_t groups = (s.batch + p.group_len - 1) / p.group_len;
+  const int64_t key_tile = ctx.block(0) / groups, group = ctx.block(0) % groups;
+  const int64_t key = key_tile * ctx.threads() + ctx.thread();
+  const bool active = key < s.pool;
+  const int64_t chunk = ctx.block(1), h = ctx.block(2);
+  const int64_t i_begin = chunk * p.chunk_len;
+  const int64_t i_end = tnx_min(s.tokens, i_begin + p.chunk_len);
+  const int64_t b_begin = group * p.group_len;
+  const int64_t b_end = tnx_min(s.batch, b_begin + p.group_len);
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    const int64_t bh = b * s.heads + h;
+    const Rows<const scalar_t> q_bh = p.q_layout.rows(p.q, bh, s.heads);
+    const Rows<const scalar_t> g_bh = p.grad_layout.rows(p.grad_out, bh, s.heads);
+    Thread thread;
+    if (active)
+      thread.begin(p.k_pool + (bh * s.pool + key) * s.d, p.v_pool + (bh * s.pool + key) * s.d,
+                   s.d);
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += kTile) {
+      const int count = static_cast<int>(tnx_min<int64_t>(kTile, i_end - i0));
+      load_tile(sh.q, HD::kMax, q_bh.row(i0), q_bh.stride, count, s.d, ctx.thread(),
+                ctx.threads());
+      load_tile(sh.g, HD::kMax, g_bh.row(i0), g_bh.stride, count, s.d, ctx.thread(),
+                ctx.threads());
+      for (int t = ctx.thread(); t < count; t += ctx.threads()) {
+        sh.lse[t] = p.lse[bh * s.tokens + i0 + t];
+        sh.delta[t] = p.delta[bh * s.tokens + i0 + t];
+      }
+      ctx.sync();
+      if (active) {
+        const int64_t column = (h * s.tokens + i0) * s.pool + key;
+        thread.query_tile(sh.q, sh.g, sh.lse, sh.delta, count, p.bias + column,
+                          p.dbias_partial == nullptr
+                              ? nullptr
+                              : p.dbias_partial + group * s.heads * s.tokens * s.pool + column,
+                          s.pool, b == b_begin, s.d);
+      }
+      ctx.sync();
+    }
+    if (active) {
+      const int64_t slot = ((chunk * s.batch + b) * s.heads + h) * s.pool + key;
+      thread.finish(p.dkp_partial + slot * s.d, p.dvp_partial + slot * s.d, s.d);
+    }
+  }
+}
+
+// Window keys / values (grid: gather_launch; no shared memory): one thread per (batch, head,
+// key position, channel), grid-stride.
+template <typename scalar_t, typename Ctx>
+C10_HOST_DEVICE void window_grad_block(const Ctx& ctx, const BackwardParams<scalar_t>& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const AttentionSizes& s = p.sizes;
+  const int64_t total = s.batch * s.heads * s.tokens * s.d;
+  for (int64_t idx = ctx.block(0) * ctx.threads() + ctx.thread(); idx < total;
+       idx += static_cast<int64_t>(ctx.threads()) * ctx.grid(0)) {
+    const int c = static_cast<int>(idx % s.d);
+    const int64_t n = (idx / s.d) % s.tokens;
+    const int64_t bh = idx / (static_cast<int64_t>(s.d) * s.tokens);
+    acc_t grad_k, grad_v;
+    gather_window_grads(p.q_layout.rows(p.q, bh, s.heads),
+                        p.grad_layout.rows(p.grad_out, bh, s.heads),
+                        p.ds_local + bh * s.tokens * kWindowArea,
+                        p.weight_local + bh * s.tokens * kWindowArea, n, c, s.height, s.width,
+                        &grad_k, &grad_v);
+    p.dk_layout.rows(p.dk, bh, s.heads).row(n)[c] = static_cast<scalar_t>(grad_k);
+    p.dv_layout.rows(p.dv, bh, s.heads).row(n)[c] = static_cast<scalar_t>(grad_v);
+  }
+}
+
+// Calls fn(HeadDim<...>{}) with the kernel variant for head dimension d: exact variants (rows in
+// registers, loops unrolled) for 16, 24 (every released TransNeXt), 32, 48 and 64; the generic
+// one (rolled loops over up to 128 channels, rows in local memory) otherwise.
+template <typename Fn>
+inline void dispatch_head_dim(int64_t d, Fn&& fn) {
+  TORCH_CHECK(d >= 1 && d <= 128,
+              "aggregated_attention: the CUDA kernels support head dims 1..128, got ", d);
+  switch (d) {
+    case 16: fn(HeadDim<16, true>{}); break;
+    case 24: fn(HeadDim<24, true>{}); break;
+    case 32: fn(HeadDim<32, true>{}); break;
+    case 48: fn(HeadDim<48, true>{}); break;
+    case 64: fn(HeadDim<64, true>{}); break;
+    default: fn(HeadDim<128, false>{});
+  }
+}
+
+// =============================================================================================
+// The kernels and their launch sequence, written once for the GPU and the replay.
+//
+// A kernel is a descriptor: its block body, its shared memory, and the block size and minimum
+// resident blocks per SM it is compiled for (__launch_bounds__(kThreads, kMinBlocks)). A
+// `Launcher` runs one kernel over a grid:
+//   template <typename Kernel> void launch(const Launch&, const typename Kernel::Params&) const;
+// the CUDA one (pytorch/cuda/aggregated_attention_kernels.cu) as kernel<Kernel><<<grid, threads>>>,
+// the replay (replay/aggregated_attention_cuda_replay.cpp) block by block with fibers. Which
+// kernels run, in which order, with which grids and shared memory, is decided only here.
+struct NoShared {};
+
+// Query-side kernels of the small exact head dims (every released model has 24): 3 resident
+// blocks of 128 threads, i.e. at most 168 registers. With one-argument launch bounds ptxas (CUDA
+// 13.0, sm_90) also settles on 168 registers for the fp32 forward but spills 24 bytes to local
+// memory; asked for 3 blocks it allocates the same 168 without spills. Wider heads keep no
+// occupancy target (their rows need the registers).
+template <typename HD>
+constexpr int kQueryMinBlocks = HD::kExactDim && HD::kMax <= 24 ? 3 : 1;
+
+template <typename scalar_t, typename HD>
+struct ForwardKernel {
+  using Params = ForwardParams<scalar_t>;
+  using Shared = ForwardShared<scalar_t, HD>;
+  static constexpr int kThreads = kQueryThreads;
+  static constexpr int kMinBlocks = kQueryMinBlocks<HD>;
+  static constexpr const char* kName = "forward";
+  template <typename Ctx>
+  C10_HOST_DEVICE static void body(const Ctx& ctx, const Params& p, Shared& sh) {
+    forward_block<scalar_t, HD>(ctx, p, sh);
+  }
+};
+
+template <typename scalar_t, typename HD>
+struct BackwardQueryKernel {
+  using Params = BackwardParams<scalar_t>;
+  using Shared = ForwardShared<scalar_t, HD>;
+  static constexpr int kThreads = kQueryThreads;
+  static constexpr int kMinBlocks = kQueryMinBlocks<HD>;
+  static constexpr const char* kName = "backward_query";
+  template <typename Ctx>
+  C10_HOST_DEVICE static void body(const Ctx& ctx, const Params& p, Shared& sh) {
+    backward_query_block<scalar_t, HD>(ctx, p, sh);
+  }
+};
+
+template <typename scalar_t, typename HD>
+struct BackwardPoolKernel {
+  using Params = BackwardParams<scalar_t>;
+  using Shared = PoolGradShared<scalar_t, HD>;
+  static constexpr int kThreads = kPoolThreads;
+  static constexpr int kMinBlocks = 1;
+  static constexpr const char* kName = "backward_pool";
+  template <typename Ctx>
+  C10_HOST_DEVICE static void body(const Ctx& ctx, const Params& p, Shared& sh) {
+    backward_pool_block<scalar_t, HD>(ctx, p, sh);
+  }
+};
+
+template <typename scalar_t>
+struct WindowGradKernel {
+  using Params = BackwardParams<scalar_t>;
+  using Shared = NoShared;
+  static constexpr int kThreads = kGatherThreads;
+  static constexpr int kMinBlocks = 1;
+  static constexpr const char* kName = "window_grad";
+  template <typename Ctx>
+  C10_HOST_DEVICE static void body(const Ctx& ctx, const Params& p, Shared&) {
+    window_grad_block<scalar_t>(ctx, p);
+  }
+};
+
+// What a GPU would refuse: a block size other than the kernel's, a grid beyond CUDA's limits,
+// more static shared memory than 48 KiB (fp64 runs only in the replay and is not held to it).
+template <typename Kernel, typename Launcher>
+inline void launch_kernel_checked(const Launch& launch, const typename Kernel::Params& p,
+                                  const Launcher& launcher) {
+  TORCH_CHECK(launch.threads == Kernel::kThreads, "aggregated_attention: kernel ", Kernel::kName,
+              " is compiled for ", Kernel::kThreads, " threads per block, launched with ",
+              launch.threads);
+  TORCH_CHECK(launch.grid[0] >= 1 && launch.grid[0] <= kMaxGridX && launch.grid[1] >= 1 &&
+                  launch.grid[1] <= kMaxGridYZ && launch.grid[2] >= 1 &&
+                  launch.grid[2] <= kMaxGridYZ,
+              "aggregated_attention: kernel ", Kernel::kName, " grid (", launch.grid[0], ", ",
+              launch.grid[1], ", ", launch.grid[2], ") is outside CUDA's limits");
+  using acc_t = typename Kernel::Params::acc_t;
+  static_assert(std::is_same_v<acc_t, double> || sizeof(typename Kernel::Shared) <= 48 * 1024,
+                "a kernel's static shared memory must fit in 48 KiB");
+  launcher.template launch<Kernel>(launch, p);
+}
+
+template <typename scalar_t, typename Launcher>
+void run_forward_kernels(const ForwardParams<scalar_t>& p, const Launcher& launcher) {
+  dispatch_head_dim(p.sizes.d, [&](auto head_dim) {
+    using HD = decltype(head_dim);
+    launch_kernel_checked<ForwardKernel<scalar_t, HD>>(query_launch(p.sizes), p, launcher);
+  });
+}
+
+// Query side (dq, window ds, delta), then the pooled keys (needs delta; none when Np = 0), then
+// the window keys / values (need the window ds).
+template <typename scalar_t, typename Launcher>
+void run_backward_kernels(const BackwardParams<scalar_t>& p, const Launch& pool_launch,
+                          const Launcher& launcher) {
+  dispatch_head_dim(p.sizes.d, [&](auto head_dim) {
+    using HD = decltype(head_dim);
+    launch_kernel_checked<BackwardQueryKernel<scalar_t, HD>>(query_launch(p.sizes), p, launcher);
+    if (p.sizes.pool > 0)
+      launch_kernel_checked<BackwardPoolKernel<scalar_t, HD>>(pool_launch, p, launcher);
+  });
+  launch_kernel_checked<WindowGradKernel<scalar_t>>(gather_launch(p.sizes), p, launcher);
+}
+
+}  // namespace transnext_mm

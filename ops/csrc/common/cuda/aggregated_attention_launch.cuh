@@ -1,0 +1,84 @@
+// Copyright (c) transnext-mm contributors. All rights reserved.
+//
+// Launch plans of the aggregated-attention CUDA kernels: block sizes, grids and the pooled-key
+// gradient kernel's schedule. Host code, shared by the CUDA launchers and the CPU replay
+// (see common/cuda/aggregated_attention_thread.cuh for how the kernel headers fit together).
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common/aggregated_attention_geometry.h"
+
+namespace transnext_mm {
+
+constexpr int kQueryThreads = 128;   // forward and dq kernels: one query per thread
+constexpr int kPoolThreads = 64;     // pooled-key gradient kernel: one pooled key per thread
+constexpr int kGatherThreads = 256;  // window dk / dv gather: one element per thread
+constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
+constexpr int64_t kMaxGridYZ = 65535;
+
+struct Launch {
+  int64_t grid[3];
+  int threads;
+};
+
+// Query-side kernels (forward, dq): one block per (query block, head, batch element) on a 1-D
+// grid, the batch element varying fastest, so that the blocks that read the same bias_pool slab
+// (head h, the block's queries) run side by side and share it in L2. Any batch x heads fits.
+inline Launch query_launch(const AttentionSizes& s) {
+  const int64_t query_blocks = (s.tokens + kQueryThreads - 1) / kQueryThreads;
+  const int64_t blocks = query_blocks * s.heads * s.batch;
+  TORCH_CHECK(blocks >= 1 && blocks <= kMaxGridX,
+              "aggregated_attention: the CUDA kernels take at most 2^31 - 1 blocks of ",
+              kQueryThreads, " queries per (batch, head), got ", blocks);
+  return {{blocks, 1, 1}, kQueryThreads};
+}
+
+inline Launch gather_launch(const AttentionSizes& s) {
+  const int64_t total = s.batch * s.heads * s.tokens * s.d;
+  return {{std::min<int64_t>((total + kGatherThreads - 1) / kGatherThreads, int64_t(1) << 20), 1,
+           1},
+          kGatherThreads};
+}
+
+// Pooled-key gradient: grid (key tiles x batch groups, query chunks, heads), the group varying
+// fastest, so that the blocks sharing a bias_pool slab (head, chunk, key tile) run side by side.
+// Each block owns d bias_pool[h, chunk, keys] for its batch group, accumulated over the group's
+// batch elements by the owning thread (no atomics) into per-group partial sums, which the
+// launcher sums over the groups. Chunks and groups are sized to fill a GPU (about kTargetBlocks
+// blocks) while the per-chunk dk_pool / dv_pool partials (chunks, B, heads, Np, d) and the
+// per-group bias partials (groups, heads, N, Np) stay bounded.
+struct PoolGradPlan {
+  int64_t chunk_len, chunks, group_len, groups;
+  Launch launch;
+};
+
+constexpr int64_t kPoolGradTargetBlocks = 1024;
+
+inline PoolGradPlan pool_grad_plan(const AttentionSizes& s, bool bias_grad,
+                                   int64_t target_blocks = kPoolGradTargetBlocks) {
+  constexpr int64_t kGranule = 32;
+  const int64_t kTargetBlocks = std::max<int64_t>(1, target_blocks);
+  constexpr int64_t kMaxPartial = int64_t(1) << 24;  // elements of each kind of partial sums
+  const int64_t batch = std::max<int64_t>(s.batch, 1), heads = std::max<int64_t>(s.heads, 1);
+  const int64_t key_tiles = std::max<int64_t>(1, (s.pool + kPoolThreads - 1) / kPoolThreads);
+  const int64_t granules = std::max<int64_t>(1, (s.tokens + kGranule - 1) / kGranule);
+  int64_t chunks = (kTargetBlocks + heads * key_tiles - 1) / (heads * key_tiles);
+  const int64_t chunk_slab = std::max<int64_t>(1, batch * heads * s.pool * s.d);
+  chunks = std::min({chunks, granules, std::max<int64_t>(1, kMaxPartial / chunk_slab), kMaxGridYZ});
+  const int64_t chunk_len = ((granules + chunks - 1) / chunks) * kGranule;
+  chunks = std::max<int64_t>(1, (s.tokens + chunk_len - 1) / chunk_len);
+  int64_t groups = (kTargetBlocks + heads * key_tiles * chunks - 1) / (heads * key_tiles * chunks);
+  groups = std::min(groups, batch);
+  const int64_t bias_slab = std::max<int64_t>(1, heads * s.tokens * s.pool);
+  if (bias_grad) groups = std::min(groups, std::max<int64_t>(1, kMaxPartial / bias_slab));
+  groups = std::max<int64_t>(1, groups);
+  const int64_t group_len = (batch + groups - 1) / groups;
+  groups = (batch + group_len - 1) / group_len;
+  return {chunk_len, chunks, group_len, groups, {{key_tiles * groups, chunks, heads}, kPoolThreads}};
+}
+
+}  // namespace transnext_mm

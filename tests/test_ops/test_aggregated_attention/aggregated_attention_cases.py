@@ -1,0 +1,42 @@
+# Copyright (c) transnext-mm contributors. All rights reserved.
+"""Inputs and tolerance checks shared by the tests of the compiled op and of its CUDA replay."""
+import torch
+import torch.nn.functional as F
+
+from transnext_mm.ops.aggregated_attention import aggregated_attention_reference
+
+NAMES = ('q', 'k', 'v', 'k_pool', 'v_pool', 'rpb_local', 'bias_pool', 'token_weight')
+
+
+def make_inputs(B, heads, height, width, Np, d, dtype=torch.float64, device='cpu',
+                q_scale=4.0):
+    """Inputs like the backbone's: unit keys, queries scaled up to sharpen the softmax."""
+    N = height * width
+    gen = torch.Generator().manual_seed(B * 1000 + N * 10 + Np + d)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    tensors = [randn(B, heads, N, d, scale=q_scale),
+               F.normalize(randn(B, heads, N, d), dim=-1), randn(B, heads, N, d),
+               F.normalize(randn(B, heads, Np, d), dim=-1), randn(B, heads, Np, d),
+               randn(heads, 9, scale=0.5), randn(heads, N, Np), randn(B, heads, N, 9, scale=0.5)]
+    return [t.to(device).requires_grad_() for t in tensors]
+
+
+def reference_with_grads(tensors, height, width, grad_out):
+    """Reference output and input gradients in float64 (from the same, possibly rounded, inputs)."""
+    leaves = [t.detach().double().requires_grad_() for t in tensors]
+    out = aggregated_attention_reference(*leaves, height, width)
+    return out, torch.autograd.grad(out, leaves, grad_out.double())
+
+
+def assert_close_scaled(actual, expected, rel, name='', atol=0.0):
+    """|actual - expected| <= rel * max|expected| + atol (errors relative to the scale)."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, name
+    if expected.numel() == 0:
+        return
+    scale = expected.abs().max().clamp_min(1e-12)
+    err = (actual - expected).abs().max()
+    assert err <= rel * scale + atol, f'{name}: max error {err:.3g} > {rel} * {scale:.3g} + {atol}'

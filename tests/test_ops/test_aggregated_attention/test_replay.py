@@ -1,0 +1,191 @@
+# Copyright (c) transnext-mm contributors. All rights reserved.
+"""The CUDA kernels' code (block bodies, launch plans, host glue) replayed on the CPU against the
+readable reference implementation and the CPU kernels.
+
+The replay is a test extension of its own (transnext_mm._ext_replay), built only when asked for:
+these tests fail, saying how to build it, when it is missing (see
+:func:`transnext_mm.ops.aggregated_attention.replay.replay_ext`).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from aggregated_attention_cases import NAMES, assert_close_scaled, make_inputs, reference_with_grads
+
+from transnext_mm.ops import dispatch
+from transnext_mm.ops.aggregated_attention.replay import (aggregated_attention_cuda_replay,
+                                                          replay_ext)
+
+
+
+def cpu_kernels():
+    """The compiled op's module (the CPU kernels the replay is compared with)."""
+    assert dispatch.BUILD.built, f'transnext_mm._ext is not built ({dispatch.BUILD.error})'
+    return dispatch.compiled_ext()
+
+
+def test_replay_is_built():
+    """Fails, saying how to build it, where the replay is missing (it is never skipped)."""
+    assert replay_ext().__name__ == 'transnext_mm._ext_replay'
+
+
+# Gradient tolerances of the replayed CUDA kernels: with fp16 / bf16 storage the backward
+# recomputes delta in fp32 from the probabilities (not from the rounded output), which keeps
+# the gradients' error at the inputs' rounding (with the rounded output: up to 5e-3 in fp16).
+REPLAY_GRAD_REL = {torch.float64: 4e-10, torch.float32: 8e-5, torch.float16: 1e-3,
+                   torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize('dtype,rel', [(torch.float64, 1e-10), (torch.float32, 2e-5),
+                                       (torch.float16, 3e-3), (torch.bfloat16, 2e-2)],
+                         ids=['float64', 'float32', 'float16', 'bfloat16'])
+@pytest.mark.parametrize('shape', [(2, 3, 5, 7, 4, 24), (1, 2, 20, 17, 70, 24),
+                                   (2, 2, 9, 13, 5, 32), (1, 1, 1, 6, 3, 5), (2, 1, 3, 4, 0, 8)])
+def test_cuda_kernels_replayed_on_cpu_match_reference(shape, dtype, rel):
+    """The CUDA kernels' block bodies, grids and host glue, their threads run as fibers."""
+    B, heads, height, width, Np, d = shape
+    tensors = [t.detach() for t in make_inputs(*shape, dtype=dtype)]
+    grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64).to(dtype)
+    out, lse, grads = aggregated_attention_cuda_replay(*tensors, height, width,
+                                                       grad_out=grad_out)
+    out_ref, grads_ref = reference_with_grads(tensors, height, width, grad_out)
+    assert out.dtype == dtype
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close_scaled(out, out_ref, rel, 'out')
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert g.dtype == dtype and g.shape == g_ref.shape, name
+        assert_close_scaled(g, g_ref, REPLAY_GRAD_REL[dtype], name)
+
+
+@pytest.mark.parametrize('unaligned', [False, True])
+@pytest.mark.parametrize('d,dtype', [(16, torch.float16), (48, torch.float16), (64, torch.float16),
+                                     (64, torch.float32)])
+def test_replayed_head_dim_variants_and_row_alignment(d, dtype, unaligned):
+    """The exact head-dim variants, with 16-byte vector loads / stores of aligned rows and the
+    element-wise fallback for q / k / v rows that are not 16-byte aligned."""
+    shape = B, heads, height, width, Np, d = 2, 2, 5, 7, 40, d
+    tensors = [t.detach() for t in make_inputs(*shape, dtype=dtype)]
+    if unaligned:  # channel-contiguous views starting one element into their rows
+        for j in range(3):
+            padded = torch.zeros(B, heads, height * width, d + 1, dtype=dtype)
+            padded[..., 1:] = tensors[j]
+            tensors[j] = padded[..., 1:]
+            assert tensors[j].data_ptr() % 16 != 0
+    grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64).to(dtype)
+    out, _, grads = aggregated_attention_cuda_replay(*tensors, height, width,
+                                                     grad_out=grad_out)
+    out_ref, grads_ref = reference_with_grads(tensors, height, width, grad_out)
+    assert_close_scaled(out, out_ref, REPLAY_GRAD_REL[dtype], 'out')
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert_close_scaled(g, g_ref, REPLAY_GRAD_REL[dtype], name)
+
+
+@pytest.mark.parametrize('target_blocks,groups', [(1, 1), (4, 2)])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float16])
+def test_replayed_pool_grad_schedules(target_blocks, groups, dtype):
+    """The pooled-key gradient kernel with the batch in the grid: one chunk and one group of all
+    3 batch elements (each thread accumulates its bias gradient over them), or 3 chunks and
+    groups of 2 + 1 batch elements (per-group partial sums, summed afterwards)."""
+    shape = B, heads, height, width, Np, d = 3, 1, 7, 10, 5, 24
+    plan = replay_ext().aggregated_attention_launch_plans(B, heads, height * width, Np, d, True,
+                                                          target_blocks)['pool_grad']
+    key_tiles = -(-Np // 64)
+    assert plan[0] == key_tiles * groups and plan[2] == heads  # groups fastest in grid x
+    assert plan[5] == -(-B // groups)  # group length
+    tensors = [t.detach() for t in make_inputs(*shape, dtype=dtype)]
+    grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64).to(dtype)
+    _, _, grads = aggregated_attention_cuda_replay(
+        *tensors, height, width, grad_out=grad_out, pool_target_blocks=target_blocks)
+    _, grads_ref = reference_with_grads(tensors, height, width, grad_out)
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert_close_scaled(g, g_ref, REPLAY_GRAD_REL[dtype], name)
+
+
+def test_launch_plans_put_the_batch_in_the_grid():
+    """TransNeXt-Micro stage 1 at 224x224, batch 64: the pooled-key gradient kernel used to run
+    8 blocks (chunks capped at 256 / B, batch looped per thread); now it fills the GPU."""
+    ext = replay_ext()
+    plans = ext.aggregated_attention_launch_plans(64, 2, 56 * 56, 49, 24, True,
+                                                  ext.pool_grad_target_blocks)
+    gx, gy, gz, threads, chunk_len, group_len = plans['pool_grad']
+    assert gx * gy * gz >= 512 and threads == 64
+    assert gy * chunk_len >= 56 * 56 > (gy - 1) * chunk_len  # chunks cover the queries once
+    assert gz == 2  # heads
+    groups = gx  # one key tile (49 keys): grid x is the batch groups
+    assert groups * group_len >= 64 > (groups - 1) * group_len  # groups cover the batch once
+    assert groups * 2 * 56 * 56 * 49 <= 1 << 24  # bounded bias partial sums
+    # Query side: one block per (query block, head, batch element), 1-D grid.
+    assert plans['forward'] == [25 * 2 * 64, 1, 1, 128]
+    # batch x heads above CUDA's 65535 limit of grid y / z: still one plain 1-D grid.
+    plans = ext.aggregated_attention_launch_plans(40000, 2, 9, 4, 24, True, 1024)
+    assert plans['forward'] == [80000, 1, 1, 128] and plans['pool_grad'][2] == 2
+
+
+def test_replay_barrier_model():
+    """What lets the replay catch a misplaced __syncthreads in the shared kernel bodies: threads
+    run in reverse order between barriers, shared memory starts as NaN, and a barrier that not
+    all threads reach is an error. (Dropping either ctx.sync() of for_each_pool_tile in
+    common/cuda/aggregated_attention_blocks.cuh makes
+    test_cuda_kernels_replayed_on_cpu_match_reference fail for every shape with pooled keys:
+    checked again after the bias_pool tile joined the pooled-key tiles, 16 of its 20 cases
+    failed, the 4 passing ones being Np = 0.)"""
+    ext = replay_ext()
+    torch.testing.assert_close(ext.cuda_replay_selftest('barrier'),
+                               torch.arange(63, -1, -1, dtype=torch.float32))
+    racy = ext.cuda_replay_selftest('no_barrier')
+    assert racy[32:].isnan().all() and not racy[:32].isnan().any()  # read before written
+    with pytest.raises(RuntimeError, match='not reached by every thread'):
+        ext.cuda_replay_selftest('divergent')
+    with pytest.raises(RuntimeError, match="mode must be 'barrier'"):
+        ext.cuda_replay_selftest('fast')
+
+
+def test_replay_without_bias_grad_and_fast_cpu_path_agree():
+    tensors = [t.detach() for t in make_inputs(2, 2, 9, 13, 40, 24, dtype=torch.float32)]
+    grad_out = torch.randn(2, 2, 9 * 13, 24)
+    ext, cpu = replay_ext(), cpu_kernels()
+    out, lse = cpu.aggregated_attention_forward(*tensors, 9, 13)
+    grads = cpu.aggregated_attention_backward(grad_out, *tensors, out, lse, 9, 13, False)
+    assert grads[6].numel() == 0  # no bias_pool gradient asked for
+    out_r, lse_r = ext.aggregated_attention_forward_replay(*tensors, 9, 13)
+    grads_r = ext.aggregated_attention_backward_replay(grad_out, *tensors, out, lse, 9, 13, True,
+                                                       ext.pool_grad_target_blocks)
+    torch.testing.assert_close(out_r, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_r, lse, rtol=1e-5, atol=1e-5)
+    for i, (g, g_r) in enumerate(zip(grads, grads_r)):
+        if i != 6:
+            torch.testing.assert_close(g_r, g, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float16])
+def test_strided_views_are_read_in_place(dtype):
+    """q / k / v / grad_out as head views of (B, N, C) projections: no copies, same results,
+    outputs laid out as (B, N, heads, d); both the CPU kernels and the CUDA kernels' replay."""
+    B, heads, height, width, Np, d = 2, 3, 9, 14, 37, 24
+    N = height * width
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, N, heads * d, generator=gen, dtype=torch.float64).view(
+        B, N, heads, d).transpose(1, 2) * 3
+    kv = torch.randn(B, N, 2 * heads * d, generator=gen, dtype=torch.float64).view(
+        B, N, 2 * heads, d).transpose(1, 2)
+    k, v = F.normalize(kv[:, :heads], dim=-1), kv[:, heads:]
+    grad_out = torch.randn(B, N, heads * d, generator=gen, dtype=torch.float64).view(
+        B, N, heads, d).transpose(1, 2)
+    others = [t.detach() for t in make_inputs(B, heads, height, width, Np, d)[3:]]
+    tensors = [t.to(dtype) for t in (q, k, v, *others)]
+    grad_out = grad_out.to(dtype)
+    assert not any(t.is_contiguous() for t in tensors[:3] + [grad_out])
+    out_ref, grads_ref = reference_with_grads(tensors, height, width, grad_out)
+    rel = 1e-10 if dtype == torch.float64 else 3e-3
+    ext, cpu = replay_ext(), cpu_kernels()
+
+    def replay_backward(*args):
+        return ext.aggregated_attention_backward_replay(*args, ext.pool_grad_target_blocks)
+
+    for forward, backward in ((cpu.aggregated_attention_forward, cpu.aggregated_attention_backward),
+                              (ext.aggregated_attention_forward_replay, replay_backward)):
+        out, lse = forward(*tensors, height, width)
+        assert out.transpose(1, 2).is_contiguous()  # (B, N, heads, d) memory
+        grads = backward(grad_out, *tensors, out, lse, height, width, True)
+        assert_close_scaled(out, out_ref, rel, 'out')
+        for name, g, g_ref in zip(NAMES, grads, grads_ref):
+            assert_close_scaled(g, g_ref, rel * 4, name)
