@@ -204,7 +204,31 @@ setup(
     package_data={'transnext_mm': ['.mim/model-index.yml', '.mim/configs/**/*.py',
                                    '.mim/configs/**/*.yml', '.mim/configs/**/*.md',
                                    '.mim/tools/**/*.py', '.mim/tools/**/*.sh']},
-    python_requires='>=3.8',
+    author='transnext-mm contributors',
+    license='Apache-2.0',
+    license_files=['LICENSE'],
+    project_urls={'Paper': 'https://arxiv.org/abs/2311.17132'},
+    keywords='computer vision, object detection, semantic segmentation, backbone, TransNeXt, '
+    'OpenMMLab',
+    classifiers=[
+        'Development Status :: 4 - Beta',
+        'Intended Audience :: Developers',
+        'Intended Audience :: Science/Research',
+        'License :: OSI Approved :: Apache Software License',
+        'Operating System :: POSIX :: Linux',
+        'Programming Language :: C++',
+        'Programming Language :: Python :: 3',
+        'Programming Language :: Python :: 3.10',
+        'Programming Language :: Python :: 3.11',
+        'Programming Language :: Python :: 3.12',
+        'Environment :: GPU :: NVIDIA CUDA',
+        'Topic :: Scientific/Engineering :: Artificial Intelligence',
+        'Topic :: Scientific/Engineering :: Image Recognition',
+    ],
+    # torch 2.11 is the oldest torch the op has been built and tested with (its sources use
+    # torch.library.custom_op, torch.compiler.is_exporting and C++20); torch itself is not
+    # installed from here (users pick their CUDA build), but import checks the range.
+    python_requires='>=3.10',
     install_requires=read_requirements('runtime.txt'),
     extras_require={
         'toolboxes': read_requirements('toolboxes.txt'),

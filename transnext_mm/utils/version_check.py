@@ -1,7 +1,8 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
 """The versions of the OpenMMLab packages that transnext_mm works with, checked at import.
 
-The ranges are the API generations transnext_mm is written for (mmengine 0.x, mmcv 2.0-2.1 as
+The ranges are the API generations transnext_mm is written for (torch 2.x from 2.11, the oldest
+the compiled op has been built and tested with; mmengine 0.x, mmcv 2.0-2.1 as
 mmdet 3.x and mmseg 1.x require, mmdet 3.x, mmsegmentation 1.x, mmpretrain 1.x); the exact
 versions tested are listed in the README. Packages that are not installed are not checked (the
 toolboxes are optional), and versions are read from the installed distributions' metadata, so
@@ -14,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 # distribution name -> (lowest supported version, first unsupported version)
 SUPPORTED_VERSIONS: Dict[str, Tuple[str, str]] = {
+    'torch': ('2.11.0', '3.0.0'),
     'mmengine': ('0.10.0', '1.0.0'),
     'mmcv': ('2.0.0', '2.2.0'),
     'mmdet': ('3.0.0', '4.0.0'),
