@@ -34,6 +34,9 @@ def read_requirements(name: str):
 # model index (``mim search``).
 MIM_ITEMS = ('configs', 'tools', 'model-index.yml')
 MIM_IGNORE = shutil.ignore_patterns('__pycache__', '*.pyc', '*.so')
+# tools/ holds user tools only (developer and CI scripts live in .dev_scripts/); run_demo.sh is
+# the repository's one-command demo (it sets up the checkout's .venv), not a tool of the package.
+MIM_TOOLS_IGNORE = shutil.ignore_patterns('__pycache__', '*.pyc', '*.so', 'run_demo.sh')
 
 
 def add_mim_extension():
@@ -64,7 +67,7 @@ def add_mim_extension():
         if mode == 'symlink':
             os.symlink(osp.relpath(src, mim_dir), dst)
         elif osp.isdir(src):
-            shutil.copytree(src, dst, ignore=MIM_IGNORE)
+            shutil.copytree(src, dst, ignore=MIM_TOOLS_IGNORE if item == 'tools' else MIM_IGNORE)
         else:
             shutil.copyfile(src, dst)
 

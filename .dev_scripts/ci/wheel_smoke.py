@@ -36,6 +36,8 @@ WHEEL_NEEDS = ['transnext_mm/.mim/model-index.yml', 'transnext_mm/.mim/configs/d
                'transnext_mm/.mim/tools/train.py', 'transnext_mm/.mim/tools/test.py',
                'transnext_mm/.mim/tools/dist_train.sh', 'transnext_mm/collect_env.py']
 DEMO = 'mask-rcnn_transnext-micro_fpn_synthetic-coco.py'
+# Repository scripts that must not ship as tools of the package (.mim/tools holds user tools).
+DEV_TOOLS = ('setup_env.sh', 'run_tests.sh', 'check_cuda_build.sh', 'ci', 'gpu', 'run_demo.sh')
 # The bindings of the tests' CPU replay of the CUDA kernels (transnext_mm._ext_replay), and a
 # class of its code: none may be in the shipped _ext.
 REPLAY_NAMES = ('aggregated_attention_forward_replay', 'aggregated_attention_backward_replay',
@@ -71,6 +73,10 @@ def check_archives(sdist, wheel):
     check(not missing, f'the wheel lacks {missing}')
     check(any(re.match(r'transnext_mm/_ext\..*\.so$', f) for f in wheel_files),
           'the wheel holds no compiled transnext_mm/_ext*.so')
+    tools = sorted(f[len('transnext_mm/.mim/tools/'):] for f in wheel_files
+                   if f.startswith('transnext_mm/.mim/tools/'))
+    dev = [f for f in tools if f.split('/')[0] in DEV_TOOLS]
+    check(not dev, f'the wheel ships developer or CI scripts under .mim/tools: {dev}')
     replay = [f for f in wheel_files if '_ext_replay' in f]
     check(not replay, f'the wheel ships the tests\' CPU replay of the CUDA kernels: {replay}')
     configs = [f for f in files if f.startswith('configs/') and f.endswith('.py')]
