@@ -21,8 +21,6 @@ from transnext_mm.ops.aggregated_attention.replay import aggregated_attention_cu
 
 F16, F32, F64, BF16 = torch.float16, torch.float32, torch.float64, torch.bfloat16
 CPU = torch.device('cpu')
-requires_cuda = pytest.mark.skipif(not (dispatch.BUILD.cuda and torch.cuda.is_available()),
-                                   reason='needs a GPU and _ext built with CUDA kernels')
 
 
 def replay_kernel(tensors, height, width, grad_out):
@@ -239,7 +237,7 @@ def test_torch_compile_keeps_the_fallback_in_one_graph():
     torch.testing.assert_close(loss, expected)
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize('dtype', selfcheck.cuda_dtypes())
 def test_cuda_self_check_passes_for_every_variant(dtype):
     device = torch.device('cuda', torch.cuda.current_device())
