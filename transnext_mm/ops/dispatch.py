@@ -368,8 +368,10 @@ def _self_check_failure(device_type: str, index: Optional[int], dtype: torch.dty
 
 def _checked_attention(choice: Choice, device: torch.device, dtype: torch.dtype,
                        head_dim) -> Choice:
-    """``choice`` (the compiled attention) unless its first-use self-check failed."""
-    if device.type not in _self_check_devices or head_dim_variant(head_dim) is None:
+    """``choice`` (the compiled attention) unless its first-use self-check failed. Not under
+    ``torch.export``: an exported program calls the op directly wherever it later runs."""
+    if (device.type not in _self_check_devices or head_dim_variant(head_dim) is None
+            or torch.compiler.is_exporting()):
         return choice
     if torch.compiler.is_compiling():  # a dynamic head dim becomes a constant (a guard)
         for concrete in range(1, CUDA_MAX_HEAD_DIM + 1):

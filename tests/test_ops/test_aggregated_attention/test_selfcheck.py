@@ -237,6 +237,22 @@ def test_torch_compile_keeps_the_fallback_in_one_graph():
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize('strict', [False, True])
+def test_export_records_the_op_without_a_check(strict):
+    """An exported program calls the op directly wherever it later runs: no check at export."""
+    tensors = tuple(t.detach() for t in inputs())
+
+    class Core(torch.nn.Module):
+
+        def forward(self, *t):
+            return aggregated_attention(*t, 5, 7, impl='op')
+
+    with dispatch.self_check_for_tests(check_with(launch_error)):
+        program = torch.export.export(Core(), tensors, strict=strict)
+        assert dispatch.self_check_outcomes() == {}
+    assert 'aggregated_attention_forward' in str(program.graph)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize('dtype', selfcheck.cuda_dtypes())
 def test_cuda_self_check_passes_for_every_variant(dtype):

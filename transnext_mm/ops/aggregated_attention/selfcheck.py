@@ -19,7 +19,8 @@ warns once, naming the output or gradient that failed, its relative error and th
 ``impl='op'`` raises a RuntimeError with the same text. After a launch error the device is
 synchronized and probed first: a sticky CUDA error (e.g. an illegal memory access) leaves the
 process's CUDA context unusable, and then the check raises a RuntimeError saying so, whatever
-``impl`` is. The check costs about 0.1 s per variant on the CPU replay of the CUDA kernels
+``impl`` is. Under ``torch.compile`` the check runs once while the graph is traced; under
+``torch.export`` it does not run (the exported program calls the op directly wherever it runs). The check costs about 0.1 s per variant on the CPU replay of the CUDA kernels
 (2 cores); one call on a GPU takes milliseconds after the CUDA context exists.
 
 Environment: ``TRANSNEXT_MM_CUDA_SELFCHECK=0`` turns the check off (``1``, the default, keeps it
