@@ -48,3 +48,21 @@ def shallow_config(tmp_path_factory):
         return str(path)
 
     return make
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        'markers', 'cuda: needs a GPU and transnext_mm._ext built with CUDA kernels (skipped '
+        'without them)')
+
+
+def pytest_collection_modifyitems(config, items):
+    from transnext_mm.ops.dispatch import BUILD
+    if BUILD.cuda and torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a GPU and transnext_mm._ext built with CUDA kernels '
+                            f'(GPU visible: {torch.cuda.is_available()}, CUDA kernels built: '
+                            f'{BUILD.cuda})')
+    for item in items:
+        if item.get_closest_marker('cuda') is not None:
+            item.add_marker(skip)

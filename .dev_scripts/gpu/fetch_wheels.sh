@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
-# Fetch the wheels that .dev_scripts/gpu/run_all.sh installs on the GPU machine (no package index
-# there) into .whl/ (git-ignored; carried with the run), and check they are complete.
+# Fetch the pure-Python wheels that .dev_scripts/gpu/run_all.sh installs on a GPU machine without
+# a package index into .whl/ (git-ignored; copy it there with the working tree), and check that
+# they are complete.
 #
-# The GPU machine (python3 3.12, torch 2.11) lacks mmengine and mmcv. transnext_mm imports
-# mmengine (registry, BaseModule, logging, checkpoint) and mmcv.cnn.bricks (DropPath); mmcv 2.x
-# has no binary wheels, but mmcv-lite 2.1.0 (the same Python package, without the compiled
-# ops, which transnext_mm does not use) is a pure-Python wheel that installs as `mmcv`. Their
-# pure-Python needs that the image lacks: addict, termcolor, yapf (-> platformdirs). Everything
-# else they require (numpy, matplotlib, pyyaml, rich, packaging, pillow, opencv: cv2 from
-# opencv-python-headless) is in the image, .dev_scripts/gpu/device_packages.txt. Versions are those of
-# this project's CPU environment.
+# The GPU machine's Python packages (Python 3.12.3, torch 2.11.0+cu130, as listed on 2026-11-17)
+# lack mmengine and mmcv. transnext_mm imports mmengine (registry, BaseModule, logging,
+# checkpoint) and mmcv.cnn.bricks (DropPath); mmcv 2.x has no binary wheels, but mmcv-lite 2.1.0
+# (the same Python package without the compiled ops, which transnext_mm does not use) is a
+# pure-Python wheel that installs as `mmcv`. Their pure-Python needs missing there: addict,
+# termcolor, yapf (-> platformdirs). Versions are those of this project's CPU environment.
 #
-# Usage: bash .dev_scripts/gpu/fetch_wheels.sh [DEST]      (DEST defaults to .whl; PYTHON=... picks
-#                                                    the interpreter that runs pip)
+# Usage: bash .dev_scripts/gpu/fetch_wheels.sh [DEST]      (DEST defaults to .whl; PYTHON=...
+#                                                          picks the interpreter that runs pip)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -23,6 +22,8 @@ if [ -z "$PY" ]; then
 fi
 WHEELS=(mmengine==0.10.7 mmcv-lite==2.1.0 addict==2.4.0 termcolor==3.3.0 yapf==0.43.0
         platformdirs==4.14.8)
+# What the wheels need that the GPU machine has.
+GPU_MACHINE=(matplotlib numpy opencv-python-headless packaging pillow pyyaml rich)
 
 mkdir -p "$DEST"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
@@ -30,8 +31,8 @@ mkdir -p "$DEST"
   --platform manylinux2014_x86_64 --platform any -d "$DEST" "${WHEELS[@]}"
 
 # Every wheel pure Python, one version of each, every requirement (markers evaluated for
-# CPython 3.12 on Linux) met by a wheel here or a package of the GPU machine's image.
-"$PY" - "$DEST" "$ROOT/.dev_scripts/gpu/device_packages.txt" <<'PYEOF'
+# CPython 3.12 on Linux) met by a wheel here or a package of the GPU machine.
+"$PY" - "$DEST" "${GPU_MACHINE[@]}" <<'PYEOF'
 import email.parser
 import glob
 import os
@@ -41,11 +42,8 @@ import zipfile
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-dest, device_list = sys.argv[1], sys.argv[2]
-with open(device_list) as f:
-    device = {canonicalize_name(line.strip()) for line in f
-              if line.strip() and not line.startswith('#')}
-# The image provides cv2 through opencv-python-headless; mmengine / mmcv ask for opencv-python.
+dest, device = sys.argv[1], {canonicalize_name(name) for name in sys.argv[2:]}
+# The GPU machine has cv2 from opencv-python-headless; mmengine / mmcv ask for opencv-python.
 if 'opencv-python-headless' in device:
     device.add('opencv-python')
 env = {'python_version': '3.12', 'python_full_version': '3.12.3', 'sys_platform': 'linux',
@@ -79,6 +77,7 @@ print(f'fetch_wheels: {len(wheels)} wheels in {dest}: '
 if problems:
     print('fetch_wheels: INCOMPLETE:\n  ' + '\n  '.join(problems))
     sys.exit(1)
-print('fetch_wheels: all pure Python; every requirement is met by these wheels or the image')
+print('fetch_wheels: all pure Python; every requirement is met by these wheels or the GPU '
+      'machine')
 PYEOF
-du -sh "$DEST" | awk '{print "fetch_wheels: " $1 " to carry"}'
+du -sh "$DEST" | awk '{print "fetch_wheels: " $1 " in all"}'

@@ -21,9 +21,19 @@ gradient state and what was built); :func:`select` applies it to tensors: on a f
 ``impl='auto'`` warns once per reason (one warning however many kernels and layers share it) and
 ``impl='op'`` raises a RuntimeError with the same reason. :func:`conv_glu_strip_rows` decides
 in how many strips of image rows the ConvGLU runs where its compiled gate runs.
+
+First-use self-check: where :func:`select` would run the compiled attention on a CUDA device, it
+first runs the check that :mod:`transnext_mm.ops.aggregated_attention.selfcheck` registers
+(:func:`register_attention_check`), once per (device, dtype, head-dim variant of the kernels), and
+treats a failed check as a fallback for that key for the rest of the process (one warning under
+``impl='auto'``, a RuntimeError under ``impl='op'``). The environment variable
+``TRANSNEXT_MM_CUDA_SELFCHECK=0`` turns the check off (``1``, the default, keeps it on).
 """
+import os
+import time
 import warnings
-from typing import Iterable, NamedTuple, Optional
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -175,8 +185,9 @@ _warned = set()
 
 def select(kernel: str, impl: str, x: Tensor, params: Iterable[Tensor] = (),
            build: Optional[Build] = None) -> str:
-    """:func:`choose` for the input ``x`` (device, dtype, autocast, gradient state); returns the
-    implementation to run.
+    """:func:`choose` for the input ``x`` (device, dtype, autocast, gradient state), and for the
+    attention core on CUDA the first-use self-check (:func:`attention_self_check`, head dim
+    ``x.shape[-1]``); returns the implementation to run.
 
     A fallback warns once per reason under ``impl='auto'`` and raises a RuntimeError under
     ``impl='op'``.
@@ -197,14 +208,22 @@ def select(kernel: str, impl: str, x: Tensor, params: Iterable[Tensor] = (),
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or
                                               any(p.requires_grad for p in params))
     choice = choose(kernel, impl, x.device, dtype, needs_grad, autocast, build)
+    if kernel == 'attention' and choice.impl == 'op':
+        choice = _checked_attention(choice, x.device, dtype, x.shape[-1])
     if choice.fallback:
         if impl == 'op':
             raise RuntimeError(f"impl='op' (attn_impl='op' in the backbone) but {choice.reason}")
-        if choice.reason not in _warned:
-            _warned.add(choice.reason)
-            warnings.warn(f"transnext_mm: {choice.reason}; impl='auto' is falling back to the "
-                          'slower PyTorch path', stacklevel=3)
+        _warn_once(choice.reason)
     return choice.impl
+
+
+@torch.compiler.assume_constant_result  # runs once at trace time under torch.compile
+def _warn_once(reason: str) -> bool:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"transnext_mm: {reason}; impl='auto' is falling back to the slower "
+                      'PyTorch path', stacklevel=4)
+    return True
 
 
 def conv_glu_strip_rows(impl: str, x: Tensor, params: Iterable[Tensor], height: int,
@@ -231,3 +250,157 @@ def conv_glu_strip_rows(impl: str, x: Tensor, params: Iterable[Tensor], height: 
         return height
     row_bytes = x.shape[0] * width * hidden_channels * x.element_size()
     return min(height, max(1, CONV_GLU_STRIP_BYTES // row_bytes))
+
+
+# ------------------------------------------------------------------------------------------------
+# First-use self-check of the compiled attention on CUDA.
+
+SELF_CHECK_ENV = 'TRANSNEXT_MM_CUDA_SELFCHECK'
+# The CUDA kernels' head-dim variants (dispatch_head_dim in
+# ops/csrc/common/cuda/aggregated_attention_blocks.cuh): exact ones, and a generic one for every
+# other head dim up to CUDA_MAX_HEAD_DIM.
+CUDA_EXACT_HEAD_DIMS = (16, 24, 32, 48, 64)
+CUDA_MAX_HEAD_DIM = 128
+
+
+class SelfCheck(NamedTuple):
+    """Outcome of one self-check: what failed (``''`` when it passed), the head dim it ran with
+    and its duration in seconds."""
+    failure: str
+    head_dim: int
+    seconds: float
+
+
+_attention_check: Optional[Callable[[torch.device, torch.dtype, int], str]] = None
+_self_checks: Dict[Tuple[torch.device, torch.dtype, str], SelfCheck] = {}
+_self_check_devices = ('cuda', )
+
+
+def register_attention_check(check: Callable[[torch.device, torch.dtype, int], str]) -> None:
+    """Set the self-check of the compiled attention (done once, by
+    :mod:`transnext_mm.ops.aggregated_attention.selfcheck` on import).
+
+    Args:
+        check (Callable): ``check(device, dtype, head_dim)`` runs the compiled op on small inputs
+            on ``device`` against the PyTorch path and returns what failed, with the figures
+            (``''`` when it passed).
+    """
+    global _attention_check
+    _attention_check = check
+
+
+def self_check_enabled() -> bool:
+    """Whether the first-use self-check runs: ``TRANSNEXT_MM_CUDA_SELFCHECK`` unset or ``1``
+    (``0`` turns it off)."""
+    value = os.environ.get(SELF_CHECK_ENV, '1')
+    if value not in ('0', '1'):
+        raise ValueError(f"{SELF_CHECK_ENV} must be '0' (no self-check) or '1' (the default), "
+                         f'got {value!r}')
+    return value == '1'
+
+
+def head_dim_variant(head_dim: int) -> Optional[str]:
+    """The CUDA kernels' variant for ``head_dim``: ``'d=16'`` ... ``'d=64'`` for the exact ones,
+    ``'generic'`` for other head dims up to :data:`CUDA_MAX_HEAD_DIM`, None above (the kernels
+    reject those with an error of their own)."""
+    for exact in CUDA_EXACT_HEAD_DIMS:
+        if head_dim == exact:
+            return f'd={exact}'
+    return 'generic' if 1 <= head_dim <= CUDA_MAX_HEAD_DIM else None
+
+
+def attention_self_check(device, dtype: torch.dtype, head_dim: int) -> Optional[SelfCheck]:
+    """The self-check's outcome for (``device``, ``dtype``, variant of ``head_dim``), running the
+    registered check (with ``head_dim``) the first time the key is seen.
+
+    Returns:
+        SelfCheck | None: None where no check applies: not a CUDA device, the check turned off
+        (:data:`SELF_CHECK_ENV`), a head dim the kernels reject, or no check registered.
+
+    Raises:
+        RuntimeError: From the check, when the device is unusable after it (a sticky CUDA error),
+            or when the check would have to run during CUDA graph capture.
+    """
+    device = torch.device(device)
+    variant = head_dim_variant(head_dim)
+    if (device.type not in _self_check_devices or variant is None or _attention_check is None
+            or not self_check_enabled()):
+        return None
+    key = (device, dtype, variant)
+    if key not in _self_checks:
+        if device.type == 'cuda' and torch.cuda.is_available() and _capturing(device):
+            raise RuntimeError(
+                f'the compiled aggregated-attention op has not been self-checked on {device} for '
+                f'{dtype} and head-dim variant {variant}, and the check cannot run during CUDA '
+                'graph capture: run the model once before capturing, or turn the check off with '
+                f'{SELF_CHECK_ENV}=0')
+        start = time.perf_counter()
+        failure = _attention_check(device, dtype, head_dim)
+        _self_checks[key] = SelfCheck(failure, head_dim, time.perf_counter() - start)
+    return _self_checks[key]
+
+
+def _capturing(device: torch.device) -> bool:
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def self_check_outcomes() -> Dict[Tuple[torch.device, torch.dtype, str], SelfCheck]:
+    """The self-checks run so far in this process: ``{(device, dtype, variant): SelfCheck}``."""
+    return dict(_self_checks)
+
+
+@torch.compiler.assume_constant_result
+def _self_check_failure(device_type: str, index: Optional[int], dtype: torch.dtype,
+                        head_dim: int) -> str:
+    # Runs eagerly, also while torch.compile traces a caller (its result becomes a constant).
+    outcome = attention_self_check(torch.device(device_type, index), dtype, head_dim)
+    if outcome is None or not outcome.failure:
+        return ''
+    variant = head_dim_variant(head_dim)
+    variant = (f'the generic head-dim variant (checked at d={outcome.head_dim})'
+               if variant == 'generic' else f'head-dim variant {variant}')
+    return (f'the compiled {KERNEL_NAMES["attention"]} failed its first-use self-check on '
+            f'{torch.device(device_type, index)} for {dtype} and {variant}: {outcome.failure} '
+            "(impl='auto' runs the PyTorch path for this device, dtype and variant for the rest "
+            f'of the process; {SELF_CHECK_ENV}=0 turns the check off)')
+
+
+def _checked_attention(choice: Choice, device: torch.device, dtype: torch.dtype,
+                       head_dim) -> Choice:
+    """``choice`` (the compiled attention) unless its first-use self-check failed. Not under
+    ``torch.export``: an exported program calls the op directly wherever it later runs."""
+    if (device.type not in _self_check_devices or head_dim_variant(head_dim) is None
+            or torch.compiler.is_exporting()):
+        return choice
+    if torch.compiler.is_compiling():  # a dynamic head dim becomes a constant (a guard)
+        for concrete in range(1, CUDA_MAX_HEAD_DIM + 1):
+            if head_dim == concrete:
+                head_dim = concrete
+                break
+    failure = _self_check_failure(device.type, device.index, dtype, head_dim)
+    return Choice('torch', failure, fallback=True) if failure else choice
+
+
+@contextmanager
+def self_check_for_tests(check: Callable[[torch.device, torch.dtype, int], str],
+                         device_type: str = 'cpu'):
+    """Test hook (not for use outside tests): within the block :func:`select` self-checks the
+    compiled attention with ``check`` instead of the registered check, on ``device_type``
+    devices as well as CUDA ones, starting from no outcomes and no fallback warnings; all three
+    are restored at the end.
+
+    Args:
+        check (Callable): ``check(device, dtype, head_dim) -> failure text``, e.g. the self-check
+            of :mod:`transnext_mm.ops.aggregated_attention.selfcheck` running the CPU replay of the
+            CUDA kernels, or a deliberately wrong kernel, on CPU tensors.
+        device_type (str): Device type checked besides ``'cuda'``. Defaults to 'cpu'.
+    """
+    global _attention_check, _self_checks, _self_check_devices, _warned
+    saved = _attention_check, _self_checks, _self_check_devices, _warned
+    _attention_check, _self_checks, _warned = check, {}, set()
+    _self_check_devices = ('cuda', device_type)
+    try:
+        yield
+    finally:
+        _attention_check, _self_checks, _self_check_devices, _warned = saved

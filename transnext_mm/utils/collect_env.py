@@ -4,7 +4,9 @@
 Prints mmengine's environment summary (platform, Python, CUDA, compilers, PyTorch and its build,
 TorchVision, OpenCV, MMEngine), the versions of mmcv, mmdet, mmsegmentation and mmpretrain, and
 what the compiled op ``transnext_mm._ext`` holds: CPU kernels (always, when it is built) and
-CUDA kernels with the GPU architectures compiled into it (read from its fatbinary).
+CUDA kernels with the GPU architectures compiled into it (read from its fatbinary), and on each
+GPU the outcome of the op's first-use self-check for every head-dim variant and dtype
+(:mod:`transnext_mm.ops.aggregated_attention.selfcheck`), or that there is no CUDA device.
 """
 import os.path as osp
 import struct
@@ -84,6 +86,56 @@ def ext_info() -> 'OrderedDict[str, str]':
     return info
 
 
+def self_check_info(devices: Optional[List] = None) -> 'OrderedDict[str, str]':
+    """The first-use self-check of the compiled attention on each device, run now for every
+    head-dim variant and CUDA dtype (or its outcome from earlier in this process).
+
+    Args:
+        devices (list[torch.device], optional): Devices to report on. Defaults to None (every
+            visible CUDA device; without one, or without CUDA kernels, a line saying so).
+
+    Returns:
+        OrderedDict: ``'CUDA self-check <device> <dtype>'`` -> the outcome of each variant.
+    """
+    import torch
+
+    from transnext_mm.ops.aggregated_attention import selfcheck
+    from transnext_mm.ops.dispatch import (BUILD, SELF_CHECK_ENV, attention_self_check,
+                                           head_dim_variant, self_check_enabled)
+    info = OrderedDict()
+    if devices is None:
+        if not torch.cuda.is_available():
+            info['CUDA self-check'] = 'not run: no CUDA device'
+            return info
+        if not BUILD.cuda:
+            info['CUDA self-check'] = 'not run: transnext_mm._ext has no CUDA kernels'
+            return info
+        devices = [torch.device('cuda', i) for i in range(torch.cuda.device_count())]
+    if not self_check_enabled():
+        info['CUDA self-check'] = f'off ({SELF_CHECK_ENV}=0)'
+        return info
+    for device in devices:
+        for dtype in selfcheck.cuda_dtypes():
+            results = []
+            for head_dim in selfcheck.check_head_dims():
+                variant = head_dim_variant(head_dim)
+                variant = f'generic (d={head_dim})' if variant == 'generic' else variant
+                try:
+                    outcome = attention_self_check(device, dtype, head_dim)
+                except RuntimeError as e:  # the device is unusable after the check
+                    results.append(f'{variant} FAILED ({e})')
+                    break
+                if outcome is None:
+                    results.append(f'{variant} not checked on {device.type}')
+                elif outcome.failure:
+                    results.append(f'{variant} FAILED ({outcome.failure})')
+                else:
+                    results.append(f'{variant} passed ({outcome.seconds * 1e3:.0f} ms)')
+            info[f'CUDA self-check {device} {str(dtype).replace("torch.", "")}'] = (
+                ', '.join(results))
+    return info
+
+
 def collect_env() -> 'OrderedDict[str, str]':
     """Collect the environment: mmengine's summary, the OpenMMLab toolboxes' versions and the
     state of the compiled op.
@@ -100,6 +152,7 @@ def collect_env() -> 'OrderedDict[str, str]':
             env[name] = installed_version(name) or 'not installed'
     env['transnext_mm'] = f'{transnext_mm.__version__} ({osp.dirname(transnext_mm.__file__)})'
     env.update(ext_info())
+    env.update(self_check_info())
     return env
 
 

@@ -2,8 +2,8 @@
 """Aggregated attention on flex_attention against the readable reference implementation.
 
 On CPU PyTorch's flex_attention has no backward and compiling it takes tens of seconds, so the
-CPU tests check the eager forward; the compiled forward and backward are checked on CUDA (here
-when a GPU is present, and by ``.dev_scripts/gpu/parity.py`` in the prepared GPU run).
+CPU tests check the eager forward; the compiled forward and backward are checked on CUDA when a
+GPU is present.
 """
 import pytest
 import torch

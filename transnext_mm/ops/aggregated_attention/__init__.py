@@ -21,7 +21,8 @@ Modules: :mod:`.shapes` (window size, argument checks, dtype rule), :mod:`.refer
 readable unfold implementation, the test oracle, and the window tables), :mod:`.torch_impl` (the
 PyTorch fast path), :mod:`.op` (the compiled op as a ``torch.library`` custom op with autograd),
 :mod:`.flex` (on ``flex_attention``, benchmarked beside the op), :mod:`.replay` (the CPU replay of
-the CUDA kernels, for tests). :func:`aggregated_attention` runs the implementation that
+the CUDA kernels, for tests), :mod:`.selfcheck` (the op's first-use self-check on CUDA, which
+:mod:`transnext_mm.ops.dispatch` runs). :func:`aggregated_attention` runs the implementation that
 :func:`transnext_mm.ops.dispatch.select` picks.
 """
 import torch
@@ -31,6 +32,7 @@ from ..dispatch import select
 from .op import aggregated_attention_op, op_available
 from .reference import (aggregated_attention_probs, aggregated_attention_reference,
                         compute_window_tables, unfold_window, window_tables)
+from .selfcheck import run_self_check  # registers the self-check with dispatch
 from .shapes import WINDOW, WINDOW_AREA, check_attention_inputs
 from .torch_impl import aggregated_attention_torch
 
@@ -58,6 +60,6 @@ def aggregated_attention(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_we
 __all__ = [
     'ATTN_IMPLS', 'WINDOW', 'WINDOW_AREA', 'aggregated_attention', 'aggregated_attention_op',
     'aggregated_attention_probs', 'aggregated_attention_reference', 'aggregated_attention_torch',
-    'check_attention_inputs', 'compute_window_tables', 'op_available', 'unfold_window',
-    'window_tables'
+    'check_attention_inputs', 'compute_window_tables', 'op_available', 'run_self_check',
+    'unfold_window', 'window_tables'
 ]

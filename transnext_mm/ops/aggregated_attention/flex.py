@@ -11,11 +11,11 @@ offset to the window scores and ``bias_pool`` by pooled index to the pooled ones
 (the caller has folded it into ``q``). The learnable-token term
 ``sum_j token_weight[i, j] * v[nbr(i, j)]`` is not part of the softmax and is added outside.
 
-This is an alternative to the compiled op, benchmarked beside it on CUDA
-(``.dev_scripts/gpu/bench_matrix.py``); it is not part of the ``attn_impl`` dispatch. Limits of
-flex_attention itself: its fused kernels come from ``torch.compile`` (``compiled=False`` runs the
-unfused eager implementation, which materialises the full score matrix), and its backward runs
-on CUDA only. The key / value concatenation copies ``k`` and ``v`` once per call.
+This is an alternative to the compiled op, checked against the reference in
+tests/test_ops/test_aggregated_attention/test_flex.py; it is not part of the ``attn_impl``
+dispatch. Limits of flex_attention itself: its fused kernels come from ``torch.compile``
+(``compiled=False`` runs the unfused eager implementation, which materialises the full score
+matrix), and its backward runs on CUDA only. The key / value concatenation copies ``k`` and ``v`` once per call.
 """
 from typing import Tuple
 
