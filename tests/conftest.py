@@ -50,13 +50,9 @@ def shallow_config(tmp_path_factory):
     return make
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        'markers', 'cuda: needs a GPU and transnext_mm._ext built with CUDA kernels (skipped '
-        'without them)')
-
-
 def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` (the marker is declared in setup.cfg) skip without a GPU and the
+    CUDA kernels."""
     from transnext_mm.ops.dispatch import BUILD
     if BUILD.cuda and torch.cuda.is_available():
         return
