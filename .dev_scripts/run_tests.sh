@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv if needed (.dev_scripts/setup_env.sh), then run the test suite.
-# Extra arguments go to pytest, e.g. `bash .dev_scripts/run_tests.sh tests/test_models -x`.
+# Extra arguments go to pytest, e.g. `bash .dev_scripts/run_tests.sh tests/test_models -x`; without
+# them pytest runs setup.cfg's testpaths (tests/), with its markers and options ([tool:pytest]).
 #
 # Test files run on one pytest-xdist worker per core (at most 4; TRANSNEXT_MM_TEST_WORKERS=N to
 # choose, 1 for a plain serial run). Each file stays on one worker (--dist loadfile), so its
@@ -19,4 +20,4 @@ case "$WORKERS" in
 esac
 XDIST=()
 [ "$WORKERS" -gt 1 ] && XDIST=(-n "$WORKERS" --dist loadfile)
-exec .venv/bin/python -m pytest -p no:cacheprovider -q -ra --durations=15 --log-level=WARNING "${XDIST[@]}" "${@:-tests}"
+exec .venv/bin/python -m pytest -p no:cacheprovider -q -ra --durations=15 --log-level=WARNING "${XDIST[@]}" "$@"

@@ -16,6 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# TransNeXt-micro's widths with one block per stage: the backbone of the export and tool tests
+# whose checks do not depend on depth (the micro configs' necks and heads take it unchanged).
+SHALLOW_ARCH = dict(embed_dims=[48, 96, 192, 384], num_heads=[2, 4, 8, 16], depths=[1, 1, 1, 1])
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():
@@ -23,13 +27,32 @@ def _deterministic():
     yield
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        'markers', 'cuda: needs a GPU and transnext_mm._ext built with CUDA kernels (skipped '
-        'without them)')
+@pytest.fixture(scope='session')
+def shallow_arch():
+    """The ``arch`` dict of the shallow backbone (``SHALLOW_ARCH``)."""
+    return {key: list(value) for key, value in SHALLOW_ARCH.items()}
+
+
+@pytest.fixture(scope='session')
+def shallow_config(tmp_path_factory):
+    """``shallow_config(config, **model)``: the path of a config that inherits ``config``
+    (relative to the repository root or absolute) with the shallow backbone; ``model`` overrides
+    other parts of its model (e.g. a transformer's ``num_layers``)."""
+
+    def make(config, **model):
+        arch = dict(SHALLOW_ARCH, _delete_=True)  # a dict replacing the base's arch name
+        model['backbone'] = dict(model.get('backbone', {}), arch=arch)
+        name = os.path.splitext(os.path.basename(config))[0] + '_shallow.py'
+        path = tmp_path_factory.mktemp('shallow_config') / name
+        path.write_text(f'_base_ = [{os.path.join(ROOT, config)!r}]\nmodel = {model!r}\n')
+        return str(path)
+
+    return make
 
 
 def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` (the marker is declared in setup.cfg) skip without a GPU and the
+    CUDA kernels."""
     from transnext_mm.ops.dispatch import BUILD
     if BUILD.cuda and torch.cuda.is_available():
         return

@@ -1,5 +1,8 @@
 """The TransNeXt backbone exported at a fixed shape (position biases folded as constants):
-ONNX Runtime and the loaded ``torch.export`` program against eager PyTorch (batch 2, odd size)."""
+ONNX Runtime and the loaded ``torch.export`` program against eager PyTorch (batch 2, odd size).
+
+The backbone is the tests' shallow one (micro's widths, one block per stage): every block is
+exported the same way, so depth would only add tracing time."""
 import numpy as np
 import pytest
 import torch
@@ -13,14 +16,15 @@ from transnext_mm.deployment.export import folded_position_biases  # noqa: E402
 from transnext_mm.deployment.model import BackboneNet  # noqa: E402
 from transnext_mm.models.backbones import TransNeXt  # noqa: E402
 
-META = dict(task='backbone', config='TransNeXt-micro', shape=[64, 40], batch=2,
+META = dict(task='backbone', config='TransNeXt-shallow', shape=[64, 40], batch=2,
             mean=[0., 0., 0.], std=[1., 1., 1.], bgr_to_rgb=False)
 
 
 @pytest.fixture(scope='module')
-def backbone():
+def backbone(shallow_arch):
     torch.manual_seed(0)
-    model = TransNeXt(arch='micro', img_size=128, pos_bias_mode='extrapolate', attn_impl='torch')
+    model = TransNeXt(arch=shallow_arch, img_size=128, pos_bias_mode='extrapolate',
+                      attn_impl='torch')
     return BackboneNet(model).eval()
 
 

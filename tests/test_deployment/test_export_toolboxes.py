@@ -1,7 +1,9 @@
 """Export to ONNX / torch.export and compare ONNX Runtime (or the loaded program) with PyTorch.
 
-Micro configs at small sizes; every exported file is reused by the tests of its family. The
-tolerances are those of ``--verify`` (``transnext_mm.deployment.TOLERANCES``).
+The demo configs with the tests' shallow backbone (micro's widths, one block per stage; DINO
+with one encoder and two decoder layers) at small sizes: one export per mechanism, each exported
+file reused by the tests of its family. The tolerances are those of ``--verify``
+(``transnext_mm.deployment.TOLERANCES``).
 """
 import importlib.util
 import subprocess
@@ -25,17 +27,21 @@ MASK2FORMER = 'configs/demo/mask2former_transnext-micro_synthetic-ade20k.py'
 DINO = 'configs/demo/dino-4scale_transnext-micro_synthetic-coco.py'
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        'pytorch2onnx', ROOT / 'tools' / 'deployment' / 'pytorch2onnx.py')
+def _tool(path='tools/deployment/pytorch2onnx.py'):
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def _dino(shallow_config):
+    """DINO with one encoder layer and two decoder layers (the boxes refined between them)."""
+    return shallow_config(DINO, encoder=dict(num_layers=1), decoder=dict(num_layers=2))
+
+
 def _export(tmp_path_factory, config, shape, batch=1, fmt='onnx', dynamic=False,
             backbone_only=False):
-    net, task, meta = prepare(str(ROOT / config), None, shape, batch, backbone_only)
+    net, task, meta = prepare(config, None, shape, batch, backbone_only)
     suffix = '.onnx' if fmt == 'onnx' else '.pt2'
     out = str(tmp_path_factory.mktemp('deploy') / f'{Path(config).stem}{suffix}')
     export(net, meta, out, fmt, dynamic)
@@ -50,9 +56,9 @@ def _check(net, meta, path, shapes=()):
 
 
 @pytest.fixture(scope='module')
-def upernet_onnx(tmp_path_factory):
+def upernet_onnx(tmp_path_factory, shallow_config):
     # --dynamic: log-CPB in the graph, the pyramid pooling's bins follow the input size
-    return _export(tmp_path_factory, UPERNET, (64, 96), batch=2, dynamic=True)
+    return _export(tmp_path_factory, shallow_config(UPERNET), (64, 96), batch=2, dynamic=True)
 
 
 def test_segmentation_upernet(upernet_onnx):
@@ -81,18 +87,18 @@ def test_verification_fails_on_a_changed_graph(upernet_onnx, tmp_path):
     assert not report['ok'] and report['rel_err'] > 1e-3
 
 
-def test_segmentation_mask2former(tmp_path_factory):
+def test_segmentation_mask2former(tmp_path_factory, shallow_config):
     """Mask2Former: the pixel decoder's multi-scale deformable attention reads its level sizes
     as tensor data (exported as constants at the fixed shape)."""
-    net, meta, path = _export(tmp_path_factory, MASK2FORMER, (64, 96))
+    net, meta, path = _export(tmp_path_factory, shallow_config(MASK2FORMER), (64, 96))
     # the export shape with two random inputs: nothing of the example input is baked in
     for shape, report in _check(net, meta, path, [(64, 96)]):
         assert report['rel_err'] <= 1e-3 and report['argmax_agreement'] >= 0.999, report
 
 
 @pytest.fixture(scope='module')
-def dino_onnx(tmp_path_factory):
-    return _export(tmp_path_factory, DINO, (64, 96))
+def dino_onnx(tmp_path_factory, shallow_config):
+    return _export(tmp_path_factory, _dino(shallow_config), (64, 96))
 
 
 def test_detection_dino(dino_onnx):
@@ -106,9 +112,9 @@ def test_detection_dino(dino_onnx):
 
 
 @pytest.fixture(scope='module')
-def mask_rcnn_onnx(tmp_path_factory):
+def mask_rcnn_onnx(tmp_path_factory, shallow_config):
     from test_two_stage import sparse_config  # fewer detections than max_per_img: padding
-    config = sparse_config(tmp_path_factory.mktemp('cfg'))
+    config = shallow_config(sparse_config(tmp_path_factory.mktemp('cfg')))
     return _export(tmp_path_factory, config, (64, 96))
 
 
@@ -126,27 +132,28 @@ def test_detection_mask_rcnn(mask_rcnn_onnx):
         assert report['max_mask_diff'] <= 1e-3 and report['min_iou'] >= 0.99, report
 
 
-def test_random_weights_are_the_models_own_initialisation():
+def test_random_weights_are_the_models_own_initialisation(shallow_config):
     """Without a checkpoint the model is initialised by its init_weights: mmdet's DINO allocates
     `level_embed` uninitialised (zeros or leftover memory, now and then NaN: CI once exported a
     DINO whose every output was NaN)."""
-    net, _, _ = prepare(str(ROOT / DINO), None, (64, 96), 1)
+    net, _, _ = prepare(_dino(shallow_config), None, (64, 96), 1)
     level_embed = net.model.level_embed.detach()
     assert 0.8 < float(level_embed.std()) < 1.2  # init_weights: normal_(level_embed)
     assert all(bool(p.isfinite().all()) for p in net.parameters())
 
 
-def test_dino_dynamic_is_refused(tmp_path):
-    net, _, meta = prepare(str(ROOT / DINO), None, (64, 96), 1)
+def test_dino_dynamic_is_refused(tmp_path, shallow_config):
+    net, _, meta = prepare(_dino(shallow_config), None, (64, 96), 1)
     with pytest.raises(DeployError, match='--dynamic is not supported for models with '
                        'multi-scale deformable attention'):
         export(net, meta, str(tmp_path / 'dino.onnx'), dynamic=True)
 
 
 # ---------------------------------------------------------------------------- the tool
-def test_tool_exports_and_verifies(tmp_path, capsys):
+def test_tool_exports_and_verifies(tmp_path, capsys, shallow_config):
     out = tmp_path / 'cls.onnx'
-    code = _tool().main([str(ROOT / CLS), '--shape', '64', '64', '--out', str(out), '--verify'])
+    code = _tool().main([shallow_config(CLS), '--shape', '64', '64', '--out', str(out),
+                         '--verify'])
     text = capsys.readouterr().out
     assert code == 0, text
     assert 'verify onnx vs PyTorch at 64x64: rel_err=' in text and '-> OK' in text
@@ -182,18 +189,14 @@ def test_tool_rejects_unreadable_checkpoint(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- the demos
-def _run(*args):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
-def test_seg_demo_onnx(upernet_onnx, tmp_path):
+# In this process (tests/test_tools/test_demo.py does the same); the demos run as scripts in
+# tests/test_detection/test_det_end_to_end.py and tests/test_segmentation/test_seg_tools.py.
+def test_seg_demo_onnx(upernet_onnx, tmp_path, capsys):
     out = tmp_path / 'seg.png'
     # a batch-2 file: the demo feeds the image twice and draws the first
-    text = _run('tools/demo/seg_demo.py', 'skimage:chelsea', upernet_onnx[2], '--out-file',
-                str(out))
+    _tool('tools/demo/seg_demo.py').main(['skimage:chelsea', upernet_onnx[2], '--out-file',
+                                          str(out)])
+    text = capsys.readouterr().out
     assert out.stat().st_size > 0 and 'wrote' in text
     import cv2
     assert cv2.imread(str(out)).shape == (300, 451, 3)
@@ -203,10 +206,12 @@ def test_seg_demo_onnx(upernet_onnx, tmp_path):
     ('dino_onnx', 'astronaut', (512, 512)),
     ('mask_rcnn_onnx', 'coffee', (400, 600)),  # masks pasted and drawn too
 ])
-def test_det_demo_onnx(request, tmp_path, exported, image, size):
+def test_det_demo_onnx(request, tmp_path, capsys, exported, image, size):
     out = tmp_path / 'det.png'
-    text = _run('tools/demo/det_demo.py', f'skimage:{image}', request.getfixturevalue(exported)[2],
-                '--out-file', str(out), '--score-thr', '0')
+    _tool('tools/demo/det_demo.py').main([f'skimage:{image}',
+                                          request.getfixturevalue(exported)[2], '--out-file',
+                                          str(out), '--score-thr', '0'])
+    text = capsys.readouterr().out
     assert 'wrote' in text and 'detections above 0.0' in text, text
     import cv2
     assert cv2.imread(str(out)).shape == (*size, 3)
@@ -214,8 +219,12 @@ def test_det_demo_onnx(request, tmp_path, exported, image, size):
 
 def test_benchmark_onnx(upernet_onnx, tmp_path):
     out = tmp_path / 'bench.json'
-    _run('tools/benchmark.py', '--onnx', upernet_onnx[2], '--attn-impl', 'torch', '--warmup',
-         '0', '--repeats', '1', '--threads', '1', '--json', str(out))
+    # a script: it times each implementation in a process of its own
+    result = subprocess.run([sys.executable, 'tools/benchmark.py', '--onnx', upernet_onnx[2],
+                             '--attn-impl', 'torch', '--warmup', '0', '--repeats', '1',
+                             '--threads', '1', '--json', str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
     import json
     rows = json.loads(out.read_text())['results']
     assert [r['impl'] for r in rows] == ['ort', 'torch']

@@ -1,6 +1,7 @@
 """The fixed-size Mask R-CNN graph (transnext_mm.deployment.two_stage) in PyTorch against mmdet's
 own ``predict``: same boxes, scores, labels and pasted masks, with fewer detections than
-``max_per_img`` (padding) and fewer proposals than the RPN's ``max_per_img``."""
+``max_per_img`` (padding) and fewer proposals than the RPN's ``max_per_img``. The backbone is the
+tests' shallow one (tests/conftest.py): the graph is the detector's, whatever the depth."""
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,8 @@ def sparse_config(tmp_path) -> str:
 
 
 @pytest.fixture(scope='module')
-def model(tmp_path_factory):
-    config = sparse_config(tmp_path_factory.mktemp('cfg'))
+def model(tmp_path_factory, shallow_config):
+    config = shallow_config(sparse_config(tmp_path_factory.mktemp('cfg')))
     torch.manual_seed(0)
     return build_model(load_config(config), config)
 

@@ -89,12 +89,15 @@ def test_build_count_and_forward(config):
 
     4-scale DINO selects its 900 queries among the encoder's tokens, so it needs >= 900 of them
     (a 192x256 input gives 1020); the others run on 128x160. Mask R-CNN keeps 100 instead of
-    1000 proposals.
+    1000 proposals. The position-bias table is made at the input's height (no parameters
+    depend on it): at the configs' img_size of 800 (test_paper_settings checks it) each stage-1
+    block tabulates biases for 200^2 positions, most of the seconds this test took.
     """
     cfg = load(config)
     shape = (192, 256) if '4scale' in config else (128, 160)
     if config in MASK_RCNN:
         cfg.model.test_cfg.rpn.max_per_img = 100
+    cfg.model.backbone.img_size = shape[0]
     model = build(cfg)
     expected = {**MASK_RCNN, **DINO}[config][2]
     params = sum(p.numel() for p in model.parameters()) / 1e6

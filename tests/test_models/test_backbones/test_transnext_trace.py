@@ -15,8 +15,8 @@ needs_op = pytest.mark.skipif(not op_available(torch.device('cpu'), torch.float3
                               reason='compiled op not built')
 
 
-def make_backbone(**kwargs):
-    model = TransNeXt(arch=ARCH, img_size=64, **kwargs)
+def make_backbone(arch=ARCH, **kwargs):
+    model = TransNeXt(arch=arch, img_size=64, **kwargs)
     with torch.no_grad():  # a pronounced position bias, as after training
         for name, p in model.named_parameters():
             if 'cpb_fc2' in name:
@@ -88,14 +88,18 @@ def test_meta_device_forward(pos_bias_mode):
 @pytest.mark.parametrize('pos_bias_mode,fixed_pool_size', [('interpolate', None),
                                                            ('extrapolate', None),
                                                            ('interpolate', 3)])
-def test_export_and_onnx_with_free_height_and_width(pos_bias_mode, fixed_pool_size, tmp_path):
+def test_export_and_onnx_with_free_height_and_width(pos_bias_mode, fixed_pool_size, tmp_path,
+                                                    shallow_arch):
     ort = pytest.importorskip('onnxruntime')
-    model = make_backbone(attn_impl='torch', pos_bias_mode=pos_bias_mode,
+    # One block per stage (tests/conftest.py): each block is traced alike. Without the
+    # ONNX-level optimiser, like transnext_mm.deployment's export: it is onnxscript's, not the
+    # backbone's, and took about a third of the time.
+    model = make_backbone(shallow_arch, attn_impl='torch', pos_bias_mode=pos_bias_mode,
                           fixed_pool_size=fixed_pool_size).eval()
     dynamic_shapes = {'x': {2: Dim('height', min=64, max=4096),
                             3: Dim('width', min=64, max=4096)}}
     program = torch.onnx.export(model, (torch.randn(2, 3, 67, 77), ), dynamo=True,
-                                dynamic_shapes=dynamic_shapes)
+                                dynamic_shapes=dynamic_shapes, optimize=False)
     program.save(str(tmp_path / 'backbone.onnx'))
     session = ort.InferenceSession(str(tmp_path / 'backbone.onnx'),
                                    providers=['CPUExecutionProvider'])
