@@ -12,7 +12,6 @@ import os
 import os.path as osp
 import shutil
 import sys
-
 from setuptools import find_packages, setup
 
 ROOT = osp.dirname(osp.abspath(__file__))
@@ -103,8 +102,7 @@ def get_extensions():
         return [], {}
     try:
         import torch
-        from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,
-                                               CUDAExtension)
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         print('transnext-mm: torch is not importable at build time (use '
               '`pip install --no-build-isolation`); skipping the compiled op')
@@ -150,8 +148,9 @@ def get_extensions():
     csrc = osp.join('ops', 'csrc')
 
     def find_sources(*patterns):  # paths relative to ROOT, as setuptools wants them
-        return sorted(osp.relpath(path, ROOT) for pattern in patterns
-                      for path in glob.glob(osp.join(ROOT, csrc, pattern)))
+        return sorted(
+            osp.relpath(path, ROOT) for pattern in patterns
+            for path in glob.glob(osp.join(ROOT, csrc, pattern)))
 
     # mmcv's layout: pytorch/ (bindings, device dispatch and checks), pytorch/cpu/ (CPU kernels),
     # pytorch/cuda/ (CUDA launchers and kernels, only with CUDA); common/ holds the headers they
@@ -167,26 +166,32 @@ def get_extensions():
         print('transnext-mm: building transnext_mm._ext_replay (the CPU replay of the CUDA '
               'kernels, for the tests)')
         extensions.append(
-            CppExtension(name='transnext_mm._ext_replay', sources=replay_sources,
-                         include_dirs=[osp.join(ROOT, csrc)], extra_link_args=['-fopenmp'],
-                         extra_compile_args={'cxx': cxx_flags}))
+            CppExtension(
+                name='transnext_mm._ext_replay',
+                sources=replay_sources,
+                include_dirs=[osp.join(ROOT, csrc)],
+                extra_link_args=['-fopenmp'],
+                extra_compile_args={'cxx': cxx_flags}))
     if not with_ops:
         return extensions, {'build_ext': OptionalBuildExtension}
-    with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
-                 and (torch.cuda.is_available() or _env_flag('FORCE_CUDA')))
-    common = dict(name='transnext_mm._ext', include_dirs=[osp.join(ROOT, csrc)],
-                  extra_link_args=['-fopenmp'])
+    with_cuda = (
+        torch.version.cuda is not None and CUDA_HOME is not None
+        and (torch.cuda.is_available() or _env_flag('FORCE_CUDA')))
+    common = dict(
+        name='transnext_mm._ext', include_dirs=[osp.join(ROOT, csrc)], extra_link_args=['-fopenmp'])
     if not with_cuda:
         print('transnext-mm: building transnext_mm._ext with CPU kernels')
         ext = CppExtension(sources=sources, extra_compile_args={'cxx': cxx_flags}, **common)
         return [ext] + extensions, {'build_ext': OptionalBuildExtension}
     print('transnext-mm: building transnext_mm._ext with CPU and CUDA kernels')
     ext = CUDAExtension(
-        sources=sources + find_sources(osp.join('pytorch', 'cuda', '*.cpp'),
-                                       osp.join('pytorch', 'cuda', '*.cu')),
+        sources=sources +
+        find_sources(osp.join('pytorch', 'cuda', '*.cpp'), osp.join('pytorch', 'cuda', '*.cu')),
         define_macros=[('WITH_CUDA', None)],
-        extra_compile_args={'cxx': cxx_flags,
-                            'nvcc': ['-O3', '-std=c++20', '--expt-relaxed-constexpr']},
+        extra_compile_args={
+            'cxx': cxx_flags,
+            'nvcc': ['-O3', '-std=c++20', '--expt-relaxed-constexpr']
+        },
         **common)
     ext.cpu_sources = sources  # built instead if the CUDA build fails
     return [ext] + extensions, {'build_ext': OptionalBuildExtension}
@@ -204,9 +209,12 @@ setup(
         osp.join(ROOT, 'README.md')) else '',
     long_description_content_type='text/markdown',
     packages=find_packages(include=['transnext_mm', 'transnext_mm.*']),
-    package_data={'transnext_mm': ['.mim/model-index.yml', '.mim/configs/**/*.py',
-                                   '.mim/configs/**/*.yml', '.mim/configs/**/*.md',
-                                   '.mim/tools/**/*.py', '.mim/tools/**/*.sh']},
+    package_data={
+        'transnext_mm': [
+            '.mim/model-index.yml', '.mim/configs/**/*.py', '.mim/configs/**/*.yml',
+            '.mim/configs/**/*.md', '.mim/tools/**/*.py', '.mim/tools/**/*.sh'
+        ]
+    },
     author='transnext-mm contributors',
     license='Apache-2.0',
     license_files=['LICENSE'],

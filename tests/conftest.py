@@ -4,8 +4,8 @@ import sys
 import pytest
 import torch
 
-# Under pytest-xdist (.dev_scripts/run_tests.sh) every worker gets its share of the cores, so workers
-# and the tools they start do not oversubscribe the machine.
+# Under pytest-xdist (.dev_scripts/run_tests.sh) every worker gets its share of the cores, so
+# workers and the tools they start do not oversubscribe the machine.
 _WORKERS = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
 if _WORKERS > 1:
     _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)

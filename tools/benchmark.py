@@ -96,29 +96,51 @@ STEPS = ('eval', 'train')
 # and convnext/mask-rcnn_convnext-t-p4-w7_fpn_amp-ms-crop-3x_coco.py.
 PEERS = {
     'swin-t': ('Swin-T', 'mmdet',
-               dict(type='SwinTransformer', embed_dims=96, depths=[2, 2, 6, 2],
-                    num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4, qkv_bias=True,
-                    drop_rate=0., attn_drop_rate=0., drop_path_rate=0.2, patch_norm=True,
-                    out_indices=(0, 1, 2, 3), with_cp=False)),
+               dict(
+                   type='SwinTransformer',
+                   embed_dims=96,
+                   depths=[2, 2, 6, 2],
+                   num_heads=[3, 6, 12, 24],
+                   window_size=7,
+                   mlp_ratio=4,
+                   qkv_bias=True,
+                   drop_rate=0.,
+                   attn_drop_rate=0.,
+                   drop_path_rate=0.2,
+                   patch_norm=True,
+                   out_indices=(0, 1, 2, 3),
+                   with_cp=False)),
     'pvtv2-b2': ('PVTv2-b2', 'mmdet',
-                 dict(type='PyramidVisionTransformerV2', embed_dims=64, num_layers=[3, 4, 6, 3],
-                      out_indices=(0, 1, 2, 3))),
+                 dict(
+                     type='PyramidVisionTransformerV2',
+                     embed_dims=64,
+                     num_layers=[3, 4, 6, 3],
+                     out_indices=(0, 1, 2, 3))),
     'convnext-t': ('ConvNeXt-T', 'mmpretrain',
-                   dict(type='ConvNeXt', arch='tiny', out_indices=[0, 1, 2, 3],
-                        drop_path_rate=0.4, layer_scale_init_value=1.0,
-                        gap_before_final_norm=False)),
+                   dict(
+                       type='ConvNeXt',
+                       arch='tiny',
+                       out_indices=[0, 1, 2, 3],
+                       drop_path_rate=0.4,
+                       layer_scale_init_value=1.0,
+                       gap_before_final_norm=False)),
 }
 # TransNeXt beside the peers: the drop path rate of
 # configs/_base_/models/mask-rcnn_transnext_fpn.py.
 PEERS_TRANSNEXT_DROP_PATH = 0.3
-REGISTRIES = {'transnext_mm': 'mmengine.registry', 'mmdet': 'mmdet.registry',
-              'mmpretrain': 'mmpretrain.registry'}
+REGISTRIES = {
+    'transnext_mm': 'mmengine.registry',
+    'mmdet': 'mmdet.registry',
+    'mmpretrain': 'mmpretrain.registry'
+}
 MIN_PEERS_SIDE = 32
 MEMORY_METHODS = {
-    'cuda': 'torch.cuda.max_memory_allocated during one step, minus memory_allocated before it',
-    'cpu': "peak of PyTorch's CPU allocator total during one step (torch.profiler memory events), "
-           'minus the total when it began; excludes cached free blocks, the Python heap and '
-           "memory libraries allocate outside PyTorch's allocator (process RSS is larger)",
+    'cuda':
+    'torch.cuda.max_memory_allocated during one step, minus memory_allocated before it',
+    'cpu':
+    "peak of PyTorch's CPU allocator total during one step (torch.profiler memory events), "
+    'minus the total when it began; excludes cached free blocks, the Python heap and '
+    "memory libraries allocate outside PyTorch's allocator (process RSS is larger)",
 }
 
 
@@ -133,58 +155,106 @@ def _positive_sizes(parser, values, flag):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--arch', nargs='+', default=None, choices=ARCHS,
-                        help='TransNeXt arch (default: tiny; with --peers several, default: '
-                        'micro tiny)')
-    parser.add_argument('--size', nargs='+', type=int, action='append', default=None,
-                        metavar=('H', 'W'),
-                        help='input image size, H W or one side for a square (default: 512 '
-                        '512); with --peers repeat the flag for several sizes (default: '
-                        '--size 512 512 --size 800 1344)')
-    parser.add_argument('--batch', nargs='+', type=int, default=None,
-                        help='batch size (default: 1; with --peers several, default: 1 2)')
-    parser.add_argument('--img-size', type=int, default=224,
-                        help="backbone img_size (where 'interpolate' tabulates the bias)")
-    parser.add_argument('--pos-bias-mode', default='interpolate',
-                        choices=['interpolate', 'extrapolate'])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        '--arch',
+        nargs='+',
+        default=None,
+        choices=ARCHS,
+        help='TransNeXt arch (default: tiny; with --peers several, default: '
+        'micro tiny)')
+    parser.add_argument(
+        '--size',
+        nargs='+',
+        type=int,
+        action='append',
+        default=None,
+        metavar=('H', 'W'),
+        help='input image size, H W or one side for a square (default: 512 '
+        '512); with --peers repeat the flag for several sizes (default: '
+        '--size 512 512 --size 800 1344)')
+    parser.add_argument(
+        '--batch',
+        nargs='+',
+        type=int,
+        default=None,
+        help='batch size (default: 1; with --peers several, default: 1 2)')
+    parser.add_argument(
+        '--img-size',
+        type=int,
+        default=224,
+        help="backbone img_size (where 'interpolate' tabulates the bias)")
+    parser.add_argument(
+        '--pos-bias-mode', default='interpolate', choices=['interpolate', 'extrapolate'])
     parser.add_argument('--fixed-pool-size', type=int, default=None)
-    parser.add_argument('--attn-impl', nargs='+', default=None, choices=IMPLS,
-                        help='attention implementations (default: reference-nocache torch op; '
-                        'with --peers: auto, and not reference-nocache)')
+    parser.add_argument(
+        '--attn-impl',
+        nargs='+',
+        default=None,
+        choices=IMPLS,
+        help='attention implementations (default: reference-nocache torch op; '
+        'with --peers: auto, and not reference-nocache)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
-    parser.add_argument('--dtype', default='fp32', choices=list(DTYPES),
-                        help='fp16 / bf16 run under torch.autocast')
+    parser.add_argument(
+        '--dtype',
+        default='fp32',
+        choices=list(DTYPES),
+        help='fp16 / bf16 run under torch.autocast')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
-    parser.add_argument('--backward', action='store_true',
-                        help='time forward + backward (train mode) instead of forward (eval)')
-    parser.add_argument('--layer', action='store_true',
-                        help='time only the aggregated-attention core over the arch\'s '
-                        'stage 1-3 layer shapes')
-    parser.add_argument('--glu', action='store_true',
-                        help='time only the ConvGLU layers (fc1, gate, fc2) at every stage\'s '
-                        'feature size; \'op\' / \'auto\' use the compiled gate for inference')
-    parser.add_argument('--peers', nargs='*', default=None, choices=list(PEERS),
-                        help='time TransNeXt beside these peers in one process (no value: all '
-                        'of them); see the description above for what is timed and how peak '
-                        'memory is measured')
-    parser.add_argument('--steps', nargs='+', default=None, choices=STEPS,
-                        help='with --peers: what to time, eval (warm and cold eval forwards) '
-                        'and/or train (training steps) (default: both)')
-    parser.add_argument('--warmup', type=int, default=None,
-                        help='untimed runs first (default: 2; with --peers 1 per timing)')
-    parser.add_argument('--repeats', type=int, default=None,
-                        help='timed runs per round (default: 5; with --peers 1 per timing)')
-    parser.add_argument('--rounds', type=int, default=None,
-                        help='interleave the implementations (with --peers: the backbones) this '
-                        'many times (default: 1; with --peers 3)')
+    parser.add_argument(
+        '--backward',
+        action='store_true',
+        help='time forward + backward (train mode) instead of forward (eval)')
+    parser.add_argument(
+        '--layer',
+        action='store_true',
+        help='time only the aggregated-attention core over the arch\'s '
+        'stage 1-3 layer shapes')
+    parser.add_argument(
+        '--glu',
+        action='store_true',
+        help='time only the ConvGLU layers (fc1, gate, fc2) at every stage\'s '
+        'feature size; \'op\' / \'auto\' use the compiled gate for inference')
+    parser.add_argument(
+        '--peers',
+        nargs='*',
+        default=None,
+        choices=list(PEERS),
+        help='time TransNeXt beside these peers in one process (no value: all '
+        'of them); see the description above for what is timed and how peak '
+        'memory is measured')
+    parser.add_argument(
+        '--steps',
+        nargs='+',
+        default=None,
+        choices=STEPS,
+        help='with --peers: what to time, eval (warm and cold eval forwards) '
+        'and/or train (training steps) (default: both)')
+    parser.add_argument(
+        '--warmup',
+        type=int,
+        default=None,
+        help='untimed runs first (default: 2; with --peers 1 per timing)')
+    parser.add_argument(
+        '--repeats',
+        type=int,
+        default=None,
+        help='timed runs per round (default: 5; with --peers 1 per timing)')
+    parser.add_argument(
+        '--rounds',
+        type=int,
+        default=None,
+        help='interleave the implementations (with --peers: the backbones) this '
+        'many times (default: 1; with --peers 3)')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--onnx', default=None,
-                        help='time this exported .onnx file in ONNX Runtime beside PyTorch')
-    parser.add_argument('--json', default=None,
-                        help='also write the results to this file (JSON; its layout is described '
-                        'above)')
+    parser.add_argument(
+        '--onnx', default=None, help='time this exported .onnx file in ONNX Runtime beside PyTorch')
+    parser.add_argument(
+        '--json',
+        default=None,
+        help='also write the results to this file (JSON; its layout is described '
+        'above)')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     peers = args.peers is not None
@@ -193,7 +263,9 @@ def parse_args(argv=None):
         size=[[512, 512], [800, 1344]] if peers else [[512, 512]],
         batch=[1, 2] if peers else [1],
         attn_impl=['auto'] if peers else ['reference-nocache', 'torch', 'op'],
-        warmup=1 if peers else 2, repeats=1 if peers else 5, rounds=3 if peers else 1)
+        warmup=1 if peers else 2,
+        repeats=1 if peers else 5,
+        rounds=3 if peers else 1)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -206,8 +278,7 @@ def parse_args(argv=None):
     if peers:
         _check_peers_args(parser, args)
         return args
-    for flag, values in (('--arch', args.archs), ('--size', args.sizes),
-                         ('--batch', args.batches)):
+    for flag, values in (('--arch', args.archs), ('--size', args.sizes), ('--batch', args.batches)):
         if len(values) > 1:
             parser.error(f'{flag} takes one value without --peers')
     if args.steps is not None:
@@ -223,9 +294,10 @@ def parse_args(argv=None):
 
 
 def _check_peers_args(parser, args):
-    others = [flag for flag, on in (('--layer', args.layer), ('--glu', args.glu),
-                                    ('--backward', args.backward), ('--onnx', args.onnx))
-              if on]
+    others = [
+        flag for flag, on in (('--layer', args.layer), ('--glu', args.glu),
+                              ('--backward', args.backward), ('--onnx', args.onnx)) if on
+    ]
     if others:
         parser.error(f'--peers times whole backbones in eval and train (--steps): it takes no '
                      f'{", ".join(others)}')
@@ -264,9 +336,14 @@ def build_backbone(toolbox: str, cfg: dict):
 
 def transnext_cfg(args, arch: str, attn_impl: str, **overrides) -> dict:
     """The TransNeXt config of the command line (arch, bias mode, pooling, implementation)."""
-    return dict(type='TransNeXt', arch=arch, img_size=args.img_size,
-                pos_bias_mode=args.pos_bias_mode, fixed_pool_size=args.fixed_pool_size,
-                attn_impl=attn_impl, **overrides)
+    return dict(
+        type='TransNeXt',
+        arch=arch,
+        img_size=args.img_size,
+        pos_bias_mode=args.pos_bias_mode,
+        fixed_pool_size=args.fixed_pool_size,
+        attn_impl=attn_impl,
+        **overrides)
 
 
 def synchronizer(device):
@@ -419,8 +496,8 @@ def layer_shapes(arch: dict, height: int, width: int, fixed_pool_size=None):
             ratio = arch['pool_ratios'][stage]
             ph, pw = h // ratio, w // ratio
         heads = arch['num_heads'][stage]
-        shapes.append((arch['depths'][stage], heads, arch['embed_dims'][stage] // heads, h, w,
-                       ph, pw))
+        shapes.append(
+            (arch['depths'][stage], heads, arch['embed_dims'][stage] // heads, h, w, ph, pw))
     return shapes
 
 
@@ -440,8 +517,13 @@ def run_onnx_worker(args) -> dict:
     else:
         if impl == 'reference-nocache':
             raise ValueError('--onnx compares with torch, op, auto or reference')
-        run, _, _ = prepare(meta['config'], None, meta['shape'], meta['batch'],
-                            meta['task'] == 'backbone', attn_impl=impl)
+        run, _, _ = prepare(
+            meta['config'],
+            None,
+            meta['shape'],
+            meta['batch'],
+            meta['task'] == 'backbone',
+            attn_impl=impl)
 
     def step():
         with torch.no_grad():
@@ -456,10 +538,16 @@ def run_onnx_worker(args) -> dict:
         version = f'onnxruntime {onnxruntime.__version__}'
     else:
         version = torch.__version__
-    return dict(impl=impl, median_s=statistics.median(times), min_s=min(times),
-                peak_mem_mib=max(peak, 0) / 2**20, retained_mib=0.0,
-                threads=args.threads or torch.get_num_threads(), torch=version,
-                device=_cpu_name(), task=meta['task'])
+    return dict(
+        impl=impl,
+        median_s=statistics.median(times),
+        min_s=min(times),
+        peak_mem_mib=max(peak, 0) / 2**20,
+        retained_mib=0.0,
+        threads=args.threads or torch.get_num_threads(),
+        torch=version,
+        device=_cpu_name(),
+        task=meta['task'])
 
 
 def run_worker(args) -> dict:
@@ -487,10 +575,16 @@ def run_worker(args) -> dict:
         for count, heads, d, h, w, ph, pw in layer_shapes(model.arch, *args.size,
                                                           args.fixed_pool_size):
             B, N, Np = args.batch, h * w, ph * pw
-            tensors = [torch.randn(B, heads, N, d), torch.randn(B, heads, N, d),
-                       torch.randn(B, heads, N, d), torch.randn(B, heads, Np, d),
-                       torch.randn(B, heads, Np, d), torch.randn(heads, 9) * 0.02,
-                       torch.randn(heads, N, Np) * 0.1, torch.randn(B, heads, N, 9) * 0.1]
+            tensors = [
+                torch.randn(B, heads, N, d),
+                torch.randn(B, heads, N, d),
+                torch.randn(B, heads, N, d),
+                torch.randn(B, heads, Np, d),
+                torch.randn(B, heads, Np, d),
+                torch.randn(heads, 9) * 0.02,
+                torch.randn(heads, N, Np) * 0.1,
+                torch.randn(B, heads, N, 9) * 0.1
+            ]
             tensors = [t.to(device).requires_grad_(args.backward) for t in tensors]
             layers.append((count, tensors, h, w))
 
@@ -508,8 +602,7 @@ def run_worker(args) -> dict:
         for stage, (h, w) in enumerate(stage_sizes(*args.size)):
             layer = getattr(model, f'block{stage + 1}')[0].mlp
             x = torch.randn(args.batch, h * w, model.arch['embed_dims'][stage], device=device)
-            glus.append((model.arch['depths'][stage], layer, x.requires_grad_(args.backward), h,
-                         w))
+            glus.append((model.arch['depths'][stage], layer, x.requires_grad_(args.backward), h, w))
 
         def step():
             for count, layer, x, h, w in glus:
@@ -539,11 +632,15 @@ def run_worker(args) -> dict:
         times = time_runs(step, args.repeats, sync)
         # Transient memory of one run, measured outside the timed runs.
         peak = peak_memory(step, device, sync) if cuda else _peak_rss_during(step)
-    return dict(impl=impl, median_s=statistics.median(times), min_s=min(times),
-                peak_mem_mib=max(peak, 0) / 2**20, retained_mib=max(retained, 0) / 2**20,
-                threads=torch.get_num_threads(),
-                torch=torch.__version__,
-                device=torch.cuda.get_device_name(device) if cuda else _cpu_name())
+    return dict(
+        impl=impl,
+        median_s=statistics.median(times),
+        min_s=min(times),
+        peak_mem_mib=max(peak, 0) / 2**20,
+        retained_mib=max(retained, 0) / 2**20,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        device=torch.cuda.get_device_name(device) if cuda else _cpu_name())
 
 
 def _cpu_name() -> str:
@@ -601,31 +698,36 @@ def run_peers(args) -> dict:
         torch.manual_seed(args.seed)
         model = build_backbone(toolbox, cfg).to(device)
         models[key] = model
-        print(f'built {label}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M '
-              f'parameters', file=sys.stderr)
+        print(
+            f'built {label}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M '
+            f'parameters',
+            file=sys.stderr)
 
     results = []
     for height, width in args.sizes:
         for batch in args.batches:
             torch.manual_seed(args.seed)
             x = torch.randn(batch, 3, height, width, device=device)
-            results += _run_peers_config(args, entries, models, x, device, sync, amp_dtype,
-                                         use_amp)
+            results += _run_peers_config(args, entries, models, x, device, sync, amp_dtype, use_amp)
             del x
-    env = dict(torch=torch.__version__, threads=torch.get_num_threads(), device=(
-        torch.cuda.get_device_name(device) if cuda else _cpu_name()))
+    env = dict(
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        device=(torch.cuda.get_device_name(device) if cuda else _cpu_name()))
     for package in ('mmdet', 'mmpretrain', 'mmengine', 'transnext_mm'):
         env[package] = __import__(package).__version__
-    return dict(mode='peers', env=env, memory=MEMORY_METHODS['cuda' if cuda else 'cpu'],
-                results=results)
+    return dict(
+        mode='peers', env=env, memory=MEMORY_METHODS['cuda' if cuda else 'cpu'], results=results)
 
 
 def _run_peers_config(args, entries, models, x, device, sync, amp_dtype, use_amp) -> list:
     """Warm-up, interleaved rounds and peak memory of every backbone on input ``x``."""
     import torch
 
-    step_fns = {key: backbone_steps(models[key], x, device, amp_dtype, use_amp)
-             for key, *_ in entries}
+    step_fns = {
+        key: backbone_steps(models[key], x, device, amp_dtype, use_amp)
+        for key, *_ in entries
+    }
     train = 'train' in args.steps
     evaluate = 'eval' in args.steps
     timings = (['train'] if train else []) + (['cold_eval', 'eval'] if evaluate else [])
@@ -695,9 +797,14 @@ def _run_peers_config(args, entries, models, x, device, sync, amp_dtype, use_amp
     rows = []
     height, width = x.shape[2:]
     for key, label, kind, impl, toolbox, cfg in entries:
-        row = dict(model=label, key=key, kind=kind, attn_impl=impl,
-                   params_m=sum(p.numel() for p in models[key].parameters()) / 1e6,
-                   size=[int(height), int(width)], batch=int(x.shape[0]))
+        row = dict(
+            model=label,
+            key=key,
+            kind=kind,
+            attn_impl=impl,
+            params_m=sum(p.numel() for p in models[key].parameters()) / 1e6,
+            size=[int(height), int(width)],
+            batch=int(x.shape[0]))
         if key in errors:
             row['error'] = errors[key]
         else:
@@ -721,24 +828,26 @@ def _add_ratios(rows: list, timings: list) -> None:
             if not peers:
                 continue
             fastest = min(peers, key=lambda r: r[timing]['median_s'])
-            row['ratio_to_fastest_peer'][timing] = (row[timing]['median_s']
-                                                   / fastest[timing]['median_s'])
+            row['ratio_to_fastest_peer'][timing] = (
+                row[timing]['median_s'] / fastest[timing]['median_s'])
             row['fastest_peer'][timing] = fastest['model']
 
 
 def format_peers_table(args, report: dict) -> str:
     env = report['env']
     runs = f'{args.repeats} run(s)' if args.repeats > 1 else 'one run'
-    lines = [f'TransNeXt and its peers in one process | {args.device} {args.dtype} | threads '
-             f'{env["threads"]} | torch {env["torch"]} | device: {env["device"]}',
-             f'{args.rounds} interleaved round(s) in rotating order, {runs} per timing and round '
-             f'after {args.warmup} warm-up; medians over the rounds',
-             'train: forward + backward (train mode) | cold eval: first forward after train() '
-             '-> eval() | eval: warm forward, no grad',
-             "x peer: the median over the fastest peer's in that column (> 1: slower)",
-             f'peak mem: {report["memory"]}']
-    timings = (['eval', 'cold_eval'] if 'eval' in args.steps else []) + (
-        ['train'] if 'train' in args.steps else [])
+    lines = [
+        f'TransNeXt and its peers in one process | {args.device} {args.dtype} | threads '
+        f'{env["threads"]} | torch {env["torch"]} | device: {env["device"]}',
+        f'{args.rounds} interleaved round(s) in rotating order, {runs} per timing and round '
+        f'after {args.warmup} warm-up; medians over the rounds',
+        'train: forward + backward (train mode) | cold eval: first forward after train() '
+        '-> eval() | eval: warm forward, no grad',
+        "x peer: the median over the fastest peer's in that column (> 1: slower)",
+        f'peak mem: {report["memory"]}'
+    ]
+    timings = (['eval', 'cold_eval']
+               if 'eval' in args.steps else []) + (['train'] if 'train' in args.steps else [])
     names = dict(eval='eval', cold_eval='cold eval', train='train')
     header = ['model', 'params M']
     for timing in timings:
@@ -751,27 +860,34 @@ def format_peers_table(args, report: dict) -> str:
     for size, batch in configs:
         rows = [r for r in report['results'] if (r['size'], r['batch']) == (size, batch)]
         first = next((r for r in rows if 'fastest_peer' in r), {})
-        fastest = ', '.join(f'{names[p]} {first["fastest_peer"][p]}'
-                            for p in timings if p in first.get('fastest_peer', {}))
+        fastest = ', '.join(f'{names[p]} {first["fastest_peer"][p]}' for p in timings
+                            if p in first.get('fastest_peer', {}))
         table = [header]
         for r in rows:
             if 'error' in r:
-                table.append([r['model'], f'{r["params_m"]:.1f}', 'failed: ' + r['error'][:100]]
-                             + [''] * (len(header) - 3))
+                table.append([r['model'], f'{r["params_m"]:.1f}', 'failed: ' + r['error'][:100]] +
+                             [''] * (len(header) - 3))
                 continue
             cells = [r['model'], f'{r["params_m"]:.1f}']
             for timing in timings:
                 ratio = r['ratio_to_fastest_peer'].get(timing)
-                cells += [f'{r[timing]["median_s"] * 1e3:.1f}',
-                          f'{ratio:.2f}x' if ratio is not None else '']
+                cells += [
+                    f'{r[timing]["median_s"] * 1e3:.1f}',
+                    f'{ratio:.2f}x' if ratio is not None else ''
+                ]
             cells += [f'{r[p]["peak_mem_mib"]:.0f}' for p in ('eval', 'train') if p in timings]
             table.append(cells)
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-        text = [' | '.join(c.ljust(w) if i == 0 else c.rjust(w)
-                           for i, (c, w) in enumerate(zip(row, widths))) for row in table]
+        text = [
+            ' | '.join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            for row in table
+        ]
         text.insert(1, '-+-'.join('-' * w for w in widths))
-        lines += ['', f'input {batch}x3x{size[0]}x{size[1]}'
-                  + (f' | fastest peer: {fastest}' if fastest else '')] + text
+        lines += [
+            '', f'input {batch}x3x{size[0]}x{size[1]}' +
+            (f' | fastest peer: {fastest}' if fastest else '')
+        ] + text
     return '\n'.join(lines)
 
 
@@ -790,8 +906,8 @@ def run_impl(argv, impl) -> dict:
 
 
 def format_table(args, results) -> str:
-    mode = ('aggregated-attention core (stages 1-3)' if args.layer else
-            'ConvGLU layers' if args.glu else 'backbone')
+    mode = ('aggregated-attention core (stages 1-3)'
+            if args.layer else 'ConvGLU layers' if args.glu else 'backbone')
     mode += ', forward+backward (train)' if args.backward else ', forward (eval)'
     first = next((r for r in results if 'error' not in r), {})
     model = f'TransNeXt-{args.arch}'
@@ -803,9 +919,9 @@ def format_table(args, results) -> str:
               f'| {args.pos_bias_mode} | {args.device} {args.dtype} | '
               f'threads {first.get("threads", "?")} | torch {first.get("torch", "?")}\n'
               f'device: {first.get("device", "?")} | median of {args.repeats} runs after '
-              f'{args.warmup} warm-up, {args.rounds} round(s); peak mem: '
-              + ('max_memory_allocated' if args.device == 'cuda' else 'peak RSS (sampled)')
-              + ' increase during one run; retained: memory kept after warm-up (caches)')
+              f'{args.warmup} warm-up, {args.rounds} round(s); peak mem: ' +
+              ('max_memory_allocated' if args.device == 'cuda' else 'peak RSS (sampled)') +
+              ' increase during one run; retained: memory kept after warm-up (caches)')
     rows = [('impl', 'median ms', 'min ms', 'img/s', 'peak mem MiB', 'retained MiB', 'speed-up')]
     base = next((r['median_s'] for r in results if 'error' not in r), None)
     for r in results:
@@ -815,11 +931,13 @@ def format_table(args, results) -> str:
             continue
         rows.append((label, f'{r["median_s"] * 1e3:.1f}', f'{r["min_s"] * 1e3:.1f}',
                      f'{args.batch / r["median_s"]:.2f}', f'{r["peak_mem_mib"]:.0f}',
-                     f'{r["retained_mib"]:.0f}',
-                     f'{base / r["median_s"]:.2f}x'))
+                     f'{r["retained_mib"]:.0f}', f'{base / r["median_s"]:.2f}x'))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [' | '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                        enumerate(zip(row, widths))) for row in rows]
+    lines = [
+        ' | '.join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
     lines.insert(1, '-+-'.join('-' * w for w in widths))
     return header + '\n' + '\n'.join(lines)
 
@@ -850,7 +968,7 @@ def main(argv=None):
     if args.onnx:
         from transnext_mm.deployment import DeployError
         try:
-            meta = _onnx_meta(args.onnx)
+            _onnx_meta(args.onnx)  # a readable model with its metadata, or the error
         except DeployError as e:
             raise SystemExit(f'error: --onnx {e}')
         impls = ['ort'] + [i for i in impls if i != 'reference-nocache']

@@ -103,7 +103,8 @@ def analyze(model: nn.Module, inputs: tuple) -> dict:
     return dict(
         flops=int(analyzer.total()),
         params=int(parameter_count(model)['']),
-        by_module={name: int(by_module.get(name, 0)) for name in children},
+        by_module={name: int(by_module.get(name, 0))
+                   for name in children},
         by_operator=dict(Counter(analyzer.by_operator()).most_common()),
         uncounted=dict(analyzer.unsupported_ops()),
     )
@@ -115,8 +116,12 @@ def build_backbone(arch: str, **kwargs) -> nn.Module:
 
 def _data_samples(scope: str, height: int, width: int):
     """Data samples with the image metainfo that detectors/segmentors need in 'tensor' mode."""
-    meta = dict(img_shape=(height, width), ori_shape=(height, width), pad_shape=(height, width),
-                batch_input_shape=(height, width), scale_factor=(1.0, 1.0))
+    meta = dict(
+        img_shape=(height, width),
+        ori_shape=(height, width),
+        pad_shape=(height, width),
+        batch_input_shape=(height, width),
+        scale_factor=(1.0, 1.0))
     if scope == 'mmdet':
         from mmdet.structures import DetDataSample
         return [DetDataSample(metainfo=meta)]
@@ -157,8 +162,9 @@ def report(result: dict, title: str, shape: Sequence[int], verbose: bool = False
         f'FLOPs (MACs): {_format(result["flops"])}', f'Params: {_format(result["params"])}',
         '-' * 60, 'FLOPs by module:'
     ]
-    lines += [f'  {name:<24}{_format(flops):>12}' for name, flops in result['by_module'].items()
-              if flops]
+    lines += [
+        f'  {name:<24}{_format(flops):>12}' for name, flops in result['by_module'].items() if flops
+    ]
     lines.append('FLOPs by operator:')
     lines += [f'  {op:<40}{_format(flops):>12}' for op, flops in result['by_operator'].items()]
     if verbose:
@@ -171,16 +177,21 @@ def report(result: dict, title: str, shape: Sequence[int], verbose: bool = False
 def parse_args(argv: Optional[Sequence[str]] = None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('config', nargs='?', help='an mmdet/mmseg/mmpretrain config file')
-    parser.add_argument('--arch', choices=sorted(TransNeXt.arch_settings),
-                        help='count a bare TransNeXt backbone of this arch instead of a config')
-    parser.add_argument('--shape', type=int, nargs='+', default=[224],
-                        help='input height [width]. Defaults to 224')
-    parser.add_argument('--backbone-only', action='store_true',
-                        help="count only the config's backbone")
-    parser.add_argument('--verbose', action='store_true',
-                        help='also list the traced op types that count zero')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, as in tools/train.py')
+    parser.add_argument(
+        '--arch',
+        choices=sorted(TransNeXt.arch_settings),
+        help='count a bare TransNeXt backbone of this arch instead of a config')
+    parser.add_argument(
+        '--shape', type=int, nargs='+', default=[224], help='input height [width]. Defaults to 224')
+    parser.add_argument(
+        '--backbone-only', action='store_true', help="count only the config's backbone")
+    parser.add_argument(
+        '--verbose', action='store_true', help='also list the traced op types that count zero')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings, as in tools/train.py')
     args = parser.parse_args(argv)
     if (args.config is None) == (args.arch is None):
         parser.error('give exactly one of CONFIG or --arch')

@@ -36,8 +36,7 @@ from PIL import Image
 from transnext_mm.models.backbones import TransNeXt
 from transnext_mm.models.backbones.transnext import STAGE_STRIDES
 from transnext_mm.models.layers import AggregatedAttention, FullAttention
-from transnext_mm.ops.aggregated_attention import (WINDOW, aggregated_attention_probs,
-                                                   unfold_window)
+from transnext_mm.ops.aggregated_attention import WINDOW, aggregated_attention_probs, unfold_window
 from transnext_mm.utils.image import SKIMAGE_PHOTOS, SKIMAGE_PREFIX, load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -70,7 +69,9 @@ def preprocess(image: np.ndarray, size: int) -> Tuple[torch.Tensor, np.ndarray]:
     return x.unsqueeze(0), shown
 
 
-def build_backbone(arch: str, checkpoint: Optional[str], img_size: int,
+def build_backbone(arch: str,
+                   checkpoint: Optional[str],
+                   img_size: int,
                    out_indices: Sequence[int] = (3, )) -> TransNeXt:
     """A TransNeXt backbone in eval mode, with the weights of ``checkpoint`` if given."""
     model = TransNeXt(arch=arch, img_size=img_size, out_indices=tuple(out_indices))
@@ -92,8 +93,8 @@ def attention_layer(model: TransNeXt, stage: int, block: int):
 
 
 # ------------------------------------------------------------------ attention probabilities
-def aggregated_attention_maps(attn: AggregatedAttention, x: torch.Tensor, height: int,
-                              width: int, pool_size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
+def aggregated_attention_maps(attn: AggregatedAttention, x: torch.Tensor, height: int, width: int,
+                              pool_size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
     """Recompute an aggregated-attention layer's softmax from its parameters and its input.
 
     Returns:
@@ -103,8 +104,7 @@ def aggregated_attention_maps(attn: AggregatedAttention, x: torch.Tensor, height
     """
     args = attn.core_inputs(x, height, width, pool_size)
     q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight = args[:8]
-    a_local, a_pool = aggregated_attention_probs(q, k, k_pool, rpb_local, bias_pool, height,
-                                                 width)
+    a_local, a_pool = aggregated_attention_probs(q, k, k_pool, rpb_local, bias_pool, height, width)
     out = ((a_local + token_weight).unsqueeze(-1) * unfold_window(v, height, width)).sum(-2)
     return dict(local=a_local, pool=a_pool, output=attn.project(out + a_pool @ v_pool))
 
@@ -164,8 +164,8 @@ def query_index(query_xy: Optional[Sequence[float]], image_size: int,
     if not (0 <= x < image_size and 0 <= y < image_size):
         raise ValueError(f'--query must lie inside the {image_size}x{image_size} input, '
                          f'got ({x}, {y})')
-    return min(int(y * height / image_size), height - 1), min(int(x * width / image_size),
-                                                              width - 1)
+    return min(int(y * height / image_size),
+               height - 1), min(int(x * width / image_size), width - 1)
 
 
 def select_head(maps: torch.Tensor, head) -> np.ndarray:
@@ -181,15 +181,15 @@ def select_head(maps: torch.Tensor, head) -> np.ndarray:
 def _overlay(ax, image: np.ndarray, heat: np.ndarray, title: str, cmap='jet', **kwargs):
     size = image.shape[0]
     ax.imshow(image)
-    im = ax.imshow(heat, cmap=cmap, alpha=0.55, extent=(0, size, size, 0),
-                   interpolation='nearest', **kwargs)
+    im = ax.imshow(
+        heat, cmap=cmap, alpha=0.55, extent=(0, size, size, 0), interpolation='nearest', **kwargs)
     ax.set_title(title, fontsize=9)
     ax.axis('off')
     return im
 
 
-def draw_attention(image: np.ndarray, maps: Dict[str, object], row: int, col: int, head,
-                   title: str, out_file: str) -> None:
+def draw_attention(image: np.ndarray, maps: Dict[str, object], row: int, col: int, head, title: str,
+                   out_file: str) -> None:
     """Draw the maps of one query over the image and save a PNG."""
     size = image.shape[0]
     height, width = maps['grid']
@@ -217,20 +217,33 @@ def draw_attention(image: np.ndarray, maps: Dict[str, object], row: int, col: in
             r, c = row + j // WINDOW - 1, col + j % WINDOW - 1
             if 0 <= r < height and 0 <= c < width:
                 window[r, c] = p
-        _overlay(axes[1], image, np.ma.masked_equal(window, 0),
-                 f'sliding-window path ({local_share:.1%} of the mass)', vmin=0)
+        _overlay(
+            axes[1],
+            image,
+            np.ma.masked_equal(window, 0),
+            f'sliding-window path ({local_share:.1%} of the mass)',
+            vmin=0)
         half = 3.5 * cell
         axes[1].set_xlim(centre[0] - half, centre[0] + half)
         axes[1].set_ylim(centre[1] + half, centre[1] - half)
         for j, p in enumerate(local):
             r, c = row + j // WINDOW - 1, col + j % WINDOW - 1
             if 0 <= r < height and 0 <= c < width:
-                axes[1].text((c + 0.5) * cell, (r + 0.5) * cell, f'{p:.3f}', ha='center',
-                             va='center', fontsize=8, color='white')
+                axes[1].text(
+                    (c + 0.5) * cell, (r + 0.5) * cell,
+                    f'{p:.3f}',
+                    ha='center',
+                    va='center',
+                    fontsize=8,
+                    color='white')
 
         # Pooled path: one probability per pooled cell.
-        _overlay(axes[2], image, pool.reshape(pool_h, pool_w),
-                 f'pooled path, {pool_h}x{pool_w} keys ({pool_share:.1%} of the mass)', vmin=0)
+        _overlay(
+            axes[2],
+            image,
+            pool.reshape(pool_h, pool_w),
+            f'pooled path, {pool_h}x{pool_w} keys ({pool_share:.1%} of the mass)',
+            vmin=0)
 
         # Both paths per feature cell: pooled probabilities spread evenly over their cells.
         rows = np.minimum(np.arange(height) * pool_h // height, pool_h - 1)
@@ -238,15 +251,24 @@ def draw_attention(image: np.ndarray, maps: Dict[str, object], row: int, col: in
         counts = np.zeros((pool_h, pool_w))
         np.add.at(counts, (rows[:, None], cols[None, :]), 1)
         combined = (pool / counts.ravel()).reshape(pool_h, pool_w)[rows][:, cols] + window
-        im = _overlay(axes[3], image, np.log10(combined + 1e-12),
-                      'both paths per feature cell (log10)', vmin=np.log10(combined.max()) - 4)
+        im = _overlay(
+            axes[3],
+            image,
+            np.log10(combined + 1e-12),
+            'both paths per feature cell (log10)',
+            vmin=np.log10(combined.max()) - 4)
         fig.colorbar(im, ax=axes[3], fraction=0.046)
         panels = axes
     # The query's feature cell, and for aggregated attention its 3x3 window.
     span = 1 if 'full' in maps else WINDOW
     panels[0].imshow(image)
-    panels[0].add_patch(Rectangle((centre[0] - span / 2 * cell, centre[1] - span / 2 * cell),
-                                  span * cell, span * cell, fill=False, color='red', lw=1.5))
+    panels[0].add_patch(
+        Rectangle((centre[0] - span / 2 * cell, centre[1] - span / 2 * cell),
+                  span * cell,
+                  span * cell,
+                  fill=False,
+                  color='red',
+                  lw=1.5))
     panels[0].plot(*centre, 'r+', ms=10)
     panels[0].set_title('query' + ('' if 'full' in maps else ' and its 3x3 window'), fontsize=9)
     panels[0].axis('off')
@@ -310,32 +332,54 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     sub = parser.add_subparsers(dest='command', required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument('--arch', default='tiny', choices=sorted(TransNeXt.arch_settings),
-                        help='TransNeXt arch. Defaults to tiny')
-    common.add_argument('--checkpoint', help='weights (released or toolbox checkpoint); '
-                        'random weights if not given')
-    common.add_argument('--img-size', type=int, default=224,
-                        help='input size (ImageNet evaluation preprocessing). Defaults to 224')
-    common.add_argument('--stage', type=int, default=3, choices=(1, 2, 3, 4),
-                        help='stage (1-4). Defaults to 3')
-    common.add_argument('--out-dir', default='outputs/visualizations',
-                        help='where the PNG goes. Defaults to outputs/visualizations')
+    common.add_argument(
+        '--arch',
+        default='tiny',
+        choices=sorted(TransNeXt.arch_settings),
+        help='TransNeXt arch. Defaults to tiny')
+    common.add_argument(
+        '--checkpoint',
+        help='weights (released or toolbox checkpoint); '
+        'random weights if not given')
+    common.add_argument(
+        '--img-size',
+        type=int,
+        default=224,
+        help='input size (ImageNet evaluation preprocessing). Defaults to 224')
+    common.add_argument(
+        '--stage', type=int, default=3, choices=(1, 2, 3, 4), help='stage (1-4). Defaults to 3')
+    common.add_argument(
+        '--out-dir',
+        default='outputs/visualizations',
+        help='where the PNG goes. Defaults to outputs/visualizations')
 
-    attention = sub.add_parser('attention', parents=[common],
-                               help='attention map of one query (Figure 7)')
-    attention.add_argument('--image', default='chelsea',
-                           help=f'image file or one of {SKIMAGE_PHOTOS}. Defaults to chelsea')
-    attention.add_argument('--block', type=int, default=0,
-                           help='block of the stage (negative: from the end). Defaults to 0')
-    attention.add_argument('--head', type=_head, default=0,
-                           help="head index or 'mean'. Defaults to 0")
-    attention.add_argument('--query', type=float, nargs=2, metavar=('X', 'Y'),
-                           help='query position in input pixels. Defaults to the centre')
+    attention = sub.add_parser(
+        'attention', parents=[common], help='attention map of one query (Figure 7)')
+    attention.add_argument(
+        '--image',
+        default='chelsea',
+        help=f'image file or one of {SKIMAGE_PHOTOS}. Defaults to chelsea')
+    attention.add_argument(
+        '--block',
+        type=int,
+        default=0,
+        help='block of the stage (negative: from the end). Defaults to 0')
+    attention.add_argument(
+        '--head', type=_head, default=0, help="head index or 'mean'. Defaults to 0")
+    attention.add_argument(
+        '--query',
+        type=float,
+        nargs=2,
+        metavar=('X', 'Y'),
+        help='query position in input pixels. Defaults to the centre')
 
-    erf = sub.add_parser('erf', parents=[common],
-                         help='effective receptive field of a stage (Figures 2 and 8)')
-    erf.add_argument('--images', nargs='+', default=list(SKIMAGE_PHOTOS),
-                     help=f'image files or names of {SKIMAGE_PHOTOS}. Defaults to all three')
+    erf = sub.add_parser(
+        'erf', parents=[common], help='effective receptive field of a stage (Figures 2 and 8)')
+    erf.add_argument(
+        '--images',
+        nargs='+',
+        default=list(SKIMAGE_PHOTOS),
+        help=f'image files or names of {SKIMAGE_PHOTOS}. Defaults to all three')
     args = parser.parse_args(argv)
     if args.img_size < 32:
         parser.error(f'--img-size must be at least 32, got {args.img_size}')
@@ -346,21 +390,22 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     args = parse_args(argv)
     weights = osp.basename(args.checkpoint) if args.checkpoint else 'random weights'
     if args.command == 'attention':
-        model = build_backbone(args.arch, args.checkpoint, args.img_size,
-                               out_indices=(args.stage - 1, ))
+        model = build_backbone(
+            args.arch, args.checkpoint, args.img_size, out_indices=(args.stage - 1, ))
         x, shown = preprocess(load_image(args.image), args.img_size)
         maps = capture_attention(model, x, args.stage, args.block)
         row, col = query_index(args.query, args.img_size, maps['grid'])
         name = osp.splitext(osp.basename(args.image))[0].replace(SKIMAGE_PREFIX, '')
-        out_file = osp.join(args.out_dir, f'attention_{args.arch}_stage{args.stage}_block'
-                            f'{args.block}_head{args.head}_{name}.png')
+        out_file = osp.join(
+            args.out_dir, f'attention_{args.arch}_stage{args.stage}_block'
+            f'{args.block}_head{args.head}_{name}.png')
         title = (f'TransNeXt-{args.arch} ({weights}), stage {args.stage} block {args.block} '
                  f'head {args.head}, query at feature cell ({row}, {col}) of '
                  f'{maps["grid"][0]}x{maps["grid"][1]}')
         draw_attention(shown, maps, row, col, args.head, title, out_file)
     else:
-        model = build_backbone(args.arch, args.checkpoint, args.img_size,
-                               out_indices=(args.stage - 1, ))
+        model = build_backbone(
+            args.arch, args.checkpoint, args.img_size, out_indices=(args.stage - 1, ))
         inputs = [preprocess(load_image(name), args.img_size)[0] for name in args.images]
         erf = effective_receptive_field(model, inputs)
         out_file = osp.join(args.out_dir, f'erf_{args.arch}_stage{args.stage}.png')

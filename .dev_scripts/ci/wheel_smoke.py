@@ -18,23 +18,26 @@ import sys
 import tarfile
 import zipfile
 
-SDIST_NEEDS = ['setup.py', 'MANIFEST.in', 'README.md', 'model-index.yml',
-               'requirements/runtime.txt', 'requirements/toolboxes.txt',
-               'ops/csrc/pytorch/pybind.cpp', 'ops/csrc/common/aggregated_attention_geometry.h',
-               'ops/csrc/common/cuda/aggregated_attention_blocks.cuh',
-               'ops/csrc/common/cuda/aggregated_attention_launch.cuh',
-               'ops/csrc/common/cuda/aggregated_attention_thread.cuh',
-               'ops/csrc/pytorch/cpu/aggregated_attention_cpu.cpp',
-               'ops/csrc/pytorch/cuda/aggregated_attention_kernels.cu',
-               'ops/csrc/pytorch/cuda/aggregated_attention_glue.h',
-               'ops/csrc/replay/aggregated_attention_cuda_replay.cpp',
-               'configs/mask-rcnn/metafile.yml', 'configs/mask-rcnn/README.md',
-               'configs/_base_/models/mask-rcnn_transnext_fpn.py', 'tools/train.py',
-               'tools/dataset_converters/make_synthetic_coco.py', 'transnext_mm/__init__.py']
-WHEEL_NEEDS = ['transnext_mm/.mim/model-index.yml', 'transnext_mm/.mim/configs/dino/metafile.yml',
-               'transnext_mm/.mim/configs/_base_/schedules/det_adamw_1x.py',
-               'transnext_mm/.mim/tools/train.py', 'transnext_mm/.mim/tools/test.py',
-               'transnext_mm/.mim/tools/dist_train.sh', 'transnext_mm/collect_env.py']
+SDIST_NEEDS = [
+    'setup.py', 'MANIFEST.in', 'README.md', 'model-index.yml', 'requirements/runtime.txt',
+    'requirements/toolboxes.txt', 'ops/csrc/pytorch/pybind.cpp',
+    'ops/csrc/common/aggregated_attention_geometry.h',
+    'ops/csrc/common/cuda/aggregated_attention_blocks.cuh',
+    'ops/csrc/common/cuda/aggregated_attention_launch.cuh',
+    'ops/csrc/common/cuda/aggregated_attention_thread.cuh',
+    'ops/csrc/pytorch/cpu/aggregated_attention_cpu.cpp',
+    'ops/csrc/pytorch/cuda/aggregated_attention_kernels.cu',
+    'ops/csrc/pytorch/cuda/aggregated_attention_glue.h',
+    'ops/csrc/replay/aggregated_attention_cuda_replay.cpp', 'configs/mask-rcnn/metafile.yml',
+    'configs/mask-rcnn/README.md', 'configs/_base_/models/mask-rcnn_transnext_fpn.py',
+    'tools/train.py', 'tools/dataset_converters/make_synthetic_coco.py', 'transnext_mm/__init__.py'
+]
+WHEEL_NEEDS = [
+    'transnext_mm/.mim/model-index.yml', 'transnext_mm/.mim/configs/dino/metafile.yml',
+    'transnext_mm/.mim/configs/_base_/schedules/det_adamw_1x.py',
+    'transnext_mm/.mim/tools/train.py', 'transnext_mm/.mim/tools/test.py',
+    'transnext_mm/.mim/tools/dist_train.sh', 'transnext_mm/collect_env.py'
+]
 DEMO = 'mask-rcnn_transnext-micro_fpn_synthetic-coco.py'
 # Repository scripts that must not ship as tools of the package (.mim/tools holds user tools).
 DEV_TOOLS = ('setup_env.sh', 'run_tests.sh', 'check_cuda_build.sh', 'ci', 'gpu', 'run_demo.sh')
@@ -71,8 +74,9 @@ def check_archives(sdist, wheel):
         wheel_files = set(whl.namelist())
     missing = [f for f in WHEEL_NEEDS if f not in wheel_files]
     check(not missing, f'the wheel lacks {missing}')
-    check(any(re.match(r'transnext_mm/_ext\..*\.so$', f) for f in wheel_files),
-          'the wheel holds no compiled transnext_mm/_ext*.so')
+    check(
+        any(re.match(r'transnext_mm/_ext\..*\.so$', f) for f in wheel_files),
+        'the wheel holds no compiled transnext_mm/_ext*.so')
     tools = sorted(f[len('transnext_mm/.mim/tools/'):] for f in wheel_files
                    if f.startswith('transnext_mm/.mim/tools/'))
     dev = [f for f in tools if f.split('/')[0] in DEV_TOOLS]
@@ -80,10 +84,12 @@ def check_archives(sdist, wheel):
     replay = [f for f in wheel_files if '_ext_replay' in f]
     check(not replay, f'the wheel ships the tests\' CPU replay of the CUDA kernels: {replay}')
     configs = [f for f in files if f.startswith('configs/') and f.endswith('.py')]
-    shipped = [f for f in wheel_files if f.startswith('transnext_mm/.mim/configs/')
-               and f.endswith('.py')]
-    check(len(configs) == len(shipped), f'{len(configs)} configs in the sdist, '
-          f'{len(shipped)} under .mim in the wheel')
+    shipped = [
+        f for f in wheel_files if f.startswith('transnext_mm/.mim/configs/') and f.endswith('.py')
+    ]
+    check(
+        len(configs) == len(shipped), f'{len(configs)} configs in the sdist, '
+        f'{len(shipped)} under .mim in the wheel')
     print(f'[wheel_smoke] sdist {len(files)} files, wheel {len(wheel_files)} files '
           f'({len(shipped)} configs under .mim)')
 
@@ -117,8 +123,9 @@ def check_installed(checkout):
     check(not any(name.startswith('_ext_replay') for name in os.listdir(package)),
           'the installed package holds transnext_mm._ext_replay')
     mim = osp.join(package, '.mim')
-    check(osp.isfile(osp.join(mim, 'model-index.yml')) and not osp.islink(osp.join(mim, 'configs')),
-          f'{mim} lacks model-index.yml or holds links instead of copies')
+    check(
+        osp.isfile(osp.join(mim, 'model-index.yml')) and not osp.islink(osp.join(mim, 'configs')),
+        f'{mim} lacks model-index.yml or holds links instead of copies')
     print(f'[wheel_smoke] transnext_mm {transnext_mm.__version__} from {package}; _ext '
           f'with_cuda={ext.with_cuda}')
 
@@ -157,20 +164,29 @@ def check_mim(work):
 
     import transnext_mm
     tools = osp.join(osp.dirname(transnext_mm.__file__), '.mim', 'tools')
-    run([sys.executable, osp.join(tools, 'dataset_converters', 'make_synthetic_coco.py'),
-         '--num-train', '4', '--num-val', '2'])
-    options = ['train_cfg.max_epochs=1', 'train_dataloader.batch_size=2',
-               'train_dataloader.num_workers=0', 'val_dataloader.num_workers=0',
-               'test_dataloader.num_workers=0', 'default_hooks.logger.interval=1']
-    out = run([sys.executable, '-m', 'mim', 'train', 'transnext_mm', DEMO, '--work-dir',
-               osp.join(work, 'mim_train'), '--cfg-options', *options])
+    run([
+        sys.executable,
+        osp.join(tools, 'dataset_converters', 'make_synthetic_coco.py'), '--num-train', '4',
+        '--num-val', '2'
+    ])
+    options = [
+        'train_cfg.max_epochs=1', 'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0',
+        'val_dataloader.num_workers=0', 'test_dataloader.num_workers=0',
+        'default_hooks.logger.interval=1'
+    ]
+    out = run([
+        sys.executable, '-m', 'mim', 'train', 'transnext_mm', DEMO, '--work-dir',
+        osp.join(work, 'mim_train'), '--cfg-options', *options
+    ])
     checkpoint = osp.join(work, 'mim_train', 'epoch_1.pth')
     check(osp.isfile(checkpoint), f'mim train wrote no {checkpoint}:\n{out[-3000:]}')
     # By path this time: the shipped copy under .mim.
     config = osp.join(osp.dirname(tools), 'configs', 'demo', DEMO)
-    out = run([sys.executable, '-m', 'mim', 'test', 'transnext_mm', config, '--checkpoint',
-               checkpoint, '--work-dir', osp.join(work, 'mim_test'), '--cfg-options',
-               'test_dataloader.num_workers=0'])
+    out = run([
+        sys.executable, '-m', 'mim', 'test', 'transnext_mm', config, '--checkpoint', checkpoint,
+        '--work-dir',
+        osp.join(work, 'mim_test'), '--cfg-options', 'test_dataloader.num_workers=0'
+    ])
     check('coco/bbox_mAP' in out and 'coco/segm_mAP' in out, f'mim test:\n{out[-3000:]}')
     print('[wheel_smoke] mim train ran the shipped demo config by name, mim test by path')
 
@@ -181,8 +197,9 @@ def main():
     parser.add_argument('--wheel', required=True)
     parser.add_argument('--checkout', required=True, help='the repository, never imported')
     args = parser.parse_args()
-    check(osp.realpath(args.checkout) not in [osp.realpath(p or '.') for p in sys.path],
-          'the checkout is on sys.path')
+    check(
+        osp.realpath(args.checkout) not in [osp.realpath(p or '.') for p in sys.path],
+        'the checkout is on sys.path')
     check_archives(args.sdist, args.wheel)
     check_installed(args.checkout)
     check_mim(os.getcwd())

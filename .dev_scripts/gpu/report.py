@@ -38,25 +38,24 @@ def save(path, report):
 def junit_counts(path):
     root = ET.parse(path).getroot()
     suite = root if root.tag == 'testsuite' else root.find('testsuite')
-    counts = {name: int(suite.get(name, 0)) for name in ('tests', 'failures', 'errors',
-                                                          'skipped')}
+    counts = {name: int(suite.get(name, 0)) for name in ('tests', 'failures', 'errors', 'skipped')}
     counts['passed'] = counts['tests'] - counts['failures'] - counts['errors'] - counts['skipped']
     counts['failed_tests'] = [
         f'{case.get("classname")}::{case.get("name")}: '
-        f'{(case.find(tag).get("message") or "")[:300]}'
-        for case in suite.iter('testcase') for tag in ('failure', 'error')
-        if case.find(tag) is not None][:30]
+        f'{(case.find(tag).get("message") or "")[:300]}' for case in suite.iter('testcase')
+        for tag in ('failure', 'error') if case.find(tag) is not None
+    ][:30]
     return counts
 
 
 def step(args):
-    entry = {'status': STATUS.get(args.rc, f'failed (exit {args.rc})'),
-             'seconds': args.seconds}
+    entry = {'status': STATUS.get(args.rc, f'failed (exit {args.rc})'), 'seconds': args.seconds}
     if args.note:
         entry['note'] = args.note
     if args.junit:
-        entry['pytest'] = (junit_counts(args.junit) if os.path.exists(args.junit) else
-                           'no junit xml: pytest did not finish')
+        entry['pytest'] = (
+            junit_counts(args.junit)
+            if os.path.exists(args.junit) else 'no junit xml: pytest did not finish')
     if args.sanitizer and os.path.exists(args.sanitizer):
         with open(args.sanitizer, errors='replace') as f:
             text = f.read()
@@ -68,8 +67,9 @@ def step(args):
             entry['result'] = json.load(f)
     if args.lines and os.path.exists(args.lines):
         with open(args.lines) as f:
-            entry['result'] = dict(line.rstrip('\n').split(': ', 1) for line in f
-                                   if ': ' in line and not line[0].isspace())
+            entry['result'] = dict(
+                line.rstrip('\n').split(': ', 1) for line in f
+                if ': ' in line and not line[0].isspace())
     report = load(args.report)
     report['steps'][args.name] = entry
     save(args.report, report)
@@ -92,13 +92,15 @@ def detail(name, entry):
                 f'{timing["median_s"] * 1e3:.1f} ms' if 'median_s' in timing else 'failed'))
         return ', '.join(cells)
     if isinstance(result, dict):  # python -m transnext_mm.collect_env
-        checks = {k[len('CUDA self-check '):]: v for k, v in result.items()
-                  if k.startswith('CUDA self-check ')}
+        checks = {
+            k[len('CUDA self-check '):]: v
+            for k, v in result.items() if k.startswith('CUDA self-check ')
+        }
         failed = [k for k, v in checks.items() if 'FAILED' in v]
         if failed:
             return f'self-check FAILED on {", ".join(failed)}'
-        return (f'self-check passed on {", ".join(checks)}' if checks else
-                f'self-check {result.get("CUDA self-check", "not reported")}')
+        return (f'self-check passed on {", ".join(checks)}'
+                if checks else f'self-check {result.get("CUDA self-check", "not reported")}')
     return entry.get('note', '')
 
 
@@ -106,10 +108,11 @@ def summary(path):
     report = load(path)
     rows = [(name, entry['status'], f'{entry["seconds"]} s', detail(name, entry))
             for name, entry in report['steps'].items()]
-    widths = [max(len(row[i]) for row in rows + [('step', 'status', 'time', '')])
-              for i in range(3)]
-    lines = [' | '.join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + ' | ' + row[3]
-             for row in [('step', 'status', 'time', 'result')] + rows]
+    widths = [max(len(row[i]) for row in rows + [('step', 'status', 'time', '')]) for i in range(3)]
+    lines = [
+        ' | '.join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + ' | ' + row[3]
+        for row in [('step', 'status', 'time', 'result')] + rows
+    ]
     report['summary'] = lines
     save(path, report)
     print('\n'.join(lines))

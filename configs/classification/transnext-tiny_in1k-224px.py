@@ -30,7 +30,8 @@ model = dict(
         loss=dict(type='LabelSmoothLoss', label_smooth_val=0.1, mode='original'),
         cal_acc=False,
         init_cfg=dict(type='TruncNormal', layer='Linear', std=0.02, bias=0.)),
-    train_cfg=dict(augments=[dict(type='Mixup', alpha=0.8), dict(type='CutMix', alpha=1.0)]),
+    train_cfg=dict(augments=[dict(type='Mixup', alpha=0.8),
+                             dict(type='CutMix', alpha=1.0)]),
 )
 
 # The paper's evaluation: PIL decoding, bicubic resize of the short side to 256 (crop ratio

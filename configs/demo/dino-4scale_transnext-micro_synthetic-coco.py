@@ -32,8 +32,13 @@ val_evaluator = test_evaluator = _base_.synthetic_coco_evaluator
 max_epochs = 12
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 param_scheduler = [
-    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True,
-         milestones=[int(max_epochs * 0.75)], gamma=0.1)
+    dict(
+        type='MultiStepLR',
+        begin=0,
+        end=max_epochs,
+        by_epoch=True,
+        milestones=[int(max_epochs * 0.75)],
+        gamma=0.1)
 ]
 auto_scale_lr = dict(base_batch_size=4)
 default_hooks = dict(logger=dict(interval=5), checkpoint=dict(interval=max_epochs))

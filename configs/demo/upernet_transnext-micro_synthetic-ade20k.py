@@ -29,6 +29,4 @@ param_scheduler = [
     dict(type='PolyLR', eta_min=0.0, power=1.0, begin=20, end=max_iters, by_epoch=False)
 ]
 train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
-default_hooks = dict(
-    logger=dict(interval=10),
-    checkpoint=dict(interval=max_iters))
+default_hooks = dict(logger=dict(interval=10), checkpoint=dict(interval=max_iters))

@@ -10,7 +10,5 @@ pretrained = 'https://huggingface.co/DaiShiResearch/transnext-base-224-1k/resolv
 
 model = dict(
     backbone=dict(
-        arch='base',
-        drop_path_rate=0.6,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+        arch='base', drop_path_rate=0.6, init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     neck=dict(in_channels=[96, 192, 384, 768]))

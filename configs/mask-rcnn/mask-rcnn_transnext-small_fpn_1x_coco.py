@@ -10,6 +10,4 @@ pretrained = 'https://huggingface.co/DaiShiResearch/transnext-small-224-1k/resol
 
 model = dict(
     backbone=dict(
-        arch='small',
-        drop_path_rate=0.5,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained)))
+        arch='small', drop_path_rate=0.5, init_cfg=dict(type='Pretrained', checkpoint=pretrained)))

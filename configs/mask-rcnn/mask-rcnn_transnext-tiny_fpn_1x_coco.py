@@ -8,5 +8,4 @@ _base_ = [
 # --cfg-options model.backbone.init_cfg.checkpoint=PATH).
 pretrained = 'https://huggingface.co/DaiShiResearch/transnext-tiny-224-1k/resolve/main/transnext_tiny_224_1k.pth'  # noqa
 
-model = dict(
-    backbone=dict(init_cfg=dict(type='Pretrained', checkpoint=pretrained)))
+model = dict(backbone=dict(init_cfg=dict(type='Pretrained', checkpoint=pretrained)))

@@ -7,8 +7,7 @@ _base_ = [
 ]
 # The released ImageNet-1K checkpoint (a local path works too).
 checkpoint_file = 'https://huggingface.co/DaiShiResearch/transnext-tiny-224-1k/resolve/main/transnext_tiny_224_1k.pth'  # noqa
-model = dict(
-    backbone=dict(init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)))
+model = dict(backbone=dict(init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)))
 
 # AdamW without weight decay on TransNeXt's query embedding, local position bias, log-CPB MLP,
 # temperature and all norm layers.

@@ -34,8 +34,10 @@ def build_classifier(config, **backbone_overrides):
 def released_classifier_state(arch='micro'):
     """Random weights in the released layout: plain state dict, head.*, a derived buffer."""
     backbone = TransNeXt(arch=arch)
-    state = {k: v + 0.02 * torch.randn_like(v) if v.is_floating_point() else v
-             for k, v in backbone.state_dict().items()}
+    state = {
+        k: v + 0.02 * torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in backbone.state_dict().items()
+    }
     dims = backbone.embed_dims[-1]
     state['head.weight'] = 0.05 * torch.randn(1000, dims)
     state['head.bias'] = 0.1 * torch.randn(1000)
@@ -46,8 +48,10 @@ def released_classifier_state(arch='micro'):
 def logits_by_hand(state, x, arch='micro'):
     """The released classifier: stage-4 norm -> global average pool -> Linear(C, 1000)."""
     backbone = TransNeXt(arch=arch, out_indices=(3, ), attn_impl='reference').eval()
-    backbone.load_state_dict({k: v for k, v in state.items()
-                              if not k.startswith('head.') and k != 'relative_pos_index1'})
+    backbone.load_state_dict({
+        k: v
+        for k, v in state.items() if not k.startswith('head.') and k != 'relative_pos_index1'
+    })
     with torch.no_grad():
         pooled = backbone(x)[0].mean(dim=(2, 3))
     return pooled @ state['head.weight'].t() + state['head.bias']
@@ -62,16 +66,16 @@ def released_micro(tmp_path_factory):
     return state, str(path)
 
 
-@pytest.mark.parametrize('config', sorted(glob.glob(osp.join(CONFIG_DIR, '*.py'))),
-                         ids=osp.basename)
+@pytest.mark.parametrize(
+    'config', sorted(glob.glob(osp.join(CONFIG_DIR, '*.py'))), ids=osp.basename)
 def test_config_builds_and_predicts(config):
     model, cfg = build_classifier(config)
     assert type(model).__name__ == 'TransNeXtClassifier'
     assert model.backbone.out_indices == (3, )
     assert model.head.fc.in_features == model.backbone.embed_dims[-1]
     from mmpretrain.structures import DataSample
-    data = dict(inputs=[torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)],
-                data_samples=[DataSample()])
+    data = dict(
+        inputs=[torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)], data_samples=[DataSample()])
     with torch.no_grad():
         sample, = model.test_step(data)
     assert sample.pred_score.shape == (1000, )
@@ -113,17 +117,20 @@ def test_released_checkpoint_through_runner_and_roundtrip(released_micro, tmp_pa
         torch.testing.assert_close(fresh(x, mode='tensor'), logits)
 
 
-@pytest.mark.parametrize('wrapping', ['model', 'state_dict', 'model_ema', 'model+module.',
-                                      'module.', 'model+training-state'])
-def test_every_wrapping_of_the_backbone_loads_through_the_classifier(
-        released_micro, tmp_path, wrapping):
+@pytest.mark.parametrize(
+    'wrapping',
+    ['model', 'state_dict', 'model_ema', 'model+module.', 'module.', 'model+training-state'])
+def test_every_wrapping_of_the_backbone_loads_through_the_classifier(released_micro, tmp_path,
+                                                                     wrapping):
     """The wrappings the backbone's init_cfg reads also load through the classification config
     (mmengine's load_checkpoint, as tools/test.py and load_from use it): weights under 'model'
     (the paper's fine-tuning code), 'state_dict' or 'model_ema', DDP 'module.' prefixes, and
     training state beside the weights."""
     state, _ = released_micro
-    weights = ({'module.' + k: v for k, v in state.items()} if 'module.' in wrapping
-               else dict(state))
+    weights = ({
+        'module.' + k: v
+        for k, v in state.items()
+    } if 'module.' in wrapping else dict(state))
     wrapper = wrapping.split('+')[0]
     checkpoint = weights if wrapper == 'module.' else {wrapper: weights}
     if 'training-state' in wrapping:
@@ -154,8 +161,7 @@ def test_classifier_needs_transnext_backbone():
     init_default_scope('mmpretrain')
     from mmpretrain.registry import MODELS
     with pytest.raises(TypeError, match='needs a TransNeXt backbone'):
-        MODELS.build(dict(type='TransNeXtClassifier',
-                          backbone=dict(type='ResNet', depth=18)))
+        MODELS.build(dict(type='TransNeXtClassifier', backbone=dict(type='ResNet', depth=18)))
 
 
 def _resize_short_and_crop(image, short, crop):
@@ -195,14 +201,16 @@ def test_optimizer_skips_weight_decay_like_the_paper():
         for param in group['params']:
             decay[param] = group['weight_decay']
     named = dict(model.named_parameters())
-    no_decay = ['backbone.block1.0.attn.query_embedding', 'backbone.block1.0.attn.temperature',
-                'backbone.block1.0.attn.relative_pos_bias_local',
-                'backbone.block1.0.attn.cpb_fc1.weight', 'backbone.block4.0.attn.cpb_fc2.weight',
-                'backbone.block1.0.norm1.weight', 'backbone.block1.0.mlp.dwconv.dwconv.bias',
-                'head.fc.bias']
-    with_decay = ['backbone.block1.0.attn.q.weight', 'backbone.block1.0.attn.learnable_tokens',
-                  'backbone.block4.0.attn.qkv.weight', 'backbone.patch_embed1.proj.weight',
-                  'head.fc.weight']
+    no_decay = [
+        'backbone.block1.0.attn.query_embedding', 'backbone.block1.0.attn.temperature',
+        'backbone.block1.0.attn.relative_pos_bias_local', 'backbone.block1.0.attn.cpb_fc1.weight',
+        'backbone.block4.0.attn.cpb_fc2.weight', 'backbone.block1.0.norm1.weight',
+        'backbone.block1.0.mlp.dwconv.dwconv.bias', 'head.fc.bias'
+    ]
+    with_decay = [
+        'backbone.block1.0.attn.q.weight', 'backbone.block1.0.attn.learnable_tokens',
+        'backbone.block4.0.attn.qkv.weight', 'backbone.patch_embed1.proj.weight', 'head.fc.weight'
+    ]
     assert {name: decay[named[name]] for name in no_decay} == dict.fromkeys(no_decay, 0.0)
     assert {name: decay[named[name]] for name in with_decay} == dict.fromkeys(with_decay, 0.05)
     assert optim_wrapper.optimizer.defaults['lr'] == 1e-3
@@ -220,8 +228,8 @@ def make_imagenet(data_root, split, photos=PHOTOS):
     lines = []
     for i, (name, label) in enumerate(photos):
         filename = f'ILSVRC2012_{split}_{i + 1:08d}.JPEG'
-        Image.fromarray(getattr(skimage.data, name)()).save(data_root / split / filename,
-                                                           quality=95)
+        Image.fromarray(getattr(skimage.data, name)()).save(
+            data_root / split / filename, quality=95)
         lines.append(f'{filename} {label}')
     (data_root / 'meta' / f'{split}.txt').write_text('\n'.join(lines) + '\n')
     return lines
@@ -265,13 +273,16 @@ def test_tools_test_py_evaluates_a_released_checkpoint(released_micro, tmp_path)
     photos = PHOTOS
 
     out = tmp_path / 'preds.pkl'
-    cmd = [sys.executable, osp.join(ROOT, 'tools', 'test.py'), MICRO_CONFIG, path,
-           '--work-dir', str(tmp_path / 'work'), '--out', str(out), '--cfg-options',
-           f'test_dataloader.dataset.data_root={data_root}', 'test_dataloader.batch_size=3',
-           'test_dataloader.num_workers=0']
+    cmd = [
+        sys.executable,
+        osp.join(ROOT, 'tools', 'test.py'), MICRO_CONFIG, path, '--work-dir',
+        str(tmp_path / 'work'), '--out',
+        str(out), '--cfg-options', f'test_dataloader.dataset.data_root={data_root}',
+        'test_dataloader.batch_size=3', 'test_dataloader.num_workers=0'
+    ]
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    result = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert 'converted a released TransNeXt checkpoint' in result.stdout + result.stderr
     assert 'accuracy/top1' in result.stdout + result.stderr
@@ -279,8 +290,11 @@ def test_tools_test_py_evaluates_a_released_checkpoint(released_micro, tmp_path)
         predictions = pickle.load(f)
 
     # The same photos, preprocessed and classified by hand.
-    images = [_resize_short_and_crop(Image.open(data_root / 'val' / line.split()[0])
-                                     .convert('RGB'), 256, 224) for line in lines]
+    images = [
+        _resize_short_and_crop(
+            Image.open(data_root / 'val' / line.split()[0]).convert('RGB'), 256, 224)
+        for line in lines
+    ]
     x = torch.stack([(torch.from_numpy(im.copy()).float() - IMAGENET_MEAN) / IMAGENET_STD
                      for im in images]).permute(0, 3, 1, 2)
     expected = logits_by_hand(state, x).softmax(dim=-1)

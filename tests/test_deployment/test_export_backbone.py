@@ -10,21 +10,27 @@ import torch
 pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
 
-from transnext_mm.deployment import (DeployError, OrtModel, compare, example_input,  # noqa: E402
-                                     export, read_meta, verify)
+from transnext_mm.deployment import example_input  # noqa: E402
+from transnext_mm.deployment import DeployError, OrtModel, compare, export, read_meta, verify
 from transnext_mm.deployment.export import folded_position_biases  # noqa: E402
 from transnext_mm.deployment.model import BackboneNet  # noqa: E402
 from transnext_mm.models.backbones import TransNeXt  # noqa: E402
 
-META = dict(task='backbone', config='TransNeXt-shallow', shape=[64, 40], batch=2,
-            mean=[0., 0., 0.], std=[1., 1., 1.], bgr_to_rgb=False)
+META = dict(
+    task='backbone',
+    config='TransNeXt-shallow',
+    shape=[64, 40],
+    batch=2,
+    mean=[0., 0., 0.],
+    std=[1., 1., 1.],
+    bgr_to_rgb=False)
 
 
 @pytest.fixture(scope='module')
 def backbone(shallow_arch):
     torch.manual_seed(0)
-    model = TransNeXt(arch=shallow_arch, img_size=128, pos_bias_mode='extrapolate',
-                      attn_impl='torch')
+    model = TransNeXt(
+        arch=shallow_arch, img_size=128, pos_bias_mode='extrapolate', attn_impl='torch')
     return BackboneNet(model).eval()
 
 
@@ -69,8 +75,7 @@ def test_compare_detections_rejects_moved_boxes():
     assert compare('detection', [boxes, scores, labels], [boxes, scores, labels])['ok']
     moved = boxes + np.array([0, 0, 1, 0], np.float32)
     assert not compare('detection', [moved, scores, labels], [boxes, scores, labels])['ok']
-    assert not compare('detection', [boxes, scores, labels[:, ::-1]],
-                       [boxes, scores, labels])['ok']
+    assert not compare('detection', [boxes, scores, labels[:, ::-1]], [boxes, scores, labels])['ok']
 
 
 def test_compare_names_non_finite_outputs():

@@ -16,8 +16,8 @@ import pytest
 pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
 
-from transnext_mm.deployment import (DeployError, OrtModel, example_input,  # noqa: E402
-                                     export, prepare, read_meta, verify)
+from transnext_mm.deployment import export  # noqa: E402
+from transnext_mm.deployment import DeployError, OrtModel, example_input, prepare, read_meta, verify
 
 ROOT = Path(__file__).resolve().parents[2]
 CLS = 'configs/classification/transnext-micro_in1k-224px.py'
@@ -39,7 +39,12 @@ def _dino(shallow_config):
     return shallow_config(DINO, encoder=dict(num_layers=1), decoder=dict(num_layers=2))
 
 
-def _export(tmp_path_factory, config, shape, batch=1, fmt='onnx', dynamic=False,
+def _export(tmp_path_factory,
+            config,
+            shape,
+            batch=1,
+            fmt='onnx',
+            dynamic=False,
             backbone_only=False):
     net, task, meta = prepare(config, None, shape, batch, backbone_only)
     suffix = '.onnx' if fmt == 'onnx' else '.pt2'
@@ -144,16 +149,17 @@ def test_random_weights_are_the_models_own_initialisation(shallow_config):
 
 def test_dino_dynamic_is_refused(tmp_path, shallow_config):
     net, _, meta = prepare(_dino(shallow_config), None, (64, 96), 1)
-    with pytest.raises(DeployError, match='--dynamic is not supported for models with '
-                       'multi-scale deformable attention'):
+    with pytest.raises(
+            DeployError,
+            match='--dynamic is not supported for models with '
+            'multi-scale deformable attention'):
         export(net, meta, str(tmp_path / 'dino.onnx'), dynamic=True)
 
 
 # ---------------------------------------------------------------------------- the tool
 def test_tool_exports_and_verifies(tmp_path, capsys, shallow_config):
     out = tmp_path / 'cls.onnx'
-    code = _tool().main([shallow_config(CLS), '--shape', '64', '64', '--out', str(out),
-                         '--verify'])
+    code = _tool().main([shallow_config(CLS), '--shape', '64', '64', '--out', str(out), '--verify'])
     text = capsys.readouterr().out
     assert code == 0, text
     assert 'verify onnx vs PyTorch at 64x64: rel_err=' in text and '-> OK' in text
@@ -162,8 +168,7 @@ def test_tool_exports_and_verifies(tmp_path, capsys, shallow_config):
 @pytest.mark.parametrize('args, message', [
     ([CLS, '--shape', '16', '16'], "below the backbone's minimum"),
     ([CLS, '--shape', '64', '64', '--format', 'torch-export'], '--out must end with .pt2'),
-    (['configs/_base_/models/upernet_transnext.py', '--shape', '64', '64'],
-     "default_scope None"),
+    (['configs/_base_/models/upernet_transnext.py', '--shape', '64', '64'], "default_scope None"),
 ])
 def test_tool_rejects_bad_input(tmp_path, capsys, args, message):
     code = _tool().main([str(ROOT / args[0]), *args[1:], '--out', str(tmp_path / 'x.onnx')])
@@ -182,8 +187,10 @@ def test_tool_rejects_unsupported_detector(tmp_path, capsys):
 def test_tool_rejects_unreadable_checkpoint(tmp_path, capsys):
     bad = tmp_path / 'bad.pth'
     bad.write_bytes(b'not a checkpoint')
-    code = _tool().main([str(ROOT / CLS), str(bad), '--shape', '64', '64', '--out',
-                         str(tmp_path / 'x.onnx')])
+    code = _tool().main(
+        [str(ROOT / CLS),
+         str(bad), '--shape', '64', '64', '--out',
+         str(tmp_path / 'x.onnx')])
     err = capsys.readouterr().err
     assert code == 2 and f'checkpoint: {bad} cannot be loaded' in err, err
 
@@ -194,23 +201,28 @@ def test_tool_rejects_unreadable_checkpoint(tmp_path, capsys):
 def test_seg_demo_onnx(upernet_onnx, tmp_path, capsys):
     out = tmp_path / 'seg.png'
     # a batch-2 file: the demo feeds the image twice and draws the first
-    _tool('tools/demo/seg_demo.py').main(['skimage:chelsea', upernet_onnx[2], '--out-file',
-                                          str(out)])
+    _tool('tools/demo/seg_demo.py').main(
+        ['skimage:chelsea', upernet_onnx[2], '--out-file',
+         str(out)])
     text = capsys.readouterr().out
     assert out.stat().st_size > 0 and 'wrote' in text
     import cv2
     assert cv2.imread(str(out)).shape == (300, 451, 3)
 
 
-@pytest.mark.parametrize('exported, image, size', [
-    ('dino_onnx', 'astronaut', (512, 512)),
-    ('mask_rcnn_onnx', 'coffee', (400, 600)),  # masks pasted and drawn too
-])
+@pytest.mark.parametrize(
+    'exported, image, size',
+    [
+        ('dino_onnx', 'astronaut', (512, 512)),
+        ('mask_rcnn_onnx', 'coffee', (400, 600)),  # masks pasted and drawn too
+    ])
 def test_det_demo_onnx(request, tmp_path, capsys, exported, image, size):
     out = tmp_path / 'det.png'
-    _tool('tools/demo/det_demo.py').main([f'skimage:{image}',
-                                          request.getfixturevalue(exported)[2], '--out-file',
-                                          str(out), '--score-thr', '0'])
+    _tool('tools/demo/det_demo.py').main([
+        f'skimage:{image}',
+        request.getfixturevalue(exported)[2], '--out-file',
+        str(out), '--score-thr', '0'
+    ])
     text = capsys.readouterr().out
     assert 'wrote' in text and 'detections above 0.0' in text, text
     import cv2
@@ -220,10 +232,15 @@ def test_det_demo_onnx(request, tmp_path, capsys, exported, image, size):
 def test_benchmark_onnx(upernet_onnx, tmp_path):
     out = tmp_path / 'bench.json'
     # a script: it times each implementation in a process of its own
-    result = subprocess.run([sys.executable, 'tools/benchmark.py', '--onnx', upernet_onnx[2],
-                             '--attn-impl', 'torch', '--warmup', '0', '--repeats', '1',
-                             '--threads', '1', '--json', str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([
+        sys.executable, 'tools/benchmark.py', '--onnx', upernet_onnx[2], '--attn-impl', 'torch',
+        '--warmup', '0', '--repeats', '1', '--threads', '1', '--json',
+        str(out)
+    ],
+                            cwd=ROOT,
+                            capture_output=True,
+                            text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     import json
     rows = json.loads(out.read_text())['results']

@@ -41,8 +41,8 @@ def test_equals_mmdet_predict(model, batch, shape):
         if isinstance(module, RoIAlign):
             module.use_torchvision = False
     with torch.no_grad():
-        reference = model.predict(x, [DetDataSample(metainfo=m) for m in image_metas(x)],
-                                  rescale=False)
+        reference = model.predict(
+            x, [DetDataSample(metainfo=m) for m in image_metas(x)], rescale=False)
         boxes, scores, labels, masks = TwoStageDetectorNet(model).eval()(x)
     max_per_img = model.roi_head.test_cfg.max_per_img
     assert boxes.shape == (batch, max_per_img, 4) and masks.shape[:2] == (batch, max_per_img)
@@ -53,10 +53,10 @@ def test_equals_mmdet_predict(model, batch, shape):
         # the graph's rows: mmdet's detections in its order, then padding (score 0, label -1)
         assert (labels[b, :n] >= 0).all() and (labels[b, n:] == -1).all()
         assert (scores[b, n:] == 0).all()
-        expected = [ref.bboxes[None].numpy(), ref.scores[None].numpy(),
-                    ref.labels[None].numpy()]
-        actual = [boxes[b:b + 1, :n].numpy(), scores[b:b + 1, :n].numpy(),
-                  labels[b:b + 1, :n].numpy()]
+        expected = [ref.bboxes[None].numpy(), ref.scores[None].numpy(), ref.labels[None].numpy()]
+        actual = [
+            boxes[b:b + 1, :n].numpy(), scores[b:b + 1, :n].numpy(), labels[b:b + 1, :n].numpy()
+        ]
         report = compare_detections(actual, expected)
         assert report['ok'] and report['min_iou'] > 0.9999, report
         pasted = paste_masks(masks[b, :n], boxes[b, :n], *shape)

@@ -11,10 +11,10 @@ import os.path as osp
 
 import pytest
 import torch
+from mmdet.registry import MODELS
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
-from mmdet.registry import MODELS
 from transnext_mm.utils import conversion
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -46,9 +46,15 @@ def mask_rcnn_state():
 
 def mmdet2_release(state_dict):
     """How mmdet 2.x (mmcv 1.x) saved the released Mask R-CNN checkpoints."""
-    return dict(meta=dict(mmdet_version='2.28.2', CLASSES=CLASSES, epoch=12, iter=88000,
-                          config='optimizer = dict(type="AdamW")'),
-                state_dict=dict(state_dict), optimizer=dict(state={}, param_groups=[]))
+    return dict(
+        meta=dict(
+            mmdet_version='2.28.2',
+            CLASSES=CLASSES,
+            epoch=12,
+            iter=88000,
+            config='optimizer = dict(type="AdamW")'),
+        state_dict=dict(state_dict),
+        optimizer=dict(state={}, param_groups=[]))
 
 
 def test_mmdet2_mask_rcnn(mask_rcnn_state, tmp_path):
@@ -60,8 +66,8 @@ def test_mmdet2_mask_rcnn(mask_rcnn_state, tmp_path):
     torch.save(release, src)
     summary = converter.convert(src, dst, config=MASK_RCNN)
     assert summary['source'] == 'mmdet2' and summary['arch'] == 'micro'
-    assert sorted(summary['dropped']) == ['backbone.relative_coords_table1',
-                                          'backbone.relative_pos_index1']
+    assert sorted(
+        summary['dropped']) == ['backbone.relative_coords_table1', 'backbone.relative_pos_index1']
 
     converted = torch.load(dst, map_location='cpu', weights_only=True)
     assert set(converted) == {'meta', 'state_dict'}  # no optimizer, no mmdet 2 config text
@@ -83,9 +89,12 @@ def test_mmdet3_dino_keeps_dataset_meta(tmp_path):
     state = detector_state_dict(DINO)
     src, dst = str(tmp_path / 'release.pth'), str(tmp_path / 'converted.pth')
     dataset_meta = dict(classes=CLASSES, palette=[(1, 2, 3)] * 3)
-    torch.save(dict(meta=dict(mmdet_version='3.3.0', dataset_meta=dataset_meta, epoch=12),
-                    state_dict=state, message_hub=dict(log_scalars={}),
-                    optimizer=dict(state={}, param_groups=[])), src)
+    torch.save(
+        dict(
+            meta=dict(mmdet_version='3.3.0', dataset_meta=dataset_meta, epoch=12),
+            state_dict=state,
+            message_hub=dict(log_scalars={}),
+            optimizer=dict(state={}, param_groups=[])), src)
     summary = converter.convert(src, dst, config=DINO)
     assert summary['source'] == 'mmdet3' and summary['dropped'] == []
     converted = torch.load(dst, map_location='cpu', weights_only=True)
@@ -98,8 +107,8 @@ def test_config_of_another_arch_is_rejected(mask_rcnn_state, tmp_path):
     src = str(tmp_path / 'release.pth')
     torch.save(mmdet2_release(mask_rcnn_state), src)
     tiny = osp.join(ROOT, 'configs/mask-rcnn/mask-rcnn_transnext-tiny_fpn_1x_coco.py')
-    with pytest.raises(ValueError,
-                       match="TransNeXt-micro .* but the config's backbone is TransNeXt-tiny"):
+    with pytest.raises(
+            ValueError, match="TransNeXt-micro .* but the config's backbone is TransNeXt-tiny"):
         converter.convert(src, str(tmp_path / 'out.pth'), config=tiny)
 
 
@@ -120,14 +129,15 @@ def test_head_mismatch_is_reported(mask_rcnn_state, tmp_path):
 def test_incomplete_backbone_is_rejected(mask_rcnn_state):
     state = dict(mask_rcnn_state)
     del state['backbone.block3.4.attn.temperature']
-    with pytest.raises(ValueError,
-                       match=r'incomplete .* missing \[block3\.4\.attn\.temperature\]'):
+    with pytest.raises(ValueError, match=r'incomplete .* missing \[block3\.4\.attn\.temperature\]'):
         conversion.convert_state_dict(state)
 
 
 def test_not_a_detector_is_rejected(mask_rcnn_state):
-    backbone_only = {k[len('backbone.'):]: v for k, v in mask_rcnn_state.items()
-                     if k.startswith('backbone.')}
+    backbone_only = {
+        k[len('backbone.'):]: v
+        for k, v in mask_rcnn_state.items() if k.startswith('backbone.')
+    }
     with pytest.raises(ValueError, match=r"not a detector checkpoint: no 'backbone\.\*' keys"):
         conversion.convert_state_dict(backbone_only)
 

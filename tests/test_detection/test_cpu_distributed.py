@@ -48,9 +48,19 @@ def test_prepare_creates_a_gloo_group_under_torchrun_variables():
             'from transnext_mm.utils.dist import prepare_cpu_distributed\n'
             'argv = prepare_cpu_distributed(["cfg.py", "--launcher", "pytorch"])\n'
             'print(argv, d.get_backend(), d.get_world_size())\n')
-    env = dict(os.environ, RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
-               MASTER_PORT='29731', CUDA_VISIBLE_DEVICES='')
-    output = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
-                            text=True, timeout=120, check=True).stdout
+    env = dict(
+        os.environ,
+        RANK='0',
+        LOCAL_RANK='0',
+        WORLD_SIZE='1',
+        MASTER_ADDR='127.0.0.1',
+        MASTER_PORT='29731',
+        CUDA_VISIBLE_DEVICES='')
+    output = subprocess.run([sys.executable, '-c', code],
+                            env=env,
+                            capture_output=True,
+                            text=True,
+                            timeout=120,
+                            check=True).stdout
     assert f"['cfg.py', '--launcher', 'pytorch', '--cfg-options', '{CPU_DDP_OPTION}'] gloo 1" \
         in output

@@ -4,12 +4,11 @@ import os.path as osp
 
 import pytest
 import torch
+from mmdet.registry import MODELS
+from mmdet.structures import DetDataSample
 from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
-
-from mmdet.registry import MODELS
-from mmdet.structures import DetDataSample
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 MASK_RCNN = {
@@ -23,8 +22,10 @@ DINO = {
     'configs/dino/dino-5scale_transnext-small_8xb2-12e_coco.py': ('small', 0.5, 69.6),
     'configs/dino/dino-5scale_transnext-base_8xb2-12e_coco.py': ('base', 0.6, 110.0),
 }
-DEMOS = ['configs/demo/mask-rcnn_transnext-micro_fpn_synthetic-coco.py',
-         'configs/demo/dino-4scale_transnext-micro_synthetic-coco.py']
+DEMOS = [
+    'configs/demo/mask-rcnn_transnext-micro_fpn_synthetic-coco.py',
+    'configs/demo/dino-4scale_transnext-micro_synthetic-coco.py'
+]
 # Top-level keys of mmdet 2.x configs that mmdet 3.x ignores or rejects.
 MMDET2_KEYS = ('optimizer', 'optimizer_config', 'lr_config', 'runner', 'data', 'evaluation',
                'checkpoint_config', 'log_config', 'fp16', 'workflow', 'total_epochs')
@@ -43,9 +44,9 @@ def build(cfg: Config):
 
 
 def is_backbone_no_decay(name: str, module_types: dict) -> bool:
-    return name.startswith('backbone.') and (
-        any(key in name for key in NO_DECAY_NAMES)
-        or module_types[name.rsplit('.', 1)[0]] is torch.nn.LayerNorm)
+    return name.startswith('backbone.') and (any(
+        key in name
+        for key in NO_DECAY_NAMES) or module_types[name.rsplit('.', 1)[0]] is torch.nn.LayerNorm)
 
 
 @pytest.mark.parametrize('config', [*MASK_RCNN, *DINO, *DEMOS])
@@ -110,8 +111,13 @@ def test_build_count_and_forward(config):
     model.init_weights()
     model.eval()
     inputs = torch.rand(3, *shape) * 255
-    sample = DetDataSample(metainfo=dict(img_shape=shape, ori_shape=shape, scale_factor=(1., 1.),
-                                         batch_input_shape=shape, pad_shape=shape))
+    sample = DetDataSample(
+        metainfo=dict(
+            img_shape=shape,
+            ori_shape=shape,
+            scale_factor=(1., 1.),
+            batch_input_shape=shape,
+            pad_shape=shape))
     with torch.no_grad():
         data = model.data_preprocessor(dict(inputs=[inputs], data_samples=[sample]), False)
         results = model(**data, mode='predict')
@@ -131,8 +137,11 @@ def test_param_groups(config):
     cfg = load(config)
     model = build(cfg)
     optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
-    settings = {id(p): (g['lr'], g['weight_decay']) for g in optim_wrapper.param_groups
-                for p in g['params']}
+    settings = {
+        id(p): (g['lr'], g['weight_decay'])
+        for g in optim_wrapper.param_groups
+        for p in g['params']
+    }
     module_types = {name: type(m) for name, m in model.named_modules()}
     base_lr, base_wd = 1e-4, 0.05
     is_dino = 'dino' in config

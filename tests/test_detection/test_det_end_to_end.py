@@ -30,10 +30,16 @@ TIMEOUT = 600
 
 def run(args, env=None):
     """Run a command from the repository root; fail with its output's tail if it fails."""
-    full_env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'),
-                    **(env or {}))
-    proc = subprocess.run(args, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
+    full_env = dict(
+        os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'), **(env or {}))
+    proc = subprocess.run(
+        args,
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=TIMEOUT)
     assert proc.returncode == 0, f'{" ".join(args)} failed:\n{proc.stdout[-6000:]}'
     return proc.stdout
 
@@ -42,9 +48,10 @@ def data_options(root: str):
     """--cfg-options values pointing a demo config at the dataset under ``root``."""
     root = root.rstrip('/') + '/'
     ann = root + 'annotations/instances_val.json'
-    return [f'{loader}.dataset.data_root={root}'
-            for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')
-            ] + [f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}']
+    return [
+        f'{loader}.dataset.data_root={root}'
+        for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')
+    ] + [f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}']
 
 
 def short_run(root: str, epochs: int, batch_size: int = 2, val_interval: int = 100):
@@ -71,8 +78,10 @@ def free_port() -> int:
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('synthetic_coco'))
-    run([sys.executable, 'tools/dataset_converters/make_synthetic_coco.py', '--out', root,
-         '--num-train', '4', '--num-val', '2', '--seed', '1'])
+    run([
+        sys.executable, 'tools/dataset_converters/make_synthetic_coco.py', '--out', root,
+        '--num-train', '4', '--num-val', '2', '--seed', '1'
+    ])
     return root
 
 
@@ -80,8 +89,10 @@ def dataset(tmp_path_factory):
 def mask_rcnn_run(dataset, tmp_path_factory):
     """One epoch of Mask R-CNN (2 iterations) with tools/train.py."""
     work_dir = str(tmp_path_factory.mktemp('mask_rcnn'))
-    output = run([sys.executable, 'tools/train.py', MASK_RCNN, '--work-dir', work_dir,
-                  '--cfg-options', *short_run(dataset, epochs=1)])
+    output = run([
+        sys.executable, 'tools/train.py', MASK_RCNN, '--work-dir', work_dir, '--cfg-options',
+        *short_run(dataset, epochs=1)
+    ])
     return work_dir, output
 
 
@@ -97,8 +108,10 @@ def test_mask_rcnn_train(mask_rcnn_run):
 def resumed(dataset, mask_rcnn_run):
     """--resume to a second epoch, validated at its end: the mAP of epoch_2.pth's weights."""
     work_dir, _ = mask_rcnn_run
-    output = run([sys.executable, 'tools/train.py', MASK_RCNN, '--work-dir', work_dir,
-                  '--resume', '--cfg-options', *short_run(dataset, epochs=2, val_interval=2)])
+    output = run([
+        sys.executable, 'tools/train.py', MASK_RCNN, '--work-dir', work_dir, '--resume',
+        '--cfg-options', *short_run(dataset, epochs=2, val_interval=2)
+    ])
     return osp.join(work_dir, 'epoch_2.pth'), output
 
 
@@ -110,17 +123,19 @@ def test_mask_rcnn_resume(resumed):
     assert torch.load(checkpoint, map_location='cpu', weights_only=False)['meta']['iter'] == 4
 
 
-def test_converted_release_layout_evaluates_like_the_original(dataset, resumed, tmp_path,
-                                                              capsys):
+def test_converted_release_layout_evaluates_like_the_original(dataset, resumed, tmp_path, capsys):
     """An mmdet 2.x-style release of the trained weights, converted, gives tools/test.py the
     bbox and segm mAP that the training's validation gave the original."""
     from tools.model_converters.convert_det_checkpoint import main as convert
     checkpoint, original_output = resumed
     trained = torch.load(checkpoint, map_location='cpu', weights_only=False)
-    release = dict(state_dict=dict(trained['state_dict']),
-                   meta=dict(mmdet_version='2.28.2', CLASSES=('circle', 'square', 'triangle'),
-                             config='model = dict(...)  # mmdet 2.x config text'),
-                   optimizer=dict(state={}, param_groups=[]))
+    release = dict(
+        state_dict=dict(trained['state_dict']),
+        meta=dict(
+            mmdet_version='2.28.2',
+            CLASSES=('circle', 'square', 'triangle'),
+            config='model = dict(...)  # mmdet 2.x config text'),
+        optimizer=dict(state={}, param_groups=[]))
     # Buffers the released backbone code stores and transnext-mm derives.
     release['state_dict']['backbone.relative_pos_index1'] = torch.zeros(10, dtype=torch.long)
     release['state_dict']['backbone.relative_coords_table1'] = torch.zeros(5, 2)
@@ -131,8 +146,10 @@ def test_converted_release_layout_evaluates_like_the_original(dataset, resumed, 
     output = capsys.readouterr().out
     assert 'mmdet2' in output and 'TransNeXt-micro' in output and 'matches the model' in output
 
-    output = run([sys.executable, 'tools/test.py', MASK_RCNN, converted, '--work-dir',
-                  str(tmp_path), '--cfg-options', *data_options(dataset)])
+    output = run([
+        sys.executable, 'tools/test.py', MASK_RCNN, converted, '--work-dir',
+        str(tmp_path), '--cfg-options', *data_options(dataset)
+    ])
     # mmengine loads checkpoints non-strictly: a mismatch would only be logged.
     assert 'do not match exactly' not in output
     assert 'Epoch(test) [2/2]' in output and 'Epoch(val) [2][2/2]' in original_output
@@ -145,21 +162,27 @@ def test_converted_release_layout_evaluates_like_the_original(dataset, resumed, 
 def test_dino_with_mmdets_own_train_then_test(dataset, tmp_path, shallow_config):
     """mmdet's train.py finds TransNeXt through custom_imports; tools/test.py evaluates."""
     work_dir, config = str(tmp_path), shallow_config(DINO)
-    output = run([sys.executable, MMDET_TRAIN, config, '--work-dir', work_dir,
-                  '--cfg-options', *short_run(dataset, epochs=1)])
+    output = run([
+        sys.executable, MMDET_TRAIN, config, '--work-dir', work_dir, '--cfg-options',
+        *short_run(dataset, epochs=1)
+    ])
     assert 'Epoch(train) [1][2/2]' in output and 'loss_iou' in output
-    output = run([sys.executable, 'tools/test.py', config, osp.join(work_dir, 'epoch_1.pth'),
-                  '--work-dir', work_dir, '--cfg-options', *data_options(dataset)])
+    output = run([
+        sys.executable, 'tools/test.py', config,
+        osp.join(work_dir, 'epoch_1.pth'), '--work-dir', work_dir, '--cfg-options',
+        *data_options(dataset)
+    ])
     assert 0 <= metric(output, 'bbox_mAP') <= 1
 
 
 def test_distributed_train_two_processes(dataset, tmp_path, shallow_config):
     """tools/dist_train.sh with 2 CPU processes (torchrun, gloo): 4 images, 1 per process."""
     work_dir = str(tmp_path)
-    output = run(['bash', 'tools/dist_train.sh', shallow_config(MASK_RCNN), '2', '--work-dir',
-                  work_dir,
-                  '--cfg-options', 'env_cfg.dist_cfg.backend=gloo',
-                  *short_run(dataset, epochs=1, batch_size=1)],
+    output = run([
+        'bash', 'tools/dist_train.sh',
+        shallow_config(MASK_RCNN), '2', '--work-dir', work_dir, '--cfg-options',
+        'env_cfg.dist_cfg.backend=gloo', *short_run(dataset, epochs=1, batch_size=1)
+    ],
                  env=dict(PYTHON=sys.executable, PORT=str(free_port())))
     assert 'Distributed training: True' in output
     # 4 images over 2 processes x 1 image: 2 iterations per epoch (4 on a single process).
@@ -169,8 +192,10 @@ def test_distributed_train_two_processes(dataset, tmp_path, shallow_config):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='AmpOptimWrapper needs a GPU')
 def test_amp_train_on_gpu(dataset, tmp_path):
-    output = run([sys.executable, 'tools/train.py', MASK_RCNN, '--work-dir', str(tmp_path),
-                  '--amp', '--cfg-options', *short_run(dataset, epochs=1)])
+    output = run([
+        sys.executable, 'tools/train.py', MASK_RCNN, '--work-dir',
+        str(tmp_path), '--amp', '--cfg-options', *short_run(dataset, epochs=1)
+    ])
     assert 'AmpOptimWrapper' in output and 'Epoch(train) [1][2/2]' in output
 
 
@@ -182,9 +207,11 @@ def test_demo_draws_detections_on_a_photo(resumed, tmp_path):
     checkpoint, _ = resumed
     out_file = str(tmp_path / 'coffee.png')
     # Barely trained: keep every detection (no score threshold) so that there is one to draw.
-    output = run([sys.executable, 'tools/demo/det_demo.py', 'skimage:coffee', MASK_RCNN,
-                  checkpoint, '--out-file', out_file, '--score-thr', '0',
-                  '--cfg-options', 'model.test_cfg.rcnn.score_thr=0.0'])
+    output = run([
+        sys.executable, 'tools/demo/det_demo.py', 'skimage:coffee', MASK_RCNN, checkpoint,
+        '--out-file', out_file, '--score-thr', '0', '--cfg-options',
+        'model.test_cfg.rcnn.score_thr=0.0'
+    ])
     assert re.search(r'skimage:coffee \(600x400\): [1-9]\d* detections above 0.0', output)
     drawn = cv2.cvtColor(cv2.imread(out_file), cv2.COLOR_BGR2RGB)
     photo = skimage.data.coffee()

@@ -34,8 +34,8 @@ def dataset(tmp_path_factory):
 def test_coco_format(dataset):
     for split, num_images in (('train', 12), ('val', 4)):
         coco = COCO(osp.join(dataset, 'annotations', f'instances_{split}.json'))
-        assert [c['name'] for c in coco.loadCats(coco.getCatIds())] == [
-            'circle', 'square', 'triangle']
+        assert [c['name']
+                for c in coco.loadCats(coco.getCatIds())] == ['circle', 'square', 'triangle']
         assert len(coco.getImgIds()) == num_images
         for image in coco.loadImgs(coco.getImgIds()):
             assert (image['width'], image['height']) == (128, 96)
@@ -65,14 +65,21 @@ def test_classes_have_distinct_looks(dataset):
 
 
 def test_deterministic(dataset, tmp_path):
-    generator.main(['--out', str(tmp_path / 'same'), '--num-train', '12', '--num-val', '4',
-                    '--size', '128', '96'])
-    generator.main(['--out', str(tmp_path / 'other'), '--num-train', '12', '--num-val', '4',
-                    '--size', '128', '96', '--seed', '1'])
+    generator.main([
+        '--out',
+        str(tmp_path / 'same'), '--num-train', '12', '--num-val', '4', '--size', '128', '96'
+    ])
+    generator.main([
+        '--out',
+        str(tmp_path / 'other'), '--num-train', '12', '--num-val', '4', '--size', '128', '96',
+        '--seed', '1'
+    ])
     ann = osp.join('annotations', 'instances_train.json')
     assert filecmp.cmp(osp.join(dataset, ann), str(tmp_path / 'same' / ann), shallow=False)
-    assert filecmp.cmp(osp.join(dataset, 'val', '000003.png'),
-                       str(tmp_path / 'same' / 'val' / '000003.png'), shallow=False)
+    assert filecmp.cmp(
+        osp.join(dataset, 'val', '000003.png'),
+        str(tmp_path / 'same' / 'val' / '000003.png'),
+        shallow=False)
     with open(osp.join(dataset, ann)) as f, open(tmp_path / 'other' / ann) as g:
         assert json.load(f)['annotations'] != json.load(g)['annotations']
 

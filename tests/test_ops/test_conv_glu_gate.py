@@ -47,7 +47,7 @@ def test_compiled_gate_frozen_conv_and_opcheck():
     hidden, weight, bias = gate_inputs(2, 4, 5, 8, torch.float32)
     hidden.requires_grad_()
     out = gate_ops.conv_glu_gate_op(hidden, weight, bias, 4, 5)
-    (grad_hidden,) = torch.autograd.grad(out.sum(), hidden)  # weight and bias need no grad
+    (grad_hidden, ) = torch.autograd.grad(out.sum(), hidden)  # weight and bias need no grad
     ref = conv_glu_gate_torch(hidden, weight, bias, 4, 5)
     torch.testing.assert_close(grad_hidden, torch.autograd.grad(ref.sum(), hidden)[0])
     torch.library.opcheck(torch.ops.transnext_mm.conv_glu_gate.default,

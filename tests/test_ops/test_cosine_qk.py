@@ -38,11 +38,13 @@ def test_kernel_matches_pytorch(B, heads, N, d, split, dtype, tol):
 def test_kernel_reads_channel_strided_inputs_and_passes_opcheck():
     q, k, *params = make_inputs(2, 2, 6, 5, torch.float32)
     q_t = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # channels not contiguous
-    for out, ref in zip(cosine_qk.cosine_queries_keys_op(q_t, k, *params),
-                        cosine_queries_keys_torch(q, k, *params)):
+    for out, ref in zip(
+            cosine_qk.cosine_queries_keys_op(q_t, k, *params),
+            cosine_queries_keys_torch(q, k, *params)):
         torch.testing.assert_close(out, ref)
-    torch.library.opcheck(torch.ops.transnext_mm.cosine_queries_keys.default, (q, k, *params),
-                          test_utils=('test_schema', 'test_faketensor'))
+    torch.library.opcheck(
+        torch.ops.transnext_mm.cosine_queries_keys.default, (q, k, *params),
+        test_utils=('test_schema', 'test_faketensor'))
 
 
 @requires_ext
@@ -53,11 +55,9 @@ def test_errors_name_the_argument():
     with pytest.raises(RuntimeError, match='learnable_bias must have shape'):
         cosine_qk.cosine_queries_keys_op(q, k, qe, scale, tokens, tbias[..., :4])
     with pytest.raises(RuntimeError, match='at most 16 learnable tokens'):
-        cosine_qk.cosine_queries_keys_op(
-            *make_inputs(1, 2, 4, 8, torch.float32, tokens=17))
+        cosine_qk.cosine_queries_keys_op(*make_inputs(1, 2, 4, 8, torch.float32, tokens=17))
     with pytest.raises(RuntimeError, match='float32 / float64'):
-        cosine_qk.cosine_queries_keys_op(
-            *(t.half() for t in (q, k, qe, scale, tokens, tbias)))
+        cosine_qk.cosine_queries_keys_op(*(t.half() for t in (q, k, qe, scale, tokens, tbias)))
     with pytest.raises(ValueError, match='impl must be one of'):
         cosine_queries_keys(q, k, qe, scale, tokens, tbias, impl='fast')
 

@@ -235,8 +235,10 @@ def test_no_module_imports_private_names_of_another():
                     for full in names[1:] if isinstance(node, ast.ImportFrom) else names:
                         if not full.startswith('transnext_mm'):
                             continue
-                        private = [p for p in full.split('.') if p.startswith('_')
-                                   and not p.startswith('__')]
+                        private = [
+                            p for p in full.split('.')
+                            if p.startswith('_') and not p.startswith('__')
+                        ]
                         if private and EXTENSION_OWNERS.get(full) != rel:
                             offenders.append(f'{rel}:{node.lineno} imports {full}')
     assert not offenders, offenders

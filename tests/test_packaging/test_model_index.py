@@ -26,9 +26,9 @@ def load_index():
 
 
 def shipped_configs():
-    return sorted(osp.relpath(path, ROOT)
-                  for path in glob.glob(osp.join(ROOT, 'configs', '*', '*.py'))
-                  if osp.basename(osp.dirname(path)) not in NOT_INDEXED)
+    return sorted(
+        osp.relpath(path, ROOT) for path in glob.glob(osp.join(ROOT, 'configs', '*', '*.py'))
+        if osp.basename(osp.dirname(path)) not in NOT_INDEXED)
 
 
 def test_every_indexed_config_exists_and_every_config_is_indexed():
@@ -40,8 +40,8 @@ def test_every_indexed_config_exists_and_every_config_is_indexed():
     unlisted = sorted(set(shipped_configs()) - set(indexed))
     assert not unlisted, f'configs missing from model-index.yml: {unlisted}'
     # Every method folder's metafile is imported.
-    metafiles = sorted(osp.relpath(p, ROOT) for p in glob.glob(osp.join(ROOT, 'configs', '*',
-                                                                         'metafile.yml')))
+    metafiles = sorted(
+        osp.relpath(p, ROOT) for p in glob.glob(osp.join(ROOT, 'configs', '*', 'metafile.yml')))
     assert metafiles == sorted({m['metafile'] for m in models})
 
 
@@ -67,9 +67,10 @@ def test_every_model_has_results_parameters_resources_and_weights():
         assert collection['Paper']['URL'] == 'https://arxiv.org/abs/2311.17132'
 
 
-@pytest.mark.parametrize('metafile', sorted(glob.glob(osp.join(ROOT, 'configs', '*',
-                                                               'metafile.yml'))),
-                         ids=lambda p: osp.basename(osp.dirname(p)))
+@pytest.mark.parametrize(
+    'metafile',
+    sorted(glob.glob(osp.join(ROOT, 'configs', '*', 'metafile.yml'))),
+    ids=lambda p: osp.basename(osp.dirname(p)))
 def test_method_readme_has_results_citation_and_evaluation(metafile):
     folder = osp.dirname(metafile)
     with open(osp.join(folder, 'README.md')) as f:

@@ -9,8 +9,8 @@ from collections import OrderedDict
 
 import pytest
 import torch
-
 from mmseg.datasets import ADE20KDataset
+
 from tools.model_converters.convert_seg_checkpoint import convert, detect_source
 from transnext_mm.utils.conversion import build_model
 from transnext_mm.utils.safe_load import load_from_local_safely
@@ -24,12 +24,19 @@ UPERNET_TINY = osp.join(ROOT, 'configs/upernet/upernet_transnext-tiny_8xb2-160k_
 def mmseg0x_checkpoint(state_dict: dict) -> dict:
     """What mmcv 1.x's runner saved for an mmseg 0.x segmentor."""
     return dict(
-        meta=dict(mmseg_version='0.30.0', mmcv_version='1.7.1', time='Tue Dec  5 2023',
-                  config="model = dict(type='EncoderDecoder', backbone=dict(type='transnext_t'))",
-                  CLASSES=ADE20KDataset.METAINFO['classes'],
-                  PALETTE=ADE20KDataset.METAINFO['palette'], env_info='sys.platform: linux',
-                  seed=0, exp_name='upernet.py', epoch=1, iter=160000,
-                  hook_msgs=dict(last_ckpt='iter_160000.pth')),
+        meta=dict(
+            mmseg_version='0.30.0',
+            mmcv_version='1.7.1',
+            time='Tue Dec  5 2023',
+            config="model = dict(type='EncoderDecoder', backbone=dict(type='transnext_t'))",
+            CLASSES=ADE20KDataset.METAINFO['classes'],
+            PALETTE=ADE20KDataset.METAINFO['palette'],
+            env_info='sys.platform: linux',
+            seed=0,
+            exp_name='upernet.py',
+            epoch=1,
+            iter=160000,
+            hook_msgs=dict(last_ckpt='iter_160000.pth')),
         state_dict=OrderedDict(state_dict),
         optimizer=dict(state={}, param_groups=[dict(lr=0.0, weight_decay=0.05, params=[0])]))
 
@@ -51,8 +58,9 @@ def test_mmseg0x_upernet(tmp_path, upernet):
 
     summary = convert(src, dst, UPERNET_DEMO)
     assert summary['source'] == 'mmseg0.x'
-    assert sorted(summary['dropped']) == ['backbone.block1.0.attn.seq_length_scale',
-                                          'backbone.relative_pos_index1']
+    assert sorted(summary['dropped']) == [
+        'backbone.block1.0.attn.seq_length_scale', 'backbone.relative_pos_index1'
+    ]
     converted = load_from_local_safely(dst)
     assert set(converted) == {'meta', 'state_dict'}
     assert list(converted['state_dict']) == list(state_dict)
@@ -78,16 +86,18 @@ def test_mmseg1x_layout_and_dataset_meta_fallback(tmp_path, upernet):
 def test_wrong_arch(tmp_path, upernet):
     src = str(tmp_path / 'micro.pth')
     torch.save(mmseg0x_checkpoint(upernet.state_dict()), src)
-    with pytest.raises(ValueError,
-                       match="TransNeXt-micro .* but the config's backbone is TransNeXt-tiny"):
+    with pytest.raises(
+            ValueError, match="TransNeXt-micro .* but the config's backbone is TransNeXt-tiny"):
         convert(src, str(tmp_path / 'out.pth'), UPERNET_TINY)
 
 
 def test_wrong_head(tmp_path, upernet):
     src = str(tmp_path / 'upernet.pth')
     torch.save(mmseg0x_checkpoint(upernet.state_dict()), src)
-    with pytest.raises(ValueError, match='missing keys: decode_head.pixel_decoder.*unexpected '
-                       'keys: decode_head.conv_seg'):
+    with pytest.raises(
+            ValueError,
+            match='missing keys: decode_head.pixel_decoder.*unexpected '
+            'keys: decode_head.conv_seg'):
         convert(src, str(tmp_path / 'out.pth'), MASK2FORMER_DEMO)
 
 
@@ -97,8 +107,10 @@ def test_missing_and_misshapen_keys(tmp_path, upernet):
     state_dict['auxiliary_head.conv_seg.weight'] = torch.zeros(19, 32, 1, 1)  # Cityscapes head
     src = str(tmp_path / 'bad.pth')
     torch.save(mmseg0x_checkpoint(state_dict), src)
-    with pytest.raises(ValueError, match=r'1 missing keys: decode_head.conv_seg.bias; 1 keys of '
-                       r'the wrong shape: auxiliary_head.conv_seg.weight: \(19, 32, 1, 1\)'):
+    with pytest.raises(
+            ValueError,
+            match=r'1 missing keys: decode_head.conv_seg.bias; 1 keys of '
+            r'the wrong shape: auxiliary_head.conv_seg.weight: \(19, 32, 1, 1\)'):
         convert(src, str(tmp_path / 'out.pth'), UPERNET_DEMO)
 
 

@@ -8,7 +8,6 @@ import torch
 from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
-
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 
@@ -17,15 +16,17 @@ UPERNET = 'configs/upernet/upernet_transnext-{}_8xb2-160k_ade20k-512x512{}.py'
 MASK2FORMER = 'configs/mask2former/mask2former_transnext-{}_8xb2-160k_ade20k-512x512.py'
 # arch: (drop path, parameters as the paper rounds them: (value in M, decimals))
 UPERNET_PAPER = {'tiny': (0.4, (59, 0)), 'small': (0.6, (80, 0)), 'base': (0.7, (121, 0))}
-MASK2FORMER_PAPER = {'tiny': (0.3, (47.5, 1)), 'small': (0.5, (69.0, 1)),
-                     'base': (0.6, (109, 0))}
+MASK2FORMER_PAPER = {'tiny': (0.3, (47.5, 1)), 'small': (0.5, (69.0, 1)), 'base': (0.6, (109, 0))}
 MS_SUFFIXES = ('_ms-interp', '_ms-extrap')
-DEMOS = ['configs/demo/upernet_transnext-micro_synthetic-ade20k.py',
-         'configs/demo/upernet_transnext-micro_synthetic-ade20k_ms-interp.py',
-         'configs/demo/upernet_transnext-micro_synthetic-ade20k_ms-extrap.py',
-         'configs/demo/mask2former_transnext-micro_synthetic-ade20k.py']
-ALL_CONFIGS = ([UPERNET.format(a, s) for a in UPERNET_PAPER for s in ('', ) + MS_SUFFIXES]
-               + [MASK2FORMER.format(a) for a in MASK2FORMER_PAPER] + DEMOS)
+DEMOS = [
+    'configs/demo/upernet_transnext-micro_synthetic-ade20k.py',
+    'configs/demo/upernet_transnext-micro_synthetic-ade20k_ms-interp.py',
+    'configs/demo/upernet_transnext-micro_synthetic-ade20k_ms-extrap.py',
+    'configs/demo/mask2former_transnext-micro_synthetic-ade20k.py'
+]
+ALL_CONFIGS = ([UPERNET.format(a, s) for a in UPERNET_PAPER
+                for s in ('', ) + MS_SUFFIXES] + [MASK2FORMER.format(a)
+                                                  for a in MASK2FORMER_PAPER] + DEMOS)
 NO_DECAY_NAMES = ('query_embedding', 'relative_pos_bias_local', 'cpb_fc', 'temperature')
 # The forward passes run at 128x128 with the interpolation table at that size too: the configs'
 # img_size of 512 (800 in _ms-interp) tabulates biases of (heads, 128^2 (200^2), 16^2 (25^2))
@@ -57,9 +58,9 @@ def predict(model, size=(FORWARD_SIZE, FORWARD_SIZE)):
 
 
 def is_backbone_no_decay(name: str, module_types: dict) -> bool:
-    return name.startswith('backbone.') and (
-        any(key in name for key in NO_DECAY_NAMES)
-        or module_types[name.rsplit('.', 1)[0]] is torch.nn.LayerNorm)
+    return name.startswith('backbone.') and (any(
+        key in name
+        for key in NO_DECAY_NAMES) or module_types[name.rsplit('.', 1)[0]] is torch.nn.LayerNorm)
 
 
 @pytest.mark.parametrize('config', ALL_CONFIGS)
@@ -93,7 +94,8 @@ def test_upernet_paper_settings(arch):
     assert (optimizer.type, optimizer.lr, optimizer.weight_decay) == ('AdamW', 6e-5, 0.05)
     assert cfg.optim_wrapper.paramwise_cfg.custom_keys == {
         k: dict(decay_mult=0.)
-        for k in ('query_embedding', 'relative_pos_bias_local', 'cpb', 'temperature', 'norm')}
+        for k in ('query_embedding', 'relative_pos_bias_local', 'cpb', 'temperature', 'norm')
+    }
     warmup, poly = cfg.param_scheduler
     assert (warmup.type, warmup.begin, warmup.end) == ('LinearLR', 0, 1500)
     assert (poly.type, poly.power, poly.begin, poly.end) == ('PolyLR', 1.0, 1500, 160000)
@@ -102,16 +104,15 @@ def test_upernet_paper_settings(arch):
 @pytest.mark.parametrize('arch', list(UPERNET_PAPER))
 def test_ms_configs_differ_only_in_position_bias(arch):
     single = load(UPERNET.format(arch, ''))
-    for suffix, (mode, img_size) in zip(MS_SUFFIXES, (('interpolate', 800),
-                                                      ('extrapolate', 512))):
+    for suffix, (mode, img_size) in zip(MS_SUFFIXES, (('interpolate', 800), ('extrapolate', 512))):
         multi = load(UPERNET.format(arch, suffix))
-        assert (multi.model.backbone.pos_bias_mode, multi.model.backbone.img_size) == (
-            mode, img_size)
+        assert (multi.model.backbone.pos_bias_mode, multi.model.backbone.img_size) == (mode,
+                                                                                       img_size)
         # Multi-scale (0.5-1.75 of the 2048x512 test scale) + flip, through tools/test.py --tta.
         assert multi.tta_model.type == 'SegTTAModel'
         transforms = multi.tta_pipeline[1].transforms
-        assert [t.scale for t in transforms[0]] == [
-            (int(2048 * r), int(512 * r)) for r in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)]
+        assert [t.scale for t in transforms[0]] == [(int(2048 * r), int(512 * r))
+                                                    for r in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)]
         assert [t.prob for t in transforms[1]] == [0., 1.]
         a, b = single.to_dict(), multi.to_dict()
         for d in (a, b):
@@ -153,9 +154,10 @@ def test_mask2former_param_groups():
                 assert group['weight_decay'] == pytest.approx(expected), name
             else:  # the head keeps mmseg's Mask2Former recipe
                 assert group['lr'] == pytest.approx(1e-4), name
-                no_decay = (any(k in name for k in ('query_embed', 'query_feat', 'level_embed'))
-                            or issubclass(module_types[name.rsplit('.', 1)[0]],
-                                          (torch.nn.LayerNorm, torch.nn.GroupNorm)))
+                no_decay = (
+                    any(k in name for k in ('query_embed', 'query_feat', 'level_embed'))
+                    or issubclass(module_types[name.rsplit('.', 1)[0]],
+                                  (torch.nn.LayerNorm, torch.nn.GroupNorm)))
                 assert group['weight_decay'] == pytest.approx(0.0 if no_decay else 0.05), name
     assert seen == len(names)
 

@@ -19,8 +19,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from mmseg.datasets import ADE20KDataset
+
 from tools.dataset_converters.make_synthetic_ade20k import make_synthetic_ade20k
 from transnext_mm.utils.safe_load import load_from_local_safely
 
@@ -36,8 +36,12 @@ MIOU = re.compile(r'mIoU: ([\d.]+)')
 def run_tool(*args, timeout=300):
     """Run ``python tools/...`` from the repository root; return its output."""
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run([sys.executable, *args],
+                            cwd=ROOT,
+                            env=env,
+                            capture_output=True,
+                            text=True,
+                            timeout=timeout)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f'{" ".join(args)} failed:\n{output[-4000:]}'
     return output
@@ -55,8 +59,10 @@ def run_script_in_process(capsys, script, *args):
 
 
 def data_options(root):
-    return [f'{loader}.dataset.data_root={root}'
-            for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')]
+    return [
+        f'{loader}.dataset.data_root={root}'
+        for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')
+    ]
 
 
 @pytest.fixture(scope='module')
@@ -106,10 +112,16 @@ def test_upernet_train_released_layout_and_test(upernet_run, data_root, tmp_path
     checkpoint, val_miou = upernet_run
     state_dict = load_from_local_safely(checkpoint)['state_dict']
     released = str(tmp_path / 'upernet_released_0x.pth')
-    torch.save(dict(meta=dict(mmseg_version='0.30.0', mmcv_version='1.7.1',
-                              CLASSES=ADE20KDataset.METAINFO['classes'],
-                              PALETTE=ADE20KDataset.METAINFO['palette'], iter=TRAIN_ITERS),
-                    state_dict=OrderedDict(state_dict), optimizer=dict(state={})), released)
+    torch.save(
+        dict(
+            meta=dict(
+                mmseg_version='0.30.0',
+                mmcv_version='1.7.1',
+                CLASSES=ADE20KDataset.METAINFO['classes'],
+                PALETTE=ADE20KDataset.METAINFO['palette'],
+                iter=TRAIN_ITERS),
+            state_dict=OrderedDict(state_dict),
+            optimizer=dict(state={})), released)
     converted = str(tmp_path / 'upernet_converted.pth')
     output = run_script_in_process(capsys, 'tools/model_converters/convert_seg_checkpoint.py',
                                    released, converted, '--config', UPERNET)
@@ -131,8 +143,8 @@ def test_mask2former_train_released_layout_and_test(data_root, tmp_path, capsys)
     output = run_script_in_process(capsys, 'tools/model_converters/convert_seg_checkpoint.py',
                                    checkpoint, converted, '--config', MASK2FORMER)
     assert '(mmseg1.x)' in output
-    output = run_tool('tools/test.py', MASK2FORMER, converted, '--work-dir',
-                      str(tmp_path / 'test'), '--cfg-options', *data_options(data_root))
+    output = run_tool('tools/test.py', MASK2FORMER, converted, '--work-dir', str(tmp_path / 'test'),
+                      '--cfg-options', *data_options(data_root))
     assert 'missing keys' not in output and 'unexpected key' not in output
     assert float(MIOU.findall(output)[-1]) == val_miou
 
@@ -146,11 +158,14 @@ def test_tta_interpolate_vs_extrapolate(strong_bias_checkpoint, data_root, tmp_p
                           out_dir, '--work-dir', str(tmp_path / f'work_{name}'), '--cfg-options',
                           *data_options(data_root), 'test_dataloader.dataset.indices=1')
         assert 'TestTimeAug' in output and MIOU.search(output)
-        predictions[name] = {f: cv2.imread(osp.join(out_dir, f), cv2.IMREAD_UNCHANGED)
-                             for f in sorted(os.listdir(out_dir))}
+        predictions[name] = {
+            f: cv2.imread(osp.join(out_dir, f), cv2.IMREAD_UNCHANGED)
+            for f in sorted(os.listdir(out_dir))
+        }
     assert list(predictions['interp']) == ['ADE_val_00000001.png']
-    changed = [np.mean(predictions['interp'][f] != predictions['extrap'][f])
-               for f in predictions['interp']]
+    changed = [
+        np.mean(predictions['interp'][f] != predictions['extrap'][f]) for f in predictions['interp']
+    ]
     assert max(changed) > 0, 'interpolated and extrapolated position bias gave equal predictions'
 
 
@@ -159,10 +174,18 @@ def test_position_bias_modes_agree_only_at_the_table_size(strong_bias_checkpoint
     from mmseg.apis import init_model
     from mmseg.structures import SegDataSample
 
-    models = {mode: init_model(osp.join(ROOT, UPERNET), strong_bias_checkpoint, device='cpu',
-                               cfg_options={'model.backbone.pos_bias_mode': mode,
-                                            'model.backbone.img_size': 128})
-              for mode in ('interpolate', 'extrapolate')}
+    models = {
+        mode:
+        init_model(
+            osp.join(ROOT, UPERNET),
+            strong_bias_checkpoint,
+            device='cpu',
+            cfg_options={
+                'model.backbone.pos_bias_mode': mode,
+                'model.backbone.img_size': 128
+            })
+        for mode in ('interpolate', 'extrapolate')
+    }
 
     def logits(model, size):
         torch.manual_seed(0)
@@ -185,7 +208,8 @@ def test_eval_test_sizes(strong_bias_checkpoint, data_root, tmp_path):
     with open(osp.join(out_dir, 'test_sizes.csv')) as f:
         rows = list(csv.DictReader(f))
     assert [(r['mode'], r['size']) for r in rows] == [
-        (mode, size) for mode in ('interpolate', 'extrapolate', 'linear') for size in ('64', '160')]
+        (mode, size) for mode in ('interpolate', 'extrapolate', 'linear') for size in ('64', '160')
+    ]
     for row in rows:
         assert 0 <= float(row['mIoU']) <= 100 and float(row['latency_ms']) > 0
         assert row['images'] == '1'

@@ -14,9 +14,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_benchmark_runs_each_mode(tmp_path, mode):
     """The benchmark tool runs end to end (a smoke test of the entry point, not a timing)."""
     out = tmp_path / 'result.json'
-    cmd = [sys.executable, str(ROOT / 'tools' / 'benchmark.py'), '--arch', 'micro', '--size',
-           '64', '48', '--attn-impl', 'torch', 'op', '--warmup', '0', '--repeats', '1',
-           '--threads', '1', '--json', str(out), *mode]
+    cmd = [
+        sys.executable,
+        str(ROOT / 'tools' / 'benchmark.py'), '--arch', 'micro', '--size', '64', '48',
+        '--attn-impl', 'torch', 'op', '--warmup', '0', '--repeats', '1', '--threads', '1', '--json',
+        str(out), *mode
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'torch' in result.stdout and 'op' in result.stdout
@@ -44,8 +47,12 @@ def test_benchmark_peers_smoke(tmp_path):
     """--peers at a tiny size: every peer and TransNeXt timed in each timing, with peak memory
     and ratios in the JSON (a smoke test of the mode, not a timing)."""
     out = tmp_path / 'peers.json'
-    cmd = [sys.executable, str(ROOT / 'tools' / 'benchmark.py'), '--peers', '--arch', 'micro',
-           '--size', '64', '--batch', '1', '--rounds', '1', '--threads', '1', '--json', str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / 'tools' / 'benchmark.py'), '--peers', '--arch', 'micro', '--size', '64',
+        '--batch', '1', '--rounds', '1', '--threads', '1', '--json',
+        str(out)
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from mmdet.registry import MODELS
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
-
-from mmdet.registry import MODELS
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 MASK_RCNN = osp.join(ROOT, 'configs/demo/mask-rcnn_transnext-micro_fpn_synthetic-coco.py')
@@ -39,8 +38,10 @@ def mask_rcnn_checkpoint(tmp_path_factory):
     model = MODELS.build(Config.fromfile(MASK_RCNN).model)
     model.init_weights()
     path = str(tmp_path_factory.mktemp('det') / 'mask_rcnn.pth')
-    torch.save(dict(meta=dict(dataset_meta=dict(classes=('circle', 'square', 'triangle'))),
-                    state_dict=model.state_dict()), path)
+    torch.save(
+        dict(
+            meta=dict(dataset_meta=dict(classes=('circle', 'square', 'triangle'))),
+            state_dict=model.state_dict()), path)
     return path
 
 
@@ -53,20 +54,22 @@ def drawn_on(out_file, photo):
 def test_det_demo(mask_rcnn_checkpoint, tmp_path, capsys):
     out_file = str(tmp_path / 'coffee.png')
     # Random weights: keep every detection, so that there are some to draw.
-    load_tool('det_demo').main(['skimage:coffee', MASK_RCNN, mask_rcnn_checkpoint, '--out-file',
-                                out_file, '--score-thr', '0', '--cfg-options',
-                                'model.test_cfg.rcnn.score_thr=0.0'])
+    load_tool('det_demo').main([
+        'skimage:coffee', MASK_RCNN, mask_rcnn_checkpoint, '--out-file', out_file, '--score-thr',
+        '0', '--cfg-options', 'model.test_cfg.rcnn.score_thr=0.0'
+    ])
     out = capsys.readouterr().out
-    assert re.search(r'skimage:coffee \(600x400\): [1-9]\d* detections above 0.0: '
-                     r'(circle|square|triangle) ', out), out
+    assert re.search(
+        r'skimage:coffee \(600x400\): [1-9]\d* detections above 0.0: '
+        r'(circle|square|triangle) ', out), out
     assert f'wrote {out_file}' in out
     assert drawn_on(out_file, skimage.data.coffee()) > 0.01
 
 
 def test_seg_demo_without_checkpoint(tmp_path, capsys):
     out_file = str(tmp_path / 'chelsea.png')
-    load_tool('seg_demo').main(['skimage:chelsea', UPERNET, '--out-file', out_file,
-                                '--opacity', '1', '--no-labels'])
+    load_tool('seg_demo').main(
+        ['skimage:chelsea', UPERNET, '--out-file', out_file, '--opacity', '1', '--no-labels'])
     out = capsys.readouterr().out
     # No checkpoint: the class names are the config dataset's (ADE20K).
     assert re.search(r'skimage:chelsea \(451x300\): \w[\w ]*\d+\.\d%', out), out
@@ -75,15 +78,15 @@ def test_seg_demo_without_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('tool, args, message', [
-    ('det_demo', ['skimage:coffee', MASK_RCNN, 'x.pth', '--score-thr', '1.5'],
-     'error: --score-thr must be in [0, 1), got 1.5'),
+    ('det_demo', ['skimage:coffee', MASK_RCNN, 'x.pth', '--score-thr', '1.5'
+                  ], 'error: --score-thr must be in [0, 1), got 1.5'),
     ('det_demo', ['skimage:coffee', MASK_RCNN], 'error: a detection config needs a checkpoint'),
-    ('det_demo', ['skimage:coffee', 'det.onnx', 'x.pth'],
-     'error: an .onnx model takes no checkpoint and no --cfg-options'),
-    ('seg_demo', ['skimage:chelsea', UPERNET, '--opacity', '0'],
-     'error: --opacity must be in (0, 1], got 0.0'),
-    ('seg_demo', ['skimage:chelsea', UPERNET, '--out-file', 'overlay.jpg'],
-     'error: --out-file must end with .png, got overlay.jpg'),
+    ('det_demo', ['skimage:coffee', 'det.onnx', 'x.pth'
+                  ], 'error: an .onnx model takes no checkpoint and no --cfg-options'),
+    ('seg_demo', ['skimage:chelsea', UPERNET, '--opacity', '0'
+                  ], 'error: --opacity must be in (0, 1], got 0.0'),
+    ('seg_demo', ['skimage:chelsea', UPERNET, '--out-file', 'overlay.jpg'
+                  ], 'error: --out-file must end with .png, got overlay.jpg'),
     ('seg_demo', ['skimage:camera', UPERNET],
      "error: image: skimage photo must be one of ('astronaut', 'chelsea', 'coffee'), got "
      "'camera'"),

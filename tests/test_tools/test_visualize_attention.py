@@ -62,17 +62,22 @@ def test_bad_layer_and_query(micro):
 
 @pytest.mark.parametrize('stage,head', [(2, '1'), (4, 'mean')])
 def test_attention_png(tmp_path, stage, head):
-    out = vis.main(['attention', '--arch', 'micro', '--img-size', '64', '--stage', str(stage),
-                    '--head', head, '--image', 'coffee', '--query', '10', '50', '--out-dir',
-                    str(tmp_path)])
+    out = vis.main([
+        'attention', '--arch', 'micro', '--img-size', '64', '--stage',
+        str(stage), '--head', head, '--image', 'coffee', '--query', '10', '50', '--out-dir',
+        str(tmp_path)
+    ])
     assert out == str(tmp_path / f'attention_micro_stage{stage}_block0_head{head}_coffee.png')
     with Image.open(out) as png:
         assert png.format == 'PNG' and png.width > png.height > 200
 
 
 def test_erf_png_and_its_centre(tmp_path):
-    out = vis.main(['erf', '--arch', 'micro', '--img-size', '64', '--stage', '1', '--images',
-                    'chelsea', 'astronaut', '--out-dir', str(tmp_path)])
+    out = vis.main([
+        'erf', '--arch', 'micro', '--img-size', '64', '--stage', '1', '--images', 'chelsea',
+        'astronaut', '--out-dir',
+        str(tmp_path)
+    ])
     with Image.open(out) as png:
         assert png.format == 'PNG'
     model = vis.build_backbone('micro', None, 64, out_indices=(0, ))

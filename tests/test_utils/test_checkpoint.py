@@ -33,8 +33,12 @@ def test_matching_arch_passes(name):
 
 def test_other_arch_names_checkpoint_and_both_archs():
     with pytest.raises(ValueError) as error:
-        check_arch(named_state_dict('tiny'), TransNeXt.arch_settings['micro'],
-                   TransNeXt.arch_settings, source='tiny.pth', target='this backbone')
+        check_arch(
+            named_state_dict('tiny'),
+            TransNeXt.arch_settings['micro'],
+            TransNeXt.arch_settings,
+            source='tiny.pth',
+            target='this backbone')
     message = str(error.value)
     assert message.startswith('tiny.pth holds TransNeXt-tiny {')
     assert 'but this backbone is TransNeXt-micro {' in message
@@ -44,7 +48,9 @@ def test_other_arch_names_checkpoint_and_both_archs():
 
 def test_custom_arch_is_called_custom():
     custom = dict(embed_dims=[8, 16, 32, 64], num_heads=[1, 2, 4, 8], depths=[1, 1, 1, 1])
-    with pytest.raises(ValueError, match=r'the checkpoint holds TransNeXt-custom .* but the model '
-                       r'is TransNeXt-micro .*use the arch of the checkpoint'):
-        check_arch(arch_state_dict(**custom), TransNeXt.arch_settings['micro'],
-                   TransNeXt.arch_settings)
+    with pytest.raises(
+            ValueError,
+            match=r'the checkpoint holds TransNeXt-custom .* but the model '
+            r'is TransNeXt-micro .*use the arch of the checkpoint'):
+        check_arch(
+            arch_state_dict(**custom), TransNeXt.arch_settings['micro'], TransNeXt.arch_settings)

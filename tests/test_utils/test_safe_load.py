@@ -21,16 +21,21 @@ class TinyRegressor(BaseModel):
     def forward(self, x, y=None, mode='tensor'):
         out = self.linear(torch.stack(x) if isinstance(x, list) else x)
         if mode == 'loss':
-            return dict(loss=((out - y) ** 2).mean())
+            return dict(loss=((out - y)**2).mean())
         return out
 
 
 def make_runner(work_dir, max_epochs, resume=False):
     data = [dict(x=torch.randn(2), y=torch.randn(1)) for _ in range(8)]
     return Runner(
-        model=TinyRegressor(), work_dir=str(work_dir), experiment_name=f'run{max_epochs}{resume}',
-        train_dataloader=dict(dataset=data, batch_size=2, collate_fn=dict(type='default_collate'),
-                              sampler=dict(type='DefaultSampler', shuffle=True)),
+        model=TinyRegressor(),
+        work_dir=str(work_dir),
+        experiment_name=f'run{max_epochs}{resume}',
+        train_dataloader=dict(
+            dataset=data,
+            batch_size=2,
+            collate_fn=dict(type='default_collate'),
+            sampler=dict(type='DefaultSampler', shuffle=True)),
         train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
         default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)),
@@ -120,12 +125,18 @@ def test_truncated_or_corrupt_checkpoints_are_named(tmp_path):
     good = tmp_path / 'good.pth'
     torch.save({f'w{i}': torch.randn(100, 100) for i in range(5)}, good)
     data = good.read_bytes()
-    torch.save({'w': torch.randn(100, 100)}, tmp_path / 'legacy.pth',
+    torch.save({'w': torch.randn(100, 100)},
+               tmp_path / 'legacy.pth',
                _use_new_zipfile_serialization=False)
     legacy = (tmp_path / 'legacy.pth').read_bytes()
-    broken = dict(half=data[:len(data) // 2], last_byte=data[:-1], header=data[:4], empty=b'',
-                  text=b'not a checkpoint\n' * 10, legacy_cut=legacy[:len(legacy) // 2],
-                  garbage=bytes(range(256)) * 20)
+    broken = dict(
+        half=data[:len(data) // 2],
+        last_byte=data[:-1],
+        header=data[:4],
+        empty=b'',
+        text=b'not a checkpoint\n' * 10,
+        legacy_cut=legacy[:len(legacy) // 2],
+        garbage=bytes(range(256)) * 20)
     # Cut at every 997th byte: torch.load fails with the zip reader's RuntimeError ('failed
     # finding central directory'), OSError [Errno 22] or EOFError, all named as corruption.
     errors = set()
@@ -139,8 +150,10 @@ def test_truncated_or_corrupt_checkpoints_are_named(tmp_path):
     for name, content in broken.items():
         path = tmp_path / f'{name}.pth'
         path.write_bytes(content)
-        with pytest.raises(RuntimeError, match=rf'{name}\.pth is truncated or corrupt '
-                                               rf'\({len(content)} bytes\)'):
+        with pytest.raises(
+                RuntimeError,
+                match=rf'{name}\.pth is truncated or corrupt '
+                rf'\({len(content)} bytes\)'):
             CheckpointLoader.load_checkpoint(str(path), map_location='cpu')
     # Not corruption: a disallowed type keeps its own message, a good file loads.
     import argparse

@@ -106,8 +106,11 @@ def run_one(cfg: Config, checkpoint: str, work_dir: str, warmup: int) -> Dict[st
     runner.register_hook(timer)
     metrics = runner.test()
     times = timer.times[warmup:] or timer.times
-    return dict(metrics, latency_ms=1000 * statistics.median(times),
-                latency_ms_mean=1000 * statistics.fmean(times), images=len(timer.times))
+    return dict(
+        metrics,
+        latency_ms=1000 * statistics.median(times),
+        latency_ms_mean=1000 * statistics.fmean(times),
+        images=len(timer.times))
 
 
 def write_table(rows: List[dict], out_dir: str, labels: Dict[str, str]) -> None:
@@ -119,20 +122,26 @@ def write_table(rows: List[dict], out_dir: str, labels: Dict[str, str]) -> None:
     modes = list(dict.fromkeys(r['mode'] for r in rows))
     sizes = sorted({r['size'] for r in rows})
     by_key = {(r['mode'], r['size']): r for r in rows}
-    lines = ['| short side | ' + ' | '.join(f'mIoU {labels[m]}' for m in modes) + ' | '
-             + ' | '.join(f'ms/img {m}' for m in modes) + ' |',
-             '|' + '---:|' * (1 + 2 * len(modes))]
+    lines = [
+        '| short side | ' + ' | '.join(f'mIoU {labels[m]}'
+                                       for m in modes) + ' | ' + ' | '.join(f'ms/img {m}'
+                                                                            for m in modes) + ' |',
+        '|' + '---:|' * (1 + 2 * len(modes))
+    ]
     for size in sizes:
-        cells = [f"{by_key[(m, size)]['mIoU']:.2f}" if (m, size) in by_key else '-'
-                 for m in modes]
-        cells += [f"{by_key[(m, size)]['latency_ms']:.1f}" if (m, size) in by_key else '-'
-                  for m in modes]
+        cells = [f"{by_key[(m, size)]['mIoU']:.2f}" if (m, size) in by_key else '-' for m in modes]
+        cells += [
+            f"{by_key[(m, size)]['latency_ms']:.1f}" if (m, size) in by_key else '-' for m in modes
+        ]
         lines.append(f'| {size} | ' + ' | '.join(cells) + ' |')
     with open(osp.join(out_dir, 'test_sizes.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
 
 
-def plot(rows: List[dict], out_path: str, labels: Dict[str, str], title: str,
+def plot(rows: List[dict],
+         out_path: str,
+         labels: Dict[str, str],
+         title: str,
          table_size: Optional[int] = None) -> None:
     import matplotlib
     matplotlib.use('Agg')
@@ -140,14 +149,12 @@ def plot(rows: List[dict], out_path: str, labels: Dict[str, str], title: str,
 
     fig, (ax_miou, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
     for mode in dict.fromkeys(r['mode'] for r in rows):
-        points = sorted((r['size'], r['mIoU'], r['latency_ms']) for r in rows
-                        if r['mode'] == mode)
+        points = sorted((r['size'], r['mIoU'], r['latency_ms']) for r in rows if r['mode'] == mode)
         sizes = [p[0] for p in points]
         ax_miou.plot(sizes, [p[1] for p in points], marker='o', label=labels[mode])
         ax_time.plot(sizes, [p[2] for p in points], marker='o', label=labels[mode])
     ax_miou.set(xlabel='test short side (pixels)', ylabel='mIoU (%)', title='mIoU')
-    ax_time.set(xlabel='test short side (pixels)', ylabel='ms / image (median)',
-                title='latency')
+    ax_time.set(xlabel='test short side (pixels)', ylabel='ms / image (median)', title='latency')
     for ax in (ax_miou, ax_time):
         if table_size is not None and 'interpolate' in labels:
             ax.axvline(table_size, color='gray', linestyle=':', linewidth=1)
@@ -159,11 +166,17 @@ def plot(rows: List[dict], out_path: str, labels: Dict[str, str], title: str,
     plt.close(fig)
 
 
-def eval_test_sizes(config: str, checkpoint: str, sizes: Sequence[int],
-                    modes: Sequence[str] = MODES, out_dir: str = 'outputs/test_sizes',
-                    img_size: Optional[int] = None, fixed_pool_size: int = 7,
-                    max_images: Optional[int] = None, warmup: int = 1,
-                    cfg_options: Optional[dict] = None, log_level: str = 'WARNING') -> List[dict]:
+def eval_test_sizes(config: str,
+                    checkpoint: str,
+                    sizes: Sequence[int],
+                    modes: Sequence[str] = MODES,
+                    out_dir: str = 'outputs/test_sizes',
+                    img_size: Optional[int] = None,
+                    fixed_pool_size: int = 7,
+                    max_images: Optional[int] = None,
+                    warmup: int = 1,
+                    cfg_options: Optional[dict] = None,
+                    log_level: str = 'WARNING') -> List[dict]:
     """Evaluate ``checkpoint`` at every size in every mode; returns the table rows.
 
     Args:
@@ -197,8 +210,10 @@ def eval_test_sizes(config: str, checkpoint: str, sizes: Sequence[int],
     if max_images is not None:
         base.test_dataloader.dataset.indices = int(max_images)
     table_size = img_size if img_size is not None else base.model.backbone.get('img_size', 224)
-    labels = {m: MODE_LABELS[m].format(img_size=table_size, fixed_pool_size=fixed_pool_size)
-              for m in modes}
+    labels = {
+        m: MODE_LABELS[m].format(img_size=table_size, fixed_pool_size=fixed_pool_size)
+        for m in modes
+    }
     os.makedirs(out_dir, exist_ok=True)
 
     rows = []
@@ -206,12 +221,18 @@ def eval_test_sizes(config: str, checkpoint: str, sizes: Sequence[int],
         for size in sizes:
             cfg = configure(base, mode, int(size), img_size, fixed_pool_size)
             result = run_one(cfg, checkpoint, osp.join(out_dir, 'runs', f'{mode}_{size}'), warmup)
-            row = dict(mode=mode, size=int(size),
-                       **{k: round(v, 2) if isinstance(v, float) else v
-                          for k, v in result.items()})
+            row = dict(
+                mode=mode,
+                size=int(size),
+                **{
+                    k: round(v, 2) if isinstance(v, float) else v
+                    for k, v in result.items()
+                })
             rows.append(row)
-            print(f"{labels[mode]:<40} size {size:>5}: mIoU {row['mIoU']:6.2f}  "
-                  f"{row['latency_ms']:8.1f} ms/img ({row['images']} images)", flush=True)
+            print(
+                f"{labels[mode]:<40} size {size:>5}: mIoU {row['mIoU']:6.2f}  "
+                f"{row['latency_ms']:8.1f} ms/img ({row['images']} images)",
+                flush=True)
             write_table(rows, out_dir, labels)  # keep partial results of long sweeps
     plot(rows, osp.join(out_dir, 'test_sizes.png'), labels,
          f'{osp.basename(config)}\n{osp.basename(checkpoint)}', table_size)
@@ -224,21 +245,38 @@ def parse_args():
         'with the position bias interpolated, extrapolated, or in linear (fixed pool) mode')
     parser.add_argument('config', help='test config file')
     parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('--sizes', type=int, nargs='+', default=[512, 640, 768, 896, 1024, 1280],
-                        help='test short sides in pixels')
-    parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES,
-                        help='position-bias modes to compare')
-    parser.add_argument('--img-size', type=int, default=None,
-                        help="table size of 'interpolate' mode (default: the config's img_size)")
-    parser.add_argument('--fixed-pool-size', type=int, default=7,
-                        help="pooled grid of 'linear' mode")
-    parser.add_argument('--max-images', type=int, default=None,
-                        help='test only the first N images of the test split')
-    parser.add_argument('--warmup', type=int, default=1,
-                        help='first images per run left out of the latency')
+    parser.add_argument(
+        '--sizes',
+        type=int,
+        nargs='+',
+        default=[512, 640, 768, 896, 1024, 1280],
+        help='test short sides in pixels')
+    parser.add_argument(
+        '--modes',
+        nargs='+',
+        default=list(MODES),
+        choices=MODES,
+        help='position-bias modes to compare')
+    parser.add_argument(
+        '--img-size',
+        type=int,
+        default=None,
+        help="table size of 'interpolate' mode (default: the config's img_size)")
+    parser.add_argument(
+        '--fixed-pool-size', type=int, default=7, help="pooled grid of 'linear' mode")
+    parser.add_argument(
+        '--max-images',
+        type=int,
+        default=None,
+        help='test only the first N images of the test split')
+    parser.add_argument(
+        '--warmup', type=int, default=1, help='first images per run left out of the latency')
     parser.add_argument('--out-dir', default='outputs/test_sizes', help='output folder')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings of the config (key=value)')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of the config (key=value)')
     return parser.parse_args()
 
 

@@ -73,7 +73,9 @@ def _shape_mask(shape: str, height: int, width: int, rng: np.random.Generator) -
     return mask.astype(bool)
 
 
-def make_sample(rng: np.random.Generator, width: int, height: int,
+def make_sample(rng: np.random.Generator,
+                width: int,
+                height: int,
                 max_shapes: int = 3) -> Tuple[np.ndarray, np.ndarray]:
     """Return one (BGR image, label PNG array) pair."""
     label_value, color, kind = BACKGROUND_CLASSES[rng.integers(len(BACKGROUND_CLASSES))]
@@ -91,8 +93,11 @@ def make_sample(rng: np.random.Generator, width: int, height: int,
     return image, label
 
 
-def make_synthetic_ade20k(out_dir: str, num_train: int = 48, num_val: int = 12,
-                          size: Sequence[int] = (160, 128), seed: int = 0) -> List[str]:
+def make_synthetic_ade20k(out_dir: str,
+                          num_train: int = 48,
+                          num_val: int = 12,
+                          size: Sequence[int] = (160, 128),
+                          seed: int = 0) -> List[str]:
     """Write the dataset and return the paths of the written images.
 
     Args:
@@ -133,8 +138,13 @@ def parse_args():
     parser.add_argument('--out', default='data/synthetic_ade20k', help='dataset root')
     parser.add_argument('--num-train', type=int, default=48, help='training images')
     parser.add_argument('--num-val', type=int, default=12, help='validation images')
-    parser.add_argument('--size', type=int, nargs=2, default=(160, 128),
-                        metavar=('WIDTH', 'HEIGHT'), help='image size')
+    parser.add_argument(
+        '--size',
+        type=int,
+        nargs=2,
+        default=(160, 128),
+        metavar=('WIDTH', 'HEIGHT'),
+        help='image size')
     parser.add_argument('--seed', type=int, default=0, help='random seed')
     return parser.parse_args()
 

@@ -66,8 +66,8 @@ def _background(height: int, width: int, rng: np.random.Generator) -> np.ndarray
     low, high = rng.uniform(60, 190, 3), rng.uniform(60, 190, 3)
     ramp = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
     image = np.broadcast_to(low + (high - low) * ramp, (height, width, 3)).copy()
-    blotches = cv2.GaussianBlur(rng.normal(0, 40, (height // 8 + 1, width // 8 + 1, 3)),
-                                (0, 0), 1.0)
+    blotches = cv2.GaussianBlur(
+        rng.normal(0, 40, (height // 8 + 1, width // 8 + 1, 3)), (0, 0), 1.0)
     image += cv2.resize(blotches.astype(np.float32), (width, height))
     return image + rng.normal(0, 12, image.shape)
 
@@ -117,19 +117,26 @@ def _annotation(polygon: np.ndarray, height: int, width: int) -> dict:
     rle = mask_utils.merge(mask_utils.frPyObjects([flat], height, width))
     x1, y1 = polygon.min(axis=0)
     x2, y2 = polygon.max(axis=0)
-    return dict(segmentation=[flat], area=float(mask_utils.area(rle)),
-                bbox=[round(float(x1), 2), round(float(y1), 2), round(float(x2 - x1), 2),
-                      round(float(y2 - y1), 2)], iscrowd=0)
+    return dict(
+        segmentation=[flat],
+        area=float(mask_utils.area(rle)),
+        bbox=[
+            round(float(x1), 2),
+            round(float(y1), 2),
+            round(float(x2 - x1), 2),
+            round(float(y2 - y1), 2)
+        ],
+        iscrowd=0)
 
 
-def make_split(out_dir: str, split: str, num_images: int, size: Sequence[int],
-               max_objects: int, min_size: int, max_size: int,
-               rng: np.random.Generator) -> dict:
+def make_split(out_dir: str, split: str, num_images: int, size: Sequence[int], max_objects: int,
+               min_size: int, max_size: int, rng: np.random.Generator) -> dict:
     """Write one split's images under ``out_dir/split`` and return its COCO dict."""
     width, height = size
     os.makedirs(osp.join(out_dir, split), exist_ok=True)
-    categories = [dict(id=i + 1, name=name, supercategory='shape')
-                  for i, name in enumerate(CLASSES)]
+    categories = [
+        dict(id=i + 1, name=name, supercategory='shape') for i, name in enumerate(CLASSES)
+    ]
     category_ids = {c['name']: c['id'] for c in categories}
     images, annotations = [], []
     for index in range(num_images):
@@ -138,16 +145,28 @@ def make_split(out_dir: str, split: str, num_images: int, size: Sequence[int],
         cv2.imwrite(osp.join(out_dir, split, file_name), image)
         images.append(dict(id=index + 1, file_name=file_name, height=height, width=width))
         for shape, polygon in objects:
-            annotations.append(dict(id=len(annotations) + 1, image_id=index + 1,
-                                    category_id=category_ids[shape],
-                                    **_annotation(polygon, height, width)))
-    return dict(info=dict(description=f'transnext-mm synthetic shapes, {split} split'),
-                licenses=[], images=images, annotations=annotations, categories=categories)
+            annotations.append(
+                dict(
+                    id=len(annotations) + 1,
+                    image_id=index + 1,
+                    category_id=category_ids[shape],
+                    **_annotation(polygon, height, width)))
+    return dict(
+        info=dict(description=f'transnext-mm synthetic shapes, {split} split'),
+        licenses=[],
+        images=images,
+        annotations=annotations,
+        categories=categories)
 
 
-def make_synthetic_coco(out_dir: str, num_train: int = 64, num_val: int = 16,
-                        size: Sequence[int] = (160, 160), max_objects: int = 4,
-                        min_size: int = 24, max_size: int = 64, seed: int = 0) -> Dict[str, str]:
+def make_synthetic_coco(out_dir: str,
+                        num_train: int = 64,
+                        num_val: int = 16,
+                        size: Sequence[int] = (160, 160),
+                        max_objects: int = 4,
+                        min_size: int = 24,
+                        max_size: int = 64,
+                        seed: int = 0) -> Dict[str, str]:
     """Write the dataset; returns the annotation file of each split.
 
     Args:
@@ -186,8 +205,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--out', default='data/synthetic_coco', help='output folder')
     parser.add_argument('--num-train', type=int, default=64, help='training images')
     parser.add_argument('--num-val', type=int, default=16, help='validation images')
-    parser.add_argument('--size', type=int, nargs=2, default=(160, 160),
-                        metavar=('WIDTH', 'HEIGHT'), help='image size')
+    parser.add_argument(
+        '--size',
+        type=int,
+        nargs=2,
+        default=(160, 160),
+        metavar=('WIDTH', 'HEIGHT'),
+        help='image size')
     parser.add_argument('--max-objects', type=int, default=4, help='max objects per image')
     parser.add_argument('--min-size', type=int, default=24, help='min object diameter')
     parser.add_argument('--max-size', type=int, default=64, help='max object diameter')

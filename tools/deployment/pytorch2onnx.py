@@ -9,8 +9,9 @@ post-processing (detection; Mask R-CNN adds the mask head's per-box probabilitie
 backbone's feature maps (``--backbone-only``). The aggregated
 attention exports through its PyTorch path. Examples::
 
-    python tools/deployment/pytorch2onnx.py configs/demo/upernet_transnext-micro_synthetic-ade20k.py \\
-        CKPT --shape 128 128 --out work_dirs/upernet.onnx --verify
+    python tools/deployment/pytorch2onnx.py \\
+        configs/demo/upernet_transnext-micro_synthetic-ade20k.py CKPT --shape 128 128 \\
+        --out work_dirs/upernet.onnx --verify
     python tools/deployment/pytorch2onnx.py configs/classification/transnext-micro_in1k-224px.py \\
         --shape 224 224 --out micro.onnx --dynamic --verify
     python tools/deployment/pytorch2onnx.py CONFIG CKPT --shape 128 128 --out model.pt2 \\
@@ -25,31 +26,49 @@ import argparse
 import sys
 import time
 
-from transnext_mm.deployment import (FORMATS, DeployError, export, format_report, prepare,
-                                     verify)
+from transnext_mm.deployment import FORMATS, DeployError, export, format_report, prepare, verify
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('config', help='config file (configs/...)')
-    parser.add_argument('checkpoint', nargs='?', default=None,
-                        help='checkpoint of the whole model (omit for random weights)')
-    parser.add_argument('--shape', nargs=2, type=int, required=True, metavar=('H', 'W'),
-                        help='input height and width at export')
+    parser.add_argument(
+        'checkpoint',
+        nargs='?',
+        default=None,
+        help='checkpoint of the whole model (omit for random weights)')
+    parser.add_argument(
+        '--shape',
+        nargs=2,
+        type=int,
+        required=True,
+        metavar=('H', 'W'),
+        help='input height and width at export')
     parser.add_argument('--out', required=True, help='output file (.onnx, or .pt2)')
     parser.add_argument('--format', default='onnx', choices=FORMATS)
     parser.add_argument('--batch', type=int, default=1, help='batch size of the input')
-    parser.add_argument('--dynamic', action='store_true',
-                        help='leave height and width free (the position biases are computed in '
-                        'the graph)')
-    parser.add_argument('--backbone-only', action='store_true',
-                        help='export only the TransNeXt backbone (its feature maps)')
-    parser.add_argument('--verify', action='store_true',
-                        help='compare the exported file with PyTorch; exit 1 if out of tolerance')
-    parser.add_argument('--verify-shapes', nargs='+', type=int, default=None, metavar='H W',
-                        help='other input sizes to verify a --dynamic file at (pairs H W); '
-                        'default: two sizes near --shape')
+    parser.add_argument(
+        '--dynamic',
+        action='store_true',
+        help='leave height and width free (the position biases are computed in '
+        'the graph)')
+    parser.add_argument(
+        '--backbone-only',
+        action='store_true',
+        help='export only the TransNeXt backbone (its feature maps)')
+    parser.add_argument(
+        '--verify',
+        action='store_true',
+        help='compare the exported file with PyTorch; exit 1 if out of tolerance')
+    parser.add_argument(
+        '--verify-shapes',
+        nargs='+',
+        type=int,
+        default=None,
+        metavar='H W',
+        help='other input sizes to verify a --dynamic file at (pairs H W); '
+        'default: two sizes near --shape')
     return parser.parse_args(argv)
 
 
@@ -87,8 +106,10 @@ def main(argv=None) -> int:
               f'{format_report(report)}')
         ok &= report['ok']
     if not ok:
-        print('error: verification failed: the exported model differs from PyTorch beyond the '
-              'tolerances', file=sys.stderr)
+        print(
+            'error: verification failed: the exported model differs from PyTorch beyond the '
+            'tolerances',
+            file=sys.stderr)
         return 1
     return 0
 

@@ -54,7 +54,10 @@ def parse_args(argv: Optional[List[str]] = None):
     return conversion.parse_args(TASK, argv)
 
 
-def convert(src: str, dst: str, config: Optional[str] = None, source: str = 'auto',
+def convert(src: str,
+            dst: str,
+            config: Optional[str] = None,
+            source: str = 'auto',
             cfg_options: Optional[dict] = None) -> dict:
     """Convert ``src`` into ``dst`` (see :func:`transnext_mm.utils.conversion.convert_checkpoint`).
 

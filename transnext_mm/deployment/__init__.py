@@ -7,6 +7,7 @@ from .export import FORMATS, example_input, export, prepare, read_meta
 from .model import TASKS, DeployError
 from .runtime import TOLERANCES, OrtModel, compare, format_report, verify
 
-__all__ = ['FORMATS', 'TASKS', 'TOLERANCES', 'DeployError', 'OrtModel', 'compare', 'example_input',
-           'export', 'format_report', 'prepare', 'read_meta', 'verify']
-
+__all__ = [
+    'FORMATS', 'TASKS', 'TOLERANCES', 'DeployError', 'OrtModel', 'compare', 'example_input',
+    'export', 'format_report', 'prepare', 'read_meta', 'verify'
+]

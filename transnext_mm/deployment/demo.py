@@ -55,8 +55,11 @@ class DetectionDemo(DemoTask):
     default_out_file = 'outputs/det_demo.png'
 
     def add_arguments(self, parser):
-        parser.add_argument('--score-thr', type=float, default=0.3,
-                            help='draw detections scoring above this, in [0, 1)')
+        parser.add_argument(
+            '--score-thr',
+            type=float,
+            default=0.3,
+            help='draw detections scoring above this, in [0, 1)')
 
     def check_args(self, args):
         if not 0 <= args.score_thr < 1:
@@ -65,8 +68,8 @@ class DetectionDemo(DemoTask):
     def infer(self, image_rgb, args):
         from mmdet.apis import inference_detector, init_detector
 
-        model = init_detector(args.config, args.checkpoint, device=args.device,
-                              cfg_options=args.cfg_options)
+        model = init_detector(
+            args.config, args.checkpoint, device=args.device, cfg_options=args.cfg_options)
         # mmdet's pipeline expects OpenCV's BGR order for arrays.
         result = inference_detector(model, np.ascontiguousarray(image_rgb[..., ::-1]))
         return model.dataset_meta, result
@@ -80,16 +83,22 @@ class DetectionDemo(DemoTask):
 
         visualizer = DetLocalVisualizer(name='det_demo')
         visualizer.dataset_meta = dataset_meta
-        visualizer.add_datasample('det_demo', image_rgb, result, draw_gt=False, draw_pred=True,
-                                  pred_score_thr=args.score_thr, out_file=args.out_file)
+        visualizer.add_datasample(
+            'det_demo',
+            image_rgb,
+            result,
+            draw_gt=False,
+            draw_pred=True,
+            pred_score_thr=args.score_thr,
+            out_file=args.out_file)
         instances = result.pred_instances
         keep = instances.scores > args.score_thr
         classes = dataset_meta['classes']
-        detections = [(classes[label], score) for label, score in
-                      zip(instances.labels[keep].tolist(), instances.scores[keep].tolist())]
+        detections = [(classes[label], score) for label, score in zip(
+            instances.labels[keep].tolist(), instances.scores[keep].tolist())]
         top = ', '.join(f'{name} {score:.2f}' for name, score in detections[:8])
-        return (f'{len(detections)} detections above {args.score_thr}'
-                + (f': {top}' if top else ''))
+        return (f'{len(detections)} detections above {args.score_thr}' +
+                (f': {top}' if top else ''))
 
 
 class SegmentationDemo(DemoTask):
@@ -102,8 +111,8 @@ class SegmentationDemo(DemoTask):
     checkpoint_required = False
 
     def add_arguments(self, parser):
-        parser.add_argument('--opacity', type=float, default=0.5,
-                            help='opacity of the segmentation map, in (0, 1]')
+        parser.add_argument(
+            '--opacity', type=float, default=0.5, help='opacity of the segmentation map, in (0, 1]')
         parser.add_argument('--no-labels', action='store_true', help='do not write class names')
 
     def check_args(self, args):
@@ -113,8 +122,8 @@ class SegmentationDemo(DemoTask):
     def infer(self, image_rgb, args):
         from mmseg.apis import inference_model, init_model
 
-        model = init_model(args.config, args.checkpoint, device=args.device,
-                           cfg_options=args.cfg_options)
+        model = init_model(
+            args.config, args.checkpoint, device=args.device, cfg_options=args.cfg_options)
         if not getattr(model, 'dataset_meta', None):  # no checkpoint: the config dataset's classes
             from mmseg.registry import DATASETS
             metainfo = DATASETS.get(model.cfg.test_dataloader.dataset.type).METAINFO
@@ -132,13 +141,20 @@ class SegmentationDemo(DemoTask):
 
         visualizer = SegLocalVisualizer(name='seg_demo', alpha=args.opacity)
         visualizer.dataset_meta = dataset_meta
-        visualizer.add_datasample('seg_demo', image_rgb, result, draw_gt=False, draw_pred=True,
-                                  with_labels=not args.no_labels, out_file=args.out_file)
+        visualizer.add_datasample(
+            'seg_demo',
+            image_rgb,
+            result,
+            draw_gt=False,
+            draw_pred=True,
+            with_labels=not args.no_labels,
+            out_file=args.out_file)
         labels = result.pred_sem_seg.data[0].cpu().numpy()
         ids, counts = np.unique(labels, return_counts=True)
         classes = dataset_meta['classes']
-        shares = sorted(((classes[i], c / labels.size) for i, c in
-                         zip(ids.tolist(), counts.tolist())), key=lambda item: -item[1])
+        shares = sorted(
+            ((classes[i], c / labels.size) for i, c in zip(ids.tolist(), counts.tolist())),
+            key=lambda item: -item[1])
         return ', '.join(f'{name} {100 * share:.1f}%' for name, share in shares[:5])
 
 
@@ -150,17 +166,25 @@ def parse_args(demo: DemoTask, argv: Optional[List[str]] = None) -> argparse.Nam
     from mmengine.config import DictAction
 
     parser = argparse.ArgumentParser(description=demo.description)
-    parser.add_argument('image', help=f'image file, or {SKIMAGE_PREFIX}NAME with NAME in '
-                        f'{", ".join(SKIMAGE_PHOTOS)}')
+    parser.add_argument(
+        'image',
+        help=f'image file, or {SKIMAGE_PREFIX}NAME with NAME in '
+        f'{", ".join(SKIMAGE_PHOTOS)}')
     parser.add_argument('config', help=f'{demo.task} config, or an exported .onnx file')
-    parser.add_argument('checkpoint', nargs='?', default=None,
-                        help='checkpoint of the model (not with an .onnx file)'
-                        + ('' if demo.checkpoint_required else '; omit for random weights'))
+    parser.add_argument(
+        'checkpoint',
+        nargs='?',
+        default=None,
+        help='checkpoint of the model (not with an .onnx file)' +
+        ('' if demo.checkpoint_required else '; omit for random weights'))
     parser.add_argument('--out-file', default=demo.default_out_file, help='output PNG')
     parser.add_argument('--device', default='cpu', help='device, e.g. cpu or cuda:0')
     demo.add_arguments(parser)
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings of the config (key=value)')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of the config (key=value)')
     return parser.parse_args(argv)
 
 

@@ -23,8 +23,11 @@ MAX_DYNAMIC_SIDE = 4096
 OPSET = 18
 
 
-def prepare(config: str, checkpoint: Optional[str] = None, shape: Sequence[int] = (224, 224),
-            batch: int = 1, backbone_only: bool = False,
+def prepare(config: str,
+            checkpoint: Optional[str] = None,
+            shape: Sequence[int] = (224, 224),
+            batch: int = 1,
+            backbone_only: bool = False,
             attn_impl: str = 'torch') -> Tuple[nn.Module, str, dict]:
     """Build the exported network and check the input shape.
 
@@ -53,16 +56,20 @@ def prepare(config: str, checkpoint: Optional[str] = None, shape: Sequence[int] 
         backbone._check_input(torch.zeros(1, backbone.in_channels, *shape))
     except ValueError as e:
         raise DeployError(f'--shape {shape[0]} {shape[1]}: below the backbone\'s minimum: {e}')
-    meta = dict(task=task, config=config, shape=list(shape), batch=batch,
-                **preprocess_meta(model.cfg), **model.dataset_meta)
+    meta = dict(
+        task=task,
+        config=config,
+        shape=list(shape),
+        batch=batch,
+        **preprocess_meta(model.cfg),
+        **model.dataset_meta)
     rcnn = (model.cfg.model.get('test_cfg') or {}).get('rcnn') or {}
     if task == 'detection' and 'mask_thr_binary' in rcnn:
         meta['mask_thr_binary'] = float(rcnn['mask_thr_binary'])
     return net, task, meta
 
 
-def example_input(meta: dict, shape: Optional[Sequence[int]] = None,
-                  seed: int = 0) -> torch.Tensor:
+def example_input(meta: dict, shape: Optional[Sequence[int]] = None, seed: int = 0) -> torch.Tensor:
     """A random normalised image batch of the exported batch size (and ``shape``)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(meta['batch'], 3, *(shape or meta['shape']), generator=gen)
@@ -76,8 +83,7 @@ def _dynamic_shapes(dynamic: bool):
     return {'x': {2: height, 3: width}}
 
 
-def export(net: nn.Module, meta: dict, out: str, fmt: str = 'onnx',
-           dynamic: bool = False) -> str:
+def export(net: nn.Module, meta: dict, out: str, fmt: str = 'onnx', dynamic: bool = False) -> str:
     """Export ``net`` (from :func:`prepare`) to ``out``.
 
     Args:
@@ -118,9 +124,9 @@ def export(net: nn.Module, meta: dict, out: str, fmt: str = 'onnx',
         mode = 'with --dynamic' if dynamic else f'at {meta["shape"]}'
         hint = ('; a fixed shape (without --dynamic) folds the position biases and needs no '
                 'symbolic log-CPB' if dynamic else '')
-        raise DeployError(f'{meta["config"]}: export to {fmt} {mode} failed '
-                          f'({type(e).__name__}: {str(e).strip().splitlines()[0][:400]}){hint}'
-                          ) from e
+        raise DeployError(
+            f'{meta["config"]}: export to {fmt} {mode} failed '
+            f'({type(e).__name__}: {str(e).strip().splitlines()[0][:400]}){hint}') from e
     return out
 
 
@@ -228,9 +234,15 @@ def _export_onnx(program, x: torch.Tensor, out: str, meta: dict) -> None:
     """The ``torch.export`` program to ONNX (opset 18). The ONNX-level optimiser is skipped:
     it took minutes on the backbone's graph, and ONNX Runtime optimises the graph itself."""
     import onnx
-    onnx_program = torch.onnx.export(program, (x, ), dynamo=True, input_names=['input'],
-                                     output_names=meta['outputs'], opset_version=OPSET,
-                                     external_data=False, optimize=False, verbose=False)
+    onnx_program = torch.onnx.export(
+        program, (x, ),
+        dynamo=True,
+        input_names=['input'],
+        output_names=meta['outputs'],
+        opset_version=OPSET,
+        external_data=False,
+        optimize=False,
+        verbose=False)
     model = onnx_program.model_proto
     entry = model.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta)

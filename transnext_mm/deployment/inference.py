@@ -26,8 +26,8 @@ def preprocess(image_rgb: np.ndarray, meta: dict) -> Tuple[np.ndarray, Tuple[flo
         size = tuple(meta['shape'])
     image = image_rgb if meta['bgr_to_rgb'] else image_rgb[..., ::-1]  # the model's order
     if size != (height, width):
-        image = cv2.resize(np.ascontiguousarray(image), (size[1], size[0]),
-                           interpolation=cv2.INTER_LINEAR)
+        image = cv2.resize(
+            np.ascontiguousarray(image), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
     x = (image.astype(np.float32) - np.float32(meta['mean'])) / np.float32(meta['std'])
     x = np.ascontiguousarray(x.transpose(2, 0, 1)[None])
     if meta['batch'] != 1:
@@ -50,8 +50,8 @@ def segment_onnx(image_rgb: np.ndarray, path: str):
     _check_task(model, 'segmentation', path)
     x, _ = preprocess(image_rgb, model.meta)
     logits = torch.from_numpy(model(x)[0][:1])
-    logits = F.interpolate(logits, size=image_rgb.shape[:2], mode='bilinear',
-                           align_corners=False)[0]
+    logits = F.interpolate(
+        logits, size=image_rgb.shape[:2], mode='bilinear', align_corners=False)[0]
     result = SegDataSample()
     result.seg_logits = PixelData(data=logits)
     result.pred_sem_seg = PixelData(data=logits.argmax(0, keepdim=True))

@@ -65,7 +65,9 @@ def task_of(cfg: Config, config: str, backbone_only: bool = False) -> str:
     return task
 
 
-def build_model(cfg: Config, config: str, checkpoint: Optional[str] = None,
+def build_model(cfg: Config,
+                config: str,
+                checkpoint: Optional[str] = None,
                 attn_impl: str = 'torch') -> nn.Module:
     """Build the toolbox model of ``cfg`` in eval mode with the PyTorch attention path.
 
@@ -83,11 +85,12 @@ def build_model(cfg: Config, config: str, checkpoint: Optional[str] = None,
     """
     import importlib
 
-    import transnext_mm  # noqa: F401  (registers TransNeXt and the safe checkpoint loader)
     from mmengine.logging import MMLogger
     from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import init_default_scope
     from mmengine.runner import load_checkpoint
+
+    import transnext_mm  # noqa: F401  (registers TransNeXt and the safe checkpoint loader)
 
     cfg = copy.deepcopy(cfg)
     scope = cfg.default_scope
@@ -114,8 +117,8 @@ def build_model(cfg: Config, config: str, checkpoint: Optional[str] = None,
         if not osp.isfile(checkpoint):
             raise DeployError(f'checkpoint: {checkpoint} is not a file')
         try:
-            ckpt = load_checkpoint(model, checkpoint, map_location='cpu', strict=True,
-                                   logger='silent')
+            ckpt = load_checkpoint(
+                model, checkpoint, map_location='cpu', strict=True, logger='silent')
         except Exception as e:
             raise DeployError(f'checkpoint: {checkpoint} cannot be loaded into {config} '
                               f'({type(e).__name__}: {str(e)[:500]})') from e
@@ -144,18 +147,22 @@ def preprocess_meta(cfg: Config) -> dict:
     """Mean, std and channel order of the model's data preprocessor (applied before the graph)."""
     # mmpretrain configs keep it at the top level (the runner moves it into the model).
     pre = cfg.model.get('data_preprocessor') or cfg.get('data_preprocessor') or {}
-    return dict(mean=[float(v) for v in pre.get('mean', [0., 0., 0.])],
-                std=[float(v) for v in pre.get('std', [1., 1., 1.])],
-                bgr_to_rgb=bool(pre.get('bgr_to_rgb', pre.get('to_rgb', False))))
+    return dict(
+        mean=[float(v) for v in pre.get('mean', [0., 0., 0.])],
+        std=[float(v) for v in pre.get('std', [1., 1., 1.])],
+        bgr_to_rgb=bool(pre.get('bgr_to_rgb', pre.get('to_rgb', False))))
 
 
 def image_metas(x: torch.Tensor) -> List[dict]:
     """Per-image meta information of a batch ``x`` (B, 3, H, W) of unpadded, unscaled images, as
     the toolboxes' predict methods read it."""
     height, width = x.shape[2:]
-    meta = dict(img_shape=(height, width), pad_shape=(height, width),
-                batch_input_shape=(height, width), ori_shape=(height, width),
-                scale_factor=(1., 1.))
+    meta = dict(
+        img_shape=(height, width),
+        pad_shape=(height, width),
+        batch_input_shape=(height, width),
+        ori_shape=(height, width),
+        scale_factor=(1., 1.))
     return [dict(meta) for _ in range(x.shape[0])]
 
 
@@ -204,8 +211,8 @@ class DetectorNet(nn.Module):
         samples = [DetDataSample(metainfo=meta) for meta in image_metas(x)]
         results = self.model.predict(x, samples, rescale=False)
         instances = [r.pred_instances for r in results]
-        return (torch.stack([i.bboxes for i in instances]),
-                torch.stack([i.scores for i in instances]),
+        return (torch.stack([i.bboxes
+                             for i in instances]), torch.stack([i.scores for i in instances]),
                 torch.stack([i.labels for i in instances]))
 
 
@@ -218,10 +225,15 @@ def detector_net(model: nn.Module) -> nn.Module:
     return DetectorNet(model)
 
 
-NETS = dict(backbone=BackboneNet, classification=ClassifierNet, segmentation=SegmentorNet,
-            detection=detector_net)
-OUTPUT_NAMES = dict(classification=['logits'], segmentation=['seg_logits'],
-                    detection=['boxes', 'scores', 'labels', 'masks'])
+NETS = dict(
+    backbone=BackboneNet,
+    classification=ClassifierNet,
+    segmentation=SegmentorNet,
+    detection=detector_net)
+OUTPUT_NAMES = dict(
+    classification=['logits'],
+    segmentation=['seg_logits'],
+    detection=['boxes', 'scores', 'labels', 'masks'])
 
 
 def output_names(task: str, num_outputs: int) -> List[str]:

@@ -9,9 +9,12 @@ from .export import example_input, read_meta
 from .model import DeployError
 
 # Tolerances of --verify: fp32 relative errors and detection matching.
-TOLERANCES = dict(rel_err=dict(backbone=1e-4, classification=1e-4, segmentation=1e-3),
-                  seg_argmax_agreement=0.999, det_box_iou=0.99, det_score_diff=1e-3,
-                  det_mask_diff=1e-3)
+TOLERANCES = dict(
+    rel_err=dict(backbone=1e-4, classification=1e-4, segmentation=1e-3),
+    seg_argmax_agreement=0.999,
+    det_box_iou=0.99,
+    det_score_diff=1e-3,
+    det_mask_diff=1e-3)
 
 
 class OrtModel:
@@ -30,8 +33,7 @@ class OrtModel:
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(path, options,
-                                                providers=['CPUExecutionProvider'])
+            self.session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
         except Exception as e:
             raise DeployError(f'{path}: ONNX Runtime cannot load it ({type(e).__name__}: '
                               f'{str(e)[:300]})') from e
@@ -50,8 +52,9 @@ class OrtModel:
 
 def as_numpy(outputs) -> List[np.ndarray]:
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs, )
-    return [o.detach().cpu().numpy() if isinstance(o, torch.Tensor) else np.asarray(o)
-            for o in outputs]
+    return [
+        o.detach().cpu().numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in outputs
+    ]
 
 
 def rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -91,9 +94,10 @@ def compare(task: str, actual: Sequence[np.ndarray], expected: Sequence[np.ndarr
     if task == 'segmentation':
         err = rel_err(actual[0], expected[0])
         agree = float((actual[0].argmax(1) == expected[0].argmax(1)).mean())
-        return dict(rel_err=err, argmax_agreement=agree,
-                    ok=err <= TOLERANCES['rel_err'][task]
-                    and agree >= TOLERANCES['seg_argmax_agreement'])
+        return dict(
+            rel_err=err,
+            argmax_agreement=agree,
+            ok=err <= TOLERANCES['rel_err'][task] and agree >= TOLERANCES['seg_argmax_agreement'])
     return compare_detections(actual, expected)
 
 
@@ -120,8 +124,8 @@ def compare_detections(actual, expected) -> Dict:
             worst_iou = min(worst_iou, best)
             ok = best >= TOLERANCES['det_box_iou']
             if same.any():
-                worst_score = max(worst_score, float(
-                    np.abs(scores[b][same] - ref_scores[b, i]).min()))
+                worst_score = max(worst_score,
+                                  float(np.abs(scores[b][same] - ref_scores[b, i]).min()))
             if same.any() and with_masks:
                 j = np.flatnonzero(same)[iou[i][same].argmax()]
                 diff = float(np.abs(actual[3][b, j] - expected[3][b, i]).max())

@@ -38,14 +38,16 @@ PRE_NMS_TOP_K = 5000
 INVALID = -1.0
 
 
-def _select_fixed(keep: Tensor, size: int, boxes: Tensor, scores: Tensor,
-                  *rest: Tensor) -> Tuple[Tensor, ...]:
+def _select_fixed(keep: Tensor, size: int, boxes: Tensor, scores: Tensor, *rest:
+                  Tensor) -> Tuple[Tensor, ...]:
     """Rows ``keep`` (any length) of ``boxes``, ``scores`` (and ``rest``, labels), cut or padded
     to exactly ``size`` rows; padding rows are an empty box, score INVALID, label -1."""
     dummy = boxes.shape[0]  # index of the padding row appended below
     keep = torch.cat([keep, keep.new_full((size, ), dummy)])[:size]
-    padded = [torch.cat([boxes, boxes.new_zeros(1, 4)]),
-              torch.cat([scores, scores.new_full((1, ), INVALID)])]
+    padded = [
+        torch.cat([boxes, boxes.new_zeros(1, 4)]),
+        torch.cat([scores, scores.new_full((1, ), INVALID)])
+    ]
     padded += [torch.cat([t, t.new_full((1, ), -1)]) for t in rest]
     return tuple(t[keep] for t in padded)
 
@@ -96,8 +98,8 @@ class TwoStageDetectorNet(nn.Module):
         for b in range(x.shape[0]):
             proposals, valid = self._proposals([c[b] for c in cls_scores],
                                                [p[b] for p in bbox_preds], img_shape)
-            outputs.append(self._detections([f[b:b + 1] for f in feats], proposals, valid,
-                                            img_shape))
+            outputs.append(
+                self._detections([f[b:b + 1] for f in feats], proposals, valid, img_shape))
         return tuple(torch.stack(out) for out in zip(*outputs))
 
     def _proposals(self, cls_scores: List[Tensor], bbox_preds: List[Tensor],
@@ -108,11 +110,10 @@ class TwoStageDetectorNet(nn.Module):
                                                   dtype=cls_scores[0].dtype,
                                                   device=cls_scores[0].device)
         all_scores, all_deltas, all_priors, levels = [], [], [], []
-        for level, (cls_score, bbox_pred, prior) in enumerate(zip(cls_scores, bbox_preds,
-                                                                  priors)):
+        for level, (cls_score, bbox_pred, prior) in enumerate(zip(cls_scores, bbox_preds, priors)):
             cls_score = cls_score.permute(1, 2, 0).reshape(-1, head.cls_out_channels)
-            scores = (cls_score.sigmoid() if head.use_sigmoid_cls else
-                      cls_score.softmax(-1)[:, :-1]).reshape(-1)
+            scores = (cls_score.sigmoid()
+                      if head.use_sigmoid_cls else cls_score.softmax(-1)[:, :-1]).reshape(-1)
             deltas = bbox_pred.permute(1, 2, 0).reshape(-1, head.bbox_coder.encode_size)
             nms_pre = cfg.get('nms_pre', -1)
             if 0 < nms_pre < scores.shape[0]:
@@ -123,8 +124,8 @@ class TwoStageDetectorNet(nn.Module):
             all_priors.append(prior)
             levels.append(torch.full_like(scores, level, dtype=torch.long))
         scores = torch.cat(all_scores)
-        boxes = head.bbox_coder.decode(torch.cat(all_priors), torch.cat(all_deltas),
-                                       max_shape=img_shape)
+        boxes = head.bbox_coder.decode(
+            torch.cat(all_priors), torch.cat(all_deltas), max_shape=img_shape)
         min_size = cfg.get('min_bbox_size', -1)
         if min_size >= 0:
             size_ok = ((boxes[:, 2] - boxes[:, 0] > min_size) &
@@ -144,13 +145,15 @@ class TwoStageDetectorNet(nn.Module):
         if roi_head.with_shared_head:
             bbox_feats = roi_head.shared_head(bbox_feats)
         cls_score, bbox_pred = bbox_head(bbox_feats)
-        scores = (bbox_head.loss_cls.get_activation(cls_score)
-                  if bbox_head.custom_cls_channels else F.softmax(cls_score, dim=-1))
+        scores = (
+            bbox_head.loss_cls.get_activation(cls_score)
+            if bbox_head.custom_cls_channels else F.softmax(cls_score, dim=-1))
         num_rois, num_classes = scores.shape[0], scores.shape[1] - 1
         reg_classes = 1 if bbox_head.reg_class_agnostic else num_classes
         boxes = bbox_head.bbox_coder.decode(
             rois[:, 1:].repeat_interleave(reg_classes, dim=0),
-            bbox_pred.reshape(-1, bbox_head.bbox_coder.encode_size), max_shape=img_shape)
+            bbox_pred.reshape(-1, bbox_head.bbox_coder.encode_size),
+            max_shape=img_shape)
         boxes = boxes.reshape(num_rois, reg_classes, 4).expand(num_rois, num_classes, 4)
         scores = scores[:, :num_classes]
         scores = torch.where((scores > cfg.score_thr) & valid[:, None], scores, INVALID)
@@ -177,7 +180,10 @@ class TwoStageDetectorNet(nn.Module):
         return boxes, scores, labels, torch.where(found[:, None, None], masks, 0.)
 
 
-def paste_masks(masks: Tensor, boxes: Tensor, height: int, width: int,
+def paste_masks(masks: Tensor,
+                boxes: Tensor,
+                height: int,
+                width: int,
                 threshold: float = 0.5) -> Tensor:
     """Binary ``(N, height, width)`` masks from the graph's ``(N, M, M)`` probabilities and
     their boxes (in the same pixels), with mmdet's own ``_do_paste_mask``."""

@@ -34,8 +34,7 @@ def conv_glu_gate_torch(hidden: Tensor, weight: Tensor, bias: Tensor, height: in
                         width: int) -> Tensor:
     """PyTorch implementation of the gate (see the module docstring)."""
     gate, value = hidden.chunk(2, dim=-1)
-    pre = F.conv2d(_gate_image(gate, height, width), weight, bias, padding=1,
-                   groups=gate.shape[-1])
+    pre = F.conv2d(_gate_image(gate, height, width), weight, bias, padding=1, groups=gate.shape[-1])
     return F.gelu(_image_tokens(pre)) * value
 
 
@@ -79,7 +78,11 @@ def _backward(ctx, grad: Tensor):
 conv_glu_gate_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def conv_glu_gate(hidden: Tensor, weight: Tensor, bias: Tensor, height: int, width: int,
+def conv_glu_gate(hidden: Tensor,
+                  weight: Tensor,
+                  bias: Tensor,
+                  height: int,
+                  width: int,
                   impl: str = 'auto') -> Tensor:
     """The convolutional GLU's gate (see the module docstring).
 

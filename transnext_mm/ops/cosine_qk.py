@@ -53,8 +53,12 @@ def _cosine_queries_keys_op_fake(q, k, query_embedding, scale, learnable_tokens,
     return rows, torch.empty_like(rows), q.new_empty((B, heads, N, learnable_tokens.shape[-1]))
 
 
-def cosine_queries_keys(q: Tensor, k: Tensor, query_embedding: Tensor, scale: Tensor,
-                        learnable_tokens: Tensor, learnable_bias: Tensor,
+def cosine_queries_keys(q: Tensor,
+                        k: Tensor,
+                        query_embedding: Tensor,
+                        scale: Tensor,
+                        learnable_tokens: Tensor,
+                        learnable_bias: Tensor,
                         impl: str = 'auto') -> Tuple[Tensor, Tensor, Tensor]:
     """``(q_out, k_out, token_weight)`` (see the module docstring).
 

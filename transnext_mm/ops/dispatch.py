@@ -69,8 +69,12 @@ KERNEL_DTYPES = {
     },
 }
 # Whether the kernel also serves training (has a compiled backward worth running).
-KERNEL_TRAINS = {'attention': True, 'full_attention': False, 'cosine_qk': False,
-                 'conv_glu_gate': False}
+KERNEL_TRAINS = {
+    'attention': True,
+    'full_attention': False,
+    'cosine_qk': False,
+    'conv_glu_gate': False
+}
 # What impl='reference' runs, for the kernels with a readable path of their own.
 REFERENCES = {
     'attention': 'the readable unfold implementation',
@@ -118,8 +122,13 @@ def _not_built_reason(build: Build) -> str:
             'with `pip install --no-build-isolation -e .` and a C++ compiler (and nvcc for CUDA)')
 
 
-def choose(kernel: str, impl: str, device, dtype: torch.dtype, needs_grad: bool = False,
-           autocast: bool = False, build: Optional[Build] = None) -> Choice:
+def choose(kernel: str,
+           impl: str,
+           device,
+           dtype: torch.dtype,
+           needs_grad: bool = False,
+           autocast: bool = False,
+           build: Optional[Build] = None) -> Choice:
     """Which implementation of ``kernel`` runs (the rule; no warning, no error for a fallback).
 
     Args:
@@ -147,43 +156,56 @@ def choose(kernel: str, impl: str, device, dtype: torch.dtype, needs_grad: bool 
     if impl in ('torch', 'reference'):
         return Choice('torch', f"impl={impl!r}: PyTorch")
     if kernel == 'full_attention':
-        return Choice('torch', f"the {name} has no compiled kernel: PyTorch's "
-                      'F.scaled_dot_product_attention serves it')
+        return Choice(
+            'torch', f"the {name} has no compiled kernel: PyTorch's "
+            'F.scaled_dot_product_attention serves it')
     dtypes = KERNEL_DTYPES[kernel].get(device.type, ())
     if not KERNEL_TRAINS[kernel]:
         # CPU inference kernels: PyTorch by design elsewhere; only a missing build falls back.
         if needs_grad:
-            return Choice('torch', f'a gradient is needed: the PyTorch formula of the {name} '
-                          'saves the activations its backward reuses')
+            return Choice(
+                'torch', f'a gradient is needed: the PyTorch formula of the {name} '
+                'saves the activations its backward reuses')
         if not dtypes:
-            return Choice('torch', f"the {name} is for CPU inference; PyTorch's own "
-                          f'{device.type} kernels serve it')
+            return Choice(
+                'torch', f"the {name} is for CPU inference; PyTorch's own "
+                f'{device.type} kernels serve it')
         if autocast or dtype not in dtypes:
             got = 'autocast' if autocast else str(dtype)
-            return Choice('torch', f"the {name} computes {' / '.join(map(str, dtypes))} only, "
-                          f"got {got}: PyTorch's kernels serve it")
+            return Choice(
+                'torch', f"the {name} computes {' / '.join(map(str, dtypes))} only, "
+                f"got {got}: PyTorch's kernels serve it")
         if not build.built:
             return Choice('torch', _not_built_reason(build), fallback=True)
         return Choice('op', f'the {name} runs {device.type} inference in {dtype}')
     if not build.built:
         return Choice('torch', _not_built_reason(build), fallback=True)
     if device.type == 'cuda' and not build.cuda:
-        return Choice('torch', 'transnext_mm._ext was built without CUDA kernels (no nvcc, or no '
-                      'GPU at build time): rebuild with '
-                      '`FORCE_CUDA=1 pip install --no-build-isolation -e .`', fallback=True)
+        return Choice(
+            'torch', 'transnext_mm._ext was built without CUDA kernels (no nvcc, or no '
+            'GPU at build time): rebuild with '
+            '`FORCE_CUDA=1 pip install --no-build-isolation -e .`',
+            fallback=True)
     if device.type not in KERNEL_DTYPES[kernel]:
-        return Choice('torch', f'the compiled {name} has no kernels for device {device.type!r}',
-                      fallback=True)
+        return Choice(
+            'torch',
+            f'the compiled {name} has no kernels for device {device.type!r}',
+            fallback=True)
     if dtype not in dtypes:
-        return Choice('torch', f'the compiled {name} has no {device.type} kernel for {dtype} '
-                      f'(supported: {", ".join(str(t) for t in dtypes)})', fallback=True)
+        return Choice(
+            'torch', f'the compiled {name} has no {device.type} kernel for {dtype} '
+            f'(supported: {", ".join(str(t) for t in dtypes)})',
+            fallback=True)
     return Choice('op', f'the compiled {name} has {device.type} kernels for {dtype}')
 
 
 _warned = set()
 
 
-def select(kernel: str, impl: str, x: Tensor, params: Iterable[Tensor] = (),
+def select(kernel: str,
+           impl: str,
+           x: Tensor,
+           params: Iterable[Tensor] = (),
            build: Optional[Build] = None) -> str:
     """:func:`choose` for the input ``x`` (device, dtype, autocast, gradient state), and for the
     attention core on CUDA the first-use self-check (:func:`attention_self_check`, head dim
@@ -205,8 +227,8 @@ def select(kernel: str, impl: str, x: Tensor, params: Iterable[Tensor] = (),
     dtype = x.dtype
     if autocast and kernel == 'attention':
         dtype = torch.get_autocast_dtype(device_type)  # the op computes in it
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or
-                                              any(p.requires_grad for p in params))
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
+                                                                     for p in params))
     choice = choose(kernel, impl, x.device, dtype, needs_grad, autocast, build)
     if kernel == 'attention' and choice.impl == 'op':
         choice = _checked_attention(choice, x.device, dtype, x.shape[-1])
@@ -221,13 +243,20 @@ def select(kernel: str, impl: str, x: Tensor, params: Iterable[Tensor] = (),
 def _warn_once(reason: str) -> bool:
     if reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"transnext_mm: {reason}; impl='auto' is falling back to the slower "
-                      'PyTorch path', stacklevel=4)
+        warnings.warn(
+            f"transnext_mm: {reason}; impl='auto' is falling back to the slower "
+            'PyTorch path',
+            stacklevel=4)
     return True
 
 
-def conv_glu_strip_rows(impl: str, x: Tensor, params: Iterable[Tensor], height: int,
-                        width: int, hidden_channels: int, build: Optional[Build] = None) -> int:
+def conv_glu_strip_rows(impl: str,
+                        x: Tensor,
+                        params: Iterable[Tensor],
+                        height: int,
+                        width: int,
+                        hidden_channels: int,
+                        build: Optional[Build] = None) -> int:
     """Image rows per strip in which the ConvGLU runs fc1 -> gate -> fc2 on ``x``.
 
     Where the compiled gate runs (:func:`select` for ``'conv_glu_gate'``, with its fallback

@@ -15,7 +15,6 @@ CLASSIFIER_PREFIXES = ('head.', 'fc.')
 ARCH_KEYS = ('embed_dims', 'num_heads', 'depths')
 _BACKBONE_MARKER = 'patch_embed1.proj.weight'
 
-
 # The entries of a checkpoint dict that hold its weights, in the order they are looked for.
 CHECKPOINT_WRAPPERS = ('state_dict', 'model', 'model_ema')
 
@@ -41,8 +40,8 @@ def unwrap_checkpoint(checkpoint) -> 'OrderedDict[str, torch.Tensor]':
         raise TypeError(f'a TransNeXt checkpoint must be a dict, got {type(checkpoint).__name__}')
     wrapper = find_wrapper(checkpoint)
     state_dict = checkpoint[wrapper] if wrapper else checkpoint
-    return OrderedDict((k[len('module.'):] if k.startswith('module.') else k, v)
-                       for k, v in state_dict.items())
+    return OrderedDict(
+        (k[len('module.'):] if k.startswith('module.') else k, v) for k, v in state_dict.items())
 
 
 def unwrap_state_dict(checkpoint) -> Dict[str, torch.Tensor]:
@@ -59,8 +58,8 @@ def unwrap_state_dict(checkpoint) -> Dict[str, torch.Tensor]:
     """
     state_dict = unwrap_checkpoint(checkpoint)
     if any(k.startswith('backbone.') for k in state_dict):
-        state_dict = OrderedDict((k[len('backbone.'):], v) for k, v in state_dict.items()
-                                 if k.startswith('backbone.'))
+        state_dict = OrderedDict(
+            (k[len('backbone.'):], v) for k, v in state_dict.items() if k.startswith('backbone.'))
     if _BACKBONE_MARKER not in state_dict:
         keys = list(state_dict)[:5]
         raise ValueError(f'not a TransNeXt checkpoint: no {_BACKBONE_MARKER!r} after unwrapping '
@@ -77,8 +76,11 @@ def infer_arch(state_dict: Dict[str, torch.Tensor]) -> dict:
         if weight is None:
             raise ValueError(f'not a TransNeXt checkpoint: missing patch_embed{stage}.proj.weight')
         embed_dims.append(int(weight.shape[0]))
-        blocks = {int(m.group(1)) for k in state_dict
-                  for m in [re.match(rf'block{stage}\.(\d+)\.', k)] if m}
+        blocks = {
+            int(m.group(1))
+            for k in state_dict
+            for m in [re.match(rf'block{stage}\.(\d+)\.', k)] if m
+        }
         depths.append(max(blocks) + 1 if blocks else 0)
         temperature = state_dict.get(f'block{stage}.0.attn.temperature')
         num_heads.append(int(temperature.shape[0]) if temperature is not None else 0)
@@ -98,7 +100,8 @@ def split_backbone_keys(state_dict: Dict[str, torch.Tensor]):
     return weights, classifier, derived
 
 
-def keep_backbone_weights(state_dict: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor],
+def keep_backbone_weights(state_dict: Dict[str, torch.Tensor],
+                          weights: Dict[str, torch.Tensor],
                           prefix: str = 'backbone.') -> 'OrderedDict[str, torch.Tensor]':
     """``state_dict`` without the ``prefix`` keys that are not backbone ``weights`` (the
     classifier and derived buffers that :func:`split_backbone_keys` set apart); other keys are

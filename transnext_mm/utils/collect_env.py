@@ -80,7 +80,7 @@ def ext_info() -> 'OrderedDict[str, str]':
         except (OSError, ValueError, IndexError, struct.error):  # not an ELF we can read
             archs = []
         info['_ext CUDA kernels'] = 'yes, ' + (', '.join(archs) if archs else
-                                              'architectures not readable from the binary')
+                                               'architectures not readable from the binary')
     else:
         info['_ext CUDA kernels'] = 'no (built without CUDA)'
     return info

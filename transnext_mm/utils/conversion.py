@@ -79,16 +79,25 @@ def parse_args(task: ConversionTask, argv: Optional[List[str]] = None) -> argpar
     parser = argparse.ArgumentParser(description=task.description)
     parser.add_argument('src', help='released checkpoint (path or URL)')
     parser.add_argument('dst', help='output checkpoint')
-    parser.add_argument('--config', required=task.config_required,
-                        help='the config the result is for: it must fit its model exactly '
-                        '(arch, keys, shapes)' + ('' if task.config_required else
-                                                  '; without it only the backbone is checked'))
-    parser.add_argument('--source', '--source-format', dest='source', default='auto',
-                        choices=task.source_choices,
-                        help=f'{task.toolbox} version that saved src (auto: read from its meta)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings of the config (key=value), e.g. the number of '
-                        'classes of the heads')
+    parser.add_argument(
+        '--config',
+        required=task.config_required,
+        help='the config the result is for: it must fit its model exactly '
+        '(arch, keys, shapes)' +
+        ('' if task.config_required else '; without it only the backbone is checked'))
+    parser.add_argument(
+        '--source',
+        '--source-format',
+        dest='source',
+        default='auto',
+        choices=task.source_choices,
+        help=f'{task.toolbox} version that saved src (auto: read from its meta)')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of the config (key=value), e.g. the number of '
+        'classes of the heads')
     return parser.parse_args(argv)
 
 
@@ -98,8 +107,9 @@ def load_checkpoint(src: str) -> dict:
     Raises:
         TypeError: if the file does not hold a dict.
     """
-    import transnext_mm  # noqa: F401  installs the safe loader for mmengine's CheckpointLoader
     from mmengine.runner.checkpoint import CheckpointLoader
+
+    import transnext_mm  # noqa: F401  installs the safe loader for mmengine's CheckpointLoader
     checkpoint = CheckpointLoader.load_checkpoint(src, map_location='cpu')
     if not isinstance(checkpoint, dict):
         raise TypeError(f'{src}: a checkpoint must be a dict, got {type(checkpoint).__name__}')
@@ -120,8 +130,8 @@ def model_state_dict(checkpoint: dict) -> 'OrderedDict[str, torch.Tensor]':
     return state_dict
 
 
-def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: str = 'detector'
-                       ) -> Tuple['OrderedDict[str, torch.Tensor]', dict]:
+def convert_state_dict(state_dict: Dict[str, torch.Tensor],
+                       model: str = 'detector') -> Tuple['OrderedDict[str, torch.Tensor]', dict]:
     """Verify the backbone of a model state dict and drop what this code base derives.
 
     Args:
@@ -157,8 +167,10 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: str = 'detect
                          f'[{describe_keys(missing)}], unexpected [{describe_keys(unexpected)}], '
                          f'wrong shape [{describe_keys(wrong_shape)}]')
     converted = keep_backbone_weights(state_dict, weights, BACKBONE_PREFIX)
-    summary = dict(arch=name, backbone_tensors=len(weights),
-                   dropped=[BACKBONE_PREFIX + k for k in classifier + derived])
+    summary = dict(
+        arch=name,
+        backbone_tensors=len(weights),
+        dropped=[BACKBONE_PREFIX + k for k in classifier + derived])
     return converted, summary
 
 
@@ -204,22 +216,28 @@ def check_against_model(state_dict: Dict[str, torch.Tensor], model: torch.nn.Mod
     if not isinstance(backbone, TransNeXt):
         raise ValueError(f'{config}: the model\'s backbone is {type(backbone).__name__}, not '
                          'TransNeXt')
-    check_arch(unwrap_state_dict(state_dict), backbone.arch, TransNeXt.arch_settings,
-               target="the config's backbone")
+    check_arch(
+        unwrap_state_dict(state_dict),
+        backbone.arch,
+        TransNeXt.arch_settings,
+        target="the config's backbone")
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    wrong = [f'{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}' for k in own
-             if k in state_dict and state_dict[k].shape != own[k].shape]
-    problems = [f'{len(keys)} {title}: {describe_keys(keys)}'
-                for title, keys in (('missing keys', missing), ('unexpected keys', unexpected),
-                                    ('keys of the wrong shape', wrong))
-                if keys]
+    wrong = [
+        f'{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}' for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
+    problems = [
+        f'{len(keys)} {title}: {describe_keys(keys)}'
+        for title, keys in (('missing keys', missing), ('unexpected keys', unexpected),
+                            ('keys of the wrong shape', wrong)) if keys
+    ]
     if problems:
         shapes = ' (shapes: checkpoint vs model)' if wrong else ''
         raise ValueError(f'the converted checkpoint does not fit the model of {config} (the '
-                         'config of another model, or another number of classes?): '
-                         + '; '.join(problems) + shapes)
+                         'config of another model, or another number of classes?): ' +
+                         '; '.join(problems) + shapes)
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -250,8 +268,7 @@ def dataset_meta_of(checkpoint: dict, cfg=None) -> dict:
     return {k: metainfo[k] for k in ('classes', 'palette') if k in metainfo}
 
 
-def convert_meta(checkpoint: dict, task: ConversionTask, source: str, src: str,
-                 cfg=None) -> dict:
+def convert_meta(checkpoint: dict, task: ConversionTask, source: str, src: str, cfg=None) -> dict:
     """The converted checkpoint's ``meta``: ``dataset_meta`` (see :func:`dataset_meta_of`),
     where it came from (``converted_from``, ``source_format``, the source's toolbox version,
     epoch and iteration) and when it was converted."""
@@ -308,17 +325,21 @@ def convert_checkpoint(task: ConversionTask,
         check_against_model(state_dict, model, config)
     meta = convert_meta(checkpoint, task, source, src, cfg)
     save_checkpoint(state_dict, meta, dst)
-    summary.update(source=source, tensors=len(state_dict),
-                   classes=len(meta.get('dataset_meta', {}).get('classes', ())),
-                   checked_with=config)
+    summary.update(
+        source=source,
+        tensors=len(state_dict),
+        classes=len(meta.get('dataset_meta', {}).get('classes', ())),
+        checked_with=config)
     return summary
 
 
 def format_summary(src: str, dst: str, summary: dict) -> str:
     """What a converter prints about a conversion (see :func:`convert_checkpoint`)."""
-    lines = [f'converted {src} ({summary["source"]}) -> {dst}: TransNeXt-{summary["arch"]}, '
-             f'{summary["tensors"]} tensors ({summary["backbone_tensors"]} in the backbone), '
-             f'{summary["classes"]} class names']
+    lines = [
+        f'converted {src} ({summary["source"]}) -> {dst}: TransNeXt-{summary["arch"]}, '
+        f'{summary["tensors"]} tensors ({summary["backbone_tensors"]} in the backbone), '
+        f'{summary["classes"]} class names'
+    ]
     dropped = summary['dropped']
     if dropped:
         lines.append(f'dropped {len(dropped)} backbone keys this code base derives or does not '

@@ -59,8 +59,11 @@ def init_cpu_process_group(timeout_s: Optional[float] = None) -> bool:
                            f'{TORCHRUN_VARIABLES}; missing {missing}. Start the job with '
                            'tools/dist_train.sh or tools/dist_test.sh (torchrun)')
     kwargs = {} if timeout_s is None else dict(timeout=timedelta(seconds=timeout_s))
-    torch_dist.init_process_group(backend=CPU_BACKEND, rank=int(os.environ['RANK']),
-                                  world_size=int(os.environ['WORLD_SIZE']), **kwargs)
+    torch_dist.init_process_group(
+        backend=CPU_BACKEND,
+        rank=int(os.environ['RANK']),
+        world_size=int(os.environ['WORLD_SIZE']),
+        **kwargs)
     # Tear the group down before interpreter shutdown: a gloo group still alive when the C++
     # statics are destroyed aborts the process ("terminate called without an active exception").
     atexit.register(_destroy_process_group)

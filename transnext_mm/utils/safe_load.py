@@ -55,8 +55,7 @@ def _numpy_globals():
     return entries
 
 
-SAFE_GLOBALS = [HistoryBuffer, (history_buffer_statistic, 'builtins.getattr'),
-                *_numpy_globals()]
+SAFE_GLOBALS = [HistoryBuffer, (history_buffer_statistic, 'builtins.getattr'), *_numpy_globals()]
 
 
 def _is_unreadable_archive(filename: str) -> bool:
@@ -141,5 +140,5 @@ def load_from_http_safely(filename: str, map_location=None, model_dir: str = Non
 def install_safe_checkpoint_loader() -> None:
     """Make mmengine's ``CheckpointLoader`` read local files and http(s) URLs safely."""
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local_safely, force=True)
-    CheckpointLoader.register_scheme(prefixes=('http://', 'https://'),
-                                     loader=load_from_http_safely, force=True)
+    CheckpointLoader.register_scheme(
+        prefixes=('http://', 'https://'), loader=load_from_http_safely, force=True)

@@ -86,8 +86,8 @@ def check_versions(versions: Optional[Dict[str, Optional[str]]] = None) -> None:
     problems = incompatible_packages(versions)
     if not problems:
         return
-    message = ('transnext_mm: incompatible OpenMMLab packages: ' + '; '.join(problems)
-               + '. Install a supported version (see README.md, "Tested versions")')
+    message = ('transnext_mm: incompatible OpenMMLab packages: ' + '; '.join(problems) +
+               '. Install a supported version (see README.md, "Tested versions")')
     if os.getenv(SKIP_ENV, '0').lower() in ('1', 'true', 'yes', 'on'):
         warnings.warn(f'{message}; continuing because {SKIP_ENV} is set')
         return

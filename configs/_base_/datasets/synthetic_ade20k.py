@@ -32,10 +32,14 @@ synthetic_ade20k_tta_pipeline = [
     dict(
         type='TestTimeAug',
         transforms=[
-            [dict(type='Resize', scale=(int(512 * r), int(128 * r)), keep_ratio=True)
-             for r in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)],
-            [dict(type='RandomFlip', prob=0., direction='horizontal'),
-             dict(type='RandomFlip', prob=1., direction='horizontal')],
+            [
+                dict(type='Resize', scale=(int(512 * r), int(128 * r)), keep_ratio=True)
+                for r in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+            ],
+            [
+                dict(type='RandomFlip', prob=0., direction='horizontal'),
+                dict(type='RandomFlip', prob=1., direction='horizontal')
+            ],
             [dict(type='LoadAnnotations')],
             [dict(type='PackSegInputs')],
         ])

@@ -10,8 +10,7 @@
 # det_synthetic_coco_detection.py does this for configs whose other bases hold no dataset section.
 synthetic_coco_root = 'data/synthetic_coco/'
 synthetic_coco_metainfo = dict(
-    classes=('circle', 'square', 'triangle'),
-    palette=[(220, 20, 60), (0, 160, 60), (40, 90, 230)])
+    classes=('circle', 'square', 'triangle'), palette=[(220, 20, 60), (0, 160, 60), (40, 90, 230)])
 synthetic_coco_scale = (160, 160)
 
 synthetic_coco_train_pipeline = [

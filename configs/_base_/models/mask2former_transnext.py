@@ -30,7 +30,14 @@ optim_wrapper = dict(
             'attn.temperature': backbone_no_decay,
             'attn.norm.': backbone_no_decay,  # norm of the pooled features
             'backbone.norm': backbone_no_decay,  # stage norms
-            **{f'backbone.patch_embed{i}.norm': backbone_no_decay for i in range(1, 5)},
-            **{f'norm{i}.{p}': backbone_no_decay for i in (1, 2) for p in ('weight', 'bias')},
+            **{
+                f'backbone.patch_embed{i}.norm': backbone_no_decay
+                for i in range(1, 5)
+            },
+            **{
+                f'norm{i}.{p}': backbone_no_decay
+                for i in (1, 2)
+                for p in ('weight', 'bias')
+            },
         },
         norm_decay_mult=0.0))

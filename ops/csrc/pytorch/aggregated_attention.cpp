@@ -24,20 +24,20 @@ std::vector<at::Tensor> aggregated_attention_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
     const at::Tensor& v_pool, const at::Tensor& rpb_local, const at::Tensor& bias_pool,
     const at::Tensor& token_weight, int64_t height, int64_t width) {
-  const auto t = checked_forward(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight,
-                                 height, width);
+  const auto t =
+      checked_forward(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width);
   if (q.is_cuda()) {
 #ifdef WITH_CUDA
-    return aggregated_attention_forward_cuda(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7],
-                                             height, width);
+    return aggregated_attention_forward_cuda(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], height,
+                                             width);
 #else
     TORCH_CHECK(false, "aggregated_attention: transnext_mm._ext was built without CUDA kernels");
 #endif
   }
   TORCH_CHECK(q.device().is_cpu(), "aggregated_attention: no kernels for device ", q.device());
   if (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble)
-    return aggregated_attention_forward_cpu(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7],
-                                            height, width);
+    return aggregated_attention_forward_cpu(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], height,
+                                            width);
   // fp16 / bf16 on CPU: compute in fp32, return in the input dtype (lse stays fp32).
   const auto f = to_dtype(t, at::kFloat);
   auto result = aggregated_attention_forward_cpu(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7],

@@ -17,8 +17,8 @@ namespace transnext_mm {
 namespace detail {
 
 inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
-  TORCH_CHECK(t.sizes() == expected, "aggregated_attention: ", name, " must have shape ",
-              expected, ", got ", t.sizes());
+  TORCH_CHECK(t.sizes() == expected, "aggregated_attention: ", name, " must have shape ", expected,
+              ", got ", t.sizes());
 }
 
 // (B, heads, N, d) tensors are read row by row: any strides with contiguous channels will do.
@@ -29,8 +29,8 @@ inline bool rows_addressable(const at::Tensor& t) {
 
 // Checks shapes, devices and dtypes; returns the tensors in argument order, q / k / v /
 // grad_out / out as they are when rows_addressable, everything else contiguous.
-inline std::vector<at::Tensor> checked(
-    const std::vector<std::pair<const char*, at::Tensor>>& named, int64_t height, int64_t width) {
+inline std::vector<at::Tensor> checked(const std::vector<std::pair<const char*, at::Tensor>>& named,
+                                       int64_t height, int64_t width) {
   const at::Tensor& q = named[0].second;
   TORCH_CHECK(q.dim() == 4, "aggregated_attention: q must be (B, heads, H*W, d), got ", q.sizes());
   TORCH_CHECK(at::isFloatingType(q.scalar_type()),
@@ -48,10 +48,10 @@ inline std::vector<at::Tensor> checked(
     out.push_back(per_row && rows_addressable(t) ? t : t.contiguous());
   }
   const at::Tensor& k_pool = out[3];
-  TORCH_CHECK(k_pool.dim() == 4 && k_pool.size(0) == B && k_pool.size(1) == heads &&
-                  k_pool.size(3) == d,
-              "aggregated_attention: k_pool must have shape (", B, ", ", heads, ", Np, ", d,
-              "), got ", k_pool.sizes());
+  TORCH_CHECK(
+      k_pool.dim() == 4 && k_pool.size(0) == B && k_pool.size(1) == heads && k_pool.size(3) == d,
+      "aggregated_attention: k_pool must have shape (", B, ", ", heads, ", Np, ", d, "), got ",
+      k_pool.sizes());
   const int64_t Np = k_pool.size(2);
   check_shape(out[1], "k", q.sizes());
   check_shape(out[2], "v", q.sizes());
@@ -69,8 +69,13 @@ inline std::vector<at::Tensor> checked_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
     const at::Tensor& v_pool, const at::Tensor& rpb_local, const at::Tensor& bias_pool,
     const at::Tensor& token_weight, int64_t height, int64_t width) {
-  return detail::checked({{"q", q}, {"k", k}, {"v", v}, {"k_pool", k_pool}, {"v_pool", v_pool},
-                          {"rpb_local", rpb_local}, {"bias_pool", bias_pool},
+  return detail::checked({{"q", q},
+                          {"k", k},
+                          {"v", v},
+                          {"k_pool", k_pool},
+                          {"v_pool", v_pool},
+                          {"rpb_local", rpb_local},
+                          {"bias_pool", bias_pool},
                           {"token_weight", token_weight}},
                          height, width);
 }
@@ -82,15 +87,21 @@ inline std::vector<at::Tensor> checked_backward(
     const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb_local,
     const at::Tensor& bias_pool, const at::Tensor& token_weight, const at::Tensor& out,
     const at::Tensor& lse, int64_t height, int64_t width) {
-  auto t = detail::checked({{"q", q}, {"k", k}, {"v", v}, {"k_pool", k_pool}, {"v_pool", v_pool},
-                            {"rpb_local", rpb_local}, {"bias_pool", bias_pool},
-                            {"token_weight", token_weight}, {"grad_out", grad_out}, {"out", out}},
+  auto t = detail::checked({{"q", q},
+                            {"k", k},
+                            {"v", v},
+                            {"k_pool", k_pool},
+                            {"v_pool", v_pool},
+                            {"rpb_local", rpb_local},
+                            {"bias_pool", bias_pool},
+                            {"token_weight", token_weight},
+                            {"grad_out", grad_out},
+                            {"out", out}},
                            height, width);
   detail::check_shape(t[8], "grad_out", q.sizes());
   detail::check_shape(t[9], "out", q.sizes());
   detail::check_shape(lse, "lse", {q.size(0), q.size(1), q.size(2)});
-  TORCH_CHECK(lse.device() == q.device() &&
-                  lse.scalar_type() == at::toOpMathType(q.scalar_type()),
+  TORCH_CHECK(lse.device() == q.device() && lse.scalar_type() == at::toOpMathType(q.scalar_type()),
               "aggregated_attention: lse must be ", at::toOpMathType(q.scalar_type()), " on ",
               q.device(), ", got ", lse.scalar_type(), " on ", lse.device());
   t.push_back(lse.contiguous());

@@ -27,19 +27,18 @@ std::vector<at::Tensor> cosine_queries_keys_forward(const at::Tensor& q, const a
   const int64_t T = learnable_tokens.size(2);
   TORCH_CHECK(T <= 16, "cosine_queries_keys: at most 16 learnable tokens per head, got ", T);
   TORCH_CHECK(learnable_bias.sizes() == at::IntArrayRef({heads, 1, T}),
-              "cosine_queries_keys: learnable_bias must have shape (", heads, ", 1, ", T,
-              "), got ", learnable_bias.sizes());
+              "cosine_queries_keys: learnable_bias must have shape (", heads, ", 1, ", T, "), got ",
+              learnable_bias.sizes());
   for (const auto& t : {k, query_embedding, scale, learnable_tokens, learnable_bias}) {
     TORCH_CHECK(t.device() == q.device() && t.scalar_type() == q.scalar_type(),
                 "cosine_queries_keys: all inputs must match q's device and dtype (", q.device(),
                 ", ", q.scalar_type(), ")");
   }
-  TORCH_CHECK(q.device().is_cpu(), "cosine_queries_keys: CPU kernel only, got device ",
-              q.device());
+  TORCH_CHECK(q.device().is_cpu(), "cosine_queries_keys: CPU kernel only, got device ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "cosine_queries_keys: CPU kernel for float32 / float64, got ", q.scalar_type());
-  return cosine_queries_keys_forward_cpu(q, k, query_embedding.contiguous(),
-                                         scale.contiguous(), learnable_tokens.contiguous(),
+  return cosine_queries_keys_forward_cpu(q, k, query_embedding.contiguous(), scale.contiguous(),
+                                         learnable_tokens.contiguous(),
                                          learnable_bias.contiguous());
 }
 

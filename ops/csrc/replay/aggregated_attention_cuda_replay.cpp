@@ -137,9 +137,8 @@ struct ReplayLauncher {
   template <typename Kernel>
   void launch(const Launch& launch, const typename Kernel::Params& p) const {
     replay_grid<typename Kernel::Shared>(
-        launch, [&](const ReplayContext& ctx, typename Kernel::Shared& sh) {
-          Kernel::body(ctx, p, sh);
-        });
+        launch,
+        [&](const ReplayContext& ctx, typename Kernel::Shared& sh) { Kernel::body(ctx, p, sh); });
   }
 };
 
@@ -201,8 +200,8 @@ std::vector<at::Tensor> aggregated_attention_forward_replay(
     const at::Tensor& v_pool, const at::Tensor& rpb_local, const at::Tensor& bias_pool,
     const at::Tensor& token_weight, int64_t height, int64_t width) {
   TORCH_CHECK(q.device().is_cpu(), "aggregated_attention replay: expects CPU tensors");
-  const auto t = checked_forward(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight,
-                                 height, width);
+  const auto t =
+      checked_forward(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width);
   return kernel_forward<ReplayBackend>(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], height,
                                        width);
 }

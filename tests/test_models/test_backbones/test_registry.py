@@ -7,8 +7,9 @@ import transnext_mm  # noqa: F401
 from transnext_mm import TransNeXt
 
 
-@pytest.mark.parametrize('registry_module', ['mmdet.registry', 'mmseg.registry',
-                                             'mmpretrain.registry', 'mmengine.registry'])
+@pytest.mark.parametrize(
+    'registry_module',
+    ['mmdet.registry', 'mmseg.registry', 'mmpretrain.registry', 'mmengine.registry'])
 def test_build_from_toolbox_registry(registry_module):
     registry = importlib.import_module(registry_module).MODELS
     model = registry.build(dict(type='TransNeXt', arch='micro', out_indices=(3, )))

@@ -1,6 +1,3 @@
-import copy
-import warnings
-
 import pytest
 import torch
 
@@ -8,8 +5,12 @@ from transnext_mm import TransNeXt
 from transnext_mm.models.layers.log_cpb import set_pos_bias_cache
 
 PARAMS_M = {'micro': 12.42, 'tiny': 27.68, 'small': 49.16, 'base': 88.95}
-DIMS = {'micro': [48, 96, 192, 384], 'tiny': [72, 144, 288, 576], 'small': [72, 144, 288, 576],
-        'base': [96, 192, 384, 768]}
+DIMS = {
+    'micro': [48, 96, 192, 384],
+    'tiny': [72, 144, 288, 576],
+    'small': [72, 144, 288, 576],
+    'base': [96, 192, 384, 768]
+}
 
 
 @pytest.mark.parametrize('arch', ['micro', 'tiny', 'small', 'base'])
@@ -24,10 +25,12 @@ def test_arch_param_counts_and_shapes(arch):
 
 
 def test_arch_dict_and_errors():
-    model = TransNeXt(arch=dict(embed_dims=[24, 48, 96, 192], num_heads=[1, 2, 4, 8],
-                                depths=[1, 1, 1, 1]), out_indices=(1, 3))
+    model = TransNeXt(
+        arch=dict(embed_dims=[24, 48, 96, 192], num_heads=[1, 2, 4, 8], depths=[1, 1, 1, 1]),
+        out_indices=(1, 3))
     assert model.num_features == [48, 192]
-    with pytest.raises(ValueError, match=r"arch must be one of \['base', 'micro', 'small', 'tiny'\]"):
+    with pytest.raises(
+            ValueError, match=r"arch must be one of \['base', 'micro', 'small', 'tiny'\]"):
         TransNeXt(arch='huge')
     with pytest.raises(ValueError, match='an arch dict needs keys'):
         TransNeXt(arch=dict(embed_dims=[24, 48, 96, 192]))
@@ -114,10 +117,10 @@ def test_fast_path_matches_reference_path():
 
 
 def test_bias_modes_equal_at_table_size_and_differ_elsewhere():
-    interp = TransNeXt(arch='micro', img_size=128, pos_bias_mode='interpolate',
-                       attn_impl='torch').eval()
-    extrap = TransNeXt(arch='micro', img_size=128, pos_bias_mode='extrapolate',
-                       attn_impl='torch').eval()
+    interp = TransNeXt(
+        arch='micro', img_size=128, pos_bias_mode='interpolate', attn_impl='torch').eval()
+    extrap = TransNeXt(
+        arch='micro', img_size=128, pos_bias_mode='extrapolate', attn_impl='torch').eval()
     with torch.no_grad():  # a pronounced position bias, as after training
         for name, p in interp.named_parameters():
             if 'cpb_fc2' in name:
@@ -149,8 +152,9 @@ def test_frozen_stages_reapplied_in_train():
     model = TransNeXt(arch='micro', frozen_stages=2)
     model.train()
     for i in (1, 2):
-        for m in (getattr(model, f'patch_embed{i}'), getattr(model, f'block{i}'),
-                  getattr(model, f'norm{i}')):
+        for m in (getattr(model,
+                          f'patch_embed{i}'), getattr(model,
+                                                      f'block{i}'), getattr(model, f'norm{i}')):
             assert not m.training
             assert all(not p.requires_grad for p in m.parameters())
     assert model.block3.training and all(p.requires_grad for p in model.block3.parameters())
@@ -162,8 +166,10 @@ def test_frozen_stages_reapplied_in_train():
 
 def test_drop_path_rule_is_linear_over_all_blocks():
     model = TransNeXt(arch='micro', drop_path_rate=0.3)
-    rates = [getattr(blk.drop_path, 'drop_prob', 0.) for i in range(1, 5)
-             for blk in getattr(model, f'block{i}')]
+    rates = [
+        getattr(blk.drop_path, 'drop_prob', 0.) for i in range(1, 5)
+        for blk in getattr(model, f'block{i}')
+    ]
     expected = torch.linspace(0, 0.3, 21).tolist()
     assert rates == pytest.approx(expected)
 

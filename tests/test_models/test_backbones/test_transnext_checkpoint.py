@@ -18,11 +18,29 @@ def released_checkpoint(arch='micro', num_classes=10):
 
 WRAPPINGS = {
     'plain': lambda s: s,
-    'model': lambda s: {'model': s},
-    'state_dict': lambda s: {'state_dict': s, 'meta': {'epoch': 300}},
-    'module': lambda s: {'model': {f'module.{k}': v for k, v in s.items()}},
-    'backbone': lambda s: {'state_dict': {**{f'backbone.{k}': v for k, v in s.items()},
-                                          'decode_head.conv_seg.weight': torch.zeros(1)}},
+    'model': lambda s: {
+        'model': s
+    },
+    'state_dict': lambda s: {
+        'state_dict': s,
+        'meta': {
+            'epoch': 300
+        }
+    },
+    'module': lambda s: {
+        'model': {
+            f'module.{k}': v
+            for k, v in s.items()
+        }
+    },
+    'backbone': lambda s: {
+        'state_dict': {
+            **{
+                f'backbone.{k}': v
+                for k, v in s.items()
+            }, 'decode_head.conv_seg.weight': torch.zeros(1)
+        }
+    },
 }
 
 
@@ -88,7 +106,8 @@ def test_unexpected_keys_are_reported(tmp_path, caplog):
     logger = MMLogger.get_current_instance()
     messages = []
     handler = type('H', (__import__('logging').Handler, ), {
-        'emit': lambda self, record: messages.append(record.getMessage())})()
+        'emit': lambda self, record: messages.append(record.getMessage())
+    })()
     logger.addHandler(handler)
     try:
         model.init_weights()

@@ -11,8 +11,8 @@ from transnext_mm.ops.aggregated_attention import op_available
 # Micro's widths and heads, two blocks in stage 3: enough to see one graph for all blocks, and
 # affordable to trace on two CPU cores.
 ARCH = dict(embed_dims=[48, 96, 192, 384], num_heads=[2, 4, 8, 16], depths=[1, 1, 2, 1])
-needs_op = pytest.mark.skipif(not op_available(torch.device('cpu'), torch.float32),
-                              reason='compiled op not built')
+needs_op = pytest.mark.skipif(
+    not op_available(torch.device('cpu'), torch.float32), reason='compiled op not built')
 
 
 def make_backbone(arch=ARCH, **kwargs):
@@ -82,7 +82,8 @@ def test_meta_device_forward(pos_bias_mode):
         outs = model.train(training)(x)
         assert [o.device.type for o in outs] == ['meta'] * 4
         assert [tuple(o.shape) for o in outs] == [
-            (2, c, -(-67 // s), -(-93 // s)) for c, s in zip((48, 96, 192, 384), (4, 8, 16, 32))]
+            (2, c, -(-67 // s), -(-93 // s)) for c, s in zip((48, 96, 192, 384), (4, 8, 16, 32))
+        ]
 
 
 @pytest.mark.parametrize('pos_bias_mode,fixed_pool_size', [('interpolate', None),
@@ -94,23 +95,27 @@ def test_export_and_onnx_with_free_height_and_width(pos_bias_mode, fixed_pool_si
     # One block per stage (tests/conftest.py): each block is traced alike. Without the
     # ONNX-level optimiser, like transnext_mm.deployment's export: it is onnxscript's, not the
     # backbone's, and took about a third of the time.
-    model = make_backbone(shallow_arch, attn_impl='torch', pos_bias_mode=pos_bias_mode,
-                          fixed_pool_size=fixed_pool_size).eval()
-    dynamic_shapes = {'x': {2: Dim('height', min=64, max=4096),
-                            3: Dim('width', min=64, max=4096)}}
-    program = torch.onnx.export(model, (torch.randn(2, 3, 67, 77), ), dynamo=True,
-                                dynamic_shapes=dynamic_shapes, optimize=False)
+    model = make_backbone(
+        shallow_arch,
+        attn_impl='torch',
+        pos_bias_mode=pos_bias_mode,
+        fixed_pool_size=fixed_pool_size).eval()
+    dynamic_shapes = {'x': {2: Dim('height', min=64, max=4096), 3: Dim('width', min=64, max=4096)}}
+    program = torch.onnx.export(
+        model, (torch.randn(2, 3, 67, 77), ),
+        dynamo=True,
+        dynamic_shapes=dynamic_shapes,
+        optimize=False)
     program.save(str(tmp_path / 'backbone.onnx'))
-    session = ort.InferenceSession(str(tmp_path / 'backbone.onnx'),
-                                   providers=['CPUExecutionProvider'])
+    session = ort.InferenceSession(
+        str(tmp_path / 'backbone.onnx'), providers=['CPUExecutionProvider'])
     exported = program.exported_program.module()  # the torch.export program behind the ONNX
     for size in [(96, 128), (131, 70)]:
         x = torch.randn(2, 3, *size)
         with torch.no_grad():
             expected = model(x)
             assert_outputs_close(exported(x), expected)
-        assert_outputs_close(session.run(None, {session.get_inputs()[0].name: x.numpy()}),
-                             expected)
+        assert_outputs_close(session.run(None, {session.get_inputs()[0].name: x.numpy()}), expected)
 
 
 def _train_step_grads(attn_impl, autocast):
@@ -134,8 +139,10 @@ def test_bf16_autocast_train_step(attn_impl):
     fp32 = _train_step_grads('reference', autocast=False)
     reference = _train_step_grads('reference', autocast=True)
     ours = _train_step_grads(attn_impl, autocast=True)
-    flat = {k: torch.cat([g[n].flatten() for n in fp32]) for k, g in
-            (('fp32', fp32), ('ours', ours))}
+    flat = {
+        k: torch.cat([g[n].flatten() for n in fp32])
+        for k, g in (('fp32', fp32), ('ours', ours))
+    }
     assert torch.nn.functional.cosine_similarity(flat['ours'], flat['fp32'], 0) > 0.999
     for name, expected in fp32.items():
         assert torch.isfinite(ours[name]).all(), name

@@ -19,7 +19,8 @@ def test_export_pooling_equals_adaptive_avg_pool(size, pool, monkeypatch):
     x = torch.randn(2, size[0] * size[1], 5)
     expected = adaptive_avg_pool_tokens(x, *size, pool)
     torch.testing.assert_close(
-        expected, F.adaptive_avg_pool2d(x.transpose(1, 2).reshape(2, 5, *size),
-                                        pool).flatten(2).transpose(1, 2))
+        expected,
+        F.adaptive_avg_pool2d(x.transpose(1, 2).reshape(2, 5, *size),
+                              pool).flatten(2).transpose(1, 2))
     monkeypatch.setattr(torch.compiler, 'is_exporting', lambda: True)  # the prefix-sum path
     torch.testing.assert_close(adaptive_avg_pool_tokens(x, *size, pool), expected)

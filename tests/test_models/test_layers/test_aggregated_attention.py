@@ -30,16 +30,21 @@ def loop_aggregated_attention(layer, x, height, width, pool_size):
                     i = y * width + xx
                     qh = F.normalize(q[b, i, h], dim=0)
                     neighbours = []
-                    for j, (dy, dx) in enumerate((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)):
+                    offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+                    for j, (dy, dx) in enumerate(offsets):
                         yy, xj = y + dy, xx + dx
                         if 0 <= yy < height and 0 <= xj < width:
                             neighbours.append((j, yy * width + xj))
                     scale = temp * math.log(len(neighbours) + kp.shape[1])
                     qs = (qh + layer.query_embedding[h, 0]) * scale
-                    scores = [qs @ F.normalize(k[b, n, h], dim=0)
-                              + layer.relative_pos_bias_local[h, j] for j, n in neighbours]
-                    scores += [qs @ F.normalize(kp[b, p, h], dim=0) + bias_pool[h, i, p]
-                               for p in range(kp.shape[1])]
+                    scores = [
+                        qs @ F.normalize(k[b, n, h], dim=0) + layer.relative_pos_bias_local[h, j]
+                        for j, n in neighbours
+                    ]
+                    scores += [
+                        qs @ F.normalize(kp[b, p, h], dim=0) + bias_pool[h, i, p]
+                        for p in range(kp.shape[1])
+                    ]
                     attn = torch.stack(scores).softmax(0)
                     acc = torch.zeros(d, dtype=x.dtype)
                     for a, (j, n) in zip(attn, neighbours):
@@ -52,7 +57,8 @@ def loop_aggregated_attention(layer, x, height, width, pool_size):
 
 
 def make_layer(mode='extrapolate', heads=2, dims=16):
-    layer = AggregatedAttention(dims, heads, LogCPB(mode, (8, 8), (1, 1), 56), attn_impl='reference')
+    layer = AggregatedAttention(
+        dims, heads, LogCPB(mode, (8, 8), (1, 1), 56), attn_impl='reference')
     with torch.no_grad():  # non-trivial values for parameters initialised to ~0
         layer.relative_pos_bias_local.normal_(0, 0.5)
         layer.learnable_bias.normal_(0, 0.5)

@@ -12,11 +12,12 @@ from transnext_mm.models.layers.log_cpb import (LogCPB, log_cpb_axis, log_cpb_bi
 
 def pairwise_log_cpb(fc1, fc2, query_size, key_size, pretrain_len):
     """Brute force: evaluate the MLP on the coordinates of every (query, key) pair."""
+
     def axis(n_query, n_key):
         q = torch.arange(n_query, dtype=torch.float32)
         # average-pool 0..n-1 into n_key bins the way adaptive pooling splits them
-        k = torch.stack([q[(i * n_query) // n_key:-(-(i + 1) * n_query // n_key)].mean()
-                         for i in range(n_key)])
+        k = torch.stack(
+            [q[(i * n_query) // n_key:-(-(i + 1) * n_query // n_key)].mean() for i in range(n_key)])
         return q, k
 
     qh, kh = axis(query_size[0], key_size[0])
@@ -36,7 +37,7 @@ def mlp():
 
 
 @pytest.mark.parametrize('query_size,key_size', [((7, 9), (3, 4)), ((5, 5), (5, 5)),
-                                                  ((1, 6), (1, 1)), ((13, 11), (1, 2))])
+                                                 ((1, 6), (1, 1)), ((13, 11), (1, 2))])
 def test_log_cpb_matches_pairwise(mlp, query_size, key_size):
     fc1, fc2 = mlp
     expected = pairwise_log_cpb(fc1, fc2, query_size, key_size, pretrain_len=56)
@@ -46,7 +47,7 @@ def test_log_cpb_matches_pairwise(mlp, query_size, key_size):
 
 
 @pytest.mark.parametrize('query_size,key_size', [((9, 7), (3, 4)), ((6, 6), (2, 2)),
-                                                  ((4, 11), (1, 1))])
+                                                 ((4, 11), (1, 1))])
 def test_interpolation_is_the_resized_table(mlp, query_size, key_size):
     fc1, fc2 = mlp
     out = log_cpb_bias(fc1, fc2, query_size, key_size, 56, table_query=(6, 6), table_key=(2, 2))
@@ -78,10 +79,12 @@ def test_modes_agree_at_table_size_and_differ_elsewhere(mlp):
     fc1, fc2 = mlp
     interp = LogCPB('interpolate', (16, 16), (2, 2), 56)
     extrap = LogCPB('extrapolate', (16, 16), (2, 2), 56)
-    torch.testing.assert_close(interp(fc1, fc2, (16, 16), (2, 2), True),
-                               extrap(fc1, fc2, (16, 16), (2, 2), True))
-    assert not torch.allclose(interp(fc1, fc2, (24, 20), (3, 2), True),
-                              extrap(fc1, fc2, (24, 20), (3, 2), True), atol=1e-4)
+    torch.testing.assert_close(
+        interp(fc1, fc2, (16, 16), (2, 2), True), extrap(fc1, fc2, (16, 16), (2, 2), True))
+    assert not torch.allclose(
+        interp(fc1, fc2, (24, 20), (3, 2), True),
+        extrap(fc1, fc2, (24, 20), (3, 2), True),
+        atol=1e-4)
 
 
 def test_eval_cache_reuses_and_invalidates(mlp):
@@ -139,8 +142,7 @@ def test_candidate_table_equals_compact_table(mlp, args, monkeypatch):
     compact = log_cpb_bias(fc1, fc2, *args)
     coords, index = log_cpb_axis(args[0][0], args[1][0], args[2], torch.device('cpu'))
     monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
-    full_coords, full_index = log_cpb_axis(args[0][0], args[1][0], args[2],
-                                           torch.device('cpu'))
+    full_coords, full_index = log_cpb_axis(args[0][0], args[1][0], args[2], torch.device('cpu'))
     assert full_coords.numel() == 4 * args[0][0] - 3 > coords.numel()
     assert torch.equal(full_coords[full_index], coords[index])
     torch.testing.assert_close(log_cpb_bias(fc1, fc2, *args), compact, rtol=1e-6, atol=1e-6)

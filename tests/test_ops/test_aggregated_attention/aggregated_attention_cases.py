@@ -8,8 +8,7 @@ from transnext_mm.ops.aggregated_attention import aggregated_attention_reference
 NAMES = ('q', 'k', 'v', 'k_pool', 'v_pool', 'rpb_local', 'bias_pool', 'token_weight')
 
 
-def make_inputs(B, heads, height, width, Np, d, dtype=torch.float64, device='cpu',
-                q_scale=4.0):
+def make_inputs(B, heads, height, width, Np, d, dtype=torch.float64, device='cpu', q_scale=4.0):
     """Inputs like the backbone's: unit keys, queries scaled up to sharpen the softmax."""
     N = height * width
     gen = torch.Generator().manual_seed(B * 1000 + N * 10 + Np + d)
@@ -17,10 +16,16 @@ def make_inputs(B, heads, height, width, Np, d, dtype=torch.float64, device='cpu
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
-    tensors = [randn(B, heads, N, d, scale=q_scale),
-               F.normalize(randn(B, heads, N, d), dim=-1), randn(B, heads, N, d),
-               F.normalize(randn(B, heads, Np, d), dim=-1), randn(B, heads, Np, d),
-               randn(heads, 9, scale=0.5), randn(heads, N, Np), randn(B, heads, N, 9, scale=0.5)]
+    tensors = [
+        randn(B, heads, N, d, scale=q_scale),
+        F.normalize(randn(B, heads, N, d), dim=-1),
+        randn(B, heads, N, d),
+        F.normalize(randn(B, heads, Np, d), dim=-1),
+        randn(B, heads, Np, d),
+        randn(heads, 9, scale=0.5),
+        randn(heads, N, Np),
+        randn(B, heads, N, 9, scale=0.5)
+    ]
     return [t.to(device).requires_grad_() for t in tensors]
 
 

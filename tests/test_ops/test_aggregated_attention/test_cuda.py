@@ -19,9 +19,8 @@ F16, F32, BF16, F64 = torch.float16, torch.float32, torch.bfloat16, torch.float6
 # (B, heads, height, width, Np, d): a ragged query block, grids of one pixel / one row / one
 # column, Np = 0, more pooled keys than a tile, the exact head dims 16, 24, 32, 48 and the
 # generic kernel (7).
-EDGE_SHAPES = [(2, 3, 5, 7, 4, 24), (1, 2, 1, 1, 1, 24), (1, 1, 1, 9, 3, 16),
-               (2, 1, 9, 1, 2, 32), (2, 2, 3, 4, 0, 24), (1, 2, 13, 11, 70, 24),
-               (1, 1, 6, 6, 5, 48), (1, 1, 4, 5, 3, 7)]
+EDGE_SHAPES = [(2, 3, 5, 7, 4, 24), (1, 2, 1, 1, 1, 24), (1, 1, 1, 9, 3, 16), (2, 1, 9, 1, 2, 32),
+               (2, 2, 3, 4, 0, 24), (1, 2, 13, 11, 70, 24), (1, 1, 6, 6, 5, 48), (1, 1, 4, 5, 3, 7)]
 # Stage 1 of TransNeXt-Tiny at 512x512, batch 8.
 TINY_STAGE1 = (8, 3, 128, 128, 256, 24)
 
@@ -111,20 +110,26 @@ def backbone_step(model, x, dtype):
     x = x.detach().requires_grad_()
     with torch.autocast(device.type, dtype=dtype, enabled=dtype in (F16, BF16)):
         outs = model(x)
-    weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(100 + i),
-                           dtype=F64).to(device) for i, o in enumerate(outs)]
+    weights = [
+        torch.randn(o.shape, generator=torch.Generator().manual_seed(100 + i), dtype=F64).to(device)
+        for i, o in enumerate(outs)
+    ]
     sum((o.double() * w).sum() for o, w in zip(outs, weights)).backward()
     grads = {'input': x.grad.double()}
-    grads.update({name: p.grad.double() for name, p in model.named_parameters()
-                  if p.grad is not None})
+    grads.update({
+        name: p.grad.double()
+        for name, p in model.named_parameters() if p.grad is not None
+    })
     return [o.detach().double() for o in outs], grads
 
 
 def zero_gradient_parameters(model):
     """Parameters whose true gradient is zero: in a full-attention layer ``cpb_fc2.bias`` adds
     one constant per head to every logit of that head, which softmax ignores."""
-    return {f'{name}.cpb_fc2.bias' for name, module in model.named_modules()
-            if isinstance(module, FullAttention)}
+    return {
+        f'{name}.cpb_fc2.bias'
+        for name, module in model.named_modules() if isinstance(module, FullAttention)
+    }
 
 
 # Relative (norm) error a whole training step with the op may add to what the readable path
@@ -147,8 +152,8 @@ def check_backbone_against_float64(device, dtype, size=(2, 256, 320), **cfg):
         models[impl] = TransNeXt(attn_impl=impl, **cfg)
         models[impl].load_state_dict(state)
         models[impl].to(device).train()
-    truth_outs, truth_grads = backbone_step(models['reference'].double(), x.double().to(device),
-                                            F64)
+    truth_outs, truth_grads = backbone_step(models['reference'].double(),
+                                            x.double().to(device), F64)
     models['reference'].float()
     zero = zero_gradient_parameters(models['op'])
     largest = max(g.norm() for g in truth_grads.values())
@@ -157,11 +162,15 @@ def check_backbone_against_float64(device, dtype, size=(2, 256, 320), **cfg):
     errors = {}
     for impl in ('reference', 'op'):
         outs, grads = backbone_step(models[impl], x.to(device), dtype)
-        errors[impl] = {f'out{i}': rel_error(o, t) for i, (o, t) in
-                        enumerate(zip(outs, truth_outs))}
-        errors[impl].update({name: rel_error(grads[name], truth_grads[name])
-                             if name in grads else float('inf')
-                             for name in truth_grads if name not in zero})
+        errors[impl] = {
+            f'out{i}': rel_error(o, t)
+            for i, (o, t) in enumerate(zip(outs, truth_outs))
+        }
+        errors[impl].update({
+            name:
+            rel_error(grads[name], truth_grads[name]) if name in grads else float('inf')
+            for name in truth_grads if name not in zero
+        })
     assert len(errors['op']) > 100
     failed = []
     for name, err in errors['op'].items():
@@ -177,5 +186,4 @@ def test_backbone_matches_float64(dtype):
 
 
 def test_backbone_fixed_pool_size_matches_float64():
-    check_backbone_against_float64('cuda', F32, size=(2, 224, 288), arch='tiny',
-                                   fixed_pool_size=7)
+    check_backbone_against_float64('cuda', F32, size=(2, 224, 288), arch='tiny', fixed_pool_size=7)

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from transnext_mm.ops.aggregated_attention import aggregated_attention_reference
-from transnext_mm.ops.aggregated_attention.flex import (flex_aggregated_attention,
-                                                        window_block_mask)
+from transnext_mm.ops.aggregated_attention.flex import flex_aggregated_attention, window_block_mask
 
 flex = pytest.importorskip('torch.nn.attention.flex_attention')
 # The eager path is meant here (PyTorch warns once that it is unfused).
@@ -30,9 +29,16 @@ def make_inputs(B, heads, height, width, Np, d, dtype=torch.float64, device='cpu
     def unit(*shape):
         return torch.nn.functional.normalize(randn(*shape), dim=-1).to(dtype)
 
-    tensors = [randn(B, heads, N, d, scale=4.0), unit(B, heads, N, d), randn(B, heads, N, d),
-               unit(B, heads, Np, d), randn(B, heads, Np, d), randn(heads, 9, scale=0.5),
-               randn(heads, N, Np), randn(B, heads, N, 9, scale=0.5)]
+    tensors = [
+        randn(B, heads, N, d, scale=4.0),
+        unit(B, heads, N, d),
+        randn(B, heads, N, d),
+        unit(B, heads, Np, d),
+        randn(B, heads, Np, d),
+        randn(heads, 9, scale=0.5),
+        randn(heads, N, Np),
+        randn(B, heads, N, 9, scale=0.5)
+    ]
     return [t.to(device) for t in tensors]
 
 

@@ -21,13 +21,11 @@ requires_op = pytest.mark.skipif(
     not dispatch.BUILD.built, reason=f'transnext_mm._ext is not built ({dispatch.BUILD.error})')
 requires_cuda = pytest.mark.cuda  # skipped without a GPU (tests/conftest.py)
 
-
 # (B, heads, height, width, Np, d): odd grids, 1x1, single rows, more queries than a CUDA block
 # (128), more pooled keys than a tile (32), ragged 4-query tiles, the head dims with fixed-size
 # kernels (fp32 CPU: 8, 16, 24, 32; CUDA: 24) and generic ones, Np = 0.
 SHAPES = [(2, 3, 5, 7, 4, 24), (1, 2, 1, 1, 1, 5), (2, 1, 1, 6, 3, 7), (2, 2, 9, 13, 5, 32),
-          (1, 2, 20, 17, 70, 24), (3, 1, 13, 11, 33, 3), (2, 1, 3, 4, 0, 8),
-          (2, 2, 6, 11, 64, 16)]
+          (1, 2, 20, 17, 70, 24), (3, 1, 13, 11, 33, 3), (2, 1, 3, 4, 0, 8), (2, 2, 6, 11, 64, 16)]
 
 
 def test_extension_is_built_when_a_compiler_exists():
@@ -41,8 +39,11 @@ def test_extension_is_built_when_a_compiler_exists():
 def test_compiled_ext_holds_no_replay():
     """The CPU replay of the CUDA kernels is a test extension of its own (_ext_replay), not part
     of the op that ships."""
-    names = [name for name in dir(EXT) if 'replay' in name or name in (
-        'aggregated_attention_launch_plans', 'pool_grad_target_blocks')]
+    names = [
+        name for name in dir(EXT)
+        if 'replay' in name or name in ('aggregated_attention_launch_plans',
+                                        'pool_grad_target_blocks')
+    ]
     assert not names, names
 
 
@@ -154,9 +155,9 @@ def test_library_registration_opcheck():
     detached = [t.detach() for t in tensors]
     out, lse = torch.ops.transnext_mm.aggregated_attention_forward(*detached, height, width)
     for bias_grad in (True, False):
-        torch.library.opcheck(torch.ops.transnext_mm.aggregated_attention_backward.default,
-                              (torch.randn_like(out), *detached, out, lse, height, width,
-                               bias_grad))
+        torch.library.opcheck(
+            torch.ops.transnext_mm.aggregated_attention_backward.default,
+            (torch.randn_like(out), *detached, out, lse, height, width, bias_grad))
 
 
 @requires_op
@@ -194,10 +195,10 @@ def test_bad_shapes_name_the_argument():
     with pytest.raises(ValueError, match='height\\*width'):
         aggregated_attention_op(*make_inputs(2, 2, 3, 4, 2, 8), 4, 4)
     with pytest.raises(RuntimeError, match='k_pool must have shape'):  # checked in C++ as well
-        EXT.aggregated_attention_forward(
-            *[t.detach() for t in make_inputs(2, 2, 3, 4, 2, 8)][:3],
-            torch.zeros(2, 2, 2, 7, dtype=torch.float64),
-            *[t.detach() for t in make_inputs(2, 2, 3, 4, 2, 8)][4:], 3, 4)
+        EXT.aggregated_attention_forward(*[t.detach() for t in make_inputs(2, 2, 3, 4, 2, 8)][:3],
+                                         torch.zeros(2, 2, 2, 7, dtype=torch.float64),
+                                         *[t.detach() for t in make_inputs(2, 2, 3, 4, 2, 8)][4:],
+                                         3, 4)
 
 
 @requires_op
@@ -237,8 +238,8 @@ def test_backbone_op_matches_torch_path(batch):
 # ------------------------------------------------------------------------------------- CUDA
 @requires_cuda
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize('shape', [(2, 3, 5, 7, 4, 24), (1, 2, 20, 17, 70, 24),
-                                   (2, 2, 9, 13, 5, 32), (1, 1, 1, 6, 3, 5),
+@pytest.mark.parametrize('shape', [(2, 3, 5, 7, 4, 24),
+                                   (1, 2, 20, 17, 70, 24), (2, 2, 9, 13, 5, 32), (1, 1, 1, 6, 3, 5),
                                    (2, 4, 64, 64, 256, 24)])
 def test_cuda_op_matches_reference(shape, dtype):
     """Within the tolerances of the op's first-use self-check (the same figures)."""
@@ -267,15 +268,18 @@ def test_cuda_backbone_autocast_matches_torch_path():
     for o_t, o_op in zip(outs_torch, outs_op):
         assert_close_scaled(o_op, o_t, 2e-2)
     sum(o.float().sum() for o in outs_op).backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all()
-               for p in model_op.parameters() if p.requires_grad)
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all() for p in model_op.parameters()
+        if p.requires_grad)
 
 
 @pytest.mark.skipif(shutil.which('nvcc') is None, reason='nvcc not found')
 def test_cuda_sources_compile():
     """CI-cheap compile check of the CUDA kernels and launchers (no GPU needed)."""
     proc = subprocess.run(['bash', osp.join(ROOT, '.dev_scripts', 'check_cuda_build.sh')],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True,
+                          text=True,
+                          timeout=900)
     if proc.returncode == 77:
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

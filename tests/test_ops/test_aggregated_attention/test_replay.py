@@ -16,7 +16,6 @@ from transnext_mm.ops.aggregated_attention.replay import (aggregated_attention_c
                                                           replay_ext)
 
 
-
 def cpu_kernels():
     """The compiled op's module (the CPU kernels the replay is compared with)."""
     assert dispatch.BUILD.built, f'transnext_mm._ext is not built ({dispatch.BUILD.error})'
@@ -31,13 +30,18 @@ def test_replay_is_built():
 # Gradient tolerances of the replayed CUDA kernels: with fp16 / bf16 storage the backward
 # recomputes delta in fp32 from the probabilities (not from the rounded output), which keeps
 # the gradients' error at the inputs' rounding (with the rounded output: up to 5e-3 in fp16).
-REPLAY_GRAD_REL = {torch.float64: 4e-10, torch.float32: 8e-5, torch.float16: 1e-3,
-                   torch.bfloat16: 1e-2}
+REPLAY_GRAD_REL = {
+    torch.float64: 4e-10,
+    torch.float32: 8e-5,
+    torch.float16: 1e-3,
+    torch.bfloat16: 1e-2
+}
 
 
-@pytest.mark.parametrize('dtype,rel', [(torch.float64, 1e-10), (torch.float32, 2e-5),
-                                       (torch.float16, 3e-3), (torch.bfloat16, 2e-2)],
-                         ids=['float64', 'float32', 'float16', 'bfloat16'])
+@pytest.mark.parametrize(
+    'dtype,rel', [(torch.float64, 1e-10), (torch.float32, 2e-5), (torch.float16, 3e-3),
+                  (torch.bfloat16, 2e-2)],
+    ids=['float64', 'float32', 'float16', 'bfloat16'])
 @pytest.mark.parametrize('shape', [(2, 3, 5, 7, 4, 24), (1, 2, 20, 17, 70, 24),
                                    (2, 2, 9, 13, 5, 32), (1, 1, 1, 6, 3, 5), (2, 1, 3, 4, 0, 8)])
 def test_cuda_kernels_replayed_on_cpu_match_reference(shape, dtype, rel):
@@ -45,8 +49,7 @@ def test_cuda_kernels_replayed_on_cpu_match_reference(shape, dtype, rel):
     B, heads, height, width, Np, d = shape
     tensors = [t.detach() for t in make_inputs(*shape, dtype=dtype)]
     grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64).to(dtype)
-    out, lse, grads = aggregated_attention_cuda_replay(*tensors, height, width,
-                                                       grad_out=grad_out)
+    out, lse, grads = aggregated_attention_cuda_replay(*tensors, height, width, grad_out=grad_out)
     out_ref, grads_ref = reference_with_grads(tensors, height, width, grad_out)
     assert out.dtype == dtype
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -71,8 +74,7 @@ def test_replayed_head_dim_variants_and_row_alignment(d, dtype, unaligned):
             tensors[j] = padded[..., 1:]
             assert tensors[j].data_ptr() % 16 != 0
     grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64).to(dtype)
-    out, _, grads = aggregated_attention_cuda_replay(*tensors, height, width,
-                                                     grad_out=grad_out)
+    out, _, grads = aggregated_attention_cuda_replay(*tensors, height, width, grad_out=grad_out)
     out_ref, grads_ref = reference_with_grads(tensors, height, width, grad_out)
     assert_close_scaled(out, out_ref, REPLAY_GRAD_REL[dtype], 'out')
     for name, g, g_ref in zip(NAMES, grads, grads_ref):
@@ -129,8 +131,8 @@ def test_replay_barrier_model():
     checked again after the bias_pool tile joined the pooled-key tiles, 16 of its 20 cases
     failed, the 4 passing ones being Np = 0.)"""
     ext = replay_ext()
-    torch.testing.assert_close(ext.cuda_replay_selftest('barrier'),
-                               torch.arange(63, -1, -1, dtype=torch.float32))
+    torch.testing.assert_close(
+        ext.cuda_replay_selftest('barrier'), torch.arange(63, -1, -1, dtype=torch.float32))
     racy = ext.cuda_replay_selftest('no_barrier')
     assert racy[32:].isnan().all() and not racy[:32].isnan().any()  # read before written
     with pytest.raises(RuntimeError, match='not reached by every thread'):
@@ -163,13 +165,15 @@ def test_strided_views_are_read_in_place(dtype):
     B, heads, height, width, Np, d = 2, 3, 9, 14, 37, 24
     N = height * width
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(B, N, heads * d, generator=gen, dtype=torch.float64).view(
-        B, N, heads, d).transpose(1, 2) * 3
-    kv = torch.randn(B, N, 2 * heads * d, generator=gen, dtype=torch.float64).view(
-        B, N, 2 * heads, d).transpose(1, 2)
+    q = torch.randn(
+        B, N, heads * d, generator=gen, dtype=torch.float64).view(B, N, heads, d).transpose(1,
+                                                                                            2) * 3
+    kv = torch.randn(
+        B, N, 2 * heads * d, generator=gen, dtype=torch.float64).view(B, N, 2 * heads,
+                                                                      d).transpose(1, 2)
     k, v = F.normalize(kv[:, :heads], dim=-1), kv[:, heads:]
-    grad_out = torch.randn(B, N, heads * d, generator=gen, dtype=torch.float64).view(
-        B, N, heads, d).transpose(1, 2)
+    grad_out = torch.randn(
+        B, N, heads * d, generator=gen, dtype=torch.float64).view(B, N, heads, d).transpose(1, 2)
     others = [t.detach() for t in make_inputs(B, heads, height, width, Np, d)[3:]]
     tensors = [t.to(dtype) for t in (q, k, v, *others)]
     grad_out = grad_out.to(dtype)

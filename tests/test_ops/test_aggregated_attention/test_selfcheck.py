@@ -25,8 +25,8 @@ CPU = torch.device('cpu')
 
 def replay_kernel(tensors, height, width, grad_out):
     """The CUDA kernels' code on CPU tensors."""
-    out, _, grads = aggregated_attention_cuda_replay(*[t.detach() for t in tensors], height,
-                                                     width, grad_out=grad_out)
+    out, _, grads = aggregated_attention_cuda_replay(
+        *[t.detach() for t in tensors], height, width, grad_out=grad_out)
     return out, grads
 
 
@@ -104,12 +104,14 @@ def test_wrong_kernels_are_named_with_their_figures(kernel, message):
 
 # One wrong value in a place only inputs with that edge reach: the ragged second query block,
 # the last (ragged) pooled-key tile, batch element 1, the image's bottom-right corner.
-@pytest.mark.parametrize('index,region', [
-    (None, (Ellipsis, slice(128, None), slice(None))),
-    (3, (Ellipsis, slice(64, None), slice(None))),
-    (0, (1, )),
-    (7, (Ellipsis, -1, slice(None))),
-], ids=['ragged-query-block', 'ragged-pool-tile', 'batch-element-1', 'corner-query'])
+@pytest.mark.parametrize(
+    'index,region', [
+        (None, (Ellipsis, slice(128, None), slice(None))),
+        (3, (Ellipsis, slice(64, None), slice(None))),
+        (0, (1, )),
+        (7, (Ellipsis, -1, slice(None))),
+    ],
+    ids=['ragged-query-block', 'ragged-pool-tile', 'batch-element-1', 'corner-query'])
 def test_errors_at_the_kernels_edges_are_caught(index, region):
     failure = selfcheck.run_self_check(CPU, BF16, 24, kernel=perturbed(index, region, 1.5))
     assert 'relative error' in failure, failure
@@ -129,11 +131,13 @@ def test_failed_check_falls_back_once_with_one_warning():
         expected = aggregated_attention_torch(*tensors, 5, 7)
         assert all(torch.equal(out, expected) for out in outs)  # the PyTorch path
         grads = torch.autograd.grad(outs[0].sum(), tensors)
-        assert all(torch.equal(g, e)
-                   for g, e in zip(grads, torch.autograd.grad(expected.sum(), tensors)))
-        with pytest.raises(RuntimeError, match="impl='op'.* but the compiled aggregated-attention "
-                           'op failed its first-use self-check .*gradient of bias_pool: relative '
-                           'error .* > tolerance 8e-05'):
+        assert all(
+            torch.equal(g, e) for g, e in zip(grads, torch.autograd.grad(expected.sum(), tensors)))
+        with pytest.raises(
+                RuntimeError,
+                match="impl='op'.* but the compiled aggregated-attention "
+                'op failed its first-use self-check .*gradient of bias_pool: relative '
+                'error .* > tolerance 8e-05'):
             aggregated_attention(*tensors, 5, 7, impl='op')
         outcome, = dispatch.self_check_outcomes().values()
         assert outcome.head_dim == 24 and 'bias_pool' in outcome.failure
@@ -183,8 +187,9 @@ def test_environment_variable_turns_the_check_off(monkeypatch):
         assert torch.equal(out, aggregated_attention_op(*tensors, 5, 7))
         assert dispatch.self_check_outcomes() == {}
         monkeypatch.setenv(dispatch.SELF_CHECK_ENV, 'off')
-        with pytest.raises(ValueError, match="TRANSNEXT_MM_CUDA_SELFCHECK must be '0' .* or '1' "
-                           ".*got 'off'"):
+        with pytest.raises(
+                ValueError, match="TRANSNEXT_MM_CUDA_SELFCHECK must be '0' .* or '1' "
+                ".*got 'off'"):
             aggregated_attention(*tensors, 5, 7)
 
 
@@ -216,8 +221,8 @@ def test_outcomes_are_kept_per_device_dtype_and_variant():
 
 
 def test_head_dim_variants():
-    assert [dispatch.head_dim_variant(d) for d in (1, 16, 24, 32, 48, 64, 65, 128, 129)] == [
-        'generic', 'd=16', 'd=24', 'd=32', 'd=48', 'd=64', 'generic', 'generic', None]
+    assert [dispatch.head_dim_variant(d) for d in (1, 16, 24, 32, 48, 64, 65, 128, 129)
+            ] == ['generic', 'd=16', 'd=24', 'd=32', 'd=48', 'd=64', 'generic', 'generic', None]
 
 
 def test_torch_compile_keeps_the_fallback_in_one_graph():

@@ -15,8 +15,9 @@ def random_core_inputs(B=2, heads=3, height=5, width=7, Np=4, d=8, dtype=torch.f
     q = g(B, heads, N, d)
     k = F.normalize(torch.randn(B, heads, N, d, dtype=dtype), dim=-1).requires_grad_()
     kp = F.normalize(torch.randn(B, heads, Np, d, dtype=dtype), dim=-1).requires_grad_()
-    return (q, k, g(B, heads, N, d), kp, g(B, heads, Np, d), g(heads, 9), g(heads, N, Np),
-            g(B, heads, N, 9), height, width)
+    return (q, k, g(B, heads, N, d), kp, g(B, heads, Np,
+                                           d), g(heads, 9), g(heads, N, Np), g(B, heads, N,
+                                                                               9), height, width)
 
 
 @pytest.mark.parametrize('height,width,Np', [(5, 7, 4), (1, 1, 1), (1, 6, 2), (9, 13, 3)])

@@ -66,14 +66,13 @@ class TransNeXt(BaseModule):
             'module.'/'backbone.' prefixes). Defaults to None.
     """
     arch_settings: Dict[str, dict] = {
-        'micro': dict(embed_dims=[48, 96, 192, 384], num_heads=[2, 4, 8, 16],
-                      depths=[2, 2, 15, 2]),
-        'tiny': dict(embed_dims=[72, 144, 288, 576], num_heads=[3, 6, 12, 24],
-                     depths=[2, 2, 15, 2]),
-        'small': dict(embed_dims=[72, 144, 288, 576], num_heads=[3, 6, 12, 24],
-                      depths=[5, 5, 22, 5]),
-        'base': dict(embed_dims=[96, 192, 384, 768], num_heads=[4, 8, 16, 32],
-                     depths=[5, 5, 23, 5]),
+        'micro': dict(embed_dims=[48, 96, 192, 384], num_heads=[2, 4, 8, 16], depths=[2, 2, 15, 2]),
+        'tiny':
+        dict(embed_dims=[72, 144, 288, 576], num_heads=[3, 6, 12, 24], depths=[2, 2, 15, 2]),
+        'small':
+        dict(embed_dims=[72, 144, 288, 576], num_heads=[3, 6, 12, 24], depths=[5, 5, 22, 5]),
+        'base':
+        dict(embed_dims=[96, 192, 384, 768], num_heads=[4, 8, 16, 32], depths=[5, 5, 23, 5]),
     }
     default_mlp_ratios = [8, 8, 4, 4]
     default_pool_ratios = [8, 4, 2, 1]
@@ -140,17 +139,18 @@ class TransNeXt(BaseModule):
             stride = STAGE_STRIDES[i]
             dims = self.embed_dims[i]
             patch_embed = OverlapPatchEmbed(7 if i == 0 else 3, 4 if i == 0 else 2,
-                                            in_channels if i == 0 else self.embed_dims[i - 1],
-                                            dims)
+                                            in_channels if i == 0 else self.embed_dims[i - 1], dims)
             table_query = (img_size // stride, ) * 2
             table_key = table_query if i == NUM_STAGES - 1 else (img_size // POOL_STRIDE, ) * 2
             blocks = nn.ModuleList([
                 TransNeXtBlock(
-                    dims, self.arch['num_heads'][i], self.arch['mlp_ratios'][i],
+                    dims,
+                    self.arch['num_heads'][i],
+                    self.arch['mlp_ratios'][i],
                     LogCPB(pos_bias_mode, table_query, table_key, pretrain_size // stride),
                     full_attention=i == NUM_STAGES - 1,
-                    drop_path=dpr[sum(depths[:i]) + j], attn_impl=attn_impl)
-                for j in range(depths[i])
+                    drop_path=dpr[sum(depths[:i]) + j],
+                    attn_impl=attn_impl) for j in range(depths[i])
             ])
             setattr(self, f'patch_embed{i + 1}', patch_embed)
             setattr(self, f'block{i + 1}', blocks)
@@ -171,8 +171,8 @@ class TransNeXt(BaseModule):
         if not required <= set(arch) or not set(arch) <= allowed:
             raise ValueError(f'an arch dict needs keys {sorted(required)} (optional: '
                              f'mlp_ratios, pool_ratios), got {sorted(arch)}')
-        arch = dict(mlp_ratios=self.default_mlp_ratios, pool_ratios=self.default_pool_ratios,
-                    **arch)
+        arch = dict(
+            mlp_ratios=self.default_mlp_ratios, pool_ratios=self.default_pool_ratios, **arch)
         for key, value in arch.items():
             if len(value) != NUM_STAGES:
                 raise ValueError(f'arch[{key!r}] must have {NUM_STAGES} values, got {value}')
@@ -198,12 +198,16 @@ class TransNeXt(BaseModule):
 
     # ------------------------------------------------------------------ stages
     def _stage_modules(self, i: int):
-        return [getattr(self, f'patch_embed{i}'), getattr(self, f'block{i}'),
-                getattr(self, f'norm{i}')]
+        return [
+            getattr(self, f'patch_embed{i}'),
+            getattr(self, f'block{i}'),
+            getattr(self, f'norm{i}')
+        ]
 
     def _freeze_stages(self) -> None:
         frozen = [self.patch_embed1] if self.frozen_stages == 0 else [
-            m for i in range(1, self.frozen_stages + 1) for m in self._stage_modules(i)]
+            m for i in range(1, self.frozen_stages + 1) for m in self._stage_modules(i)
+        ]
         for m in frozen:
             m.eval()
             for p in m.parameters():
@@ -255,8 +259,9 @@ class TransNeXt(BaseModule):
         sizes = self._check_input(x)
         if x.shape[0] == 0:
             # An empty batch gives empty maps of the right shapes, as convolutional backbones do.
-            return tuple(x.new_empty((0, self.embed_dims[i], *sizes[i]))
-                         for i in range(NUM_STAGES) if i in self.out_indices)
+            return tuple(
+                x.new_empty((0, self.embed_dims[i], *sizes[i])) for i in range(NUM_STAGES)
+                if i in self.out_indices)
         outs = []
         for i in range(NUM_STAGES):
             patch_embed, blocks, norm = self._stage_modules(i + 1)
@@ -278,8 +283,8 @@ class TransNeXt(BaseModule):
         if self.init_cfg is None or self.init_cfg.get('type') != 'Pretrained':
             super().init_weights()
             return
-        checkpoint = CheckpointLoader.load_checkpoint(self.init_cfg['checkpoint'],
-                                                      map_location='cpu', logger='current')
+        checkpoint = CheckpointLoader.load_checkpoint(
+            self.init_cfg['checkpoint'], map_location='cpu', logger='current')
         self.load_released_weights(checkpoint, source=self.init_cfg['checkpoint'])
         self._is_init = True
 
@@ -299,16 +304,18 @@ class TransNeXt(BaseModule):
         if missing:
             raise ValueError(f'{source} lacks {len(missing)} TransNeXt weights: '
                              f'{describe_keys(missing)}')
-        wrong_shape = [f'{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}'
-                       for k in own if weights[k].shape != own[k].shape]
+        wrong_shape = [
+            f'{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}' for k in own
+            if weights[k].shape != own[k].shape
+        ]
         if wrong_shape:
             raise ValueError(f'{source} has weights of the wrong shape: '
                              f'{describe_keys(wrong_shape)}')
         self.load_state_dict({k: weights[k] for k in own}, strict=True)
         logger = MMLogger.get_current_instance()
-        logger.info(f'TransNeXt: loaded {len(own)} tensors from {source}'
-                    + (f'; dropped classifier {classifier}' if classifier else '')
-                    + (f'; ignored derived buffers {describe_keys(derived)}' if derived else ''))
+        logger.info(f'TransNeXt: loaded {len(own)} tensors from {source}' +
+                    (f'; dropped classifier {classifier}' if classifier else '') +
+                    (f'; ignored derived buffers {describe_keys(derived)}' if derived else ''))
         if unexpected:
             logger.warning(f'TransNeXt: {source} has {len(unexpected)} unexpected keys, not '
                            f'loaded: {describe_keys(unexpected)}')

@@ -17,8 +17,7 @@ from transnext_mm.utils.checkpoint import (check_arch, describe_keys, find_wrapp
 RELEASED_MARKER = 'patch_embed1.proj.weight'
 
 
-def convert_released_classifier(
-        state_dict: Dict[str, torch.Tensor]) -> Tuple['OrderedDict', list]:
+def convert_released_classifier(state_dict: Dict[str, torch.Tensor]) -> Tuple['OrderedDict', list]:
     """Map a released TransNeXt classifier state dict to mmpretrain's ImageClassifier layout.
 
     ``<key>`` becomes ``backbone.<key>`` and ``head.weight/bias`` becomes ``head.fc.weight/bias``
@@ -73,23 +72,22 @@ class TransNeXtClassifier(ImageClassifier):
             # 'model_ema' or 'state_dict' (mmengine's loader only unwraps a top-level
             # 'state_dict'), DDP 'module.' prefixes; other entries (optimizer, epoch, ...) go.
             checkpoint = OrderedDict((k[len(prefix):], state_dict.pop(k)) for k in local)
-            state_dict.update(
-                (prefix + k, v) for k, v in unwrap_checkpoint(checkpoint).items())
+            state_dict.update((prefix + k, v) for k, v in unwrap_checkpoint(checkpoint).items())
             if wrapper:
                 others = [k for k in checkpoint if k != wrapper]
-                logger.info(f'TransNeXtClassifier: loading the weights under {wrapper!r}'
-                            + (f'; ignored {describe_keys(others)}' if others else ''))
+                logger.info(f'TransNeXtClassifier: loading the weights under {wrapper!r}' +
+                            (f'; ignored {describe_keys(others)}' if others else ''))
         if prefix + RELEASED_MARKER not in state_dict:
             return  # mmpretrain layout (backbone.*, head.fc.*): nothing to convert
-        released = OrderedDict((k[len(prefix):], state_dict.pop(k)) for k in list(state_dict)
-                               if k.startswith(prefix))
+        released = OrderedDict(
+            (k[len(prefix):], state_dict.pop(k)) for k in list(state_dict) if k.startswith(prefix))
         check_arch(released, self.backbone.arch, TransNeXt.arch_settings)
         converted, dropped = convert_released_classifier(released)
         if not hasattr(self.head, 'fc'):  # e.g. a head without a single Linear: keep names
-            converted = OrderedDict((k.replace('head.fc.', 'head.', 1), v)
-                                    for k, v in converted.items())
+            converted = OrderedDict(
+                (k.replace('head.fc.', 'head.', 1), v) for k, v in converted.items())
         state_dict.update((prefix + k, v) for k, v in converted.items())
-        logger.info(
-            f'TransNeXtClassifier: converted a released TransNeXt checkpoint on load '
-            f'({len(converted)} tensors to backbone.*/head.fc.*'
-            + (f'; ignored derived buffers {describe_keys(dropped)}' if dropped else '') + ')')
+        logger.info(f'TransNeXtClassifier: converted a released TransNeXt checkpoint on load '
+                    f'({len(converted)} tensors to backbone.*/head.fc.*' +
+                    (f'; ignored derived buffers {describe_keys(dropped)}' if dropped else '') +
+                    ')')

@@ -12,8 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transnext_mm.ops.aggregated_attention import (WINDOW_AREA, aggregated_attention,
-                                                   window_tables)
+from transnext_mm.ops.aggregated_attention import WINDOW_AREA, aggregated_attention, window_tables
 from transnext_mm.ops.cosine_qk import cosine_queries_keys
 from transnext_mm.ops.dispatch import select
 from .adaptive_pool import adaptive_avg_pool_tokens
@@ -53,8 +52,7 @@ class AggregatedAttention(nn.Module):
             Defaults to 'auto'.
     """
 
-    def __init__(self, embed_dims: int, num_heads: int, pos_bias: LogCPB,
-                 attn_impl: str = 'auto'):
+    def __init__(self, embed_dims: int, num_heads: int, pos_bias: LogCPB, attn_impl: str = 'auto'):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = embed_dims // num_heads
@@ -99,13 +97,18 @@ class AggregatedAttention(nn.Module):
         _, local_count = window_tables(height, width, x.device)
         length = torch.log((local_count + num_pool).to(x.dtype)).unsqueeze(-1)  # (N, 1)
         q, k, token_weight = cosine_queries_keys(
-            q, k, self.query_embedding, F.softplus(self.temperature) * length,
-            self.learnable_tokens, self.learnable_bias, impl=self.attn_impl)
+            q,
+            k,
+            self.query_embedding,
+            F.softplus(self.temperature) * length,
+            self.learnable_tokens,
+            self.learnable_bias,
+            impl=self.attn_impl)
 
         bias_pool = self.pos_bias(self.cpb_fc1, self.cpb_fc2, (height, width), pool_size,
                                   self.training).to(x.dtype)
-        return (q, k, v, F.normalize(k_pool, dim=-1), v_pool,
-                self.relative_pos_bias_local, bias_pool, token_weight, height, width)
+        return (q, k, v, F.normalize(k_pool, dim=-1), v_pool, self.relative_pos_bias_local,
+                bias_pool, token_weight, height, width)
 
     def project(self, out: torch.Tensor) -> torch.Tensor:
         """(B, heads, N, d) attention output -> (B, N, C) through ``proj``."""
@@ -129,8 +132,7 @@ class FullAttention(nn.Module):
             ``'full_attention'``). Defaults to 'auto'.
     """
 
-    def __init__(self, embed_dims: int, num_heads: int, pos_bias: LogCPB,
-                 attn_impl: str = 'auto'):
+    def __init__(self, embed_dims: int, num_heads: int, pos_bias: LogCPB, attn_impl: str = 'auto'):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = embed_dims // num_heads

@@ -46,8 +46,14 @@ class TransNeXtBlock(nn.Module):
         attn_impl (str): Attention implementation. Defaults to 'auto'.
     """
 
-    def __init__(self, embed_dims: int, num_heads: int, mlp_ratio: float, pos_bias: LogCPB,
-                 full_attention: bool, drop_path: float = 0., attn_impl: str = 'auto'):
+    def __init__(self,
+                 embed_dims: int,
+                 num_heads: int,
+                 mlp_ratio: float,
+                 pos_bias: LogCPB,
+                 full_attention: bool,
+                 drop_path: float = 0.,
+                 attn_impl: str = 'auto'):
         super().__init__()
         self.norm1 = nn.LayerNorm(embed_dims, eps=BLOCK_NORM_EPS)
         attn_cls = FullAttention if full_attention else AggregatedAttention

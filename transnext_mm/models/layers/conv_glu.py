@@ -21,8 +21,7 @@ class ConvGLU(nn.Module):
             applies, 'torch' / 'reference' PyTorch. Defaults to 'auto'.
     """
 
-    def __init__(self, embed_dims: int, mlp_ratio: float, drop: float = 0.,
-                 impl: str = 'auto'):
+    def __init__(self, embed_dims: int, mlp_ratio: float, drop: float = 0., impl: str = 'auto'):
         super().__init__()
         check_impl(impl)
         hidden = int(2 * int(embed_dims * mlp_ratio) / 3)
@@ -38,12 +37,14 @@ class ConvGLU(nn.Module):
         rows = conv_glu_strip_rows(self.impl, x, self.parameters(), height, width,
                                    self.fc1.out_features)
         if rows < height:
-            return torch.cat([self._strip(x, y0, min(height, y0 + rows), height, width)
-                              for y0 in range(0, height, rows)], dim=1)
+            return torch.cat([
+                self._strip(x, y0, min(height, y0 + rows), height, width)
+                for y0 in range(0, height, rows)
+            ],
+                             dim=1)
         return self._strip(x, 0, height, height, width)
 
-    def _strip(self, x: torch.Tensor, y0: int, y1: int, height: int,
-               width: int) -> torch.Tensor:
+    def _strip(self, x: torch.Tensor, y0: int, y1: int, height: int, width: int) -> torch.Tensor:
         """Output tokens of image rows [y0, y1); the gate's 3x3 conv needs fc1 of one more row
         on each side (those rows' own outputs are dropped)."""
         top, bottom = max(0, y0 - 1), min(height, y1 + 1)

@@ -67,8 +67,8 @@ def log_cpb_axis(query_len, key_len, pretrain_len: int,
     if torch.compiler.is_compiling() or not isinstance(query_len + key_len, int):
         span = 2 * query_len - 2
         candidates = torch.arange(-span, span + 1, device=device)
-        return (log_spaced_coords(candidates, pretrain_len),
-                doubled_offsets(query_len, key_len, device) + span)
+        return (log_spaced_coords(candidates,
+                                  pretrain_len), doubled_offsets(query_len, key_len, device) + span)
     key = (query_len, key_len, pretrain_len, str(device))
     entry = _axis_cache.get(key)
     if entry is None:
@@ -84,8 +84,7 @@ def log_cpb_table(fc1: nn.Linear, fc2: nn.Linear, coords_h: torch.Tensor,
     return fc2(F.relu(fc1(grid.to(fc1.weight.dtype)))).float().permute(2, 0, 1)
 
 
-def gather_table(table: torch.Tensor, index_h: torch.Tensor,
-                 index_w: torch.Tensor) -> torch.Tensor:
+def gather_table(table: torch.Tensor, index_h: torch.Tensor, index_w: torch.Tensor) -> torch.Tensor:
     """(heads, U_h, U_w) table -> (heads, Hq, Wq, Hk, Wk) bias for per-axis indices (Hq, Hk)
     and (Wq, Wk)."""
     return table[:, index_h[:, None, :, None], index_w[None, :, None, :]]
@@ -99,24 +98,32 @@ def resize_bias(bias: torch.Tensor, query_size: Size, key_size: Size) -> torch.T
     # Traced sizes are symbolic: resize unconditionally (a resize to the same size is exact).
     tracing = torch.compiler.is_compiling()
     if tracing or (table_kh, table_kw) != tuple(key_size):
-        bias = F.interpolate(bias.reshape(heads * table_qh * table_qw, 1, table_kh, table_kw), size=tuple(key_size),
-                             mode='bilinear', align_corners=False)
+        bias = F.interpolate(
+            bias.reshape(heads * table_qh * table_qw, 1, table_kh, table_kw),
+            size=tuple(key_size),
+            mode='bilinear',
+            align_corners=False)
     bias = bias.reshape(heads, table_qh, table_qw, num_keys)
     if tracing or (table_qh, table_qw) != tuple(query_size):
         # Keys as channels (a channels-last view): no copy before or after the resize.
-        bias = F.interpolate(bias.permute(0, 3, 1, 2), size=tuple(query_size), mode='bilinear',
-                             align_corners=False).permute(0, 2, 3, 1)
+        bias = F.interpolate(
+            bias.permute(0, 3, 1, 2), size=tuple(query_size), mode='bilinear',
+            align_corners=False).permute(0, 2, 3, 1)
     return bias.reshape(heads, query_size[0] * query_size[1], num_keys)
 
 
 def log_cpb_axes(query_size: Size, key_size: Size, pretrain_len: int, device: torch.device):
     """:func:`log_cpb_axis` of both axes: ``((coords_h, index_h), (coords_w, index_w))``."""
-    return (log_cpb_axis(query_size[0], key_size[0], pretrain_len, device),
-            log_cpb_axis(query_size[1], key_size[1], pretrain_len, device))
+    return (log_cpb_axis(query_size[0], key_size[0], pretrain_len,
+                         device), log_cpb_axis(query_size[1], key_size[1], pretrain_len, device))
 
 
-def log_cpb_bias(fc1: nn.Linear, fc2: nn.Linear, query_size: Size, key_size: Size,
-                 pretrain_len: int, table_query: Size = None,
+def log_cpb_bias(fc1: nn.Linear,
+                 fc2: nn.Linear,
+                 query_size: Size,
+                 key_size: Size,
+                 pretrain_len: int,
+                 table_query: Size = None,
                  table_key: Size = None) -> torch.Tensor:
     """Evaluate log-CPB for a query grid against a key grid.
 
@@ -136,8 +143,7 @@ def log_cpb_bias(fc1: nn.Linear, fc2: nn.Linear, query_size: Size, key_size: Siz
     """
     interpolate = table_query is not None
     grids = (table_query, table_key) if interpolate else (query_size, key_size)
-    (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(*grids, pretrain_len,
-                                                            fc1.weight.device)
+    (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(*grids, pretrain_len, fc1.weight.device)
     bias = gather_table(log_cpb_table(fc1, fc2, coords_h, coords_w), index_h, index_w)
     if interpolate:
         return resize_bias(bias, query_size, key_size)
@@ -218,15 +224,16 @@ class LogCPB:
         """The bias (heads, H*W, Hk*Wk), computed without any cache."""
         if self.mode == 'extrapolate':
             return log_cpb_bias(fc1, fc2, query_size, key_size, self.pretrain_len)
-        return log_cpb_bias(fc1, fc2, query_size, key_size, self.pretrain_len,
-                            self.table_query, self.table_key)
+        return log_cpb_bias(fc1, fc2, query_size, key_size, self.pretrain_len, self.table_query,
+                            self.table_key)
 
     def _cached_table_bias(self, fc1, fc2, query_size: Size, key_size: Size,
                            signature: tuple) -> torch.Tensor:
         """Interpolation mode in eval: the MLP table does not depend on the input size, so it
         is evaluated once per weights and only gathered and resized for each new size."""
-        (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(
-            self.table_query, self.table_key, self.pretrain_len, fc1.weight.device)
+        (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(self.table_query, self.table_key,
+                                                                self.pretrain_len,
+                                                                fc1.weight.device)
         key = (id(self), 'table')
         hit = _bias_cache.get(key)
         if hit is None or hit[0] != signature:
@@ -251,9 +258,10 @@ class LogCPB:
         query_size, key_size = tuple(query_size), tuple(key_size)
         # Cache only in eager mode, on a device with data, and only what no gradient can flow
         # through: eval mode and no grad wanted by the MLP.
-        cacheable = (_cache_enabled and not training and not torch.compiler.is_compiling()
-                     and fc1.weight.device.type != 'meta'
-                     and not (torch.is_grad_enabled() and fc1.weight.requires_grad))
+        cacheable = (
+            _cache_enabled and not training and not torch.compiler.is_compiling()
+            and fc1.weight.device.type != 'meta'
+            and not (torch.is_grad_enabled() and fc1.weight.requires_grad))
         if not cacheable:
             return self.compute(fc1, fc2, query_size, key_size)
         key = (id(self), query_size, key_size)

@@ -37,8 +37,17 @@ from .shapes import WINDOW, WINDOW_AREA, check_attention_inputs
 from .torch_impl import aggregated_attention_torch
 
 
-def aggregated_attention(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight,
-                         height: int, width: int, impl: str = 'auto') -> torch.Tensor:
+def aggregated_attention(q,
+                         k,
+                         v,
+                         k_pool,
+                         v_pool,
+                         rpb_local,
+                         bias_pool,
+                         token_weight,
+                         height: int,
+                         width: int,
+                         impl: str = 'auto') -> torch.Tensor:
     """Aggregated attention (see the package docstring) by the implementation that
     :func:`transnext_mm.ops.dispatch.select` picks.
 

@@ -15,7 +15,8 @@ This is an alternative to the compiled op, checked against the reference in
 tests/test_ops/test_aggregated_attention/test_flex.py; it is not part of the ``attn_impl``
 dispatch. Limits of flex_attention itself: its fused kernels come from ``torch.compile``
 (``compiled=False`` runs the unfused eager implementation, which materialises the full score
-matrix), and its backward runs on CUDA only. The key / value concatenation copies ``k`` and ``v`` once per call.
+matrix), and its backward runs on CUDA only. The key / value concatenation copies ``k`` and
+``v`` once per call.
 """
 from typing import Tuple
 
@@ -49,8 +50,8 @@ def window_block_mask(height: int, width: int, num_pool: int, device: torch.devi
             in_window = (kv_idx < num_tokens) & (dy.abs() <= half) & (dx.abs() <= half)
             return in_window | (kv_idx >= num_tokens)
 
-        block_mask = create_block_mask(mask_mod, None, None, num_tokens, num_tokens + num_pool,
-                                       device=device)
+        block_mask = create_block_mask(
+            mask_mod, None, None, num_tokens, num_tokens + num_pool, device=device)
         _block_masks[key] = block_mask
     return block_mask
 
@@ -75,9 +76,17 @@ def _flex_core(q: Tensor, keys: Tensor, values: Tensor, rpb_local: Tensor, bias_
     return flex_attention(q, keys, values, score_mod=score_mod, block_mask=block_mask, scale=1.0)
 
 
-def flex_aggregated_attention(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor,
-                              rpb_local: Tensor, bias_pool: Tensor, token_weight: Tensor,
-                              height: int, width: int, compiled: bool = True) -> Tensor:
+def flex_aggregated_attention(q: Tensor,
+                              k: Tensor,
+                              v: Tensor,
+                              k_pool: Tensor,
+                              v_pool: Tensor,
+                              rpb_local: Tensor,
+                              bias_pool: Tensor,
+                              token_weight: Tensor,
+                              height: int,
+                              width: int,
+                              compiled: bool = True) -> Tensor:
     """Aggregated attention with ``flex_attention`` (same arguments as the reference).
 
     Inputs are cast to one dtype as by the compiled op: the autocast dtype inside an autocast

@@ -50,10 +50,11 @@ def _forward_fake(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, h
 
 
 @torch.library.custom_op('transnext_mm::aggregated_attention_backward', mutates_args=())
-def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor,
-              rpb_local: Tensor, bias_pool: Tensor, token_weight: Tensor, out: Tensor, lse: Tensor,
-              height: int, width: int, bias_grad: bool
-              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _backward(
+        grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor,
+        rpb_local: Tensor, bias_pool: Tensor, token_weight: Tensor, out: Tensor, lse: Tensor,
+        height: int, width: int,
+        bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = compiled_ext().aggregated_attention_backward(grad_out, q, k, v, k_pool, v_pool,
                                                          rpb_local, bias_pool, token_weight, out,
                                                          lse, height, width, bias_grad)
@@ -61,8 +62,8 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor,
 
 
 @_backward.register_fake
-def _backward_fake(grad_out, q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, out,
-                   lse, height, width, bias_grad):
+def _backward_fake(grad_out, q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, out, lse,
+                   height, width, bias_grad):
     heads, num_tokens, num_pool = bias_pool.shape
     return (_empty_rows_like(q), _empty_rows_like(k), _empty_rows_like(v),
             k_pool.new_empty(k_pool.shape), v_pool.new_empty(v_pool.shape),
@@ -97,8 +98,8 @@ def op_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def aggregated_attention_op(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor,
-                            rpb_local: Tensor, bias_pool: Tensor, token_weight: Tensor,
-                            height: int, width: int) -> Tensor:
+                            rpb_local: Tensor, bias_pool: Tensor, token_weight: Tensor, height: int,
+                            width: int) -> Tensor:
     """Aggregated attention with the compiled kernels (same arguments as the reference).
 
     Inputs are cast to one dtype: the autocast dtype inside an autocast region (as for a matmul),
@@ -119,4 +120,3 @@ def aggregated_attention_op(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_p
     tensors = [t.to(dtype) for t in tensors]
     out, _ = torch.ops.transnext_mm.aggregated_attention_forward(*tensors, height, width)
     return out
-

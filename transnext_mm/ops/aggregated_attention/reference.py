@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from .shapes import WINDOW, WINDOW_AREA, check_attention_inputs
 
 
-def compute_window_tables(height: int, width: int,
+def compute_window_tables(height: int,
+                          width: int,
                           device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`window_tables` computed afresh (no cache): ``(valid, count)`` on ``device``.
 
@@ -59,8 +60,8 @@ def window_tables(height: int, width: int,
 def unfold_window(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, heads, N, d) -> (B, heads, N, 9, d): each position's 3x3 window, zeros outside."""
     B, heads, N, d = t.shape
-    t = F.unfold(t.transpose(-1, -2).reshape(B * heads, d, height, width), WINDOW,
-                 padding=WINDOW // 2)
+    t = F.unfold(
+        t.transpose(-1, -2).reshape(B * heads, d, height, width), WINDOW, padding=WINDOW // 2)
     return t.reshape(B, heads, d, WINDOW_AREA, N).permute(0, 1, 4, 3, 2)
 
 
@@ -81,8 +82,7 @@ def aggregated_attention_reference(q, k, v, k_pool, v_pool, rpb_local, bias_pool
     """Readable, paper-faithful implementation: unfold the window, one softmax. The test oracle."""
     check_attention_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height,
                            width)
-    a_local, a_pool = aggregated_attention_probs(q, k, k_pool, rpb_local, bias_pool, height,
-                                                 width)
+    a_local, a_pool = aggregated_attention_probs(q, k, k_pool, rpb_local, bias_pool, height, width)
     v_local = unfold_window(v, height, width)
     out = ((a_local + token_weight).unsqueeze(-1) * v_local).sum(-2)
     return out + a_pool @ v_pool

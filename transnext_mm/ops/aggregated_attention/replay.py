@@ -32,10 +32,18 @@ def replay_ext():
     return _ext_replay
 
 
-def aggregated_attention_cuda_replay(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor,
-                                     v_pool: Tensor, rpb_local: Tensor, bias_pool: Tensor,
-                                     token_weight: Tensor, height: int, width: int,
-                                     grad_out: Tensor = None, pool_target_blocks: int = None):
+def aggregated_attention_cuda_replay(q: Tensor,
+                                     k: Tensor,
+                                     v: Tensor,
+                                     k_pool: Tensor,
+                                     v_pool: Tensor,
+                                     rpb_local: Tensor,
+                                     bias_pool: Tensor,
+                                     token_weight: Tensor,
+                                     height: int,
+                                     width: int,
+                                     grad_out: Tensor = None,
+                                     pool_target_blocks: int = None):
     """Run the CUDA kernels' code on CPU tensors (for tests; slow): the same block bodies,
     grids and host glue, every block's threads as fibers between real barriers.
 
@@ -55,6 +63,6 @@ def aggregated_attention_cuda_replay(q: Tensor, k: Tensor, v: Tensor, k_pool: Te
         return out, lse
     if pool_target_blocks is None:
         pool_target_blocks = ext.pool_grad_target_blocks
-    grads = ext.aggregated_attention_backward_replay(grad_out, *args, out, lse, height, width,
-                                                     True, pool_target_blocks)
+    grads = ext.aggregated_attention_backward_replay(grad_out, *args, out, lse, height, width, True,
+                                                     pool_target_blocks)
     return out, lse, tuple(grads)

@@ -20,8 +20,9 @@ warns once, naming the output or gradient that failed, its relative error and th
 synchronized and probed first: a sticky CUDA error (e.g. an illegal memory access) leaves the
 process's CUDA context unusable, and then the check raises a RuntimeError saying so, whatever
 ``impl`` is. Under ``torch.compile`` the check runs once while the graph is traced; under
-``torch.export`` it does not run (the exported program calls the op directly wherever it runs). The check costs about 0.1 s per variant on the CPU replay of the CUDA kernels
-(2 cores); one call on a GPU takes milliseconds after the CUDA context exists.
+``torch.export`` it does not run (the exported program calls the op directly wherever it
+runs). The check costs about 0.1 s per variant on the CPU replay of the CUDA kernels (2 cores);
+one call on a GPU takes milliseconds after the CUDA context exists.
 
 Environment: ``TRANSNEXT_MM_CUDA_SELFCHECK=0`` turns the check off (``1``, the default, keeps it
 on). ``python -m transnext_mm.collect_env`` runs it for every variant and dtype on each GPU and
@@ -47,8 +48,7 @@ NAMES = ('q', 'k', 'v', 'k_pool', 'v_pool', 'rpb_local', 'bias_pool', 'token_wei
 # Largest error allowed relative to the largest value of the float64 reference, for the output;
 # the gradients get GRAD_TOLERANCE_FACTOR times more (the CUDA tests of
 # tests/test_ops/test_aggregated_attention/test_op.py use the same figures).
-TOLERANCES = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3,
-              torch.bfloat16: 2e-2}
+TOLERANCES = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 GRAD_TOLERANCE_FACTOR = 4
 
 # kernel(tensors, height, width, grad_out) -> (out, the 8 input gradients)
@@ -63,8 +63,7 @@ def run_op(tensors: Sequence[Tensor], height: int, width: int,
     return out, torch.autograd.grad(out, leaves, grad_out)
 
 
-def self_check_inputs(device, dtype: torch.dtype,
-                      head_dim: int) -> Tuple[List[Tensor], Tensor]:
+def self_check_inputs(device, dtype: torch.dtype, head_dim: int) -> Tuple[List[Tensor], Tensor]:
     """The check's 8 op inputs and output gradient on ``device`` in ``dtype`` (the same values
     every time: a fixed seed, independent of the global random state)."""
     B, heads, N, d = BATCH, HEADS, HEIGHT * WIDTH, head_dim
@@ -81,9 +80,13 @@ def self_check_inputs(device, dtype: torch.dtype,
     q = heads_of(randn(B, N, heads * d, scale=4.0), 1)
     k = heads_of(F.normalize(randn(B, N, heads, d), dim=-1).flatten(2), 1)
     v = heads_of(randn(B, N, 2 * heads * d), 2)[:, heads:]
-    pooled = [F.normalize(randn(B, heads, NUM_POOL, d), dim=-1), randn(B, heads, NUM_POOL, d),
-              randn(heads, 9, scale=0.5), randn(heads, N, NUM_POOL),
-              randn(B, heads, N, 9, scale=0.5)]
+    pooled = [
+        F.normalize(randn(B, heads, NUM_POOL, d), dim=-1),
+        randn(B, heads, NUM_POOL, d),
+        randn(heads, 9, scale=0.5),
+        randn(heads, N, NUM_POOL),
+        randn(B, heads, N, 9, scale=0.5)
+    ]
     tensors = [q, k, v] + [t.to(device, dtype) for t in pooled]
     return tensors, heads_of(randn(B, N, heads * d), 1)
 
@@ -106,9 +109,9 @@ def compare(out: Tensor, grads: Sequence[Tensor], expected_out: Tensor,
     shape or an error above the tolerance (the relative error is ``max|x - ref| / max|ref|``)."""
     failures = []
     tol = TOLERANCES[dtype]
-    items = [('output', out, expected_out, tol)] + [
-        (f'gradient of {name}', g, g_ref, tol * GRAD_TOLERANCE_FACTOR)
-        for name, g, g_ref in zip(NAMES, grads, expected_grads)]
+    items = [('output', out, expected_out, tol)
+             ] + [(f'gradient of {name}', g, g_ref, tol * GRAD_TOLERANCE_FACTOR)
+                  for name, g, g_ref in zip(NAMES, grads, expected_grads)]
     if len(grads) != len(NAMES):
         failures.append(f'{len(grads)} gradients, expected {len(NAMES)}')
     for name, actual, expected, limit in items:
@@ -128,7 +131,9 @@ def compare(out: Tensor, grads: Sequence[Tensor], expected_out: Tensor,
     return failures
 
 
-def run_self_check(device, dtype: torch.dtype, head_dim: int,
+def run_self_check(device,
+                   dtype: torch.dtype,
+                   head_dim: int,
                    kernel: Optional[Kernel] = None) -> str:
     """Run ``kernel`` once on the check's inputs against the reference in float64.
 
@@ -151,8 +156,9 @@ def run_self_check(device, dtype: torch.dtype, head_dim: int,
     if dtype not in TOLERANCES:
         raise ValueError(f'dtype must be one of {tuple(TOLERANCES)}, got {dtype}')
     kernel = run_op if kernel is None else kernel
-    autocast_off = (torch.autocast(device.type, enabled=False)
-                    if device.type in ('cpu', 'cuda') else nullcontext())
+    autocast_off = (
+        torch.autocast(device.type, enabled=False) if device.type in ('cpu',
+                                                                      'cuda') else nullcontext())
     with torch.inference_mode(False), torch.enable_grad(), autocast_off:
         tensors, grad_out = self_check_inputs(device, dtype, head_dim)
         try:

@@ -8,14 +8,13 @@ WINDOW = 3
 WINDOW_AREA = WINDOW * WINDOW
 
 
-def check_attention_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight,
-                           height: int, width: int) -> None:
+def check_attention_inputs(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height: int,
+                           width: int) -> None:
     """Raise a ValueError naming the first argument whose shape does not fit ``q``'s."""
     B, heads, N, d = q.shape
     if N != height * width:
         raise ValueError(f'q has {N} positions but height*width = {height}*{width}')
-    for name, t, shape in (('k', k, q.shape), ('v', v, q.shape),
-                           ('v_pool', v_pool, k_pool.shape),
+    for name, t, shape in (('k', k, q.shape), ('v', v, q.shape), ('v_pool', v_pool, k_pool.shape),
                            ('rpb_local', rpb_local, (heads, WINDOW_AREA)),
                            ('bias_pool', bias_pool, (heads, N, k_pool.shape[2])),
                            ('token_weight', token_weight, (B, heads, N, WINDOW_AREA))):

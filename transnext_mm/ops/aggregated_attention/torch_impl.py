@@ -59,8 +59,8 @@ def aggregated_attention_torch(q, k, v, k_pool, v_pool, rpb_local, bias_pool, to
         denom.append(p.sum(-1, keepdim=True))
         out_pool.append(torch.matmul(p, v_pool))
         row_max.append(m)
-    out_pool, denom, row_max = (t[0] if len(t) == 1 else torch.cat(t, dim=2)
-                                for t in (out_pool, denom, row_max))
+    out_pool, denom, row_max = (
+        t[0] if len(t) == 1 else torch.cat(t, dim=2) for t in (out_pool, denom, row_max))
 
     p_local = (s_local - row_max).exp()
     inv_denom = 1.0 / (denom + p_local.sum(-1, keepdim=True))

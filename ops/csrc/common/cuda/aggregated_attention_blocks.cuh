@@ -97,7 +97,8 @@ C10_HOST_DEVICE inline QueryBlock query_block(const Ctx& ctx, const AttentionSiz
 // segment per warp, once per block), calling use(kp_tile, vp_tile, bias_row, count) for every
 // tile between the barriers; bias_row is this thread's query's row of the bias tile.
 template <typename HD, typename acc_t, int kTile, typename scalar_t, typename Ctx, typename Use>
-C10_HOST_DEVICE inline void for_each_pool_tile(const Ctx& ctx, PoolTiles<acc_t, kTile, HD::kMax>& sh,
+C10_HOST_DEVICE inline void for_each_pool_tile(const Ctx& ctx,
+                                               PoolTiles<acc_t, kTile, HD::kMax>& sh,
                                                const scalar_t* k_pool, const scalar_t* v_pool,
                                                const scalar_t* bias_h, const AttentionSizes& s,
                                                int64_t bh, int64_t first_query, Use&& use) {
@@ -108,8 +109,8 @@ C10_HOST_DEVICE inline void for_each_pool_tile(const Ctx& ctx, PoolTiles<acc_t, 
     const int64_t offset = (bh * s.pool + p0) * s.d;
     load_tile(sh.kp, HD::kMax, k_pool + offset, s.d, count, s.d, ctx.thread(), ctx.threads());
     load_tile(sh.vp, HD::kMax, v_pool + offset, s.d, count, s.d, ctx.thread(), ctx.threads());
-    load_bias_tile<kTile, kStride>(sh.bias, bias_h + first_query * s.pool + p0, s.pool, rows,
-                                   count, ctx.thread(), ctx.threads());
+    load_bias_tile<kTile, kStride>(sh.bias, bias_h + first_query * s.pool + p0, s.pool, rows, count,
+                                   ctx.thread(), ctx.threads());
     ctx.sync();  // the tile is complete
     use(sh.kp, sh.vp, sh.bias + ctx.thread() * kStride, count);
     ctx.sync();  // every thread is done with it before the next tile overwrites it
@@ -135,8 +136,7 @@ C10_HOST_DEVICE void forward_block(const Ctx& ctx, const ForwardParams<scalar_t>
   if (active)
     thread.window(p.q_layout.rows(p.q, bh, s.heads), p.k_layout.rows(p.k, bh, s.heads),
                   p.v_layout.rows(p.v, bh, s.heads), p.rpb + h * kWindowArea,
-                  p.token_weight + (bh * s.tokens + i) * kWindowArea, i, s.height, s.width,
-                  s.d);
+                  p.token_weight + (bh * s.tokens + i) * kWindowArea, i, s.height, s.width, s.d);
   for_each_pool_tile<HD, acc_t, Thread::kTile>(
       ctx, sh, p.k_pool, p.v_pool, p.bias + h * s.tokens * s.pool, s, bh, blk.first_query,
       [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
@@ -163,12 +163,11 @@ C10_HOST_DEVICE void backward_query_block(const Ctx& ctx, const BackwardParams<s
   const scalar_t* bias_h = p.bias + h * s.tokens * s.pool;
   Thread thread;
   if (active)
-    thread.window_begin(p.q_layout.rows(p.q, bh, s.heads), p.k_layout.rows(p.k, bh, s.heads),
-                        p.v_layout.rows(p.v, bh, s.heads), p.rpb + h * kWindowArea,
-                        p.token_weight + row * kWindowArea,
-                        p.out_layout.rows(p.out, bh, s.heads).row(i),
-                        p.grad_layout.rows(p.grad_out, bh, s.heads).row(i), p.lse[row], i,
-                        s.height, s.width, s.d);
+    thread.window_begin(
+        p.q_layout.rows(p.q, bh, s.heads), p.k_layout.rows(p.k, bh, s.heads),
+        p.v_layout.rows(p.v, bh, s.heads), p.rpb + h * kWindowArea,
+        p.token_weight + row * kWindowArea, p.out_layout.rows(p.out, bh, s.heads).row(i),
+        p.grad_layout.rows(p.grad_out, bh, s.heads).row(i), p.lse[row], i, s.height, s.width, s.d);
   if constexpr (Thread::kExactDelta) {
     for_each_pool_tile<HD, acc_t, kTile>(
         ctx, sh, p.k_pool, p.v_pool, bias_h, s, bh, blk.first_query,
@@ -177,10 +176,10 @@ C10_HOST_DEVICE void backward_query_block(const Ctx& ctx, const BackwardParams<s
         });
   }
   if (active)
-    thread.window_grads(p.k_layout.rows(p.k, bh, s.heads), p.token_weight + row * kWindowArea,
-                        i, s.height, s.width, s.d, p.ds_local + row * kWindowArea,
-                        p.weight_local + row * kWindowArea,
-                        p.dtoken_weight + row * kWindowArea, p.delta + row);
+    thread.window_grads(p.k_layout.rows(p.k, bh, s.heads), p.token_weight + row * kWindowArea, i,
+                        s.height, s.width, s.d, p.ds_local + row * kWindowArea,
+                        p.weight_local + row * kWindowArea, p.dtoken_weight + row * kWindowArea,
+                        p.delta + row);
   for_each_pool_tile<HD, acc_t, kTile>(
       ctx, sh, p.k_pool, p.v_pool, bias_h, s, bh, blk.first_query,
       [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
@@ -223,14 +222,11 @@ C10_HOST_DEVICE void backward_pool_block(const Ctx& ctx, const BackwardParams<sc
     const Rows<const scalar_t> g_bh = p.grad_layout.rows(p.grad_out, bh, s.heads);
     Thread thread;
     if (active)
-      thread.begin(p.k_pool + (bh * s.pool + key) * s.d, p.v_pool + (bh * s.pool + key) * s.d,
-                   s.d);
+      thread.begin(p.k_pool + (bh * s.pool + key) * s.d, p.v_pool + (bh * s.pool + key) * s.d, s.d);
     for (int64_t i0 = i_begin; i0 < i_end; i0 += kTile) {
       const int count = static_cast<int>(tnx_min<int64_t>(kTile, i_end - i0));
-      load_tile(sh.q, HD::kMax, q_bh.row(i0), q_bh.stride, count, s.d, ctx.thread(),
-                ctx.threads());
-      load_tile(sh.g, HD::kMax, g_bh.row(i0), g_bh.stride, count, s.d, ctx.thread(),
-                ctx.threads());
+      load_tile(sh.q, HD::kMax, q_bh.row(i0), q_bh.stride, count, s.d, ctx.thread(), ctx.threads());
+      load_tile(sh.g, HD::kMax, g_bh.row(i0), g_bh.stride, count, s.d, ctx.thread(), ctx.threads());
       for (int t = ctx.thread(); t < count; t += ctx.threads()) {
         sh.lse[t] = p.lse[bh * s.tokens + i0 + t];
         sh.delta[t] = p.delta[bh * s.tokens + i0 + t];
@@ -266,11 +262,10 @@ C10_HOST_DEVICE void window_grad_block(const Ctx& ctx, const BackwardParams<scal
     const int64_t n = (idx / s.d) % s.tokens;
     const int64_t bh = idx / (static_cast<int64_t>(s.d) * s.tokens);
     acc_t grad_k, grad_v;
-    gather_window_grads(p.q_layout.rows(p.q, bh, s.heads),
-                        p.grad_layout.rows(p.grad_out, bh, s.heads),
-                        p.ds_local + bh * s.tokens * kWindowArea,
-                        p.weight_local + bh * s.tokens * kWindowArea, n, c, s.height, s.width,
-                        &grad_k, &grad_v);
+    gather_window_grads(
+        p.q_layout.rows(p.q, bh, s.heads), p.grad_layout.rows(p.grad_out, bh, s.heads),
+        p.ds_local + bh * s.tokens * kWindowArea, p.weight_local + bh * s.tokens * kWindowArea, n,
+        c, s.height, s.width, &grad_k, &grad_v);
     p.dk_layout.rows(p.dk, bh, s.heads).row(n)[c] = static_cast<scalar_t>(grad_k);
     p.dv_layout.rows(p.dv, bh, s.heads).row(n)[c] = static_cast<scalar_t>(grad_v);
   }
@@ -284,12 +279,23 @@ inline void dispatch_head_dim(int64_t d, Fn&& fn) {
   TORCH_CHECK(d >= 1 && d <= 128,
               "aggregated_attention: the CUDA kernels support head dims 1..128, got ", d);
   switch (d) {
-    case 16: fn(HeadDim<16, true>{}); break;
-    case 24: fn(HeadDim<24, true>{}); break;
-    case 32: fn(HeadDim<32, true>{}); break;
-    case 48: fn(HeadDim<48, true>{}); break;
-    case 64: fn(HeadDim<64, true>{}); break;
-    default: fn(HeadDim<128, false>{});
+    case 16:
+      fn(HeadDim<16, true>{});
+      break;
+    case 24:
+      fn(HeadDim<24, true>{});
+      break;
+    case 32:
+      fn(HeadDim<32, true>{});
+      break;
+    case 48:
+      fn(HeadDim<48, true>{});
+      break;
+    case 64:
+      fn(HeadDim<64, true>{});
+      break;
+    default:
+      fn(HeadDim<128, false>{});
   }
 }
 

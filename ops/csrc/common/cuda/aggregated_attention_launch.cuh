@@ -39,9 +39,9 @@ inline Launch query_launch(const AttentionSizes& s) {
 
 inline Launch gather_launch(const AttentionSizes& s) {
   const int64_t total = s.batch * s.heads * s.tokens * s.d;
-  return {{std::min<int64_t>((total + kGatherThreads - 1) / kGatherThreads, int64_t(1) << 20), 1,
-           1},
-          kGatherThreads};
+  return {
+      {std::min<int64_t>((total + kGatherThreads - 1) / kGatherThreads, int64_t(1) << 20), 1, 1},
+      kGatherThreads};
 }
 
 // Pooled-key gradient: grid (key tiles x batch groups, query chunks, heads), the group varying
@@ -78,7 +78,8 @@ inline PoolGradPlan pool_grad_plan(const AttentionSizes& s, bool bias_grad,
   groups = std::max<int64_t>(1, groups);
   const int64_t group_len = (batch + groups - 1) / groups;
   groups = (batch + group_len - 1) / group_len;
-  return {chunk_len, chunks, group_len, groups, {{key_tiles * groups, chunks, heads}, kPoolThreads}};
+  return {
+      chunk_len, chunks, group_len, groups, {{key_tiles * groups, chunks, heads}, kPoolThreads}};
 }
 
 }  // namespace transnext_mm

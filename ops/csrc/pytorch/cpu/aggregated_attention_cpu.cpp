@@ -48,8 +48,7 @@ TNX_ALWAYS_INLINE void axpy_row(T* y, T alpha, const T* x, int64_t d) {
 // Matrix views of raw buffers for at::mm_out / addmm_ (MKL / oneDNN underneath).
 template <typename T>
 at::Tensor matrix(const T* data, int64_t rows, int64_t cols, int64_t row_stride = -1) {
-  return at::from_blob(const_cast<T*>(data), {rows, cols},
-                       {row_stride < 0 ? cols : row_stride, 1},
+  return at::from_blob(const_cast<T*>(data), {rows, cols}, {row_stride < 0 ? cols : row_stride, 1},
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
@@ -149,8 +148,8 @@ TNX_ALWAYS_INLINE void combine_rows_impl(T* out, int64_t out_stride, const T* po
 // d bias_pool (over the batch: first batch element writes) and the window part of dq.
 template <typename T>
 TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* probs, T* dprobs,
-                                          T* ds_local, T* weight_local, T* dtoken_weight,
-                                          T* dbias, bool first_batch, T* dq_window) {
+                                          T* ds_local, T* weight_local, T* dtoken_weight, T* dbias,
+                                          bool first_batch, T* dq_window) {
   const int64_t Np = c.pool, d = c.d;
   for (int64_t r = 0; r < c.rows; ++r) {
     const int64_t i = c.i0 + r, y = i / c.width, x = i % c.width;
@@ -222,25 +221,24 @@ TNX_ALWAYS_INLINE void window_grad_rows_impl(const Chunk<T>& c, const T* ds_loca
 }
 
 // Multi-versioned entry points (one per dtype; templates cannot be cloned).
-#define TNX_DEFINE_ROW_KERNELS(T)                                                               \
-  TNX_CPU_CLONES void forward_rows(const Chunk<T>& c, T* scores, T* window, T* inv_sum,       \
-                                   T* lse) {                                                  \
-    forward_rows_impl(c, scores, window, inv_sum, lse);                                       \
-  }                                                                                           \
-  TNX_CPU_CLONES void combine_rows(T* out, int64_t out_stride, const T* pooled,                \
-                                   const T* inv_sum, const T* window, int64_t rows, int64_t d) { \
-    combine_rows_impl(out, out_stride, pooled, inv_sum, window, rows, d);                     \
-  }                                                                                           \
-  TNX_CPU_CLONES void backward_rows(const Chunk<T>& c, const T* lse, T* probs, T* dprobs,     \
-                                    T* ds_local, T* weight_local, T* dtoken_weight, T* dbias, \
-                                    bool first_batch, T* dq_window) {                         \
-    backward_rows_impl(c, lse, probs, dprobs, ds_local, weight_local, dtoken_weight, dbias,   \
-                       first_batch, dq_window);                                               \
-  }                                                                                           \
-  TNX_CPU_CLONES void window_grad_rows(const Chunk<T>& c, const T* ds_local,                  \
-                                       const T* weight_local, int64_t n0, int64_t n1,         \
-                                       Rows<T> dk, Rows<T> dv) {                              \
-    window_grad_rows_impl(c, ds_local, weight_local, n0, n1, dk, dv);                         \
+#define TNX_DEFINE_ROW_KERNELS(T)                                                                 \
+  TNX_CPU_CLONES void forward_rows(const Chunk<T>& c, T* scores, T* window, T* inv_sum, T* lse) { \
+    forward_rows_impl(c, scores, window, inv_sum, lse);                                           \
+  }                                                                                               \
+  TNX_CPU_CLONES void combine_rows(T* out, int64_t out_stride, const T* pooled, const T* inv_sum, \
+                                   const T* window, int64_t rows, int64_t d) {                    \
+    combine_rows_impl(out, out_stride, pooled, inv_sum, window, rows, d);                         \
+  }                                                                                               \
+  TNX_CPU_CLONES void backward_rows(const Chunk<T>& c, const T* lse, T* probs, T* dprobs,         \
+                                    T* ds_local, T* weight_local, T* dtoken_weight, T* dbias,     \
+                                    bool first_batch, T* dq_window) {                             \
+    backward_rows_impl(c, lse, probs, dprobs, ds_local, weight_local, dtoken_weight, dbias,       \
+                       first_batch, dq_window);                                                   \
+  }                                                                                               \
+  TNX_CPU_CLONES void window_grad_rows(const Chunk<T>& c, const T* ds_local,                      \
+                                       const T* weight_local, int64_t n0, int64_t n1, Rows<T> dk, \
+                                       Rows<T> dv) {                                              \
+    window_grad_rows_impl(c, ds_local, weight_local, n0, n1, dk, dv);                             \
   }
 TNX_DEFINE_ROW_KERNELS(float)
 TNX_DEFINE_ROW_KERNELS(double)
@@ -256,7 +254,7 @@ TNX_DEFINE_ROW_KERNELS(double)
 // The vectors never cross a non-inlined call, so the AVX argument-passing ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 typedef float v8f __attribute__((vector_size(32)));
-constexpr int64_t kTile = 4;        // queries per register tile
+constexpr int64_t kTile = 4;         // queries per register tile
 constexpr int64_t kScoreBlock = 32;  // pooled keys per register tile (4 vectors)
 
 TNX_ALWAYS_INLINE v8f load8(const float* p) {
@@ -323,8 +321,8 @@ TNX_ALWAYS_INLINE void tile_pooled_values(const float* probs, int64_t np_pad, co
 // R queries starting at i0 (all in one (batch, head)): scores, softmax, output rows, lse.
 template <int D, int R>
 TNX_ALWAYS_INLINE void forward_tile(const Chunk<float>& c, int64_t i0, const float* kpT,
-                                    int64_t np_pad, const float* vp, float* scores,
-                                    Rows<float> out, float* lse) {
+                                    int64_t np_pad, const float* vp, float* scores, Rows<float> out,
+                                    float* lse) {
   const int64_t Np = c.pool;
   const float* q[R];
   for (int r = 0; r < R; ++r) q[r] = c.q.row(i0 + r);
@@ -372,11 +370,11 @@ TNX_ALWAYS_INLINE void forward_tiles_impl(const Chunk<float>& c, const float* kp
   for (; i < end; ++i) forward_tile<D, 1>(c, i, kpT, np_pad, vp, scores, out, lse);
 }
 
-#define TNX_DEFINE_TILE_KERNEL(D)                                                             \
-  TNX_CPU_CLONES void forward_tiles_d##D(const Chunk<float>& c, const float* kpT,            \
-                                         int64_t np_pad, const float* vp, float* scores,     \
-                                         Rows<float> out, float* lse) {                      \
-    forward_tiles_impl<D>(c, kpT, np_pad, vp, scores, out, lse);                             \
+#define TNX_DEFINE_TILE_KERNEL(D)                                                                 \
+  TNX_CPU_CLONES void forward_tiles_d##D(const Chunk<float>& c, const float* kpT, int64_t np_pad, \
+                                         const float* vp, float* scores, Rows<float> out,         \
+                                         float* lse) {                                            \
+    forward_tiles_impl<D>(c, kpT, np_pad, vp, scores, out, lse);                                  \
   }
 TNX_DEFINE_TILE_KERNEL(8)
 TNX_DEFINE_TILE_KERNEL(16)
@@ -389,11 +387,16 @@ using TileKernel = void (*)(const Chunk<float>&, const float*, int64_t, const fl
 
 TileKernel tile_kernel_for(int64_t d) {
   switch (d) {
-    case 8: return forward_tiles_d8;
-    case 16: return forward_tiles_d16;
-    case 24: return forward_tiles_d24;
-    case 32: return forward_tiles_d32;
-    default: return nullptr;
+    case 8:
+      return forward_tiles_d8;
+    case 16:
+      return forward_tiles_d16;
+    case 24:
+      return forward_tiles_d24;
+    case 32:
+      return forward_tiles_d32;
+    default:
+      return nullptr;
   }
 }
 
@@ -403,9 +406,8 @@ struct Layouts {
 };
 
 template <typename T>
-Chunk<T> chunk_of(const Shape& s, const Layouts& l, int64_t bh, const T* q, const T* k,
-                  const T* v, const T* grad, const T* bias, const T* rpb,
-                  const T* token_weight) {
+Chunk<T> chunk_of(const Shape& s, const Layouts& l, int64_t bh, const T* q, const T* k, const T* v,
+                  const T* grad, const T* bias, const T* rpb, const T* token_weight) {
   const int64_t h = bh % s.heads;
   Chunk<T> c;
   c.q = l.q.rows(q, bh, s.heads);
@@ -459,8 +461,8 @@ void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* 
         inv_sum(kRows);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks;
-      Chunk<T> c = chunk_of(s, l, bh, q, k, v, static_cast<const T*>(nullptr), bias, rpb,
-                            token_weight);
+      Chunk<T> c =
+          chunk_of(s, l, bh, q, k, v, static_cast<const T*>(nullptr), bias, rpb, token_weight);
       c.i0 = (task % chunks) * kRows;
       c.rows = std::min(kRows, N - c.i0);
       const T *kp_bh = k_pool + bh * Np * d, *vp_bh = v_pool + bh * Np * d;
@@ -486,8 +488,8 @@ template <typename T>
 void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k_pool,
                    const T* v_pool, const T* rpb, const T* bias, const T* token_weight,
                    const T* lse, T* dq, T* dk, T* dv, T* dtoken_weight, T* dbias, T* ds_local,
-                   T* weight_local, T* dkp_partial, T* dvp_partial, int64_t groups,
-                   const Shape& s, const Layouts& l) {
+                   T* weight_local, T* dkp_partial, T* dvp_partial, int64_t groups, const Shape& s,
+                   const Layouts& l) {
   const int64_t N = s.tokens, Np = s.pool, d = s.d, B = s.batch, heads = s.heads;
   const int64_t chunks = (N + kRows - 1) / kRows;
   const int64_t chunks_per_group = (chunks + groups - 1) / groups;
@@ -527,8 +529,8 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
           } else {
             std::fill(dq_pool.begin(), dq_pool.end(), T(0));
           }
-          combine_rows(dq_bh.row(c.i0), dq_bh.stride, dq_pool.data(), ones.data(),
-                       dq_window.data(), c.rows, d);
+          combine_rows(dq_bh.row(c.i0), dq_bh.stride, dq_pool.data(), ones.data(), dq_window.data(),
+                       c.rows, d);
         }
       }
     }
@@ -586,8 +588,14 @@ std::vector<at::Tensor> aggregated_attention_backward_cpu(
   auto dkp_partial = at::zeros({groups, s.batch, s.heads, s.pool, s.d}, q.options());
   auto dvp_partial = at::zeros_like(dkp_partial);
   if (q.numel() == 0) {
-    return {dq, dk, dv, at::zeros_like(k_pool), at::zeros_like(v_pool), at::zeros_like(rpb),
-            bias_grad ? dbias.zero_() : dbias, dtoken_weight.zero_()};
+    return {dq,
+            dk,
+            dv,
+            at::zeros_like(k_pool),
+            at::zeros_like(v_pool),
+            at::zeros_like(rpb),
+            bias_grad ? dbias.zero_() : dbias,
+            dtoken_weight.zero_()};
   }
   const Layouts l{row_layout(q),   row_layout(k),  row_layout(v),  row_layout(grad_out),
                   row_layout(out), row_layout(dq), row_layout(dk), row_layout(dv)};
@@ -602,7 +610,13 @@ std::vector<at::Tensor> aggregated_attention_backward_cpu(
         weight_local.data_ptr<scalar_t>(), dkp_partial.data_ptr<scalar_t>(),
         dvp_partial.data_ptr<scalar_t>(), groups, s, l);
   });
-  return {dq, dk, dv, dkp_partial.sum(0), dvp_partial.sum(0), ds_local.sum(at::IntArrayRef{0, 2}), dbias,
+  return {dq,
+          dk,
+          dv,
+          dkp_partial.sum(0),
+          dvp_partial.sum(0),
+          ds_local.sum(at::IntArrayRef{0, 2}),
+          dbias,
           dtoken_weight};
 }
 

@@ -22,9 +22,8 @@ namespace {
 // One image row y of one batch element. hidden: the element's (H*W, 2h) fc1 output; taps: (9, h)
 // weights, tap-major; out: the element's (H*W, h) output; acc: h scratch values.
 template <typename T>
-TNX_ALWAYS_INLINE void gate_row_impl(const T* hidden, const T* taps, const T* bias, T* out,
-                                     T* acc, int64_t y, int64_t height, int64_t width,
-                                     int64_t h) {
+TNX_ALWAYS_INLINE void gate_row_impl(const T* hidden, const T* taps, const T* bias, T* out, T* acc,
+                                     int64_t y, int64_t height, int64_t width, int64_t h) {
   const int64_t row_stride = 2 * h;
   for (int64_t x = 0; x < width; ++x) {
     std::copy(bias, bias + h, acc);
@@ -47,7 +46,7 @@ TNX_ALWAYS_INLINE void gate_row_impl(const T* hidden, const T* taps, const T* bi
   }
 }
 
-#define TNX_DEFINE_GATE_ROW(T)                                                               \
+#define TNX_DEFINE_GATE_ROW(T)                                                                \
   TNX_CPU_CLONES void gate_row(const T* hidden, const T* taps, const T* bias, T* out, T* acc, \
                                int64_t y, int64_t height, int64_t width, int64_t h) {         \
     gate_row_impl(hidden, taps, bias, out, acc, y, height, width, h);                         \

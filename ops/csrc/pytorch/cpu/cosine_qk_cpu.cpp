@@ -36,11 +36,11 @@ constexpr int64_t kTokenLanes = 16;  // token weights per row, padded (TransNeXt
 // kTokenLanes), zero-padded; tbias: (heads, T); q_hat: d scratch values; token_weight: the
 // element's (heads, N, T).
 template <typename T>
-TNX_ALWAYS_INLINE void prepare_rows_impl(const T* q, int64_t q_stride, const T* k,
-                                         int64_t k_stride, const T* qe, const T* scale,
-                                         const T* tokens, const T* tbias, T* q_out, T* k_out,
-                                         T* token_weight, T* q_hat, int64_t n0, int64_t n1,
-                                         int64_t N, int64_t heads, int64_t d, int64_t T_) {
+TNX_ALWAYS_INLINE void prepare_rows_impl(const T* q, int64_t q_stride, const T* k, int64_t k_stride,
+                                         const T* qe, const T* scale, const T* tokens,
+                                         const T* tbias, T* q_out, T* k_out, T* token_weight,
+                                         T* q_hat, int64_t n0, int64_t n1, int64_t N, int64_t heads,
+                                         int64_t d, int64_t T_) {
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t h = 0; h < heads; ++h) {
       const T* __restrict__ q_row = q + n * q_stride + h * d;
@@ -68,14 +68,13 @@ TNX_ALWAYS_INLINE void prepare_rows_impl(const T* q, int64_t q_stride, const T* 
   }
 }
 
-#define TNX_DEFINE_PREPARE_ROWS(T)                                                            \
-  TNX_CPU_CLONES void prepare_rows(const T* q, int64_t q_stride, const T* k, int64_t k_stride, \
-                                   const T* qe, const T* scale, const T* tokens,               \
-                                   const T* tbias, T* q_out, T* k_out, T* token_weight,        \
-                                   T* q_hat, int64_t n0, int64_t n1, int64_t N,                \
-                                   int64_t heads, int64_t d, int64_t T_) {                     \
-    prepare_rows_impl(q, q_stride, k, k_stride, qe, scale, tokens, tbias, q_out, k_out,        \
-                      token_weight, q_hat, n0, n1, N, heads, d, T_);                           \
+#define TNX_DEFINE_PREPARE_ROWS(T)                                                                \
+  TNX_CPU_CLONES void prepare_rows(const T* q, int64_t q_stride, const T* k, int64_t k_stride,    \
+                                   const T* qe, const T* scale, const T* tokens, const T* tbias,  \
+                                   T* q_out, T* k_out, T* token_weight, T* q_hat, int64_t n0,     \
+                                   int64_t n1, int64_t N, int64_t heads, int64_t d, int64_t T_) { \
+    prepare_rows_impl(q, q_stride, k, k_stride, qe, scale, tokens, tbias, q_out, k_out,           \
+                      token_weight, q_hat, n0, n1, N, heads, d, T_);                              \
   }
 TNX_DEFINE_PREPARE_ROWS(float)
 TNX_DEFINE_PREPARE_ROWS(double)
@@ -109,10 +108,8 @@ std::vector<at::Tensor> cosine_queries_keys_forward_cpu(const at::Tensor& q, con
     const int64_t blocks = (N + kRowsPerTask - 1) / kRowsPerTask;
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cosine_queries_keys_forward_cpu", [&] {
       const scalar_t *q_ptr = qq.data_ptr<scalar_t>(), *k_ptr = kk.data_ptr<scalar_t>();
-      const scalar_t *qe = query_embedding.data_ptr<scalar_t>(),
-                     *sc = scale.data_ptr<scalar_t>();
-      const scalar_t *tok = tokens.data_ptr<scalar_t>(),
-                     *tb = learnable_bias.data_ptr<scalar_t>();
+      const scalar_t *qe = query_embedding.data_ptr<scalar_t>(), *sc = scale.data_ptr<scalar_t>();
+      const scalar_t *tok = tokens.data_ptr<scalar_t>(), *tb = learnable_bias.data_ptr<scalar_t>();
       scalar_t *qo = q_out.data_ptr<scalar_t>(), *ko = k_out.data_ptr<scalar_t>(),
                *tw = token_weight.data_ptr<scalar_t>();
       at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {

@@ -22,12 +22,12 @@
 
 namespace transnext_mm {
 
-inline AttentionSizes attention_sizes(const at::Tensor& q, const at::Tensor& k_pool,
-                                      int64_t height, int64_t width) {
+inline AttentionSizes attention_sizes(const at::Tensor& q, const at::Tensor& k_pool, int64_t height,
+                                      int64_t width) {
   TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 128,
               "aggregated_attention: the CUDA kernels support head dims 1..128, got ", q.size(3));
-  return {q.size(0), q.size(1), q.size(2), k_pool.size(2), height, width,
-          static_cast<int>(q.size(3))};
+  return {
+      q.size(0), q.size(1), q.size(2), k_pool.size(2), height, width, static_cast<int>(q.size(3))};
 }
 
 template <typename Backend>
@@ -75,8 +75,12 @@ std::vector<at::Tensor> kernel_backward(const at::Tensor& grad_out, const at::Te
   const int64_t batch = q.size(0), heads = q.size(1), N = q.size(2), d = q.size(3);
   const int64_t Np = k_pool.size(2);
   if (q.numel() == 0) {
-    return {empty_rows_like(q), empty_rows_like(k), empty_rows_like(v), at::zeros_like(k_pool),
-            at::zeros_like(v_pool), at::zeros_like(rpb),
+    return {empty_rows_like(q),
+            empty_rows_like(k),
+            empty_rows_like(v),
+            at::zeros_like(k_pool),
+            at::zeros_like(v_pool),
+            at::zeros_like(rpb),
             bias_grad ? at::zeros_like(bias) : at::empty({0, N, Np}, bias.options()),
             at::zeros_like(token_weight)};
   }

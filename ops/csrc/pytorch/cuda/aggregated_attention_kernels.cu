@@ -63,10 +63,10 @@ void launch_aggregated_attention_backward(const BackwardParams<scalar_t>& p,
   run_backward_kernels(p, pool_launch, CudaLauncher{stream});
 }
 
-#define TNX_INSTANTIATE(T)                                                                    \
-  template void launch_aggregated_attention_forward<T>(const ForwardParams<T>&, cudaStream_t); \
-  template void launch_aggregated_attention_backward<T>(const BackwardParams<T>&,             \
-                                                        const Launch&, cudaStream_t);
+#define TNX_INSTANTIATE(T)                                                                       \
+  template void launch_aggregated_attention_forward<T>(const ForwardParams<T>&, cudaStream_t);   \
+  template void launch_aggregated_attention_backward<T>(const BackwardParams<T>&, const Launch&, \
+                                                        cudaStream_t);
 TNX_INSTANTIATE(float)
 TNX_INSTANTIATE(c10::Half)
 TNX_INSTANTIATE(c10::BFloat16)
