@@ -66,7 +66,7 @@ if ! "$VPY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION
 fi
 
 "${PIP[@]}" install -q -r requirements/runtime.txt -r requirements/toolboxes.txt -r requirements/tests.txt \
-  -r requirements/mim.txt
+  -r requirements/mim.txt -r requirements/lint.txt  # lint.txt: .dev_scripts/lint.sh
 # OpenMMLab's mim (mim search/train/test find this package's model index, configs and tools under
 # transnext_mm/.mim). Without --no-deps, pip would pull opendatalab, which downgrades setuptools to
 # 60.x, below torch's >=77.0.3; its other dependencies come from requirements/mim.txt.
