@@ -142,6 +142,9 @@ C10_HOST_DEVICE inline void store_row(T* dst, int d, Fn&& value) {
   for_each_dim<HD>(d, [&](int c) { dst[c] = static_cast<T>(value(c)); });
 }
 
+// a is read element by element (it may be a per-thread register row), b through
+// for_each_value (a vector load when aligned; its address is taken, so it must be memory: a
+// global or shared row, never a per-thread array).
 template <typename HD, typename acc_t, typename scalar_t>
 C10_HOST_DEVICE inline acc_t dot(const acc_t* a, const scalar_t* b, int d) {
   acc_t sum = 0;
@@ -377,9 +380,12 @@ struct BackwardPoolThread {
     for (int t = 0; t < count; ++t) {
       const acc_t* qt = q_tile + t * HD::kMax;
       const acc_t* gt = g_tile + t * HD::kMax;
+      // The per-thread rows (kp, vp) are the element-wise operand of dot(): the vector path takes
+      // the address of the other one, and an address-taken row would live in local memory.
+      // Products and summation order are those of dot(qt, kp), so results are bitwise the same.
       const acc_t p =
-          tnx_exp(dot<HD>(qt, kp, d) + static_cast<acc_t>(bias[t * num_pool]) - lse_tile[t]);
-      const acc_t ds = p * (dot<HD>(gt, vp, d) - delta_tile[t]);
+          tnx_exp(dot<HD>(kp, qt, d) + static_cast<acc_t>(bias[t * num_pool]) - lse_tile[t]);
+      const acc_t ds = p * (dot<HD>(vp, gt, d) - delta_tile[t]);
       axpy<HD>(dkp, ds, qt, d);
       axpy<HD>(dvp, p, gt, d);
       if (dbias != nullptr) dbias[t * num_pool] = first_batch ? ds : dbias[t * num_pool] + ds;
