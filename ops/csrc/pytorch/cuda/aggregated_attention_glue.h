@@ -30,6 +30,13 @@ inline AttentionSizes attention_sizes(const at::Tensor& q, const at::Tensor& k_p
       q.size(0), q.size(1), q.size(2), k_pool.size(2), height, width, static_cast<int>(q.size(3))};
 }
 
+// The sum over dim 0 of per-group / per-chunk partial sums. With one slice (one batch group, one
+// query chunk: the usual case for the bias gradient) that slice is the sum: a view, no copy of
+// the whole slab.
+inline at::Tensor sum_partials(const at::Tensor& partial) {
+  return partial.size(0) == 1 ? partial.select(0, 0) : partial.sum(0);
+}
+
 template <typename Backend>
 std::vector<at::Tensor> kernel_forward(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& v, const at::Tensor& k_pool,
@@ -135,12 +142,12 @@ std::vector<at::Tensor> kernel_backward(const at::Tensor& grad_out, const at::Te
         p.dv_layout = row_layout(dv);
         Backend::template backward<scalar_t>(p, plan.launch);
       });
-  auto dbias = bias_grad ? dbias_partial.sum(0) : at::empty({0, N, Np}, acc_options);
+  auto dbias = bias_grad ? sum_partials(dbias_partial) : at::empty({0, N, Np}, acc_options);
   return {dq,
           dk,
           dv,
-          dkp_partial.sum(0).to(q.scalar_type()),
-          dvp_partial.sum(0).to(q.scalar_type()),
+          sum_partials(dkp_partial).to(q.scalar_type()),
+          sum_partials(dvp_partial).to(q.scalar_type()),
           ds_local.sum(at::IntArrayRef{0, 2}).to(rpb.scalar_type()),
           dbias.to(bias.scalar_type()),
           dtoken_weight};
