@@ -179,6 +179,7 @@ std::map<std::string, std::vector<int64_t>> aggregated_attention_launch_plans(
   auto pool_row = launch_row(plan.launch);
   pool_row.push_back(plan.chunk_len);
   pool_row.push_back(plan.group_len);
+  pool_row.push_back(plan.lanes);
   return {{"forward", launch_row(query_launch(s))},
           {"pool_grad", pool_row},
           {"gather", launch_row(gather_launch(s))}};

@@ -28,7 +28,8 @@ std::vector<at::Tensor> aggregated_attention_backward_replay(
     int64_t pool_target_blocks);
 
 // The CUDA kernels' launch plans for these sizes, as the replay and the GPU use them:
-// {"forward": grid x, y, z, threads}, {"pool_grad": ..., chunk_len, group_len}, {"gather": ...}.
+// {"forward": grid x, y, z, threads}, {"pool_grad": ..., chunk_len, group_len, lanes},
+// {"gather": ...}.
 std::map<std::string, std::vector<int64_t>> aggregated_attention_launch_plans(
     int64_t batch, int64_t heads, int64_t tokens, int64_t pool, int64_t d, bool bias_grad,
     int64_t pool_target_blocks);

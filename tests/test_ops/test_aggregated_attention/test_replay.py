@@ -81,18 +81,24 @@ def test_replayed_head_dim_variants_and_row_alignment(d, dtype, unaligned):
         assert_close_scaled(g, g_ref, REPLAY_GRAD_REL[dtype], name)
 
 
-@pytest.mark.parametrize('target_blocks,groups', [(1, 1), (4, 2)])
+@pytest.mark.parametrize(
+    'B,Np,target_blocks,lanes,groups,group_len', [(3, 5, 1, 2, 1, 4), (3, 5, 4, 2, 2, 2),
+                                                  (5, 70, 1, 4, 1, 8)],
+    ids=['one-group-two-passes', 'two-groups', 'four-lanes-three-key-tiles'])
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float16])
-def test_replayed_pool_grad_schedules(target_blocks, groups, dtype):
-    """The pooled-key gradient kernel with the batch in the grid: one chunk and one group of all
-    3 batch elements (each thread accumulates its bias gradient over them), or 3 chunks and
-    groups of 2 + 1 batch elements (per-group partial sums, summed afterwards)."""
-    shape = B, heads, height, width, Np, d = 3, 1, 7, 10, 5, 24
+def test_replayed_pool_grad_schedules(B, Np, target_blocks, lanes, groups, group_len, dtype):
+    """The pooled-key gradient kernel with the batch in the grid and in the block's batch lanes:
+    one chunk and one group of all 3 batch elements in two passes of 2 lanes (the second pass
+    with one busy lane adds to the bias gradient the first wrote), 3 chunks and groups of
+    2 + 1 batch elements (per-group partial sums, summed afterwards), or 4 lanes of 32 keys
+    (70 keys: 3 key tiles, the last ragged) over 5 batch elements (passes of 4 + 1)."""
+    shape = B, heads, height, width, Np, d = B, 1, 7, 10, Np, 24
     plan = replay_ext().aggregated_attention_launch_plans(B, heads, height * width, Np, d, True,
                                                           target_blocks)['pool_grad']
-    key_tiles = -(-Np // 64)
+    assert plan[3] == 128 and plan[6] == lanes
+    key_tiles = -(-Np // (128 // lanes))
     assert plan[0] == key_tiles * groups and plan[2] == heads  # groups fastest in grid x
-    assert plan[5] == -(-B // groups)  # group length
+    assert plan[5] == group_len  # whole passes of `lanes` batch elements
     tensors = [t.detach() for t in make_inputs(*shape, dtype=dtype)]
     grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64).to(dtype)
     _, _, grads = aggregated_attention_cuda_replay(
@@ -108,11 +114,14 @@ def test_launch_plans_put_the_batch_in_the_grid():
     ext = replay_ext()
     plans = ext.aggregated_attention_launch_plans(64, 2, 56 * 56, 49, 24, True,
                                                   ext.pool_grad_target_blocks)
-    gx, gy, gz, threads, chunk_len, group_len = plans['pool_grad']
-    assert gx * gy * gz >= 512 and threads == 64
+    gx, gy, gz, threads, chunk_len, group_len, lanes = plans['pool_grad']
+    assert gx * gy * gz >= 512 and threads == 128 and lanes == 4
     assert gy * chunk_len >= 56 * 56 > (gy - 1) * chunk_len  # chunks cover the queries once
     assert gz == 2  # heads
-    groups = gx  # one key tile (49 keys): grid x is the batch groups
+    key_tiles = 2  # 49 keys in tiles of 128 / 4 lanes = 32
+    assert gx % key_tiles == 0
+    groups = gx // key_tiles  # grid x: key tiles x batch groups
+    assert group_len % lanes == 0  # whole passes of 4 batch elements
     assert groups * group_len >= 64 > (groups - 1) * group_len  # groups cover the batch once
     assert groups * 2 * 56 * 56 * 49 <= 1 << 24  # bounded bias partial sums
     # Query side: one block per (query block, head, batch element), 1-D grid.

@@ -15,7 +15,8 @@
 namespace transnext_mm {
 
 constexpr int kQueryThreads = 128;   // forward and dq kernels: one query per thread
-constexpr int kPoolThreads = 64;     // pooled-key gradient kernel: one pooled key per thread
+constexpr int kPoolThreads = 128;    // pooled-key gradient kernel: (batch lane, pooled key)
+constexpr int kPoolMaxLanes = 4;     // batch elements a pooled-key block works on at once
 constexpr int kGatherThreads = 256;  // window dk / dv gather: one element per thread
 constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
 constexpr int64_t kMaxGridYZ = 65535;
@@ -46,17 +47,28 @@ inline Launch gather_launch(const AttentionSizes& s) {
 
 // Pooled-key gradient: grid (key tiles x batch groups, query chunks, heads), the group varying
 // fastest, so that the blocks sharing a bias_pool slab (head, chunk, key tile) run side by side.
-// Each block owns d bias_pool[h, chunk, keys] for its batch group, accumulated over the group's
-// batch elements by the owning thread (no atomics) into per-group partial sums, which the
-// launcher sums over the groups. Chunks and groups are sized to fill a GPU (about kTargetBlocks
-// blocks) while the per-chunk dk_pool / dv_pool partials (chunks, B, heads, Np, d) and the
-// per-group bias partials (groups, heads, N, Np) stay bounded.
+// A block is `lanes` batch lanes of kPoolThreads / lanes pooled keys: its lanes work on `lanes`
+// batch elements of its group at once, in passes over the group, and share the block's
+// shared-memory tile of bias_pool; the block sums the lanes' d bias_pool in a fixed order and
+// writes each element once per query tile and pass (no atomics). Across batch groups the bias
+// gradients are per-group partial sums (groups, heads, N, Np), across query chunks the
+// dk_pool / dv_pool ones (chunks, B, heads, Np, d), which the launcher sums. Chunks and groups
+// are sized to fill a GPU (about kTargetBlocks blocks) while the partial sums stay bounded.
 struct PoolGradPlan {
   int64_t chunk_len, chunks, group_len, groups;
+  int lanes;
   Launch launch;
 };
 
 constexpr int64_t kPoolGradTargetBlocks = 1024;
+
+// Batch lanes of a pooled-key block: as many as the batch can keep busy (a power of two, so that
+// the lanes' key columns are whole warps).
+inline int pool_grad_lanes(int64_t batch) {
+  int lanes = 1;
+  while (lanes < kPoolMaxLanes && 2 * lanes <= batch) lanes *= 2;
+  return lanes;
+}
 
 inline PoolGradPlan pool_grad_plan(const AttentionSizes& s, bool bias_grad,
                                    int64_t target_blocks = kPoolGradTargetBlocks) {
@@ -64,7 +76,9 @@ inline PoolGradPlan pool_grad_plan(const AttentionSizes& s, bool bias_grad,
   const int64_t kTargetBlocks = std::max<int64_t>(1, target_blocks);
   constexpr int64_t kMaxPartial = int64_t(1) << 24;  // elements of each kind of partial sums
   const int64_t batch = std::max<int64_t>(s.batch, 1), heads = std::max<int64_t>(s.heads, 1);
-  const int64_t key_tiles = std::max<int64_t>(1, (s.pool + kPoolThreads - 1) / kPoolThreads);
+  const int lanes = pool_grad_lanes(batch);
+  const int64_t keys = kPoolThreads / lanes;  // pooled keys per block
+  const int64_t key_tiles = std::max<int64_t>(1, (s.pool + keys - 1) / keys);
   const int64_t granules = std::max<int64_t>(1, (s.tokens + kGranule - 1) / kGranule);
   int64_t chunks = (kTargetBlocks + heads * key_tiles - 1) / (heads * key_tiles);
   const int64_t chunk_slab = std::max<int64_t>(1, batch * heads * s.pool * s.d);
@@ -72,14 +86,15 @@ inline PoolGradPlan pool_grad_plan(const AttentionSizes& s, bool bias_grad,
   const int64_t chunk_len = ((granules + chunks - 1) / chunks) * kGranule;
   chunks = std::max<int64_t>(1, (s.tokens + chunk_len - 1) / chunk_len);
   int64_t groups = (kTargetBlocks + heads * key_tiles * chunks - 1) / (heads * key_tiles * chunks);
-  groups = std::min(groups, batch);
+  groups = std::min(groups, (batch + lanes - 1) / lanes);
   const int64_t bias_slab = std::max<int64_t>(1, heads * s.tokens * s.pool);
   if (bias_grad) groups = std::min(groups, std::max<int64_t>(1, kMaxPartial / bias_slab));
   groups = std::max<int64_t>(1, groups);
-  const int64_t group_len = (batch + groups - 1) / groups;
+  // Whole passes of `lanes` batch elements per group (only the last group may have a short one).
+  const int64_t group_len = ((batch + groups - 1) / groups + lanes - 1) / lanes * lanes;
   groups = (batch + group_len - 1) / group_len;
-  return {
-      chunk_len, chunks, group_len, groups, {{key_tiles * groups, chunks, heads}, kPoolThreads}};
+  return {chunk_len, chunks, group_len,
+          groups,    lanes,  {{key_tiles * groups, chunks, heads}, kPoolThreads}};
 }
 
 }  // namespace transnext_mm

@@ -356,13 +356,13 @@ struct BackwardQueryThread {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Backward, pooled-key side: one thread per pooled key p of one (batch, head), streaming a chunk
-// of queries through shared-memory tiles. The thread owns d bias_pool[h, i, p] for its chunk and
-// accumulates it over the batch (first batch writes), so no atomics are needed.
+// Backward, pooled-key side: one thread per (pooled key p, batch element) of one head, streaming
+// a chunk of queries through shared-memory tiles. Its ds values (d bias_pool[h, i, p] of its
+// batch element) go to its lane's ds tile; the block sums them over the batch (see
+// backward_pool_block), so no atomics are needed.
 template <typename scalar_t, typename HD>
 struct BackwardPoolThread {
   using acc_t = at::opmath_type<scalar_t>;
-  static constexpr int kTile = TileRows<HD::kMax, acc_t>::value;
   acc_t kp[HD::kMax], vp[HD::kMax], dkp[HD::kMax], dvp[HD::kMax];
 
   C10_HOST_DEVICE void begin(const scalar_t* kp_row, const scalar_t* vp_row, int d) {
@@ -372,23 +372,30 @@ struct BackwardPoolThread {
     fill<HD>(dvp, acc_t(0), d);
   }
 
-  // q_tile, g_tile: `count` queries (row stride HD::kMax); bias / dbias: this key's column for
-  // those queries (stride num_pool); dbias may be null when bias_pool needs no gradient.
+  // q_tile, g_tile, lse_tile, delta_tile: `count` queries of this thread's batch element (row
+  // stride HD::kMax); bias: this key's column of the block's bias tile (stride `stride`); ds_out:
+  // this key's column of the lane's ds tile (same stride), null when bias_pool needs no gradient.
   C10_HOST_DEVICE void query_tile(const acc_t* q_tile, const acc_t* g_tile, const acc_t* lse_tile,
-                                  const acc_t* delta_tile, int count, const scalar_t* bias,
-                                  acc_t* dbias, int64_t num_pool, bool first_batch, int d) {
+                                  const acc_t* delta_tile, int count, const acc_t* bias,
+                                  acc_t* ds_out, int stride, int d) {
     for (int t = 0; t < count; ++t) {
       const acc_t* qt = q_tile + t * HD::kMax;
       const acc_t* gt = g_tile + t * HD::kMax;
-      // The per-thread rows (kp, vp) are the element-wise operand of dot(): the vector path takes
-      // the address of the other one, and an address-taken row would live in local memory.
-      // Products and summation order are those of dot(qt, kp), so results are bitwise the same.
-      const acc_t p =
-          tnx_exp(dot<HD>(kp, qt, d) + static_cast<acc_t>(bias[t * num_pool]) - lse_tile[t]);
-      const acc_t ds = p * (dot<HD>(vp, gt, d) - delta_tile[t]);
-      axpy<HD>(dkp, ds, qt, d);
-      axpy<HD>(dvp, p, gt, d);
-      if (dbias != nullptr) dbias[t * num_pool] = first_batch ? ds : dbias[t * num_pool] + ds;
+      // Every row is read element by element: the per-thread rows (kp, vp, dkp, dvp) must not
+      // have their address taken (they would live in local memory), and the shared q / g rows
+      // so read let the compiler interleave their loads with the arithmetic (with vector reads
+      // of them ptxas spilled at 168 registers). One pass over g_t gives both vp . g_t and
+      // dvp += p g_t. Products and summation order are those of dot() / axpy().
+      acc_t key_dot_q = 0, grad_dot_v = 0;
+      for_each_dim<HD>(d, [&](int c) { key_dot_q += kp[c] * qt[c]; });
+      const acc_t p = tnx_exp(key_dot_q + bias[t * stride] - lse_tile[t]);
+      for_each_dim<HD>(d, [&](int c) {
+        grad_dot_v += vp[c] * gt[c];
+        dvp[c] += p * gt[c];
+      });
+      const acc_t ds = p * (grad_dot_v - delta_tile[t]);
+      for_each_dim<HD>(d, [&](int c) { dkp[c] += ds * qt[c]; });
+      if (ds_out != nullptr) ds_out[t * stride] = ds;
     }
   }
 

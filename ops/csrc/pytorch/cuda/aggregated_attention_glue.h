@@ -132,6 +132,7 @@ std::vector<at::Tensor> kernel_backward(const at::Tensor& grad_out, const at::Te
         p.dvp_partial = dvp_partial.data_ptr<acc_t>();
         p.chunk_len = plan.chunk_len;
         p.group_len = plan.group_len;
+        p.pool_lanes = plan.lanes;
         p.grad_layout = row_layout(grad_out);
         p.q_layout = row_layout(q);
         p.k_layout = row_layout(k);
