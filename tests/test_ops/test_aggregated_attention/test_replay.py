@@ -124,11 +124,47 @@ def test_launch_plans_put_the_batch_in_the_grid():
     assert group_len % lanes == 0  # whole passes of 4 batch elements
     assert groups * group_len >= 64 > (groups - 1) * group_len  # groups cover the batch once
     assert groups * 2 * 56 * 56 * 49 <= 1 << 24  # bounded bias partial sums
-    # Query side: one block per (query block, head, batch element), 1-D grid.
-    assert plans['forward'] == [25 * 2 * 64, 1, 1, 128]
+    # Query side: one block per (query block, head, batch element), 1-D grid; a grid this large
+    # needs no query split.
+    assert plans['forward'] == [25 * 2 * 64, 1, 1, 128, 1]
+    assert plans['backward_query'] == [25 * 2 * 64, 1, 1, 128]
     # batch x heads above CUDA's 65535 limit of grid y / z: still one plain 1-D grid.
     plans = ext.aggregated_attention_launch_plans(40000, 2, 9, 4, 24, True, 1024)
-    assert plans['forward'] == [80000, 1, 1, 128] and plans['pool_grad'][2] == 2
+    assert plans['forward'] == [80000, 1, 1, 128, 1] and plans['pool_grad'][2] == 2
+
+
+@pytest.mark.parametrize('batch,blocks,split', [(1, 384, 4), (2, 384, 2), (4, 384, 1), (8, 768, 1)])
+def test_launch_plans_split_queries_of_small_grids(batch, blocks, split):
+    """TransNeXt-Tiny stage 3 at 512x512 (32x32 queries, 12 heads, 256 pooled keys, head dim
+    24): at batch 1 the forward would run 96 blocks of 128 queries on a GPU of 132 SMs; below
+    about two blocks per SM each query's pooled keys are split over 2 or 4 threads."""
+    ext = replay_ext()
+    plans = ext.aggregated_attention_launch_plans(batch, 12, 32 * 32, 256, 24, True, 1024)
+    assert plans['forward'] == [blocks, 1, 1, 128, split]
+    assert plans['backward_query'] == [8 * 12 * batch, 1, 1, 128]  # not split
+    # Not for the generic head-dim variant, nor with fewer than two pooled keys per part.
+    assert ext.aggregated_attention_launch_plans(1, 12, 1024, 256, 40, True, 1)['forward'][4] == 1
+    assert ext.aggregated_attention_launch_plans(1, 12, 1024, 3, 24, True, 1)['forward'][4] == 2
+    assert ext.aggregated_attention_launch_plans(1, 12, 1024, 1, 24, True, 1)['forward'][4] == 1
+
+
+@pytest.mark.parametrize('split', [1, 2, 4])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('shape', [(2, 2, 5, 7, 70, 24), (1, 3, 9, 13, 33, 16), (2, 1, 3, 4, 1, 32),
+                                   (1, 2, 3, 5, 0, 24)])
+def test_replayed_forward_query_split(shape, dtype, split):
+    """The forward with each query's pooled keys over 1, 2 or 4 threads whose online-softmax
+    states are merged in shared memory: ragged tiles, a ragged last block of queries, one
+    pooled key (parts without keys) and none."""
+    B, heads, height, width, Np, d = shape
+    tensors = [t.detach() for t in make_inputs(*shape, dtype=dtype)]
+    out, lse = replay_ext().aggregated_attention_forward_replay(*tensors, height, width, split)
+    out_ref, _ = reference_with_grads(tensors, height, width,
+                                      torch.zeros(B, heads, height * width, d, dtype=dtype))
+    rel = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    assert_close_scaled(out, out_ref, rel, 'out')
+    out_1, lse_1 = replay_ext().aggregated_attention_forward_replay(*tensors, height, width, 1)
+    torch.testing.assert_close(lse, lse_1, rtol=rel, atol=rel)
 
 
 def test_replay_barrier_model():
@@ -157,7 +193,7 @@ def test_replay_without_bias_grad_and_fast_cpu_path_agree():
     out, lse = cpu.aggregated_attention_forward(*tensors, 9, 13)
     grads = cpu.aggregated_attention_backward(grad_out, *tensors, out, lse, 9, 13, False)
     assert grads[6].numel() == 0  # no bias_pool gradient asked for
-    out_r, lse_r = ext.aggregated_attention_forward_replay(*tensors, 9, 13)
+    out_r, lse_r = ext.aggregated_attention_forward_replay(*tensors, 9, 13, 0)
     grads_r = ext.aggregated_attention_backward_replay(grad_out, *tensors, out, lse, 9, 13, True,
                                                        ext.pool_grad_target_blocks)
     torch.testing.assert_close(out_r, out, rtol=1e-5, atol=1e-5)
@@ -191,11 +227,14 @@ def test_strided_views_are_read_in_place(dtype):
     rel = 1e-10 if dtype == torch.float64 else 3e-3
     ext, cpu = replay_ext(), cpu_kernels()
 
+    def replay_forward(*args):
+        return ext.aggregated_attention_forward_replay(*args, 0)
+
     def replay_backward(*args):
         return ext.aggregated_attention_backward_replay(*args, ext.pool_grad_target_blocks)
 
     for forward, backward in ((cpu.aggregated_attention_forward, cpu.aggregated_attention_backward),
-                              (ext.aggregated_attention_forward_replay, replay_backward)):
+                              (replay_forward, replay_backward)):
         out, lse = forward(*tensors, height, width)
         assert out.transpose(1, 2).is_contiguous()  # (B, N, heads, d) memory
         grads = backward(grad_out, *tensors, out, lse, height, width, True)

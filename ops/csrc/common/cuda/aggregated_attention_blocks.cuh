@@ -39,6 +39,7 @@ struct ForwardParams {
   scalar_t* out;
   acc_t* lse;  // (B, heads, N)
   RowLayout q_layout, k_layout, v_layout, out_layout;
+  int query_split;  // threads per query (1, 2 or 4); 0: the launch plan's choice (query_split)
 };
 
 template <typename scalar_t>
@@ -75,13 +76,14 @@ struct PoolTiles {
 
 // The query-side kernels' block index on their 1-D grid (see query_launch; the grid has one
 // block per (query block, head, batch element), fewer than 2^31, so 32-bit arithmetic decodes it
-// without 64-bit divisions, which are calls on the GPU).
+// without 64-bit divisions, which are calls on the GPU). `queries`: queries per block.
 struct QueryBlock {
   int64_t b, h, bh, first_query;
 };
 
 template <typename Ctx>
-C10_HOST_DEVICE inline QueryBlock query_block(const Ctx& ctx, const AttentionSizes& s) {
+C10_HOST_DEVICE inline QueryBlock query_block(const Ctx& ctx, const AttentionSizes& s,
+                                              int queries) {
   const uint32_t index = static_cast<uint32_t>(ctx.block(0));
   const uint32_t batch = static_cast<uint32_t>(s.batch), heads = static_cast<uint32_t>(s.heads);
   const uint32_t bh_index = index / batch;
@@ -89,22 +91,24 @@ C10_HOST_DEVICE inline QueryBlock query_block(const Ctx& ctx, const AttentionSiz
   blk.b = index - bh_index * batch;
   blk.h = bh_index % heads;
   blk.bh = blk.b * s.heads + blk.h;
-  blk.first_query = static_cast<int64_t>(bh_index / heads) * ctx.threads();
+  blk.first_query = static_cast<int64_t>(bh_index / heads) * queries;
   return blk;
 }
 
 // Streams this (batch, head)'s pooled keys / values through shared-memory tiles, with the
 // block's bias_pool rows for each tile (bias_h: the head's (N, Np) slab; read coalesced, a row
 // segment per warp, once per block), calling use(kp_tile, vp_tile, bias_row, count) for every
-// tile between the barriers; bias_row is this thread's query's row of the bias tile.
+// tile between the barriers; bias_row is row `row` (this thread's query in the block) of the
+// bias tile. `queries`: the block's queries.
 template <typename HD, typename acc_t, int kTile, typename scalar_t, typename Ctx, typename Use>
 C10_HOST_DEVICE inline void for_each_pool_tile(const Ctx& ctx,
                                                PoolTiles<acc_t, kTile, HD::kMax>& sh,
                                                const scalar_t* k_pool, const scalar_t* v_pool,
                                                const scalar_t* bias_h, const AttentionSizes& s,
-                                               int64_t bh, int64_t first_query, Use&& use) {
+                                               int64_t bh, int64_t first_query, int queries,
+                                               int row, Use&& use) {
   constexpr int kStride = PoolTiles<acc_t, kTile, HD::kMax>::kBiasStride;
-  const int rows = static_cast<int>(tnx_min<int64_t>(ctx.threads(), s.tokens - first_query));
+  const int rows = static_cast<int>(tnx_min<int64_t>(queries, s.tokens - first_query));
   for (int64_t p0 = 0; p0 < s.pool; p0 += kTile) {
     const int count = static_cast<int>(tnx_min<int64_t>(kTile, s.pool - p0));
     const int64_t offset = (bh * s.pool + p0) * s.d;
@@ -113,15 +117,30 @@ C10_HOST_DEVICE inline void for_each_pool_tile(const Ctx& ctx,
     load_bias_tile<kTile, kStride>(sh.bias, bias_h + first_query * s.pool + p0, s.pool, rows, count,
                                    ctx.thread(), ctx.threads());
     ctx.sync();  // the tile is complete
-    use(sh.kp, sh.vp, sh.bias + ctx.thread() * kStride, count);
+    use(sh.kp, sh.vp, sh.bias + row * kStride, count);
     ctx.sync();  // every thread is done with it before the next tile overwrites it
   }
 }
 
-// Forward: one thread per query; window, then pooled keys.
+// Forward: one thread per query (or `split` threads per query, see query_split); window, then
+// pooled keys.
 template <typename scalar_t, typename HD>
-using ForwardShared = PoolTiles<at::opmath_type<scalar_t>,
-                                TileRows<HD::kMax, at::opmath_type<scalar_t>>::value, HD::kMax>;
+using ForwardTiles = PoolTiles<at::opmath_type<scalar_t>,
+                               TileRows<HD::kMax, at::opmath_type<scalar_t>>::value, HD::kMax>;
+
+// With split queries, part r > 0 of a query hands its online-softmax state (max, sum,
+// accumulator: kMax + 2 values) to part 0 through shared memory once the tiles are done, so the
+// two share the space. (Exact variants only: the generic one would need 66 KiB.)
+template <typename scalar_t, typename HD>
+struct ForwardShared {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kPartialStride = HD::kMax + 2;
+  static constexpr int kPartialRows = HD::kExactDim ? kQueryThreads : 1;
+  union {
+    ForwardTiles<scalar_t, HD> tiles;
+    acc_t partial[kPartialRows * kPartialStride];  // [thread][max, sum, accumulator]
+  };
+};
 
 template <typename scalar_t, typename HD, typename Ctx>
 C10_HOST_DEVICE void forward_block(const Ctx& ctx, const ForwardParams<scalar_t>& p,
@@ -129,21 +148,41 @@ C10_HOST_DEVICE void forward_block(const Ctx& ctx, const ForwardParams<scalar_t>
   using Thread = ForwardThread<scalar_t, HD>;
   using acc_t = typename Thread::acc_t;
   const AttentionSizes& s = p.sizes;
-  const QueryBlock blk = query_block(ctx, s);
+  // Thread (query q, part r) is thread q * split + r: the parts of a query are neighbours.
+  // split is 1, 2 or 4: shifts and masks (cheap enough for the compiler to recompute them
+  // rather than hold them in registers through the window).
+  const int split = p.query_split, shift = split >> 1;
+  const int queries = ctx.threads() >> shift;
+  const int local = ctx.thread() >> shift, part = ctx.thread() & (split - 1);
+  const QueryBlock blk = query_block(ctx, s, queries);
   const int64_t bh = blk.bh, h = blk.h;
-  const int64_t i = blk.first_query + ctx.thread();
+  const int64_t i = blk.first_query + local;
   const bool active = i < s.tokens;
   Thread thread;
-  if (active)
-    thread.window(p.q_layout.rows(p.q, bh, s.heads), p.k_layout.rows(p.k, bh, s.heads),
-                  p.v_layout.rows(p.v, bh, s.heads), p.rpb + h * kWindowArea,
-                  p.token_weight + (bh * s.tokens + i) * kWindowArea, i, s.height, s.width, s.d);
+  if (active) {
+    if (part == 0)
+      thread.window(p.q_layout.rows(p.q, bh, s.heads), p.k_layout.rows(p.k, bh, s.heads),
+                    p.v_layout.rows(p.v, bh, s.heads), p.rpb + h * kWindowArea,
+                    p.token_weight + (bh * s.tokens + i) * kWindowArea, i, s.height, s.width, s.d);
+    else
+      thread.start_pooled(p.q_layout.rows(p.q, bh, s.heads).row(i), s.d);
+  }
   for_each_pool_tile<HD, acc_t, Thread::kTile>(
-      ctx, sh, p.k_pool, p.v_pool, p.bias + h * s.tokens * s.pool, s, bh, blk.first_query,
-      [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
-        if (active) thread.pool_tile(kp, vp, count, bias, s.d);
+      ctx, sh.tiles, p.k_pool, p.v_pool, p.bias + h * s.tokens * s.pool, s, bh, blk.first_query,
+      queries, local, [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
+        if (active) thread.pool_tile(kp, vp, count, bias, part, split, s.d);
       });
-  if (active)
+  if (split > 1) {
+    // The tiles are done (for_each_pool_tile ends with a barrier): their space takes the parts'
+    // states. Part 0 merges parts 1..split-1 in order (deterministic).
+    acc_t* partial = sh.partial + ctx.thread() * ForwardShared<scalar_t, HD>::kPartialStride;
+    if (active && part != 0) thread.store_state(partial, s.d);
+    ctx.sync();
+    if (active && part == 0)
+      for (int r = 1; r < split; ++r)
+        thread.merge_state(partial + r * ForwardShared<scalar_t, HD>::kPartialStride, s.d);
+  }
+  if (active && part == 0)
     thread.finish(p.out_layout.rows(p.out, bh, s.heads).row(i), p.lse + bh * s.tokens + i, s.d);
 }
 
@@ -151,12 +190,12 @@ C10_HOST_DEVICE void forward_block(const Ctx& ctx, const ForwardParams<scalar_t>
 // and delta (with fp16 / bf16 storage after a first pass over the pooled keys).
 template <typename scalar_t, typename HD, typename Ctx>
 C10_HOST_DEVICE void backward_query_block(const Ctx& ctx, const BackwardParams<scalar_t>& p,
-                                          ForwardShared<scalar_t, HD>& sh) {
+                                          ForwardTiles<scalar_t, HD>& sh) {
   using Thread = BackwardQueryThread<scalar_t, HD>;
   using acc_t = typename Thread::acc_t;
   constexpr int kTile = TileRows<HD::kMax, acc_t>::value;
   const AttentionSizes& s = p.sizes;
-  const QueryBlock blk = query_block(ctx, s);
+  const QueryBlock blk = query_block(ctx, s, ctx.threads());
   const int64_t bh = blk.bh, h = blk.h;
   const int64_t i = blk.first_query + ctx.thread();
   const bool active = i < s.tokens;
@@ -171,7 +210,7 @@ C10_HOST_DEVICE void backward_query_block(const Ctx& ctx, const BackwardParams<s
         p.grad_layout.rows(p.grad_out, bh, s.heads).row(i), p.lse[row], i, s.height, s.width, s.d);
   if constexpr (Thread::kExactDelta) {
     for_each_pool_tile<HD, acc_t, kTile>(
-        ctx, sh, p.k_pool, p.v_pool, bias_h, s, bh, blk.first_query,
+        ctx, sh, p.k_pool, p.v_pool, bias_h, s, bh, blk.first_query, ctx.threads(), ctx.thread(),
         [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
           if (active) thread.delta_tile(kp, vp, count, bias, s.d);
         });
@@ -182,7 +221,7 @@ C10_HOST_DEVICE void backward_query_block(const Ctx& ctx, const BackwardParams<s
                         p.weight_local + row * kWindowArea, p.dtoken_weight + row * kWindowArea,
                         p.delta + row);
   for_each_pool_tile<HD, acc_t, kTile>(
-      ctx, sh, p.k_pool, p.v_pool, bias_h, s, bh, blk.first_query,
+      ctx, sh, p.k_pool, p.v_pool, bias_h, s, bh, blk.first_query, ctx.threads(), ctx.thread(),
       [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
         if (active) thread.pool_tile(kp, vp, count, bias, s.d);
       });
@@ -400,7 +439,7 @@ struct ForwardKernel {
 template <typename scalar_t, typename HD>
 struct BackwardQueryKernel {
   using Params = BackwardParams<scalar_t>;
-  using Shared = ForwardShared<scalar_t, HD>;
+  using Shared = ForwardTiles<scalar_t, HD>;
   static constexpr int kThreads = kQueryThreads;
   static constexpr int kMinBlocks = kQueryMinBlocks<HD>;
   static constexpr const char* kName = "backward_query";
@@ -455,11 +494,19 @@ inline void launch_kernel_checked(const Launch& launch, const typename Kernel::P
   launcher.template launch<Kernel>(launch, p);
 }
 
+// The forward, with the launch plan's query split unless the caller chose one (the tests).
 template <typename scalar_t, typename Launcher>
 void run_forward_kernels(const ForwardParams<scalar_t>& p, const Launcher& launcher) {
+  ForwardParams<scalar_t> params = p;
+  if (params.query_split == 0) params.query_split = query_split(p.sizes);
+  TORCH_CHECK(params.query_split == 1 || (exact_head_dim(p.sizes.d) &&
+                                          (params.query_split == 2 || params.query_split == 4)),
+              "aggregated_attention: query split ", params.query_split, " for head dim ", p.sizes.d,
+              " (1, or 2 / 4 with an exact head-dim variant)");
   dispatch_head_dim(p.sizes.d, [&](auto head_dim) {
     using HD = decltype(head_dim);
-    launch_kernel_checked<ForwardKernel<scalar_t, HD>>(query_launch(p.sizes), p, launcher);
+    launch_kernel_checked<ForwardKernel<scalar_t, HD>>(query_launch(p.sizes, params.query_split),
+                                                       params, launcher);
   });
 }
 

@@ -29,13 +29,39 @@ struct Launch {
 // Query-side kernels (forward, dq): one block per (query block, head, batch element) on a 1-D
 // grid, the batch element varying fastest, so that the blocks that read the same bias_pool slab
 // (head h, the block's queries) run side by side and share it in L2. Any batch x heads fits.
-inline Launch query_launch(const AttentionSizes& s) {
-  const int64_t query_blocks = (s.tokens + kQueryThreads - 1) / kQueryThreads;
+// With `split` threads per query (forward only, see query_split) a block has
+// kQueryThreads / split queries.
+inline Launch query_launch(const AttentionSizes& s, int split = 1) {
+  const int64_t queries = kQueryThreads / split;
+  const int64_t query_blocks = (s.tokens + queries - 1) / queries;
   const int64_t blocks = query_blocks * s.heads * s.batch;
   TORCH_CHECK(blocks >= 1 && blocks <= kMaxGridX,
-              "aggregated_attention: the CUDA kernels take at most 2^31 - 1 blocks of ",
-              kQueryThreads, " queries per (batch, head), got ", blocks);
+              "aggregated_attention: the CUDA kernels take at most 2^31 - 1 blocks of ", queries,
+              " queries per (batch, head), got ", blocks);
   return {{blocks, 1, 1}, kQueryThreads};
+}
+
+// The head dims with exact (unrolled) kernel variants; see dispatch_head_dim.
+inline bool exact_head_dim(int64_t d) {
+  return d == 16 || d == 24 || d == 32 || d == 48 || d == 64;
+}
+
+// Forward of small grids (late stages at batch 1-2: a few hundred blocks of 128 queries or fewer,
+// on a GPU with 132 SMs) splits each query's pooled keys over 2 or 4 threads, which merge their
+// online-softmax states in shared memory at the end: up to 4x the blocks, each with 4x fewer
+// queries. Only while the grid is below about two blocks per SM (an H100's 132 SMs), with at
+// least one pooled key per part, and for the exact head-dim variants (the generic one keeps no
+// room in shared memory for the merge).
+constexpr int kMaxQuerySplit = 4;
+constexpr int64_t kSmallGridBlocks = 2 * 132;
+
+inline int query_split(const AttentionSizes& s) {
+  if (!exact_head_dim(s.d)) return 1;
+  const int64_t blocks = query_launch(s).grid[0];
+  int split = 1;
+  while (split < kMaxQuerySplit && blocks * split < kSmallGridBlocks && 2 * split <= s.pool)
+    split *= 2;
+  return split;
 }
 
 inline Launch gather_launch(const AttentionSizes& s) {

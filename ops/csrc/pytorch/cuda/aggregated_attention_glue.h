@@ -42,7 +42,7 @@ std::vector<at::Tensor> kernel_forward(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& v, const at::Tensor& k_pool,
                                        const at::Tensor& v_pool, const at::Tensor& rpb,
                                        const at::Tensor& bias, const at::Tensor& token_weight,
-                                       int64_t height, int64_t width) {
+                                       int64_t height, int64_t width, int query_split = 0) {
   auto out = empty_rows_like(q);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)},
                        q.options().dtype(at::toOpMathType(q.scalar_type())));
@@ -64,7 +64,8 @@ std::vector<at::Tensor> kernel_forward(const at::Tensor& q, const at::Tensor& k,
                                   row_layout(q),
                                   row_layout(k),
                                   row_layout(v),
-                                  row_layout(out)};
+                                  row_layout(out),
+                                  query_split};
         Backend::template forward<scalar_t>(p);
       });
   return {out, lse};
