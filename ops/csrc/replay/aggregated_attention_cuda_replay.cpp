@@ -179,7 +179,12 @@ std::map<std::string, std::vector<int64_t>> aggregated_attention_launch_plans(
   auto pool_row = launch_row(plan.launch);
   pool_row.push_back(plan.chunk_len);
   pool_row.push_back(plan.group_len);
-  return {{"forward", launch_row(query_launch(s))},
+  pool_row.push_back(plan.lanes);
+  const int split = query_split(s);
+  auto forward_row = launch_row(query_launch(s, split));
+  forward_row.push_back(split);
+  return {{"forward", forward_row},
+          {"backward_query", launch_row(query_launch(s))},
           {"pool_grad", pool_row},
           {"gather", launch_row(gather_launch(s))}};
 }
@@ -198,12 +203,12 @@ at::Tensor cuda_replay_selftest(const std::string& mode) {
 std::vector<at::Tensor> aggregated_attention_forward_replay(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
     const at::Tensor& v_pool, const at::Tensor& rpb_local, const at::Tensor& bias_pool,
-    const at::Tensor& token_weight, int64_t height, int64_t width) {
+    const at::Tensor& token_weight, int64_t height, int64_t width, int64_t query_split) {
   TORCH_CHECK(q.device().is_cpu(), "aggregated_attention replay: expects CPU tensors");
   const auto t =
       checked_forward(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width);
   return kernel_forward<ReplayBackend>(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], height,
-                                       width);
+                                       width, static_cast<int>(query_split));
 }
 
 std::vector<at::Tensor> aggregated_attention_backward_replay(

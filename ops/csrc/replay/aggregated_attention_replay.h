@@ -14,12 +14,13 @@ namespace transnext_mm {
 
 // CPU replays of the CUDA kernels on CPU tensors. Same arguments, checks and results as
 // aggregated_attention_forward / aggregated_attention_backward (pytorch/aggregated_attention.h);
-// the backward takes the pooled-key kernel's target block count (kPoolGradTargetBlocks on the
-// GPU; 1 gives one query chunk and one batch group, the other extreme of its schedule).
+// the forward takes the threads per query (0: the launch plan's choice, query_split; 1, 2 or 4),
+// the backward the pooled-key kernel's target block count (kPoolGradTargetBlocks on the GPU; 1
+// gives one query chunk and one batch group, the other extreme of its schedule).
 std::vector<at::Tensor> aggregated_attention_forward_replay(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
     const at::Tensor& v_pool, const at::Tensor& rpb_local, const at::Tensor& bias_pool,
-    const at::Tensor& token_weight, int64_t height, int64_t width);
+    const at::Tensor& token_weight, int64_t height, int64_t width, int64_t query_split);
 std::vector<at::Tensor> aggregated_attention_backward_replay(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb_local,
@@ -28,7 +29,8 @@ std::vector<at::Tensor> aggregated_attention_backward_replay(
     int64_t pool_target_blocks);
 
 // The CUDA kernels' launch plans for these sizes, as the replay and the GPU use them:
-// {"forward": grid x, y, z, threads}, {"pool_grad": ..., chunk_len, group_len}, {"gather": ...}.
+// {"forward": grid x, y, z, threads, query split}, {"backward_query": grid x, y, z, threads},
+// {"pool_grad": ..., chunk_len, group_len, lanes}, {"gather": ...}.
 std::map<std::string, std::vector<int64_t>> aggregated_attention_launch_plans(
     int64_t batch, int64_t heads, int64_t tokens, int64_t pool, int64_t d, bool bias_grad,
     int64_t pool_target_blocks);

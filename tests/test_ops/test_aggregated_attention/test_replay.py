@@ -81,18 +81,24 @@ def test_replayed_head_dim_variants_and_row_alignment(d, dtype, unaligned):
         assert_close_scaled(g, g_ref, REPLAY_GRAD_REL[dtype], name)
 
 
-@pytest.mark.parametrize('target_blocks,groups', [(1, 1), (4, 2)])
+@pytest.mark.parametrize(
+    'B,Np,target_blocks,lanes,groups,group_len', [(3, 5, 1, 2, 1, 4), (3, 5, 4, 2, 2, 2),
+                                                  (5, 70, 1, 4, 1, 8)],
+    ids=['one-group-two-passes', 'two-groups', 'four-lanes-three-key-tiles'])
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float16])
-def test_replayed_pool_grad_schedules(target_blocks, groups, dtype):
-    """The pooled-key gradient kernel with the batch in the grid: one chunk and one group of all
-    3 batch elements (each thread accumulates its bias gradient over them), or 3 chunks and
-    groups of 2 + 1 batch elements (per-group partial sums, summed afterwards)."""
-    shape = B, heads, height, width, Np, d = 3, 1, 7, 10, 5, 24
+def test_replayed_pool_grad_schedules(B, Np, target_blocks, lanes, groups, group_len, dtype):
+    """The pooled-key gradient kernel with the batch in the grid and in the block's batch lanes:
+    one chunk and one group of all 3 batch elements in two passes of 2 lanes (the second pass
+    with one busy lane adds to the bias gradient the first wrote), 3 chunks and groups of
+    2 + 1 batch elements (per-group partial sums, summed afterwards), or 4 lanes of 32 keys
+    (70 keys: 3 key tiles, the last ragged) over 5 batch elements (passes of 4 + 1)."""
+    shape = B, heads, height, width, Np, d = B, 1, 7, 10, Np, 24
     plan = replay_ext().aggregated_attention_launch_plans(B, heads, height * width, Np, d, True,
                                                           target_blocks)['pool_grad']
-    key_tiles = -(-Np // 64)
+    assert plan[3] == 128 and plan[6] == lanes
+    key_tiles = -(-Np // (128 // lanes))
     assert plan[0] == key_tiles * groups and plan[2] == heads  # groups fastest in grid x
-    assert plan[5] == -(-B // groups)  # group length
+    assert plan[5] == group_len  # whole passes of `lanes` batch elements
     tensors = [t.detach() for t in make_inputs(*shape, dtype=dtype)]
     grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64).to(dtype)
     _, _, grads = aggregated_attention_cuda_replay(
@@ -108,18 +114,57 @@ def test_launch_plans_put_the_batch_in_the_grid():
     ext = replay_ext()
     plans = ext.aggregated_attention_launch_plans(64, 2, 56 * 56, 49, 24, True,
                                                   ext.pool_grad_target_blocks)
-    gx, gy, gz, threads, chunk_len, group_len = plans['pool_grad']
-    assert gx * gy * gz >= 512 and threads == 64
+    gx, gy, gz, threads, chunk_len, group_len, lanes = plans['pool_grad']
+    assert gx * gy * gz >= 512 and threads == 128 and lanes == 4
     assert gy * chunk_len >= 56 * 56 > (gy - 1) * chunk_len  # chunks cover the queries once
     assert gz == 2  # heads
-    groups = gx  # one key tile (49 keys): grid x is the batch groups
+    key_tiles = 2  # 49 keys in tiles of 128 / 4 lanes = 32
+    assert gx % key_tiles == 0
+    groups = gx // key_tiles  # grid x: key tiles x batch groups
+    assert group_len % lanes == 0  # whole passes of 4 batch elements
     assert groups * group_len >= 64 > (groups - 1) * group_len  # groups cover the batch once
     assert groups * 2 * 56 * 56 * 49 <= 1 << 24  # bounded bias partial sums
-    # Query side: one block per (query block, head, batch element), 1-D grid.
-    assert plans['forward'] == [25 * 2 * 64, 1, 1, 128]
+    # Query side: one block per (query block, head, batch element), 1-D grid; a grid this large
+    # needs no query split.
+    assert plans['forward'] == [25 * 2 * 64, 1, 1, 128, 1]
+    assert plans['backward_query'] == [25 * 2 * 64, 1, 1, 128]
     # batch x heads above CUDA's 65535 limit of grid y / z: still one plain 1-D grid.
     plans = ext.aggregated_attention_launch_plans(40000, 2, 9, 4, 24, True, 1024)
-    assert plans['forward'] == [80000, 1, 1, 128] and plans['pool_grad'][2] == 2
+    assert plans['forward'] == [80000, 1, 1, 128, 1] and plans['pool_grad'][2] == 2
+
+
+@pytest.mark.parametrize('batch,blocks,split', [(1, 384, 4), (2, 384, 2), (4, 384, 1), (8, 768, 1)])
+def test_launch_plans_split_queries_of_small_grids(batch, blocks, split):
+    """TransNeXt-Tiny stage 3 at 512x512 (32x32 queries, 12 heads, 256 pooled keys, head dim
+    24): at batch 1 the forward would run 96 blocks of 128 queries on a GPU of 132 SMs; below
+    about two blocks per SM each query's pooled keys are split over 2 or 4 threads."""
+    ext = replay_ext()
+    plans = ext.aggregated_attention_launch_plans(batch, 12, 32 * 32, 256, 24, True, 1024)
+    assert plans['forward'] == [blocks, 1, 1, 128, split]
+    assert plans['backward_query'] == [8 * 12 * batch, 1, 1, 128]  # not split
+    # Not for the generic head-dim variant, nor with fewer than two pooled keys per part.
+    assert ext.aggregated_attention_launch_plans(1, 12, 1024, 256, 40, True, 1)['forward'][4] == 1
+    assert ext.aggregated_attention_launch_plans(1, 12, 1024, 3, 24, True, 1)['forward'][4] == 2
+    assert ext.aggregated_attention_launch_plans(1, 12, 1024, 1, 24, True, 1)['forward'][4] == 1
+
+
+@pytest.mark.parametrize('split', [1, 2, 4])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('shape', [(2, 2, 5, 7, 70, 24), (1, 3, 9, 13, 33, 16), (2, 1, 3, 4, 1, 32),
+                                   (1, 2, 3, 5, 0, 24)])
+def test_replayed_forward_query_split(shape, dtype, split):
+    """The forward with each query's pooled keys over 1, 2 or 4 threads whose online-softmax
+    states are merged in shared memory: ragged tiles, a ragged last block of queries, one
+    pooled key (parts without keys) and none."""
+    B, heads, height, width, Np, d = shape
+    tensors = [t.detach() for t in make_inputs(*shape, dtype=dtype)]
+    out, lse = replay_ext().aggregated_attention_forward_replay(*tensors, height, width, split)
+    out_ref, _ = reference_with_grads(tensors, height, width,
+                                      torch.zeros(B, heads, height * width, d, dtype=dtype))
+    rel = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    assert_close_scaled(out, out_ref, rel, 'out')
+    out_1, lse_1 = replay_ext().aggregated_attention_forward_replay(*tensors, height, width, 1)
+    torch.testing.assert_close(lse, lse_1, rtol=rel, atol=rel)
 
 
 def test_replay_barrier_model():
@@ -148,7 +193,7 @@ def test_replay_without_bias_grad_and_fast_cpu_path_agree():
     out, lse = cpu.aggregated_attention_forward(*tensors, 9, 13)
     grads = cpu.aggregated_attention_backward(grad_out, *tensors, out, lse, 9, 13, False)
     assert grads[6].numel() == 0  # no bias_pool gradient asked for
-    out_r, lse_r = ext.aggregated_attention_forward_replay(*tensors, 9, 13)
+    out_r, lse_r = ext.aggregated_attention_forward_replay(*tensors, 9, 13, 0)
     grads_r = ext.aggregated_attention_backward_replay(grad_out, *tensors, out, lse, 9, 13, True,
                                                        ext.pool_grad_target_blocks)
     torch.testing.assert_close(out_r, out, rtol=1e-5, atol=1e-5)
@@ -182,11 +227,14 @@ def test_strided_views_are_read_in_place(dtype):
     rel = 1e-10 if dtype == torch.float64 else 3e-3
     ext, cpu = replay_ext(), cpu_kernels()
 
+    def replay_forward(*args):
+        return ext.aggregated_attention_forward_replay(*args, 0)
+
     def replay_backward(*args):
         return ext.aggregated_attention_backward_replay(*args, ext.pool_grad_target_blocks)
 
     for forward, backward in ((cpu.aggregated_attention_forward, cpu.aggregated_attention_backward),
-                              (ext.aggregated_attention_forward_replay, replay_backward)):
+                              (replay_forward, replay_backward)):
         out, lse = forward(*tensors, height, width)
         assert out.transpose(1, 2).is_contiguous()  # (B, N, heads, d) memory
         grads = backward(grad_out, *tensors, out, lse, height, width, True)

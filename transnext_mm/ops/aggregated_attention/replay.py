@@ -43,7 +43,8 @@ def aggregated_attention_cuda_replay(q: Tensor,
                                      height: int,
                                      width: int,
                                      grad_out: Tensor = None,
-                                     pool_target_blocks: int = None):
+                                     pool_target_blocks: int = None,
+                                     query_split: int = 0):
     """Run the CUDA kernels' code on CPU tensors (for tests; slow): the same block bodies,
     grids and host glue, every block's threads as fibers between real barriers.
 
@@ -52,13 +53,15 @@ def aggregated_attention_cuda_replay(q: Tensor,
             Defaults to None.
         pool_target_blocks (int, optional): Blocks the pooled-key gradient kernel aims for; 1
             gives one query chunk and one batch group. Defaults to None (the GPU's setting).
+        query_split (int): Threads per query of the forward kernel (1, 2 or 4; 2 and 4 only
+            for the exact head-dim variants). Defaults to 0 (the launch plan's choice).
 
     Returns:
         tuple: ``(out, lse)``, and with ``grad_out`` also the 8 input gradients.
     """
     ext = replay_ext()
     args = (q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight)
-    out, lse = ext.aggregated_attention_forward_replay(*args, height, width)
+    out, lse = ext.aggregated_attention_forward_replay(*args, height, width, query_split)
     if grad_out is None:
         return out, lse
     if pool_target_blocks is None:

@@ -39,6 +39,7 @@ struct ForwardParams {
   scalar_t* out;
   acc_t* lse;  // (B, heads, N)
   RowLayout q_layout, k_layout, v_layout, out_layout;
+  int query_split;  // threads per query (1, 2 or 4); 0: the launch plan's choice (query_split)
 };
 
 template <typename scalar_t>
@@ -54,6 +55,7 @@ struct BackwardParams {
   acc_t *dkp_partial, *dvp_partial;  // (chunks, B, heads, Np, d), summed over chunks
   int64_t chunk_len;                 // queries per block of the pooled-key kernel
   int64_t group_len;                 // batch elements per block of the pooled-key kernel
+  int pool_lanes;                    // batch lanes of a pooled-key block (pool_grad_plan)
   RowLayout grad_layout, q_layout, k_layout, v_layout, out_layout, dq_layout, dk_layout, dv_layout;
 };
 
@@ -74,13 +76,14 @@ struct PoolTiles {
 
 // The query-side kernels' block index on their 1-D grid (see query_launch; the grid has one
 // block per (query block, head, batch element), fewer than 2^31, so 32-bit arithmetic decodes it
-// without 64-bit divisions, which are calls on the GPU).
+// without 64-bit divisions, which are calls on the GPU). `queries`: queries per block.
 struct QueryBlock {
   int64_t b, h, bh, first_query;
 };
 
 template <typename Ctx>
-C10_HOST_DEVICE inline QueryBlock query_block(const Ctx& ctx, const AttentionSizes& s) {
+C10_HOST_DEVICE inline QueryBlock query_block(const Ctx& ctx, const AttentionSizes& s,
+                                              int queries) {
   const uint32_t index = static_cast<uint32_t>(ctx.block(0));
   const uint32_t batch = static_cast<uint32_t>(s.batch), heads = static_cast<uint32_t>(s.heads);
   const uint32_t bh_index = index / batch;
@@ -88,22 +91,24 @@ C10_HOST_DEVICE inline QueryBlock query_block(const Ctx& ctx, const AttentionSiz
   blk.b = index - bh_index * batch;
   blk.h = bh_index % heads;
   blk.bh = blk.b * s.heads + blk.h;
-  blk.first_query = static_cast<int64_t>(bh_index / heads) * ctx.threads();
+  blk.first_query = static_cast<int64_t>(bh_index / heads) * queries;
   return blk;
 }
 
 // Streams this (batch, head)'s pooled keys / values through shared-memory tiles, with the
 // block's bias_pool rows for each tile (bias_h: the head's (N, Np) slab; read coalesced, a row
 // segment per warp, once per block), calling use(kp_tile, vp_tile, bias_row, count) for every
-// tile between the barriers; bias_row is this thread's query's row of the bias tile.
+// tile between the barriers; bias_row is row `row` (this thread's query in the block) of the
+// bias tile. `queries`: the block's queries.
 template <typename HD, typename acc_t, int kTile, typename scalar_t, typename Ctx, typename Use>
 C10_HOST_DEVICE inline void for_each_pool_tile(const Ctx& ctx,
                                                PoolTiles<acc_t, kTile, HD::kMax>& sh,
                                                const scalar_t* k_pool, const scalar_t* v_pool,
                                                const scalar_t* bias_h, const AttentionSizes& s,
-                                               int64_t bh, int64_t first_query, Use&& use) {
+                                               int64_t bh, int64_t first_query, int queries,
+                                               int row, Use&& use) {
   constexpr int kStride = PoolTiles<acc_t, kTile, HD::kMax>::kBiasStride;
-  const int rows = static_cast<int>(tnx_min<int64_t>(ctx.threads(), s.tokens - first_query));
+  const int rows = static_cast<int>(tnx_min<int64_t>(queries, s.tokens - first_query));
   for (int64_t p0 = 0; p0 < s.pool; p0 += kTile) {
     const int count = static_cast<int>(tnx_min<int64_t>(kTile, s.pool - p0));
     const int64_t offset = (bh * s.pool + p0) * s.d;
@@ -112,15 +117,30 @@ C10_HOST_DEVICE inline void for_each_pool_tile(const Ctx& ctx,
     load_bias_tile<kTile, kStride>(sh.bias, bias_h + first_query * s.pool + p0, s.pool, rows, count,
                                    ctx.thread(), ctx.threads());
     ctx.sync();  // the tile is complete
-    use(sh.kp, sh.vp, sh.bias + ctx.thread() * kStride, count);
+    use(sh.kp, sh.vp, sh.bias + row * kStride, count);
     ctx.sync();  // every thread is done with it before the next tile overwrites it
   }
 }
 
-// Forward: one thread per query; window, then pooled keys.
+// Forward: one thread per query (or `split` threads per query, see query_split); window, then
+// pooled keys.
 template <typename scalar_t, typename HD>
-using ForwardShared = PoolTiles<at::opmath_type<scalar_t>,
-                                TileRows<HD::kMax, at::opmath_type<scalar_t>>::value, HD::kMax>;
+using ForwardTiles = PoolTiles<at::opmath_type<scalar_t>,
+                               TileRows<HD::kMax, at::opmath_type<scalar_t>>::value, HD::kMax>;
+
+// With split queries, part r > 0 of a query hands its online-softmax state (max, sum,
+// accumulator: kMax + 2 values) to part 0 through shared memory once the tiles are done, so the
+// two share the space. (Exact variants only: the generic one would need 66 KiB.)
+template <typename scalar_t, typename HD>
+struct ForwardShared {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kPartialStride = HD::kMax + 2;
+  static constexpr int kPartialRows = HD::kExactDim ? kQueryThreads : 1;
+  union {
+    ForwardTiles<scalar_t, HD> tiles;
+    acc_t partial[kPartialRows * kPartialStride];  // [thread][max, sum, accumulator]
+  };
+};
 
 template <typename scalar_t, typename HD, typename Ctx>
 C10_HOST_DEVICE void forward_block(const Ctx& ctx, const ForwardParams<scalar_t>& p,
@@ -128,21 +148,41 @@ C10_HOST_DEVICE void forward_block(const Ctx& ctx, const ForwardParams<scalar_t>
   using Thread = ForwardThread<scalar_t, HD>;
   using acc_t = typename Thread::acc_t;
   const AttentionSizes& s = p.sizes;
-  const QueryBlock blk = query_block(ctx, s);
+  // Thread (query q, part r) is thread q * split + r: the parts of a query are neighbours.
+  // split is 1, 2 or 4: shifts and masks (cheap enough for the compiler to recompute them
+  // rather than hold them in registers through the window).
+  const int split = p.query_split, shift = split >> 1;
+  const int queries = ctx.threads() >> shift;
+  const int local = ctx.thread() >> shift, part = ctx.thread() & (split - 1);
+  const QueryBlock blk = query_block(ctx, s, queries);
   const int64_t bh = blk.bh, h = blk.h;
-  const int64_t i = blk.first_query + ctx.thread();
+  const int64_t i = blk.first_query + local;
   const bool active = i < s.tokens;
   Thread thread;
-  if (active)
-    thread.window(p.q_layout.rows(p.q, bh, s.heads), p.k_layout.rows(p.k, bh, s.heads),
-                  p.v_layout.rows(p.v, bh, s.heads), p.rpb + h * kWindowArea,
-                  p.token_weight + (bh * s.tokens + i) * kWindowArea, i, s.height, s.width, s.d);
+  if (active) {
+    if (part == 0)
+      thread.window(p.q_layout.rows(p.q, bh, s.heads), p.k_layout.rows(p.k, bh, s.heads),
+                    p.v_layout.rows(p.v, bh, s.heads), p.rpb + h * kWindowArea,
+                    p.token_weight + (bh * s.tokens + i) * kWindowArea, i, s.height, s.width, s.d);
+    else
+      thread.start_pooled(p.q_layout.rows(p.q, bh, s.heads).row(i), s.d);
+  }
   for_each_pool_tile<HD, acc_t, Thread::kTile>(
-      ctx, sh, p.k_pool, p.v_pool, p.bias + h * s.tokens * s.pool, s, bh, blk.first_query,
-      [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
-        if (active) thread.pool_tile(kp, vp, count, bias, s.d);
+      ctx, sh.tiles, p.k_pool, p.v_pool, p.bias + h * s.tokens * s.pool, s, bh, blk.first_query,
+      queries, local, [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
+        if (active) thread.pool_tile(kp, vp, count, bias, part, split, s.d);
       });
-  if (active)
+  if (split > 1) {
+    // The tiles are done (for_each_pool_tile ends with a barrier): their space takes the parts'
+    // states. Part 0 merges parts 1..split-1 in order (deterministic).
+    acc_t* partial = sh.partial + ctx.thread() * ForwardShared<scalar_t, HD>::kPartialStride;
+    if (active && part != 0) thread.store_state(partial, s.d);
+    ctx.sync();
+    if (active && part == 0)
+      for (int r = 1; r < split; ++r)
+        thread.merge_state(partial + r * ForwardShared<scalar_t, HD>::kPartialStride, s.d);
+  }
+  if (active && part == 0)
     thread.finish(p.out_layout.rows(p.out, bh, s.heads).row(i), p.lse + bh * s.tokens + i, s.d);
 }
 
@@ -150,12 +190,12 @@ C10_HOST_DEVICE void forward_block(const Ctx& ctx, const ForwardParams<scalar_t>
 // and delta (with fp16 / bf16 storage after a first pass over the pooled keys).
 template <typename scalar_t, typename HD, typename Ctx>
 C10_HOST_DEVICE void backward_query_block(const Ctx& ctx, const BackwardParams<scalar_t>& p,
-                                          ForwardShared<scalar_t, HD>& sh) {
+                                          ForwardTiles<scalar_t, HD>& sh) {
   using Thread = BackwardQueryThread<scalar_t, HD>;
   using acc_t = typename Thread::acc_t;
   constexpr int kTile = TileRows<HD::kMax, acc_t>::value;
   const AttentionSizes& s = p.sizes;
-  const QueryBlock blk = query_block(ctx, s);
+  const QueryBlock blk = query_block(ctx, s, ctx.threads());
   const int64_t bh = blk.bh, h = blk.h;
   const int64_t i = blk.first_query + ctx.thread();
   const bool active = i < s.tokens;
@@ -170,7 +210,7 @@ C10_HOST_DEVICE void backward_query_block(const Ctx& ctx, const BackwardParams<s
         p.grad_layout.rows(p.grad_out, bh, s.heads).row(i), p.lse[row], i, s.height, s.width, s.d);
   if constexpr (Thread::kExactDelta) {
     for_each_pool_tile<HD, acc_t, kTile>(
-        ctx, sh, p.k_pool, p.v_pool, bias_h, s, bh, blk.first_query,
+        ctx, sh, p.k_pool, p.v_pool, bias_h, s, bh, blk.first_query, ctx.threads(), ctx.thread(),
         [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
           if (active) thread.delta_tile(kp, vp, count, bias, s.d);
         });
@@ -181,70 +221,127 @@ C10_HOST_DEVICE void backward_query_block(const Ctx& ctx, const BackwardParams<s
                         p.weight_local + row * kWindowArea, p.dtoken_weight + row * kWindowArea,
                         p.delta + row);
   for_each_pool_tile<HD, acc_t, kTile>(
-      ctx, sh, p.k_pool, p.v_pool, bias_h, s, bh, blk.first_query,
+      ctx, sh, p.k_pool, p.v_pool, bias_h, s, bh, blk.first_query, ctx.threads(), ctx.thread(),
       [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
         if (active) thread.pool_tile(kp, vp, count, bias, s.d);
       });
   if (active) thread.finish(p.dq_layout.rows(p.dq, bh, s.heads).row(i), s.d);
 }
 
-// Backward, pooled-key side (grid: pool_grad_plan): one thread per pooled key, streaming the
-// block's query chunk through shared-memory tiles for each batch element of its group. Its bias
-// and d bias reads / writes are coalesced (consecutive threads, consecutive keys).
+// Backward, pooled-key side (grid: pool_grad_plan). Thread (lane, key_column) of a block of
+// `lanes` lanes of `keys` = threads / lanes columns owns pooled key key_tile * keys + key_column
+// for batch element b_begin + pass + lane of each pass (`lanes` batch elements) over its batch
+// group, streaming the block's query chunk through shared-memory tiles: per tile, the q / g / lse /
+// delta rows of each lane's batch element and one bias_pool tile (tile queries x block keys) that
+// all lanes share, so bias_pool is read once per tile and pass instead of once per batch element.
+// The lanes' ds go to a ds tile; after the barrier the block sums them over the lanes, in lane
+// order (deterministic; the order in which one thread would have accumulated the batch), onto the
+// group's partial sum and writes each d bias_pool element once per tile and pass. Reads and writes
+// of bias_pool and its gradient are coalesced (consecutive threads, consecutive keys).
+//
+// Queries per lane and tile: 16, fewer for wide heads, so that four lanes' q and g tiles stay
+// within 16 KiB.
+template <int kMaxD, typename acc_t>
+struct PoolTileRows {
+  static constexpr int value = kMaxD * sizeof(acc_t) <= 128   ? 16
+                               : kMaxD * sizeof(acc_t) <= 256 ? 8
+                                                              : 4;
+};
+
 template <typename scalar_t, typename HD>
 struct PoolGradShared {
   using acc_t = at::opmath_type<scalar_t>;
-  static constexpr int kTile = TileRows<HD::kMax, acc_t>::value;
-  alignas(16) acc_t q[kTile * HD::kMax];
-  alignas(16) acc_t g[kTile * HD::kMax];
-  acc_t lse[kTile];
-  acc_t delta[kTile];
+  static constexpr int kRows = PoolTileRows<HD::kMax, acc_t>::value;
+  alignas(16) acc_t q[kPoolMaxLanes * kRows * HD::kMax];  // [lane][query][channel]
+  alignas(16) acc_t g[kPoolMaxLanes * kRows * HD::kMax];
+  acc_t lse[kPoolMaxLanes * kRows];    // [lane][query]
+  acc_t delta[kPoolMaxLanes * kRows];  // [lane][query]
+  acc_t bias[kRows * kPoolThreads];    // [query][key column], row stride `keys`
+  acc_t ds[kRows * kPoolThreads];      // [lane][query][key column]
 };
 
 template <typename scalar_t, typename HD, typename Ctx>
 C10_HOST_DEVICE void backward_pool_block(const Ctx& ctx, const BackwardParams<scalar_t>& p,
                                          PoolGradShared<scalar_t, HD>& sh) {
   using Thread = BackwardPoolThread<scalar_t, HD>;
-  constexpr int kTile = PoolGradShared<scalar_t, HD>::kTile;
+  using acc_t = typename Thread::acc_t;
+  constexpr int kRows = PoolGradShared<scalar_t, HD>::kRows;
   const AttentionSizes& s = p.sizes;
-  const int64_t groups = (s.batch + p.group_len - 1) / p.group_len;
-  const int64_t key_tile = ctx.block(0) / groups, group = ctx.block(0) % groups;
-  const int64_t key = key_tile * ctx.threads() + ctx.thread();
-  const bool active = key < s.pool;
-  const int64_t chunk = ctx.block(1), h = ctx.block(2);
-  const int64_t i_begin = chunk * p.chunk_len;
-  const int64_t i_end = tnx_min(s.tokens, i_begin + p.chunk_len);
-  const int64_t b_begin = group * p.group_len;
-  const int64_t b_end = tnx_min(s.batch, b_begin + p.group_len);
-  for (int64_t b = b_begin; b < b_end; ++b) {
-    const int64_t bh = b * s.heads + h;
-    const Rows<const scalar_t> q_bh = p.q_layout.rows(p.q, bh, s.heads);
-    const Rows<const scalar_t> g_bh = p.grad_layout.rows(p.grad_out, bh, s.heads);
+  // The head dim as a constant in the exact variants (the tile loads divide by it).
+  const int d = HD::kExactDim ? HD::kMax : s.d;
+  const int lanes = p.pool_lanes, keys = ctx.threads() / lanes;
+  const int lane = ctx.thread() / keys, key_column = ctx.thread() % keys;
+  // Block and thread indices in 32 bits (they fit; fewer registers, no 64-bit divisions); 64-bit
+  // arithmetic only for offsets.
+  const int groups = static_cast<int>((s.batch + p.group_len - 1) / p.group_len);
+  const int key_tile = static_cast<int>(ctx.block(0)) / groups;
+  const int group = static_cast<int>(ctx.block(0)) - key_tile * groups;
+  const int key = key_tile * keys + key_column;
+  const bool key_active = key < s.pool;
+  const int chunk = static_cast<int>(ctx.block(1)), h = static_cast<int>(ctx.block(2));
+  const int64_t i_begin = chunk * p.chunk_len, b_begin = group * p.group_len;
+  // Queries of the chunk and batch elements of the group (32-bit loop counters: fewer registers).
+  const int chunk_count = static_cast<int>(tnx_min(s.tokens - i_begin, p.chunk_len));
+  const int group_count = static_cast<int>(tnx_min(s.batch - b_begin, p.group_len));
+  // This column of the head's (N, Np) bias_pool slab and of the group's d bias_pool partial sum,
+  // from the chunk's first query on.
+  // (One offset for both: they share the (N, Np) layout; the group's slab is `group` slabs on.)
+  const int64_t column = (h * s.tokens + i_begin) * s.pool + key;
+  const scalar_t* bias_column = p.bias + column;
+  acc_t* dbias_column = p.dbias_partial == nullptr
+                            ? nullptr
+                            : p.dbias_partial + group * s.heads * s.tokens * s.pool + column;
+  for (int pass = 0; pass < group_count; pass += lanes) {
+    const int pass_lanes = tnx_min(lanes, group_count - pass);
+    const int b = static_cast<int>(b_begin) + pass + lane;
+    const bool active = key_active && lane < pass_lanes;
+    const int64_t bh = static_cast<int64_t>(b) * s.heads + h;
     Thread thread;
     if (active)
-      thread.begin(p.k_pool + (bh * s.pool + key) * s.d, p.v_pool + (bh * s.pool + key) * s.d, s.d);
-    for (int64_t i0 = i_begin; i0 < i_end; i0 += kTile) {
-      const int count = static_cast<int>(tnx_min<int64_t>(kTile, i_end - i0));
-      load_tile(sh.q, HD::kMax, q_bh.row(i0), q_bh.stride, count, s.d, ctx.thread(), ctx.threads());
-      load_tile(sh.g, HD::kMax, g_bh.row(i0), g_bh.stride, count, s.d, ctx.thread(), ctx.threads());
-      for (int t = ctx.thread(); t < count; t += ctx.threads()) {
-        sh.lse[t] = p.lse[bh * s.tokens + i0 + t];
-        sh.delta[t] = p.delta[bh * s.tokens + i0 + t];
+      thread.begin(p.k_pool + (bh * s.pool + key) * d, p.v_pool + (bh * s.pool + key) * d, d);
+    for (int i = 0; i < chunk_count; i += kRows) {
+      const int count = tnx_min(kRows, chunk_count - i);
+      const int64_t i0 = i_begin + i;
+      for (int l = 0; l < pass_lanes; ++l) {
+        const int64_t lane_bh = (b_begin + pass + l) * s.heads + h;
+        const Rows<const scalar_t> q_bh = p.q_layout.rows(p.q, lane_bh, s.heads);
+        const Rows<const scalar_t> g_bh = p.grad_layout.rows(p.grad_out, lane_bh, s.heads);
+        load_tile(sh.q + l * kRows * HD::kMax, HD::kMax, q_bh.row(i0), q_bh.stride, count, d,
+                  ctx.thread(), ctx.threads());
+        load_tile(sh.g + l * kRows * HD::kMax, HD::kMax, g_bh.row(i0), g_bh.stride, count, d,
+                  ctx.thread(), ctx.threads());
+        for (int t = ctx.thread(); t < count; t += ctx.threads()) {
+          sh.lse[l * kRows + t] = p.lse[lane_bh * s.tokens + i0 + t];
+          sh.delta[l * kRows + t] = p.delta[lane_bh * s.tokens + i0 + t];
+        }
       }
-      ctx.sync();
-      if (active) {
-        const int64_t column = (h * s.tokens + i0) * s.pool + key;
-        thread.query_tile(sh.q, sh.g, sh.lse, sh.delta, count, p.bias + column,
-                          p.dbias_partial == nullptr
-                              ? nullptr
-                              : p.dbias_partial + group * s.heads * s.tokens * s.pool + column,
-                          s.pool, b == b_begin, s.d);
+      // The bias tile: thread (lane, key_column) loads its column of every lanes-th query row.
+      if (key_active)
+        for (int t = lane; t < count; t += lanes)
+          sh.bias[t * keys + key_column] = static_cast<acc_t>(bias_column[(i + t) * s.pool]);
+      ctx.sync();  // the tiles are complete
+      if (active)
+        thread.query_tile(
+            sh.q + lane * kRows * HD::kMax, sh.g + lane * kRows * HD::kMax, sh.lse + lane * kRows,
+            sh.delta + lane * kRows, count, sh.bias + key_column,
+            dbias_column == nullptr ? nullptr : sh.ds + lane * kRows * keys + key_column, keys, d);
+      ctx.sync();  // the ds tile is complete; every thread is done with the q / g / bias tiles
+      // d bias_pool of the tile: the lanes' ds summed onto the group's partial sum (the first
+      // pass starts it). The next tile's loads cannot overwrite the ds tile before every thread
+      // has passed this point: they write it only after the next barrier.
+      if (dbias_column != nullptr && key_active) {
+        for (int t = lane; t < count; t += lanes) {
+          acc_t* out = dbias_column + (i + t) * s.pool;
+          acc_t sum = pass == 0 ? acc_t(0) : *out;
+          for (int l = 0; l < pass_lanes; ++l) sum += sh.ds[(l * kRows + t) * keys + key_column];
+          *out = sum;
+        }
       }
-      ctx.sync();
     }
     if (active) {
-      const int64_t slot = ((chunk * s.batch + b) * s.heads + h) * s.pool + key;
-      thread.finish(p.dkp_partial + slot * s.d, p.dvp_partial + slot * s.d, s.d);
+      const int64_t slot =
+          ((static_cast<int64_t>(chunk) * s.batch + b) * s.heads + h) * s.pool + key;
+      thread.finish(p.dkp_partial + slot * d, p.dvp_partial + slot * d, d);
     }
   }
 }
@@ -319,6 +416,13 @@ struct NoShared {};
 template <typename HD>
 constexpr int kQueryMinBlocks = HD::kExactDim && HD::kMax <= 24 ? 3 : 1;
 
+// Pooled-key gradient kernel: each thread holds four rows (k_pool, v_pool and their gradients)
+// in registers. For the exact head dims up to 24, 3 resident blocks of 128 threads (at most 168
+// registers, 12 warps per SM; ptxas, CUDA 13.0, sm_90: no spills). At head dim 32 the four rows
+// alone take 128 registers and 168 spill, so wider heads keep no occupancy target.
+template <typename HD>
+constexpr int kPoolMinBlocks = HD::kExactDim && HD::kMax <= 24 ? 3 : 1;
+
 template <typename scalar_t, typename HD>
 struct ForwardKernel {
   using Params = ForwardParams<scalar_t>;
@@ -335,7 +439,7 @@ struct ForwardKernel {
 template <typename scalar_t, typename HD>
 struct BackwardQueryKernel {
   using Params = BackwardParams<scalar_t>;
-  using Shared = ForwardShared<scalar_t, HD>;
+  using Shared = ForwardTiles<scalar_t, HD>;
   static constexpr int kThreads = kQueryThreads;
   static constexpr int kMinBlocks = kQueryMinBlocks<HD>;
   static constexpr const char* kName = "backward_query";
@@ -350,7 +454,7 @@ struct BackwardPoolKernel {
   using Params = BackwardParams<scalar_t>;
   using Shared = PoolGradShared<scalar_t, HD>;
   static constexpr int kThreads = kPoolThreads;
-  static constexpr int kMinBlocks = 1;
+  static constexpr int kMinBlocks = kPoolMinBlocks<HD>;
   static constexpr const char* kName = "backward_pool";
   template <typename Ctx>
   C10_HOST_DEVICE static void body(const Ctx& ctx, const Params& p, Shared& sh) {
@@ -390,11 +494,19 @@ inline void launch_kernel_checked(const Launch& launch, const typename Kernel::P
   launcher.template launch<Kernel>(launch, p);
 }
 
+// The forward, with the launch plan's query split unless the caller chose one (the tests).
 template <typename scalar_t, typename Launcher>
 void run_forward_kernels(const ForwardParams<scalar_t>& p, const Launcher& launcher) {
+  ForwardParams<scalar_t> params = p;
+  if (params.query_split == 0) params.query_split = query_split(p.sizes);
+  TORCH_CHECK(params.query_split == 1 || (exact_head_dim(p.sizes.d) &&
+                                          (params.query_split == 2 || params.query_split == 4)),
+              "aggregated_attention: query split ", params.query_split, " for head dim ", p.sizes.d,
+              " (1, or 2 / 4 with an exact head-dim variant)");
   dispatch_head_dim(p.sizes.d, [&](auto head_dim) {
     using HD = decltype(head_dim);
-    launch_kernel_checked<ForwardKernel<scalar_t, HD>>(query_launch(p.sizes), p, launcher);
+    launch_kernel_checked<ForwardKernel<scalar_t, HD>>(query_launch(p.sizes, params.query_split),
+                                                       params, launcher);
   });
 }
 
@@ -406,8 +518,14 @@ void run_backward_kernels(const BackwardParams<scalar_t>& p, const Launch& pool_
   dispatch_head_dim(p.sizes.d, [&](auto head_dim) {
     using HD = decltype(head_dim);
     launch_kernel_checked<BackwardQueryKernel<scalar_t, HD>>(query_launch(p.sizes), p, launcher);
-    if (p.sizes.pool > 0)
+    if (p.sizes.pool > 0) {
+      TORCH_CHECK(p.pool_lanes >= 1 && p.pool_lanes <= kPoolMaxLanes &&
+                      pool_launch.threads % p.pool_lanes == 0 &&
+                      (pool_launch.threads / p.pool_lanes) % 32 == 0,
+                  "aggregated_attention: ", p.pool_lanes,
+                  " batch lanes do not split a pooled-key block into whole warps");
       launch_kernel_checked<BackwardPoolKernel<scalar_t, HD>>(pool_launch, p, launcher);
+    }
   });
   launch_kernel_checked<WindowGradKernel<scalar_t>>(gather_launch(p.sizes), p, launcher);
 }

@@ -142,6 +142,9 @@ C10_HOST_DEVICE inline void store_row(T* dst, int d, Fn&& value) {
   for_each_dim<HD>(d, [&](int c) { dst[c] = static_cast<T>(value(c)); });
 }
 
+// a is read element by element (it may be a per-thread register row), b through
+// for_each_value (a vector load when aligned; its address is taken, so it must be memory: a
+// global or shared row, never a per-thread array).
 template <typename HD, typename acc_t, typename scalar_t>
 C10_HOST_DEVICE inline acc_t dot(const acc_t* a, const scalar_t* b, int d) {
   acc_t sum = 0;
@@ -215,37 +218,48 @@ struct ForwardThread {
                               int d) {
     load_row<HD>(q, q_bh.row(i), d);
     const int64_t y = i / width, x = i % width;
+    // Neighbours outside the image score -inf (never the max: the centre is always inside).
+    // Their indices are recomputed in the second loop rather than kept (9 64-bit registers).
     acc_t scores[kWindowArea];
-    int64_t nbr[kWindowArea];
     TNX_UNROLL
     for (int j = 0; j < kWindowArea; ++j) {
-      nbr[j] = window_neighbor(y, x, j, height, width);
-      if (nbr[j] >= 0) scores[j] = dot<HD>(q, k_bh.row(nbr[j]), d) + static_cast<acc_t>(rpb_h[j]);
+      const int64_t nbr = window_neighbor(y, x, j, height, width);
+      scores[j] = nbr >= 0 ? dot<HD>(q, k_bh.row(nbr), d) + static_cast<acc_t>(rpb_h[j])
+                           : static_cast<acc_t>(-INFINITY);
     }
     running_max = scores[kCenter];
     TNX_UNROLL
-    for (int j = 0; j < kWindowArea; ++j)
-      if (nbr[j] >= 0) running_max = tnx_max(running_max, scores[j]);
+    for (int j = 0; j < kWindowArea; ++j) running_max = tnx_max(running_max, scores[j]);
     running_sum = 0;
     fill<HD>(acc, acc_t(0), d);
     fill<HD>(extra, acc_t(0), d);
     TNX_UNROLL
     for (int j = 0; j < kWindowArea; ++j) {
-      if (nbr[j] < 0) continue;  // v is zero outside the image: no attention, no token term
+      const int64_t nbr = window_neighbor(y, x, j, height, width);
+      if (nbr < 0) continue;  // v is zero outside the image: no attention, no token term
       const acc_t p = tnx_exp(scores[j] - running_max);
       running_sum += p;
-      axpy<HD>(acc, p, v_bh.row(nbr[j]), d);
-      axpy<HD>(extra, static_cast<acc_t>(tw_row[j]), v_bh.row(nbr[j]), d);
+      axpy<HD>(acc, p, v_bh.row(nbr), d);
+      axpy<HD>(extra, static_cast<acc_t>(tw_row[j]), v_bh.row(nbr), d);
     }
   }
 
+  // Parts 1.. of a split query (see query_split): no window (part 0 has it), an empty softmax
+  // state for the pooled keys of this part.
+  C10_HOST_DEVICE void start_pooled(const scalar_t* q_row, int d) {
+    load_row<HD>(q, q_row, d);
+    running_max = -INFINITY;  // the first key's score replaces it; exp(-inf) = 0 scales
+    running_sum = 0;
+    fill<HD>(acc, acc_t(0), d);
+  }
+
   // A tile of `count` pooled keys/values (row stride HD::kMax) and this query's biases for them
-  // (its row of the block's bias tile). Rescales only when a key raises the running max, which
-  // becomes rare after the first keys; no per-tile score array, so the tile loop need not be
-  // unrolled (registers, compile time).
+  // (its row of the block's bias tile); keys part, part + split, ... of it (all with split = 1).
+  // Rescales only when a key raises the running max, which becomes rare after the first keys;
+  // no per-tile score array, so the tile loop need not be unrolled (registers, compile time).
   C10_HOST_DEVICE void pool_tile(const acc_t* kp_tile, const acc_t* vp_tile, int count,
-                                 const acc_t* bias, int d) {
-    for (int t = 0; t < count; ++t) {
+                                 const acc_t* bias, int part, int split, int d) {
+    for (int t = part; t < count; t += split) {
       const acc_t score = dot<HD>(q, kp_tile + t * HD::kMax, d) + bias[t];
       if (score > running_max) {
         const acc_t scale = tnx_exp(running_max - score);
@@ -257,6 +271,25 @@ struct ForwardThread {
       running_sum += p;
       axpy<HD>(acc, p, vp_tile + t * HD::kMax, d);
     }
+  }
+
+  // Split queries: this part's state (max, sum, accumulator) into / merged from a shared-memory
+  // row, element by element (registers rows must not have their address taken). A part that saw
+  // no key has max -inf and contributes exp(-inf) = 0; part 0's max is finite (the window's
+  // centre is always there).
+  C10_HOST_DEVICE void store_state(acc_t* dst, int d) const {
+    dst[0] = running_max;
+    dst[1] = running_sum;
+    for_each_dim<HD>(d, [&](int c) { dst[2 + c] = acc[c]; });
+  }
+
+  C10_HOST_DEVICE void merge_state(const acc_t* src, int d) {
+    const acc_t other_max = src[0];
+    const acc_t new_max = tnx_max(running_max, other_max);
+    const acc_t mine = tnx_exp(running_max - new_max), other = tnx_exp(other_max - new_max);
+    running_sum = running_sum * mine + src[1] * other;
+    for_each_dim<HD>(d, [&](int c) { acc[c] = acc[c] * mine + src[2 + c] * other; });
+    running_max = new_max;
   }
 
   C10_HOST_DEVICE void finish(scalar_t* out_row, acc_t* lse, int d) const {
@@ -353,13 +386,13 @@ struct BackwardQueryThread {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Backward, pooled-key side: one thread per pooled key p of one (batch, head), streaming a chunk
-// of queries through shared-memory tiles. The thread owns d bias_pool[h, i, p] for its chunk and
-// accumulates it over the batch (first batch writes), so no atomics are needed.
+// Backward, pooled-key side: one thread per (pooled key p, batch element) of one head, streaming
+// a chunk of queries through shared-memory tiles. Its ds values (d bias_pool[h, i, p] of its
+// batch element) go to its lane's ds tile; the block sums them over the batch (see
+// backward_pool_block), so no atomics are needed.
 template <typename scalar_t, typename HD>
 struct BackwardPoolThread {
   using acc_t = at::opmath_type<scalar_t>;
-  static constexpr int kTile = TileRows<HD::kMax, acc_t>::value;
   acc_t kp[HD::kMax], vp[HD::kMax], dkp[HD::kMax], dvp[HD::kMax];
 
   C10_HOST_DEVICE void begin(const scalar_t* kp_row, const scalar_t* vp_row, int d) {
@@ -369,20 +402,30 @@ struct BackwardPoolThread {
     fill<HD>(dvp, acc_t(0), d);
   }
 
-  // q_tile, g_tile: `count` queries (row stride HD::kMax); bias / dbias: this key's column for
-  // those queries (stride num_pool); dbias may be null when bias_pool needs no gradient.
+  // q_tile, g_tile, lse_tile, delta_tile: `count` queries of this thread's batch element (row
+  // stride HD::kMax); bias: this key's column of the block's bias tile (stride `stride`); ds_out:
+  // this key's column of the lane's ds tile (same stride), null when bias_pool needs no gradient.
   C10_HOST_DEVICE void query_tile(const acc_t* q_tile, const acc_t* g_tile, const acc_t* lse_tile,
-                                  const acc_t* delta_tile, int count, const scalar_t* bias,
-                                  acc_t* dbias, int64_t num_pool, bool first_batch, int d) {
+                                  const acc_t* delta_tile, int count, const acc_t* bias,
+                                  acc_t* ds_out, int stride, int d) {
     for (int t = 0; t < count; ++t) {
       const acc_t* qt = q_tile + t * HD::kMax;
       const acc_t* gt = g_tile + t * HD::kMax;
-      const acc_t p =
-          tnx_exp(dot<HD>(qt, kp, d) + static_cast<acc_t>(bias[t * num_pool]) - lse_tile[t]);
-      const acc_t ds = p * (dot<HD>(gt, vp, d) - delta_tile[t]);
-      axpy<HD>(dkp, ds, qt, d);
-      axpy<HD>(dvp, p, gt, d);
-      if (dbias != nullptr) dbias[t * num_pool] = first_batch ? ds : dbias[t * num_pool] + ds;
+      // Every row is read element by element: the per-thread rows (kp, vp, dkp, dvp) must not
+      // have their address taken (they would live in local memory), and the shared q / g rows
+      // so read let the compiler interleave their loads with the arithmetic (with vector reads
+      // of them ptxas spilled at 168 registers). One pass over g_t gives both vp . g_t and
+      // dvp += p g_t. Products and summation order are those of dot() / axpy().
+      acc_t key_dot_q = 0, grad_dot_v = 0;
+      for_each_dim<HD>(d, [&](int c) { key_dot_q += kp[c] * qt[c]; });
+      const acc_t p = tnx_exp(key_dot_q + bias[t * stride] - lse_tile[t]);
+      for_each_dim<HD>(d, [&](int c) {
+        grad_dot_v += vp[c] * gt[c];
+        dvp[c] += p * gt[c];
+      });
+      const acc_t ds = p * (grad_dot_v - delta_tile[t]);
+      for_each_dim<HD>(d, [&](int c) { dkp[c] += ds * qt[c]; });
+      if (ds_out != nullptr) ds_out[t * stride] = ds;
     }
   }
 

@@ -30,12 +30,19 @@ inline AttentionSizes attention_sizes(const at::Tensor& q, const at::Tensor& k_p
       q.size(0), q.size(1), q.size(2), k_pool.size(2), height, width, static_cast<int>(q.size(3))};
 }
 
+// The sum over dim 0 of per-group / per-chunk partial sums. With one slice (one batch group, one
+// query chunk: the usual case for the bias gradient) that slice is the sum: a view, no copy of
+// the whole slab.
+inline at::Tensor sum_partials(const at::Tensor& partial) {
+  return partial.size(0) == 1 ? partial.select(0, 0) : partial.sum(0);
+}
+
 template <typename Backend>
 std::vector<at::Tensor> kernel_forward(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& v, const at::Tensor& k_pool,
                                        const at::Tensor& v_pool, const at::Tensor& rpb,
                                        const at::Tensor& bias, const at::Tensor& token_weight,
-                                       int64_t height, int64_t width) {
+                                       int64_t height, int64_t width, int query_split = 0) {
   auto out = empty_rows_like(q);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)},
                        q.options().dtype(at::toOpMathType(q.scalar_type())));
@@ -57,7 +64,8 @@ std::vector<at::Tensor> kernel_forward(const at::Tensor& q, const at::Tensor& k,
                                   row_layout(q),
                                   row_layout(k),
                                   row_layout(v),
-                                  row_layout(out)};
+                                  row_layout(out),
+                                  query_split};
         Backend::template forward<scalar_t>(p);
       });
   return {out, lse};
@@ -125,6 +133,7 @@ std::vector<at::Tensor> kernel_backward(const at::Tensor& grad_out, const at::Te
         p.dvp_partial = dvp_partial.data_ptr<acc_t>();
         p.chunk_len = plan.chunk_len;
         p.group_len = plan.group_len;
+        p.pool_lanes = plan.lanes;
         p.grad_layout = row_layout(grad_out);
         p.q_layout = row_layout(q);
         p.k_layout = row_layout(k);
@@ -135,12 +144,12 @@ std::vector<at::Tensor> kernel_backward(const at::Tensor& grad_out, const at::Te
         p.dv_layout = row_layout(dv);
         Backend::template backward<scalar_t>(p, plan.launch);
       });
-  auto dbias = bias_grad ? dbias_partial.sum(0) : at::empty({0, N, Np}, acc_options);
+  auto dbias = bias_grad ? sum_partials(dbias_partial) : at::empty({0, N, Np}, acc_options);
   return {dq,
           dk,
           dv,
-          dkp_partial.sum(0).to(q.scalar_type()),
-          dvp_partial.sum(0).to(q.scalar_type()),
+          sum_partials(dkp_partial).to(q.scalar_type()),
+          sum_partials(dvp_partial).to(q.scalar_type()),
           ds_local.sum(at::IntArrayRef{0, 2}).to(rpb.scalar_type()),
           dbias.to(bias.scalar_type()),
           dtoken_weight};
