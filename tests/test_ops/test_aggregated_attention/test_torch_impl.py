@@ -20,7 +20,8 @@ def random_core_inputs(B=2, heads=3, height=5, width=7, Np=4, d=8, dtype=torch.f
                                                                                9), height, width)
 
 
-@pytest.mark.parametrize('height,width,Np', [(5, 7, 4), (1, 1, 1), (1, 6, 2), (9, 13, 3)])
+@pytest.mark.parametrize('height,width,Np', [(5, 7, 4), (1, 1, 1), (1, 6, 2), (9, 13, 3),
+                                             (4, 5, 0)])
 def test_torch_path_matches_reference_forward_and_backward(height, width, Np):
     args = random_core_inputs(height=height, width=width, Np=Np)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
