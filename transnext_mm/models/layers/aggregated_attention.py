@@ -72,10 +72,6 @@ class AggregatedAttention(nn.Module):
             nn.init.trunc_normal_(torch.empty(num_heads, self.head_dim, WINDOW_AREA), std=0.02))
         self.learnable_bias = nn.Parameter(torch.zeros(num_heads, 1, WINDOW_AREA))
 
-    def train(self, mode: bool = True):
-        self.pos_bias.clear_cache()
-        return super().train(mode)
-
     def _heads(self, x: torch.Tensor, groups: int) -> torch.Tensor:
         B, N, _ = x.shape  # (B, N, groups*heads*d) -> (B, groups*heads, N, d)
         return x.reshape(B, N, groups * self.num_heads, self.head_dim).transpose(1, 2)
@@ -141,10 +137,6 @@ class FullAttention(nn.Module):
         self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=True)
         self.proj = nn.Linear(embed_dims, embed_dims)
         _cosine_attention_params(self, num_heads, self.head_dim)
-
-    def train(self, mode: bool = True):
-        self.pos_bias.clear_cache()
-        return super().train(mode)
 
     def attention_inputs(self, x: torch.Tensor, height: int, width: int) -> tuple:
         """``(q, k, v, bias)``: scaled queries, normalised keys, values and log-CPB bias."""
