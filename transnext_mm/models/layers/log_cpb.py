@@ -18,6 +18,10 @@ value at every pair (the MLP sees the same inputs).
 
 Interpolation mode tabulates the bias at fixed grids (``img_size``) and resizes it bilinearly
 (``align_corners=False``), first over the key grid, then over the query grid.
+
+Where the bias is a function of the offset (extrapolation at any size, interpolation at the
+table's own grids) it can also be handed over in table form (:class:`PoolBiasTable`: the MLP
+table and the per-axis indices) for attention kernels that gather it themselves.
 """
 import functools
 import math
@@ -29,9 +33,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from transnext_mm.ops.aggregated_attention import PoolBiasTable
 from .adaptive_pool import adaptive_pool_bins
 
 POS_BIAS_MODES = ('interpolate', 'extrapolate')
+BIAS_FORMS = ('dense', 'table')
 Size = Tuple[int, int]
 
 
@@ -211,8 +217,30 @@ class LogCPB:
         _evict(lambda key: key[0] == id(self))
 
     def cached_sizes(self) -> list:
-        """The (query, key) grids whose bias this layer holds in the eval cache."""
-        return [key[1:] for key in _bias_cache if key[0] == id(self) and key[1] != 'table']
+        """The (query, key) grids whose (dense) bias this layer holds in the eval cache."""
+        return [key[1:] for key in _bias_cache if key[0] == id(self) and len(key) == 3]
+
+    def is_offset_function(self, query_size: Size, key_size: Size) -> bool:
+        """Whether the bias at these grids is a function of the query-key offset (then it has a
+        table form): always in extrapolation mode, at the table's own grids in interpolation
+        mode."""
+        return self.mode == 'extrapolate' or (tuple(query_size) == self.table_query
+                                              and tuple(key_size) == self.table_key)
+
+    def table_form(self, fc1: nn.Linear, fc2: nn.Linear, query_size: Size,
+                   key_size: Size) -> PoolBiasTable:
+        """The bias (see :meth:`is_offset_function`) in table form, computed without any cache:
+        float32 table (heads, U_h * U_w) and the indices of each (query, key) pair."""
+        if not self.is_offset_function(query_size, key_size):
+            raise ValueError(f'the {self.mode} bias at query grid {tuple(query_size)} and key '
+                             f'grid {tuple(key_size)} is not a function of the query-key offset '
+                             f'(the table grids are {self.table_query} and {self.table_key}); '
+                             'use the dense bias')
+        (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(query_size, key_size,
+                                                                self.pretrain_len,
+                                                                fc1.weight.device)
+        table = log_cpb_table(fc1, fc2, coords_h, coords_w)
+        return PoolBiasTable(table.flatten(1), index_h * coords_w.numel(), index_w)
 
     @staticmethod
     def _weights_signature(fc1: nn.Linear, fc2: nn.Linear) -> tuple:
@@ -253,19 +281,34 @@ class LogCPB:
         _bias_cache[key] = entry
         _bias_cache_bytes += size
 
-    def __call__(self, fc1: nn.Linear, fc2: nn.Linear, query_size: Size, key_size: Size,
-                 training: bool) -> torch.Tensor:
+    def __call__(self,
+                 fc1: nn.Linear,
+                 fc2: nn.Linear,
+                 query_size: Size,
+                 key_size: Size,
+                 training: bool,
+                 form: str = 'dense'):
+        """The bias (heads, H*W, Hk*Wk), or with ``form='table'`` its :class:`PoolBiasTable`
+        where it is a function of the query-key offset (:meth:`is_offset_function`; elsewhere
+        the dense bias). Eager eval mode caches either."""
+        if form not in BIAS_FORMS:
+            raise ValueError(f'form must be one of {BIAS_FORMS}, got {form!r}')
         query_size, key_size = tuple(query_size), tuple(key_size)
+        table = form == 'table' and self.is_offset_function(query_size, key_size)
         # Cache only in eager mode, on a device with data, and only what no gradient can flow
         # through: eval mode and no grad wanted by the MLP.
         cacheable = (
             _cache_enabled and not training and not torch.compiler.is_compiling()
             and fc1.weight.device.type != 'meta'
             and not (torch.is_grad_enabled() and fc1.weight.requires_grad))
+        if table and not cacheable:
+            return self.table_form(fc1, fc2, query_size, key_size)
         if not cacheable:
             return self.compute(fc1, fc2, query_size, key_size)
-        key = (id(self), query_size, key_size)
         signature = self._weights_signature(fc1, fc2)
+        if table:
+            return self._cached_table_form(fc1, fc2, query_size, key_size, signature)
+        key = (id(self), query_size, key_size)
         hit = _bias_cache.get(key)
         if hit is not None and hit[0] == signature:
             _bias_cache.move_to_end(key)
@@ -276,6 +319,18 @@ class LogCPB:
             bias = self.compute(fc1, fc2, query_size, key_size).detach()
         self._store(key, (signature, bias))
         return bias
+
+    def _cached_table_form(self, fc1, fc2, query_size: Size, key_size: Size,
+                           signature: tuple) -> PoolBiasTable:
+        key = (id(self), 'table form', query_size, key_size)
+        hit = _bias_cache.get(key)
+        if hit is None or hit[0] != signature:
+            bias = self.table_form(fc1, fc2, query_size, key_size)
+            hit = (signature, bias.table.detach(), bias.index_rows, bias.index_cols)
+            self._store(key, hit)
+        else:
+            _bias_cache.move_to_end(key)
+        return PoolBiasTable(*hit[1:])
 
     def __del__(self):
         try:
