@@ -279,6 +279,20 @@ def attention_bias_form(impl: str,
     return 'table' if select('attention', impl, x, params, build) == 'op' else 'dense'
 
 
+def log_cpb_mlp_chunked(weight: Tensor) -> bool:
+    """Whether the log-CPB MLP runs over chunks of its input points with the hidden activations
+    recomputed in the backward (:mod:`transnext_mm.models.layers.log_cpb`): in eager mode
+    without autocast on ``weight``'s device; traced graphs and autocast regions keep the plain
+    ``Linear -> ReLU -> Linear``.
+
+    Args:
+        weight (Tensor): The MLP's first weight.
+    """
+    device_type = weight.device.type
+    autocast = device_type in ('cpu', 'cuda') and torch.is_autocast_enabled(device_type)
+    return not (autocast or _tracing() or device_type == 'meta')
+
+
 # torch.fx's symbolic tracing (torch.export and torch.compile are covered by is_compiling).
 _fx_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing',
                       torch.fx._symbolic_trace.is_fx_tracing)

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from transnext_mm.ops.aggregated_attention import PoolBiasTable
+from transnext_mm.ops.dispatch import log_cpb_mlp_chunked
 from .adaptive_pool import adaptive_pool_bins
 
 POS_BIAS_MODES = ('interpolate', 'extrapolate')
@@ -83,11 +84,58 @@ def log_cpb_axis(query_len, key_len, pretrain_len: int,
     return entry
 
 
+# Points per chunk of the chunked MLP: a (rows, 512) hidden block of 1 MB stays in cache.
+MLP_CHUNK_ROWS = 512
+
+
+class _ChunkedMLP(torch.autograd.Function):
+    """``fc2(relu(fc1(points)))`` over chunks of points: the (points, hidden) activations are
+    never held in full, and the backward recomputes each chunk's hidden block instead of saving
+    it (a stage-1 table at 512x512 has 61k points: 126 MB of hidden activations per layer)."""
+
+    @staticmethod
+    def forward(ctx, points, weight1, bias1, weight2, bias2):
+        out = points.new_empty(points.shape[0], weight2.shape[0])
+        for r0 in range(0, points.shape[0], MLP_CHUNK_ROWS):
+            hidden = torch.addmm(bias1, points[r0:r0 + MLP_CHUNK_ROWS], weight1.t()).relu_()
+            torch.addmm(bias2, hidden, weight2.t(), out=out[r0:r0 + MLP_CHUNK_ROWS])
+        ctx.save_for_backward(points, weight1, bias1, weight2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        points, weight1, bias1, weight2 = ctx.saved_tensors
+        grad_w1, grad_b1 = torch.zeros_like(weight1), torch.zeros_like(bias1)
+        grad_w2 = torch.zeros_like(weight2)
+        grad_points = torch.zeros_like(points) if ctx.needs_input_grad[0] else None
+        for r0 in range(0, points.shape[0], MLP_CHUNK_ROWS):
+            x = points[r0:r0 + MLP_CHUNK_ROWS]
+            grad = grad_out[r0:r0 + MLP_CHUNK_ROWS]
+            hidden = torch.addmm(bias1, x, weight1.t()).relu_()
+            grad_w2.addmm_(grad.t(), hidden)
+            grad_hidden = (grad @ weight2).mul_(hidden > 0)
+            grad_w1.addmm_(grad_hidden.t(), x)
+            grad_b1 += grad_hidden.sum(0)
+            if grad_points is not None:
+                grad_points[r0:r0 + MLP_CHUNK_ROWS] = grad_hidden @ weight1
+        return grad_points, grad_w1, grad_b1, grad_w2, grad_out.sum(0)
+
+
+def log_cpb_mlp(fc1: nn.Linear, fc2: nn.Linear, points: torch.Tensor) -> torch.Tensor:
+    """``fc2(relu(fc1(points)))`` for (P, 2) points, chunked where
+    :func:`transnext_mm.ops.dispatch.log_cpb_mlp_chunked` says so (same values)."""
+    points = points.to(fc1.weight.dtype)
+    if log_cpb_mlp_chunked(fc1.weight) and fc1.bias is not None and fc2.bias is not None:
+        return _ChunkedMLP.apply(points, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    return fc2(F.relu(fc1(points)))
+
+
 def log_cpb_table(fc1: nn.Linear, fc2: nn.Linear, coords_h: torch.Tensor,
                   coords_w: torch.Tensor) -> torch.Tensor:
     """The MLP on every (coords_h[i], coords_w[j]) pair: float32 (heads, U_h, U_w)."""
     grid = torch.stack(torch.meshgrid(coords_h, coords_w, indexing='ij'), dim=-1)
-    return fc2(F.relu(fc1(grid.to(fc1.weight.dtype)))).float().permute(2, 0, 1)
+    table = log_cpb_mlp(fc1, fc2, grid.reshape(-1, 2)).float()
+    return table.t().reshape(-1, coords_h.numel(), coords_w.numel())
 
 
 def gather_table(table: torch.Tensor, index_h: torch.Tensor, index_w: torch.Tensor) -> torch.Tensor:
