@@ -16,7 +16,9 @@ Implementations (``--attn-impl``, several allowed):
 
 With ``--peers`` the backbones a user weighs TransNeXt against run side by side with TransNeXt
 (``--arch``, default micro and tiny; ``--attn-impl``, default auto) in one process, all built
-from their toolbox's registry with the settings of the toolbox's Mask R-CNN configs:
+from their toolbox's registry with the settings of the toolbox's Mask R-CNN configs; TransNeXt's
+``img_size`` is each input's shorter side (as when training at ``img_size``) unless
+``--img-size`` sets it:
 
     swin-t      mmdet SwinTransformer (Swin-T: embed_dims 96, depths 2,2,6,2, window 7,
                 drop_path_rate 0.2)
@@ -183,8 +185,9 @@ def parse_args(argv=None):
     parser.add_argument(
         '--img-size',
         type=int,
-        default=224,
-        help="backbone img_size (where 'interpolate' tabulates the bias)")
+        default=None,
+        help="backbone img_size (where 'interpolate' tabulates the bias; default: 224, with "
+        "--peers the shorter side of each input, as when training at img_size)")
     parser.add_argument(
         '--pos-bias-mode', default='interpolate', choices=['interpolate', 'extrapolate'])
     parser.add_argument('--fixed-pool-size', type=int, default=None)
@@ -339,7 +342,7 @@ def transnext_cfg(args, arch: str, attn_impl: str, **overrides) -> dict:
     return dict(
         type='TransNeXt',
         arch=arch,
-        img_size=args.img_size,
+        img_size=args.img_size or 224,
         pos_bias_mode=args.pos_bias_mode,
         fixed_pool_size=args.fixed_pool_size,
         attn_impl=attn_impl,
@@ -692,19 +695,30 @@ def run_peers(args) -> dict:
     amp_dtype = getattr(torch, DTYPES[args.dtype])
     use_amp = args.dtype != 'fp32'
 
-    models = {}
+    models, built_img_size = {}, {}
     entries = peers_entries(args)
-    for key, label, kind, impl, toolbox, cfg in entries:
-        torch.manual_seed(args.seed)
-        model = build_backbone(toolbox, cfg).to(device)
-        models[key] = model
-        print(
-            f'built {label}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M '
-            f'parameters',
-            file=sys.stderr)
+
+    def build(img_size=None):
+        """Build the backbones not built yet, and TransNeXt again for another img_size."""
+        for key, label, kind, impl, toolbox, cfg in entries:
+            if kind == 'transnext' and img_size is not None:
+                cfg = dict(cfg, img_size=img_size)
+            if key in models and built_img_size.get(key) == cfg.get('img_size'):
+                continue
+            models.pop(key, None)
+            torch.manual_seed(args.seed)
+            models[key] = model = build_backbone(toolbox, cfg).to(device)
+            built_img_size[key] = cfg.get('img_size')
+            print(
+                f'built {label}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M '
+                'parameters' + (f', img_size {img_size}' if kind == 'transnext' else ''),
+                file=sys.stderr)
 
     results = []
     for height, width in args.sizes:
+        # TransNeXt's img_size follows the input (the pooled-path bias is then the function of
+        # the query-key offset that training at img_size uses) unless --img-size fixes it.
+        build(args.img_size or min(height, width))
         for batch in args.batches:
             torch.manual_seed(args.seed)
             x = torch.randn(batch, 3, height, width, device=device)

@@ -250,6 +250,59 @@ def _warn_once(reason: str) -> bool:
     return True
 
 
+def attention_bias_form(impl: str,
+                        x: Tensor,
+                        params: Iterable[Tensor] = (),
+                        build: Optional[Build] = None) -> str:
+    """How the aggregated-attention layers hand a pooled-path position bias that is a function
+    of the query-key offset to the attention core.
+
+    ``'table'``: the log-CPB table and per-axis indices
+    (:class:`~transnext_mm.ops.aggregated_attention.PoolBiasTable`), which the compiled CPU kernels
+    read and differentiate in place of the (heads, N, Np) bias and its gradient; only where
+    :func:`select` runs the compiled op on the CPU, in eager mode. ``'dense'``: the materialised
+    bias everywhere else: the PyTorch and reference paths (the oracle), CUDA, and graphs traced
+    or exported with ``torch.compile``, ``torch.export``, ``torch.jit.trace`` or ``torch.fx``
+    (which keep the op's dense signature).
+
+    Args:
+        impl (str): The requested implementation, one of :data:`IMPLS`.
+        x (Tensor): The attention layer's input.
+        params (Iterable[Tensor]): As for :func:`select`. Defaults to ().
+        build (Build, optional): What was built. Defaults to None (this installation's).
+
+    Returns:
+        str: ``'table'`` or ``'dense'``.
+    """
+    if x.device.type != 'cpu' or _tracing():
+        return 'dense'
+    return 'table' if select('attention', impl, x, params, build) == 'op' else 'dense'
+
+
+def log_cpb_mlp_chunked(weight: Tensor) -> bool:
+    """Whether the log-CPB MLP runs over chunks of its input points with the hidden activations
+    recomputed in the backward (:mod:`transnext_mm.models.layers.log_cpb`): in eager mode
+    without autocast on ``weight``'s device; traced graphs and autocast regions keep the plain
+    ``Linear -> ReLU -> Linear``.
+
+    Args:
+        weight (Tensor): The MLP's first weight.
+    """
+    device_type = weight.device.type
+    autocast = device_type in ('cpu', 'cuda') and torch.is_autocast_enabled(device_type)
+    return not (autocast or _tracing() or device_type == 'meta')
+
+
+# torch.fx's symbolic tracing (torch.export and torch.compile are covered by is_compiling).
+_fx_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing',
+                      torch.fx._symbolic_trace.is_fx_tracing)
+
+
+def _tracing() -> bool:
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch.jit.is_tracing() or _fx_tracing())
+
+
 def conv_glu_strip_rows(impl: str,
                         x: Tensor,
                         params: Iterable[Tensor],

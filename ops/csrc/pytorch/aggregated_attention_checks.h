@@ -8,6 +8,8 @@
 #include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 
+#include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -57,9 +59,40 @@ inline std::vector<at::Tensor> checked(const std::vector<std::pair<const char*, 
   check_shape(out[2], "v", q.sizes());
   check_shape(out[4], "v_pool", k_pool.sizes());
   check_shape(out[5], "rpb_local", {heads, kWindowArea});
-  check_shape(out[6], "bias_pool", {heads, N, Np});
+  if (std::string(named[6].first) == "bias_pool") check_shape(out[6], "bias_pool", {heads, N, Np});
   check_shape(out[7], "token_weight", {B, heads, N, kWindowArea});
   return out;
+}
+
+// The table form of the pooled bias: bias_table (heads, table_size) in q's dtype, index_rows
+// (height, Hk) and index_cols (width, Wk) int64 with Hk * Wk = Np and every
+// index_rows[y, py] + index_cols[x, px] in [0, table_size). Returns the index tensors contiguous.
+inline std::pair<at::Tensor, at::Tensor> checked_bias_index(
+    const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& bias_table,
+    const at::Tensor& index_rows, const at::Tensor& index_cols, int64_t height, int64_t width) {
+  TORCH_CHECK(bias_table.dim() == 2 && bias_table.size(0) == q.size(1),
+              "aggregated_attention: bias_table must have shape (", q.size(1),
+              ", table_size), got ", bias_table.sizes());
+  for (const auto& [name, t, rows] : {std::make_tuple("index_rows", index_rows, height),
+                                      std::make_tuple("index_cols", index_cols, width)}) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.scalar_type() == at::kLong &&
+                    t.device() == q.device(),
+                "aggregated_attention: ", name, " must be an int64 (", rows,
+                ", pooled size) tensor on ", q.device(), ", got ", t.scalar_type(), " ", t.sizes(),
+                " on ", t.device());
+  }
+  TORCH_CHECK(index_rows.size(1) * index_cols.size(1) == k_pool.size(2),
+              "aggregated_attention: index_rows and index_cols give a pooled grid of ",
+              index_rows.size(1), "x", index_cols.size(1), " but k_pool has ", k_pool.size(2),
+              " pooled keys");
+  if (index_rows.numel() > 0 && index_cols.numel() > 0) {
+    const int64_t low = index_rows.min().item<int64_t>() + index_cols.min().item<int64_t>();
+    const int64_t high = index_rows.max().item<int64_t>() + index_cols.max().item<int64_t>();
+    TORCH_CHECK(low >= 0 && high < bias_table.size(1),
+                "aggregated_attention: index_rows + index_cols must lie in [0, ",
+                bias_table.size(1), "), got [", low, ", ", high, "]");
+  }
+  return {index_rows.contiguous(), index_cols.contiguous()};
 }
 
 }  // namespace detail
@@ -78,6 +111,29 @@ inline std::vector<at::Tensor> checked_forward(
                           {"bias_pool", bias_pool},
                           {"token_weight", token_weight}},
                          height, width);
+}
+
+// The table-form forward's inputs, checked: q, k, v, k_pool, v_pool, rpb_local, bias_table,
+// token_weight, index_rows, index_cols.
+inline std::vector<at::Tensor> checked_table_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
+    const at::Tensor& v_pool, const at::Tensor& rpb_local, const at::Tensor& bias_table,
+    const at::Tensor& index_rows, const at::Tensor& index_cols, const at::Tensor& token_weight,
+    int64_t height, int64_t width) {
+  auto t = detail::checked({{"q", q},
+                            {"k", k},
+                            {"v", v},
+                            {"k_pool", k_pool},
+                            {"v_pool", v_pool},
+                            {"rpb_local", rpb_local},
+                            {"bias_table", bias_table},
+                            {"token_weight", token_weight}},
+                           height, width);
+  auto [rows, cols] =
+      detail::checked_bias_index(q, t[3], t[6], index_rows, index_cols, height, width);
+  t.push_back(rows);
+  t.push_back(cols);
+  return t;
 }
 
 // The backward's inputs, checked, in the order q, k, v, k_pool, v_pool, rpb_local, bias_pool,
@@ -105,6 +161,39 @@ inline std::vector<at::Tensor> checked_backward(
               "aggregated_attention: lse must be ", at::toOpMathType(q.scalar_type()), " on ",
               q.device(), ", got ", lse.scalar_type(), " on ", lse.device());
   t.push_back(lse.contiguous());
+  return t;
+}
+
+// The table-form backward's inputs, checked, in the order q, k, v, k_pool, v_pool, rpb_local,
+// bias_table, token_weight, grad_out, out, lse, index_rows, index_cols.
+inline std::vector<at::Tensor> checked_table_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb_local,
+    const at::Tensor& bias_table, const at::Tensor& index_rows, const at::Tensor& index_cols,
+    const at::Tensor& token_weight, const at::Tensor& out, const at::Tensor& lse, int64_t height,
+    int64_t width) {
+  auto t = detail::checked({{"q", q},
+                            {"k", k},
+                            {"v", v},
+                            {"k_pool", k_pool},
+                            {"v_pool", v_pool},
+                            {"rpb_local", rpb_local},
+                            {"bias_table", bias_table},
+                            {"token_weight", token_weight},
+                            {"grad_out", grad_out},
+                            {"out", out}},
+                           height, width);
+  detail::check_shape(t[8], "grad_out", q.sizes());
+  detail::check_shape(t[9], "out", q.sizes());
+  detail::check_shape(lse, "lse", {q.size(0), q.size(1), q.size(2)});
+  TORCH_CHECK(lse.device() == q.device() && lse.scalar_type() == at::toOpMathType(q.scalar_type()),
+              "aggregated_attention: lse must be ", at::toOpMathType(q.scalar_type()), " on ",
+              q.device(), ", got ", lse.scalar_type(), " on ", lse.device());
+  t.push_back(lse.contiguous());
+  auto [rows, cols] =
+      detail::checked_bias_index(q, t[3], t[6], index_rows, index_cols, height, width);
+  t.push_back(rows);
+  t.push_back(cols);
   return t;
 }
 

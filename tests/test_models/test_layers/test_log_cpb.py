@@ -6,8 +6,10 @@ import torch._dynamo
 import torch.nn as nn
 import torch.nn.functional as F
 
+from transnext_mm.models.layers import log_cpb
 from transnext_mm.models.layers.log_cpb import (LogCPB, log_cpb_axis, log_cpb_bias,
                                                 set_pos_bias_cache)
+from transnext_mm.ops import dispatch
 
 
 def pairwise_log_cpb(fc1, fc2, query_size, key_size, pretrain_len):
@@ -158,3 +160,39 @@ def test_compiled_bias_equals_eager(mlp, mode):
     for _ in range(2):  # the second call finds nothing cached
         torch.testing.assert_close(compiled(fc1, fc2, (9, 7), (3, 4), False), expected)
     assert cpb.cached_sizes() == []
+
+
+@pytest.mark.parametrize('chunk_rows', [1, 7, 512])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_chunked_mlp_matches_plain_mlp(monkeypatch, chunk_rows, dtype):
+    """The chunked MLP (hidden blocks recomputed in the backward) against Linear -> ReLU ->
+    Linear: values and the gradients of all four parameters and of the points, with a ragged
+    last chunk."""
+    monkeypatch.setattr(log_cpb, 'MLP_CHUNK_ROWS', chunk_rows)
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(2, 64).to(dtype), nn.Linear(64, 3).to(dtype)
+    points = torch.randn(45, 2, dtype=dtype, requires_grad=True)
+    assert dispatch.log_cpb_mlp_chunked(fc1.weight)
+    out = log_cpb.log_cpb_mlp(fc1, fc2, points)
+    expected = fc2(F.relu(fc1(points)))
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    params = [points, *fc1.parameters(), *fc2.parameters()]
+    for g, g_ref in zip(
+            torch.autograd.grad(out, params, grad), torch.autograd.grad(expected, params, grad)):
+        torch.testing.assert_close(g, g_ref)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda p, *w: log_cpb._ChunkedMLP.apply(p, *w),
+                                        (points, fc1.weight, fc1.bias, fc2.weight, fc2.bias))
+
+
+def test_chunked_mlp_only_in_eager_mode_without_autocast():
+    weight = torch.zeros(4, 2)
+    assert dispatch.log_cpb_mlp_chunked(weight)
+    assert not dispatch.log_cpb_mlp_chunked(weight.to('meta'))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not dispatch.log_cpb_mlp_chunked(weight)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda w: w + float(dispatch.log_cpb_mlp_chunked(w)), backend='eager', fullgraph=True)
+    torch.testing.assert_close(compiled(weight), weight)

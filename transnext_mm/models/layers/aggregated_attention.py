@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transnext_mm.ops.aggregated_attention import WINDOW_AREA, aggregated_attention, window_tables
+from transnext_mm.ops.aggregated_attention import (WINDOW_AREA, PoolBiasTable, aggregated_attention,
+                                                   window_tables)
 from transnext_mm.ops.cosine_qk import cosine_queries_keys
-from transnext_mm.ops.dispatch import select
+from transnext_mm.ops.dispatch import attention_bias_form, select
 from .adaptive_pool import adaptive_avg_pool_tokens
 from .log_cpb import LogCPB
 
@@ -72,17 +73,23 @@ class AggregatedAttention(nn.Module):
             nn.init.trunc_normal_(torch.empty(num_heads, self.head_dim, WINDOW_AREA), std=0.02))
         self.learnable_bias = nn.Parameter(torch.zeros(num_heads, 1, WINDOW_AREA))
 
-    def train(self, mode: bool = True):
-        self.pos_bias.clear_cache()
-        return super().train(mode)
-
     def _heads(self, x: torch.Tensor, groups: int) -> torch.Tensor:
         B, N, _ = x.shape  # (B, N, groups*heads*d) -> (B, groups*heads, N, d)
         return x.reshape(B, N, groups * self.num_heads, self.head_dim).transpose(1, 2)
 
-    def core_inputs(self, x: torch.Tensor, height: int, width: int, pool_size: Size) -> tuple:
+    def core_inputs(self,
+                    x: torch.Tensor,
+                    height: int,
+                    width: int,
+                    pool_size: Size,
+                    bias_form: str = 'dense') -> tuple:
         """The arguments of the attention core (see ``transnext_mm.ops.aggregated_attention``):
-        ``(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)``."""
+        ``(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)``.
+
+        ``bias_form='table'`` gives ``bias_pool`` as a :class:`PoolBiasTable` where the bias is a
+        function of the query-key offset (see :meth:`LogCPB.is_offset_function`); 'dense' (the
+        default) always materialises it.
+        """
         B, N, C = x.shape
         q = self._heads(self.q(x), 1)
         k, v = self._heads(self.kv(x), 2).chunk(2, dim=1)
@@ -106,7 +113,11 @@ class AggregatedAttention(nn.Module):
             impl=self.attn_impl)
 
         bias_pool = self.pos_bias(self.cpb_fc1, self.cpb_fc2, (height, width), pool_size,
-                                  self.training).to(x.dtype)
+                                  self.training, bias_form)
+        if isinstance(bias_pool, PoolBiasTable):
+            bias_pool = bias_pool._replace(table=bias_pool.table.to(x.dtype))
+        else:
+            bias_pool = bias_pool.to(x.dtype)
         return (q, k, v, F.normalize(k_pool, dim=-1), v_pool, self.relative_pos_bias_local,
                 bias_pool, token_weight, height, width)
 
@@ -116,7 +127,8 @@ class AggregatedAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, -1))
 
     def forward(self, x: torch.Tensor, height: int, width: int, pool_size: Size) -> torch.Tensor:
-        args = self.core_inputs(x, height, width, pool_size)
+        # The table form where the compiled CPU kernels take it (decided in ops.dispatch).
+        args = self.core_inputs(x, height, width, pool_size, attention_bias_form(self.attn_impl, x))
         return self.project(aggregated_attention(*args, impl=self.attn_impl))
 
 
@@ -141,10 +153,6 @@ class FullAttention(nn.Module):
         self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=True)
         self.proj = nn.Linear(embed_dims, embed_dims)
         _cosine_attention_params(self, num_heads, self.head_dim)
-
-    def train(self, mode: bool = True):
-        self.pos_bias.clear_cache()
-        return super().train(mode)
 
     def attention_inputs(self, x: torch.Tensor, height: int, width: int) -> tuple:
         """``(q, k, v, bias)``: scaled queries, normalised keys, values and log-CPB bias."""

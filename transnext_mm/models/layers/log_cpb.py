@@ -18,6 +18,10 @@ value at every pair (the MLP sees the same inputs).
 
 Interpolation mode tabulates the bias at fixed grids (``img_size``) and resizes it bilinearly
 (``align_corners=False``), first over the key grid, then over the query grid.
+
+Where the bias is a function of the offset (extrapolation at any size, interpolation at the
+table's own grids) it can also be handed over in table form (:class:`PoolBiasTable`: the MLP
+table and the per-axis indices) for attention kernels that gather it themselves.
 """
 import functools
 import math
@@ -29,9 +33,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from transnext_mm.ops.aggregated_attention import PoolBiasTable
+from transnext_mm.ops.dispatch import log_cpb_mlp_chunked
 from .adaptive_pool import adaptive_pool_bins
 
 POS_BIAS_MODES = ('interpolate', 'extrapolate')
+BIAS_FORMS = ('dense', 'table')
 Size = Tuple[int, int]
 
 
@@ -77,11 +84,58 @@ def log_cpb_axis(query_len, key_len, pretrain_len: int,
     return entry
 
 
+# Points per chunk of the chunked MLP: a (rows, 512) hidden block of 1 MB stays in cache.
+MLP_CHUNK_ROWS = 512
+
+
+class _ChunkedMLP(torch.autograd.Function):
+    """``fc2(relu(fc1(points)))`` over chunks of points: the (points, hidden) activations are
+    never held in full, and the backward recomputes each chunk's hidden block instead of saving
+    it (a stage-1 table at 512x512 has 61k points: 126 MB of hidden activations per layer)."""
+
+    @staticmethod
+    def forward(ctx, points, weight1, bias1, weight2, bias2):
+        out = points.new_empty(points.shape[0], weight2.shape[0])
+        for r0 in range(0, points.shape[0], MLP_CHUNK_ROWS):
+            hidden = torch.addmm(bias1, points[r0:r0 + MLP_CHUNK_ROWS], weight1.t()).relu_()
+            torch.addmm(bias2, hidden, weight2.t(), out=out[r0:r0 + MLP_CHUNK_ROWS])
+        ctx.save_for_backward(points, weight1, bias1, weight2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        points, weight1, bias1, weight2 = ctx.saved_tensors
+        grad_w1, grad_b1 = torch.zeros_like(weight1), torch.zeros_like(bias1)
+        grad_w2 = torch.zeros_like(weight2)
+        grad_points = torch.zeros_like(points) if ctx.needs_input_grad[0] else None
+        for r0 in range(0, points.shape[0], MLP_CHUNK_ROWS):
+            x = points[r0:r0 + MLP_CHUNK_ROWS]
+            grad = grad_out[r0:r0 + MLP_CHUNK_ROWS]
+            hidden = torch.addmm(bias1, x, weight1.t()).relu_()
+            grad_w2.addmm_(grad.t(), hidden)
+            grad_hidden = (grad @ weight2).mul_(hidden > 0)
+            grad_w1.addmm_(grad_hidden.t(), x)
+            grad_b1 += grad_hidden.sum(0)
+            if grad_points is not None:
+                grad_points[r0:r0 + MLP_CHUNK_ROWS] = grad_hidden @ weight1
+        return grad_points, grad_w1, grad_b1, grad_w2, grad_out.sum(0)
+
+
+def log_cpb_mlp(fc1: nn.Linear, fc2: nn.Linear, points: torch.Tensor) -> torch.Tensor:
+    """``fc2(relu(fc1(points)))`` for (P, 2) points, chunked where
+    :func:`transnext_mm.ops.dispatch.log_cpb_mlp_chunked` says so (same values)."""
+    points = points.to(fc1.weight.dtype)
+    if log_cpb_mlp_chunked(fc1.weight) and fc1.bias is not None and fc2.bias is not None:
+        return _ChunkedMLP.apply(points, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    return fc2(F.relu(fc1(points)))
+
+
 def log_cpb_table(fc1: nn.Linear, fc2: nn.Linear, coords_h: torch.Tensor,
                   coords_w: torch.Tensor) -> torch.Tensor:
     """The MLP on every (coords_h[i], coords_w[j]) pair: float32 (heads, U_h, U_w)."""
     grid = torch.stack(torch.meshgrid(coords_h, coords_w, indexing='ij'), dim=-1)
-    return fc2(F.relu(fc1(grid.to(fc1.weight.dtype)))).float().permute(2, 0, 1)
+    table = log_cpb_mlp(fc1, fc2, grid.reshape(-1, 2)).float()
+    return table.t().reshape(-1, coords_h.numel(), coords_w.numel())
 
 
 def gather_table(table: torch.Tensor, index_h: torch.Tensor, index_w: torch.Tensor) -> torch.Tensor:
@@ -211,8 +265,30 @@ class LogCPB:
         _evict(lambda key: key[0] == id(self))
 
     def cached_sizes(self) -> list:
-        """The (query, key) grids whose bias this layer holds in the eval cache."""
-        return [key[1:] for key in _bias_cache if key[0] == id(self) and key[1] != 'table']
+        """The (query, key) grids whose (dense) bias this layer holds in the eval cache."""
+        return [key[1:] for key in _bias_cache if key[0] == id(self) and len(key) == 3]
+
+    def is_offset_function(self, query_size: Size, key_size: Size) -> bool:
+        """Whether the bias at these grids is a function of the query-key offset (then it has a
+        table form): always in extrapolation mode, at the table's own grids in interpolation
+        mode."""
+        return self.mode == 'extrapolate' or (tuple(query_size) == self.table_query
+                                              and tuple(key_size) == self.table_key)
+
+    def table_form(self, fc1: nn.Linear, fc2: nn.Linear, query_size: Size,
+                   key_size: Size) -> PoolBiasTable:
+        """The bias (see :meth:`is_offset_function`) in table form, computed without any cache:
+        float32 table (heads, U_h * U_w) and the indices of each (query, key) pair."""
+        if not self.is_offset_function(query_size, key_size):
+            raise ValueError(f'the {self.mode} bias at query grid {tuple(query_size)} and key '
+                             f'grid {tuple(key_size)} is not a function of the query-key offset '
+                             f'(the table grids are {self.table_query} and {self.table_key}); '
+                             'use the dense bias')
+        (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(query_size, key_size,
+                                                                self.pretrain_len,
+                                                                fc1.weight.device)
+        table = log_cpb_table(fc1, fc2, coords_h, coords_w)
+        return PoolBiasTable(table.flatten(1), index_h * coords_w.numel(), index_w)
 
     @staticmethod
     def _weights_signature(fc1: nn.Linear, fc2: nn.Linear) -> tuple:
@@ -253,19 +329,34 @@ class LogCPB:
         _bias_cache[key] = entry
         _bias_cache_bytes += size
 
-    def __call__(self, fc1: nn.Linear, fc2: nn.Linear, query_size: Size, key_size: Size,
-                 training: bool) -> torch.Tensor:
+    def __call__(self,
+                 fc1: nn.Linear,
+                 fc2: nn.Linear,
+                 query_size: Size,
+                 key_size: Size,
+                 training: bool,
+                 form: str = 'dense'):
+        """The bias (heads, H*W, Hk*Wk), or with ``form='table'`` its :class:`PoolBiasTable`
+        where it is a function of the query-key offset (:meth:`is_offset_function`; elsewhere
+        the dense bias). Eager eval mode caches either."""
+        if form not in BIAS_FORMS:
+            raise ValueError(f'form must be one of {BIAS_FORMS}, got {form!r}')
         query_size, key_size = tuple(query_size), tuple(key_size)
+        table = form == 'table' and self.is_offset_function(query_size, key_size)
         # Cache only in eager mode, on a device with data, and only what no gradient can flow
         # through: eval mode and no grad wanted by the MLP.
         cacheable = (
             _cache_enabled and not training and not torch.compiler.is_compiling()
             and fc1.weight.device.type != 'meta'
             and not (torch.is_grad_enabled() and fc1.weight.requires_grad))
+        if table and not cacheable:
+            return self.table_form(fc1, fc2, query_size, key_size)
         if not cacheable:
             return self.compute(fc1, fc2, query_size, key_size)
-        key = (id(self), query_size, key_size)
         signature = self._weights_signature(fc1, fc2)
+        if table:
+            return self._cached_table_form(fc1, fc2, query_size, key_size, signature)
+        key = (id(self), query_size, key_size)
         hit = _bias_cache.get(key)
         if hit is not None and hit[0] == signature:
             _bias_cache.move_to_end(key)
@@ -276,6 +367,18 @@ class LogCPB:
             bias = self.compute(fc1, fc2, query_size, key_size).detach()
         self._store(key, (signature, bias))
         return bias
+
+    def _cached_table_form(self, fc1, fc2, query_size: Size, key_size: Size,
+                           signature: tuple) -> PoolBiasTable:
+        key = (id(self), 'table form', query_size, key_size)
+        hit = _bias_cache.get(key)
+        if hit is None or hit[0] != signature:
+            bias = self.table_form(fc1, fc2, query_size, key_size)
+            hit = (signature, bias.table.detach(), bias.index_rows, bias.index_cols)
+            self._store(key, hit)
+        else:
+            _bias_cache.move_to_end(key)
+        return PoolBiasTable(*hit[1:])
 
     def __del__(self):
         try:

@@ -15,7 +15,9 @@ the learnable-token term ``q_hat . learnable_tokens + learnable_bias`` into ``to
 
 Shapes: ``q, k, v``: (B, heads, H*W, d); ``k_pool, v_pool``: (B, heads, Np, d);
 ``rpb_local``: (heads, 9); ``bias_pool``: (heads, H*W, Np), shared over the batch;
-``token_weight``: (B, heads, H*W, 9). Returns (B, heads, H*W, d).
+``token_weight``: (B, heads, H*W, 9). Returns (B, heads, H*W, d). Where the bias is a function of
+the query-key offset, ``bias_pool`` may be given in table form (:class:`.shapes.PoolBiasTable`),
+which the compiled CPU kernels read without materialising it.
 
 Modules: :mod:`.shapes` (window size, argument checks, dtype rule), :mod:`.reference` (the
 readable unfold implementation, the test oracle, and the window tables), :mod:`.torch_impl` (the
@@ -29,11 +31,11 @@ import torch
 
 from ..dispatch import IMPLS as ATTN_IMPLS
 from ..dispatch import select
-from .op import aggregated_attention_op, op_available
+from .op import aggregated_attention_op, aggregated_attention_table_op, op_available
 from .reference import (aggregated_attention_probs, aggregated_attention_reference,
                         compute_window_tables, unfold_window, window_tables)
 from .selfcheck import run_self_check  # registers the self-check with dispatch
-from .shapes import WINDOW, WINDOW_AREA, check_attention_inputs
+from .shapes import WINDOW, WINDOW_AREA, PoolBiasTable, check_attention_inputs
 from .torch_impl import aggregated_attention_torch
 
 
@@ -52,13 +54,21 @@ def aggregated_attention(q,
     :func:`transnext_mm.ops.dispatch.select` picks.
 
     Args:
+        bias_pool (Tensor | PoolBiasTable): The (heads, H*W, Np) bias, or the table form of a
+            bias that is a function of the query-key offset (the compiled CPU kernels read it as
+            it is; every other implementation materialises it first).
         impl (str): ``'auto'`` uses the compiled op when it has kernels for the input's device and
             dtype and otherwise the PyTorch path (warning once); ``'op'`` requires the op;
             ``'torch'`` the PyTorch fast path; ``'reference'`` the readable unfold path.
             Defaults to 'auto'.
     """
-    args = (q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
     chosen = select('attention', impl, q)
+    if isinstance(bias_pool, PoolBiasTable):
+        if chosen == 'op' and q.device.type == 'cpu':
+            return aggregated_attention_table_op(q, k, v, k_pool, v_pool, rpb_local, bias_pool,
+                                                 token_weight, height, width)
+        bias_pool = bias_pool.dense()
+    args = (q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)
     if chosen == 'op':
         return aggregated_attention_op(*args)
     if chosen == 'reference':
@@ -67,8 +77,8 @@ def aggregated_attention(q,
 
 
 __all__ = [
-    'ATTN_IMPLS', 'WINDOW', 'WINDOW_AREA', 'aggregated_attention', 'aggregated_attention_op',
-    'aggregated_attention_probs', 'aggregated_attention_reference', 'aggregated_attention_torch',
-    'check_attention_inputs', 'compute_window_tables', 'op_available', 'run_self_check',
-    'unfold_window', 'window_tables'
+    'ATTN_IMPLS', 'WINDOW', 'WINDOW_AREA', 'PoolBiasTable', 'aggregated_attention',
+    'aggregated_attention_op', 'aggregated_attention_probs', 'aggregated_attention_reference',
+    'aggregated_attention_table_op', 'aggregated_attention_torch', 'check_attention_inputs',
+    'compute_window_tables', 'op_available', 'run_self_check', 'unfold_window', 'window_tables'
 ]

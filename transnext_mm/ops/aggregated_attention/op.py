@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import choose, compiled_ext
-from .shapes import check_attention_inputs, common_dtype
+from .shapes import PoolBiasTable, check_attention_inputs, common_dtype
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,6 +91,73 @@ def _backward_formula(ctx, grad_out, grad_lse):
 
 _forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
+# ------------------------------------------------------------------------------------------------
+# The pooled bias in table form (CPU kernels): ``bias_pool[h, i, p] = bias_table[h, index_rows[y,
+# py] + index_cols[x, px]]`` for query ``i = (y, x)`` and pooled key ``p = (py, px)``. The kernels
+# gather each query's bias row from the table and accumulate the table's gradient (per group of
+# query chunks, then summed in a fixed order), so neither the (heads, N, Np) bias nor its gradient
+# is materialised.
+
+
+@torch.library.custom_op('transnext_mm::aggregated_attention_table_forward', mutates_args=())
+def _table_forward(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor,
+                   rpb_local: Tensor, bias_table: Tensor, index_rows: Tensor, index_cols: Tensor,
+                   token_weight: Tensor, height: int, width: int) -> Tuple[Tensor, Tensor]:
+    out, lse = compiled_ext().aggregated_attention_table_forward(q, k, v, k_pool, v_pool, rpb_local,
+                                                                 bias_table, index_rows, index_cols,
+                                                                 token_weight, height, width)
+    return out, lse
+
+
+@_table_forward.register_fake
+def _table_forward_fake(q, k, v, k_pool, v_pool, rpb_local, bias_table, index_rows, index_cols,
+                        token_weight, height, width):
+    return _empty_rows_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op('transnext_mm::aggregated_attention_table_backward', mutates_args=())
+def _table_backward(
+        grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor,
+        rpb_local: Tensor, bias_table: Tensor, index_rows: Tensor, index_cols: Tensor,
+        token_weight: Tensor, out: Tensor, lse: Tensor, height: int, width: int,
+        bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = compiled_ext().aggregated_attention_table_backward(grad_out, q, k, v, k_pool, v_pool,
+                                                               rpb_local, bias_table, index_rows,
+                                                               index_cols, token_weight, out, lse,
+                                                               height, width, bias_grad)
+    return tuple(grads)
+
+
+@_table_backward.register_fake
+def _table_backward_fake(grad_out, q, k, v, k_pool, v_pool, rpb_local, bias_table, index_rows,
+                         index_cols, token_weight, out, lse, height, width, bias_grad):
+    heads, table_size = bias_table.shape
+    return (_empty_rows_like(q), _empty_rows_like(k), _empty_rows_like(v),
+            k_pool.new_empty(k_pool.shape), v_pool.new_empty(v_pool.shape),
+            rpb_local.new_empty(rpb_local.shape),
+            bias_table.new_empty((heads if bias_grad else 0, table_size)),
+            token_weight.new_empty(token_weight.shape))
+
+
+def _table_setup_context(ctx, inputs, output):
+    *tensors, height, width = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(*tensors, out, lse)
+    ctx.grid = (height, width)
+
+
+def _table_backward_formula(ctx, grad_out, grad_lse):
+    bias_grad = ctx.needs_input_grad[6]
+    grads = list(_table_backward(grad_out, *ctx.saved_tensors, *ctx.grid, bias_grad))
+    if not bias_grad:
+        grads[6] = None
+    dq, dk, dv, dk_pool, dv_pool, drpb, dtable, dtoken_weight = grads
+    return (dq, dk, dv, dk_pool, dv_pool, drpb, dtable, None, None, dtoken_weight, None, None)
+
+
+_table_forward.register_autograd(_table_backward_formula, setup_context=_table_setup_context)
+
 
 def op_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the compiled op has kernels for this device and dtype."""
@@ -119,4 +186,31 @@ def aggregated_attention_op(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_p
     dtype = common_dtype(tensors, q.device.type)
     tensors = [t.to(dtype) for t in tensors]
     out, _ = torch.ops.transnext_mm.aggregated_attention_forward(*tensors, height, width)
+    return out
+
+
+def aggregated_attention_table_op(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor,
+                                  rpb_local: Tensor, bias: PoolBiasTable, token_weight: Tensor,
+                                  height: int, width: int) -> Tensor:
+    """:func:`aggregated_attention_op` with the pooled bias in table form (CPU kernels only).
+
+    Args:
+        bias (PoolBiasTable): ``(table, index_rows, index_cols)``, see :class:`PoolBiasTable`.
+            Gradients flow to ``bias.table`` (and the seven other tensors).
+
+    Returns:
+        Tensor: as :func:`aggregated_attention_op`.
+    """
+    if compiled_ext() is None:
+        raise RuntimeError(choose('attention', 'op', q.device, q.dtype).reason)
+    if q.device.type != 'cpu':
+        raise ValueError(f'the table form of bias_pool has CPU kernels only, got q on {q.device}; '
+                         'pass the materialised bias (PoolBiasTable.dense())')
+    check_attention_inputs(q, k, v, k_pool, v_pool, rpb_local, bias, token_weight, height, width)
+    tensors = (q, k, v, k_pool, v_pool, rpb_local, bias.table, token_weight)
+    dtype = common_dtype(tensors, q.device.type)
+    q, k, v, k_pool, v_pool, rpb_local, table, token_weight = [t.to(dtype) for t in tensors]
+    out, _ = torch.ops.transnext_mm.aggregated_attention_table_forward(
+        q, k, v, k_pool, v_pool, rpb_local, table, bias.index_rows, bias.index_cols, token_weight,
+        height, width)
     return out

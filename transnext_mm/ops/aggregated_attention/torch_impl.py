@@ -45,11 +45,18 @@ def aggregated_attention_torch(q, k, v, k_pool, v_pool, rpb_local, bias_pool, to
     s_local = s_local + rpb_local.unsqueeze(1).masked_fill(~valid, float('-inf'))
     local_max = s_local.detach().amax(-1, keepdim=True)  # finite: the centre is always valid
 
+    if num_pool == 0:  # no pooled keys: the softmax runs over the window alone
+        weight = (s_local.softmax(-1) + token_weight).reshape(B, heads, height, width, WINDOW_AREA)
+        out = q.new_zeros(B, heads, height, width, d)
+        for j, vn in enumerate(shifted_windows(v, height, width)):
+            out = out.addcmul_(weight[..., j:j + 1], vn)
+        return out.reshape(B, heads, N, d)
+
     k_pool_t = k_pool.transpose(-2, -1)
     if torch.compiler.is_compiling():  # one block: no loop over symbolic sizes in the graph
         blocks = [(0, N)]
     else:
-        rows = max(1, ROW_BLOCK_BYTES // (B * heads * max(num_pool, 1) * q.element_size()))
+        rows = max(1, ROW_BLOCK_BYTES // (B * heads * num_pool * q.element_size()))
         blocks = [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
     out_pool, denom, row_max = [], [], []
     for r0, r1 in blocks:

@@ -60,14 +60,61 @@ Shape shape_of(const at::Tensor& q, const at::Tensor& k_pool, int64_t height, in
   return {q.size(0), q.size(1), q.size(2), k_pool.size(2), q.size(3), height, width};
 }
 
+// The pooled-path bias of all heads, in one of two forms:
+// - materialised: dense (heads, N, Np);
+// - the table form, for a bias that is a function of the query-key offset: entry (i, p) of head
+//   h, with i = (y, x) and p = (py, px) on the Hk x Wk pooled grid, is
+//   table[h * table_size + index_rows[y * Hk + py] + index_cols[x * Wk + px]]. Forward gathers
+//   each query's row from the table; backward accumulates the table's gradient directly.
+template <typename T>
+struct PoolBias {
+  const T* dense;  // nullptr in the table form
+  const T* table;
+  const int64_t *index_rows, *index_cols;
+  int64_t table_size, pool_h, pool_w;
+};
+
 // One chunk of rows [i0, i0 + rows) of one (batch, head): that (batch, head)'s rows, the head's
-// bias / window biases and the (batch, head)'s token weights.
+// bias / window biases and the (batch, head)'s token weights. In the table form `bias` is null,
+// `table` the head's table and `bias_buf` a per-thread (Np,) buffer for one gathered row.
 template <typename T>
 struct Chunk {
   Rows<const T> q, k, v, grad;
   const T *bias, *rpb, *token_weight;
+  const T* table;
+  const int64_t *index_rows, *index_cols;
+  int64_t pool_h, pool_w;
+  T* bias_buf;
   int64_t i0, rows, tokens, pool, d, height, width;
 };
+
+// The pooled bias row of query i at (y, x): the dense row, or gathered from the table into
+// c.bias_buf.
+template <typename T>
+TNX_ALWAYS_INLINE const T* bias_row(const Chunk<T>& c, int64_t i, int64_t y, int64_t x) {
+  if (c.table == nullptr) return c.bias + i * c.pool;
+  const int64_t* rows = c.index_rows + y * c.pool_h;
+  const int64_t* cols = c.index_cols + x * c.pool_w;
+  T* out = c.bias_buf;
+  for (int64_t py = 0; py < c.pool_h; ++py, out += c.pool_w) {
+    const T* table_row = c.table + rows[py];
+    for (int64_t px = 0; px < c.pool_w; ++px) out[px] = table_row[cols[px]];
+  }
+  return c.bias_buf;
+}
+
+// Adds the pooled score gradient row `ds` (Np,) of query (y, x) to the table gradient `dtable`
+// of its head. The entries of one row are distinct (distinct pooled bins have distinct offsets).
+template <typename T>
+TNX_ALWAYS_INLINE void add_table_grad(const Chunk<T>& c, int64_t y, int64_t x, const T* ds,
+                                      T* dtable) {
+  const int64_t* rows = c.index_rows + y * c.pool_h;
+  const int64_t* cols = c.index_cols + x * c.pool_w;
+  for (int64_t py = 0; py < c.pool_h; ++py, ds += c.pool_w) {
+    T* table_row = dtable + rows[py];
+    for (int64_t px = 0; px < c.pool_w; ++px) table_row[cols[px]] += ds[px];
+  }
+}
 
 // ---------------------------------------------------------------------------------- forward
 // Softmax of one query over its 9 window scores `local` (biases included; entries of out-of-image
@@ -109,7 +156,7 @@ TNX_ALWAYS_INLINE void forward_rows_impl(const Chunk<T>& c, T* scores, T* window
   for (int64_t r = 0; r < c.rows; ++r) {
     const int64_t i = c.i0 + r, y = i / c.width, x = i % c.width;
     T* __restrict__ srow = scores + r * Np;
-    const T* __restrict__ brow = c.bias + i * Np;
+    const T* __restrict__ brow = bias_row(c, i, y, x);
     const T* q_i = c.q.row(i);
     T local[kWindowArea];
     int64_t nbr[kWindowArea];
@@ -145,7 +192,8 @@ TNX_ALWAYS_INLINE void combine_rows_impl(T* out, int64_t out_stride, const T* po
 // --------------------------------------------------------------------------------- backward
 // probs: (rows, Np) = q @ k_pool^T on entry, probabilities on exit; dprobs: grad @ v_pool^T on
 // entry, d scores (ds) on exit. Writes the window's ds / weights / d token_weight, accumulates
-// d bias_pool (over the batch: first batch element writes) and the window part of dq.
+// d bias_pool (dense: over the batch, the first batch element writes; table form: added to the
+// head's table gradient `dbias`) and the window part of dq.
 template <typename T>
 TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* probs, T* dprobs,
                                           T* ds_local, T* weight_local, T* dtoken_weight, T* dbias,
@@ -155,7 +203,7 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* pr
     const int64_t i = c.i0 + r, y = i / c.width, x = i % c.width;
     T* __restrict__ prow = probs + r * Np;
     T* __restrict__ dprow = dprobs + r * Np;
-    const T* __restrict__ brow = c.bias + i * Np;
+    const T* __restrict__ brow = bias_row(c, i, y, x);
     const T *q_i = c.q.row(i), *g_i = c.grad.row(i);
     const T lse_i = lse[i];
     T delta = 0;
@@ -176,7 +224,9 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* pr
     }
 #pragma omp simd
     for (int64_t p = 0; p < Np; ++p) dprow[p] = prow[p] * (dprow[p] - delta);
-    if (dbias != nullptr) {
+    if (dbias != nullptr && c.table != nullptr) {
+      add_table_grad(c, y, x, dprow, dbias);
+    } else if (dbias != nullptr) {
       T* dbrow = dbias + i * Np;
       if (first_batch) {
         std::copy(dprow, dprow + Np, dbrow);
@@ -332,7 +382,7 @@ TNX_ALWAYS_INLINE void forward_tile(const Chunk<float>& c, int64_t i0, const flo
   for (int r = 0; r < R; ++r) {
     const int64_t i = i0 + r, y = i / c.width, x = i % c.width;
     float* __restrict__ srow = scores + r * np_pad;
-    const float* __restrict__ brow = c.bias + i * Np;
+    const float* __restrict__ brow = bias_row(c, i, y, x);
     for (int j = 0; j < kWindowArea; ++j) {
       nbr[r][j] = window_neighbor(y, x, j, c.height, c.width);
       local[r][j] = nbr[r][j] >= 0 ? dot_d<D>(q[r], c.k.row(nbr[r][j])) + c.rpb[j] : 0.f;
@@ -407,14 +457,21 @@ struct Layouts {
 
 template <typename T>
 Chunk<T> chunk_of(const Shape& s, const Layouts& l, int64_t bh, const T* q, const T* k, const T* v,
-                  const T* grad, const T* bias, const T* rpb, const T* token_weight) {
+                  const T* grad, const PoolBias<T>& bias, const T* rpb, const T* token_weight,
+                  T* bias_buf) {
   const int64_t h = bh % s.heads;
   Chunk<T> c;
   c.q = l.q.rows(q, bh, s.heads);
   c.k = l.k.rows(k, bh, s.heads);
   c.v = l.v.rows(v, bh, s.heads);
   c.grad = grad == nullptr ? Rows<const T>{nullptr, 0} : l.grad.rows(grad, bh, s.heads);
-  c.bias = bias + h * s.tokens * s.pool;
+  c.bias = bias.dense == nullptr ? nullptr : bias.dense + h * s.tokens * s.pool;
+  c.table = bias.dense == nullptr ? bias.table + h * bias.table_size : nullptr;
+  c.index_rows = bias.index_rows;
+  c.index_cols = bias.index_cols;
+  c.pool_h = bias.pool_h;
+  c.pool_w = bias.pool_w;
+  c.bias_buf = bias_buf;
   c.rpb = rpb + h * kWindowArea;
   c.token_weight = token_weight + bh * s.tokens * kWindowArea;
   c.i0 = c.rows = 0;
@@ -428,7 +485,7 @@ Chunk<T> chunk_of(const Shape& s, const Layouts& l, int64_t bh, const T* q, cons
 
 template <typename T>
 void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* v_pool,
-                  const T* rpb, const T* bias, const T* token_weight, T* out, T* lse,
+                  const T* rpb, const PoolBias<T>& bias, const T* token_weight, T* out, T* lse,
                   const Shape& s, const Layouts& l) {
   const int64_t N = s.tokens, Np = s.pool, d = s.d;
   const int64_t chunks = (N + kRows - 1) / kRows;
@@ -442,11 +499,11 @@ void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* 
           for (int64_t c = 0; c < d; ++c)
             kpT[(bh * d + c) * np_pad + p] = k_pool[(bh * Np + p) * d + c];
       at::parallel_for(0, s.batch * s.heads * chunks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(kTile * std::max<int64_t>(np_pad, 1));
+        std::vector<float> scores(kTile * std::max<int64_t>(np_pad, 1)), bias_buf(Np);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t bh = task / chunks;
           Chunk<float> c = chunk_of(s, l, bh, q, k, v, static_cast<const float*>(nullptr), bias,
-                                    rpb, token_weight);
+                                    rpb, token_weight, bias_buf.data());
           c.i0 = (task % chunks) * kRows;
           c.rows = std::min(kRows, N - c.i0);
           kernel(c, kpT.data() + bh * d * np_pad, np_pad, v_pool + bh * Np * d, scores.data(),
@@ -458,11 +515,11 @@ void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* 
   }
   at::parallel_for(0, s.batch * s.heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scores(kRows * std::max<int64_t>(Np, 1)), pooled(kRows * d), window(kRows * d),
-        inv_sum(kRows);
+        inv_sum(kRows), bias_buf(Np);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks;
-      Chunk<T> c =
-          chunk_of(s, l, bh, q, k, v, static_cast<const T*>(nullptr), bias, rpb, token_weight);
+      Chunk<T> c = chunk_of(s, l, bh, q, k, v, static_cast<const T*>(nullptr), bias, rpb,
+                            token_weight, bias_buf.data());
       c.i0 = (task % chunks) * kRows;
       c.rows = std::min(kRows, N - c.i0);
       const T *kp_bh = k_pool + bh * Np * d, *vp_bh = v_pool + bh * Np * d;
@@ -486,23 +543,30 @@ void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* 
 
 template <typename T>
 void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k_pool,
-                   const T* v_pool, const T* rpb, const T* bias, const T* token_weight,
+                   const T* v_pool, const T* rpb, const PoolBias<T>& bias, const T* token_weight,
                    const T* lse, T* dq, T* dk, T* dv, T* dtoken_weight, T* dbias, T* ds_local,
                    T* weight_local, T* dkp_partial, T* dvp_partial, int64_t groups, const Shape& s,
                    const Layouts& l) {
   const int64_t N = s.tokens, Np = s.pool, d = s.d, B = s.batch, heads = s.heads;
   const int64_t chunks = (N + kRows - 1) / kRows;
   const int64_t chunks_per_group = (chunks + groups - 1) / groups;
+  // d bias_pool of head h: dense, the head's rows; table form, the (group, head) partial sum of
+  // its table gradient (groups x heads x table_size, zero on entry).
+  auto dbias_of = [&](int64_t h, int64_t group) -> T* {
+    if (dbias == nullptr) return nullptr;
+    if (bias.dense != nullptr) return dbias + h * N * Np;
+    return dbias + (group * heads + h) * bias.table_size;
+  };
   at::parallel_for(0, heads * groups, 1, [&](int64_t begin, int64_t end) {
     const int64_t buffer = kRows * std::max<int64_t>(Np, 1);
     std::vector<T> probs(buffer), dprobs(buffer), dq_pool(kRows * d), dq_window(kRows * d),
-        ones(kRows, T(1));
+        ones(kRows, T(1)), bias_buf(Np);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task / groups, group = task % groups;
       const int64_t chunk_end = std::min(chunks, (group + 1) * chunks_per_group);
       for (int64_t b = 0; b < B; ++b) {
         const int64_t bh = b * heads + h;
-        Chunk<T> c = chunk_of(s, l, bh, q, k, v, grad, bias, rpb, token_weight);
+        Chunk<T> c = chunk_of(s, l, bh, q, k, v, grad, bias, rpb, token_weight, bias_buf.data());
         const Rows<T> dq_bh = l.dq.rows(dq, bh, s.heads);
         const T *kp_bh = k_pool + bh * Np * d, *vp_bh = v_pool + bh * Np * d;
         const int64_t slot = ((group * B + b) * heads + h) * Np * d;
@@ -519,8 +583,8 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
           }
           backward_rows(c, lse + bh * N, probs.data(), dprobs.data(),
                         ds_local + bh * N * kWindowArea, weight_local + bh * N * kWindowArea,
-                        dtoken_weight + bh * N * kWindowArea,
-                        dbias == nullptr ? nullptr : dbias + h * N * Np, b == 0, dq_window.data());
+                        dtoken_weight + bh * N * kWindowArea, dbias_of(h, group), b == 0,
+                        dq_window.data());
           if (Np > 0) {
             auto dq_pool_view = matrix(dq_pool.data(), c.rows, d);
             at::mm_out(dq_pool_view, dprob_view, matrix(kp_bh, Np, d));
@@ -540,7 +604,8 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
   at::parallel_for(0, B * heads * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, n0 = (task % blocks) * kRows;
-      const Chunk<T> c = chunk_of(s, l, bh, q, k, v, grad, bias, rpb, token_weight);
+      const Chunk<T> c =
+          chunk_of(s, l, bh, q, k, v, grad, bias, rpb, token_weight, static_cast<T*>(nullptr));
       window_grad_rows(c, ds_local + bh * N * kWindowArea, weight_local + bh * N * kWindowArea, n0,
                        std::min(N, n0 + kRows), l.dk.rows(dk, bh, s.heads),
                        l.dv.rows(dv, bh, s.heads));
@@ -548,12 +613,25 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
   });
 }
 
-}  // namespace
+// The bias of the kernels: dense when index_rows is undefined, else the table form.
+template <typename T>
+PoolBias<T> pool_bias_of(const at::Tensor& bias, const at::Tensor& index_rows,
+                         const at::Tensor& index_cols) {
+  if (!index_rows.defined()) return {bias.data_ptr<T>(), nullptr, nullptr, nullptr, 0, 0, 0};
+  return {nullptr,
+          bias.data_ptr<T>(),
+          index_rows.data_ptr<int64_t>(),
+          index_cols.data_ptr<int64_t>(),
+          bias.size(1),
+          index_rows.size(1),
+          index_cols.size(1)};
+}
 
-std::vector<at::Tensor> aggregated_attention_forward_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
-    const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,
-    const at::Tensor& token_weight, int64_t height, int64_t width) {
+std::vector<at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                    const at::Tensor& rpb, const at::Tensor& bias,
+                                    const at::Tensor& index_rows, const at::Tensor& index_cols,
+                                    const at::Tensor& token_weight, int64_t height, int64_t width) {
   const Shape s = shape_of(q, k_pool, height, width);
   auto out = empty_rows_like(q);
   auto lse = at::empty({s.batch, s.heads, s.tokens}, q.options());
@@ -564,27 +642,40 @@ std::vector<at::Tensor> aggregated_attention_forward_cpu(
   l.v = row_layout(v);
   l.out = row_layout(out);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "aggregated_attention_forward_cpu", [&] {
-    forward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                           k_pool.data_ptr<scalar_t>(), v_pool.data_ptr<scalar_t>(),
-                           rpb.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
-                           token_weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                           lse.data_ptr<scalar_t>(), s, l);
+    forward_impl<scalar_t>(
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+        k_pool.data_ptr<scalar_t>(), v_pool.data_ptr<scalar_t>(), rpb.data_ptr<scalar_t>(),
+        pool_bias_of<scalar_t>(bias, index_rows, index_cols), token_weight.data_ptr<scalar_t>(),
+        out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), s, l);
   });
   return {out, lse};
 }
 
-std::vector<at::Tensor> aggregated_attention_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
-    const at::Tensor& bias, const at::Tensor& token_weight, const at::Tensor& out,
-    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad) {
+std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
+                                     const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                     const at::Tensor& rpb, const at::Tensor& bias,
+                                     const at::Tensor& index_rows, const at::Tensor& index_cols,
+                                     const at::Tensor& token_weight, const at::Tensor& out,
+                                     const at::Tensor& lse, int64_t height, int64_t width,
+                                     bool bias_grad) {
   const Shape s = shape_of(q, k_pool, height, width);
+  const bool table = index_rows.defined();
   const int64_t chunks = (s.tokens + kRows - 1) / kRows;
   const int64_t groups = std::max<int64_t>(1, std::min(chunks, kMaxGroups));
   auto dq = empty_rows_like(q), dk = empty_rows_like(k), dv = empty_rows_like(v);
   auto dtoken_weight = at::empty_like(token_weight);
   auto ds_local = at::empty_like(token_weight), weight_local = at::empty_like(token_weight);
-  auto dbias = bias_grad ? at::empty_like(bias) : at::empty({0, s.tokens, s.pool}, bias.options());
+  // Dense: (heads, N, Np), written in full. Table form: per-group partial sums, reduced below.
+  at::Tensor dbias;
+  if (!bias_grad)
+    dbias = at::empty(
+        table ? std::vector<int64_t>{0, bias.size(1)} : std::vector<int64_t>{0, s.tokens, s.pool},
+        bias.options());
+  else if (table)
+    dbias = at::zeros({groups, s.heads, bias.size(1)}, bias.options());
+  else
+    dbias = at::empty_like(bias);
   auto dkp_partial = at::zeros({groups, s.batch, s.heads, s.pool, s.d}, q.options());
   auto dvp_partial = at::zeros_like(dkp_partial);
   if (q.numel() == 0) {
@@ -594,7 +685,7 @@ std::vector<at::Tensor> aggregated_attention_backward_cpu(
             at::zeros_like(k_pool),
             at::zeros_like(v_pool),
             at::zeros_like(rpb),
-            bias_grad ? dbias.zero_() : dbias,
+            bias_grad ? at::zeros_like(bias) : dbias,
             dtoken_weight.zero_()};
   }
   const Layouts l{row_layout(q),   row_layout(k),  row_layout(v),  row_layout(grad_out),
@@ -603,9 +694,9 @@ std::vector<at::Tensor> aggregated_attention_backward_cpu(
     backward_impl<scalar_t>(
         grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
         v.data_ptr<scalar_t>(), k_pool.data_ptr<scalar_t>(), v_pool.data_ptr<scalar_t>(),
-        rpb.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), token_weight.data_ptr<scalar_t>(),
-        lse.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
-        dv.data_ptr<scalar_t>(), dtoken_weight.data_ptr<scalar_t>(),
+        rpb.data_ptr<scalar_t>(), pool_bias_of<scalar_t>(bias, index_rows, index_cols),
+        token_weight.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
+        dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), dtoken_weight.data_ptr<scalar_t>(),
         bias_grad ? dbias.data_ptr<scalar_t>() : nullptr, ds_local.data_ptr<scalar_t>(),
         weight_local.data_ptr<scalar_t>(), dkp_partial.data_ptr<scalar_t>(),
         dvp_partial.data_ptr<scalar_t>(), groups, s, l);
@@ -616,8 +707,46 @@ std::vector<at::Tensor> aggregated_attention_backward_cpu(
           dkp_partial.sum(0),
           dvp_partial.sum(0),
           ds_local.sum(at::IntArrayRef{0, 2}),
-          dbias,
+          table && bias_grad ? dbias.sum(0) : dbias,
           dtoken_weight};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> aggregated_attention_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
+    const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,
+    const at::Tensor& token_weight, int64_t height, int64_t width) {
+  return forward_cpu(q, k, v, k_pool, v_pool, rpb, bias, at::Tensor(), at::Tensor(), token_weight,
+                     height, width);
+}
+
+std::vector<at::Tensor> aggregated_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
+    const at::Tensor& bias, const at::Tensor& token_weight, const at::Tensor& out,
+    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad) {
+  return backward_cpu(grad_out, q, k, v, k_pool, v_pool, rpb, bias, at::Tensor(), at::Tensor(),
+                      token_weight, out, lse, height, width, bias_grad);
+}
+
+std::vector<at::Tensor> aggregated_attention_table_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
+    const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias_table,
+    const at::Tensor& index_rows, const at::Tensor& index_cols, const at::Tensor& token_weight,
+    int64_t height, int64_t width) {
+  return forward_cpu(q, k, v, k_pool, v_pool, rpb, bias_table, index_rows, index_cols, token_weight,
+                     height, width);
+}
+
+std::vector<at::Tensor> aggregated_attention_table_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
+    const at::Tensor& bias_table, const at::Tensor& index_rows, const at::Tensor& index_cols,
+    const at::Tensor& token_weight, const at::Tensor& out, const at::Tensor& lse, int64_t height,
+    int64_t width, bool bias_grad) {
+  return backward_cpu(grad_out, q, k, v, k_pool, v_pool, rpb, bias_table, index_rows, index_cols,
+                      token_weight, out, lse, height, width, bias_grad);
 }
 
 }  // namespace transnext_mm

@@ -1,0 +1,261 @@
+# Copyright (c) transnext-mm contributors. All rights reserved.
+"""The compiled op with the pooled bias in table form against the PyTorch oracle (the reference on
+the materialised bias), the layers' choice of form, and the backbone end to end."""
+import pytest
+import torch
+import torch.nn as nn
+from aggregated_attention_cases import NAMES, assert_close_scaled, make_inputs
+
+from transnext_mm.models.layers.log_cpb import LogCPB, log_cpb_axes
+from transnext_mm.ops import dispatch
+from transnext_mm.ops.aggregated_attention import (PoolBiasTable, aggregated_attention,
+                                                   aggregated_attention_reference,
+                                                   aggregated_attention_table_op)
+
+requires_op = pytest.mark.skipif(
+    not dispatch.BUILD.built, reason=f'transnext_mm._ext is not built ({dispatch.BUILD.error})')
+
+
+def make_table_inputs(B, heads, height, width, pool, d, dtype=torch.float64, q_scale=4.0):
+    """The op's inputs with ``bias_pool`` in table form: log-CPB indices of the grids, a random
+    table."""
+    Np = pool[0] * pool[1]
+    tensors = make_inputs(B, heads, height, width, Np, d, dtype=dtype, q_scale=q_scale)
+    (coords_h, index_h), (coords_w, index_w) = log_cpb_axes((height, width), pool, 7,
+                                                            torch.device('cpu'))
+    gen = torch.Generator().manual_seed(height * 100 + width)
+    table = torch.randn(
+        heads, coords_h.numel() * coords_w.numel(), generator=gen,
+        dtype=torch.float64).to(dtype).requires_grad_()
+    bias = PoolBiasTable(table, index_h * coords_w.numel(), index_w)
+    return tensors[:6] + [bias] + tensors[7:]
+
+
+def oracle(tensors, height, width, grad_out):
+    """Output and gradients (the table's in place of bias_pool's) of the reference on the
+    materialised bias, in float64."""
+    leaves = [t.detach().double().requires_grad_() for t in tensors[:6] + tensors[7:]]
+    table = tensors[6].table.detach().double().requires_grad_()
+    bias = PoolBiasTable(table, tensors[6].index_rows, tensors[6].index_cols).dense()
+    out = aggregated_attention_reference(*leaves[:6], bias, leaves[6], height, width)
+    grads = torch.autograd.grad(out, leaves[:6] + [table] + leaves[6:], grad_out.double())
+    return out, grads
+
+
+def table_op_grads(tensors, height, width, grad_out=None):
+    out = aggregated_attention_table_op(*tensors, height, width)
+    grad_out = torch.randn_like(out) if grad_out is None else grad_out
+    leaves = tensors[:6] + [tensors[6].table] + tensors[7:]
+    return out, grad_out, torch.autograd.grad(out, leaves, grad_out)
+
+
+# (B, heads, height, width, pool, d): odd grids, single rows / columns, batch > 1, the fp32
+# register-tile head dims (8, 24) and generic ones, a 1x1 pooled grid.
+SHAPES = [(2, 3, 5, 7, (2, 3), 24), (1, 2, 1, 6, (1, 2), 5), (3, 1, 13, 11, (3, 5), 3),
+          (2, 2, 9, 8, (4, 4), 8), (1, 1, 7, 9, (1, 1), 24), (2, 2, 20, 17, (5, 4), 24)]
+
+
+@requires_op
+@pytest.mark.parametrize('dtype,rel', [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize('shape', SHAPES)
+def test_table_form_matches_reference(shape, dtype, rel):
+    B, heads, height, width, pool, d = shape
+    tensors = make_table_inputs(*shape, dtype=dtype)
+    out, grad_out, grads = table_op_grads(tensors, height, width)
+    out_ref, grads_ref = oracle(tensors, height, width, grad_out)
+    assert out.dtype == dtype
+    assert_close_scaled(out, out_ref, rel, 'out')
+    names = NAMES[:6] + ('bias_table', ) + NAMES[7:]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert g.dtype == dtype and g.shape == g_ref.shape, name
+        assert_close_scaled(g, g_ref, rel, name)
+
+
+@requires_op
+def test_table_form_equals_dense_op_and_is_deterministic():
+    """The table form computes what the dense op computes, and its table gradient (per-group
+    partial sums reduced in a fixed order) is the same bit for bit on every run."""
+    height, width = 23, 19
+    tensors = make_table_inputs(2, 2, height, width, (4, 3), 24, dtype=torch.float32)
+    out, grad_out, grads = table_op_grads(tensors, height, width)
+    dense = tensors[:6] + [tensors[6].dense()] + tensors[7:]
+    out_dense = aggregated_attention(*dense, height, width, impl='op')
+    torch.testing.assert_close(out, out_dense, rtol=1e-6, atol=1e-6)
+    for _ in range(3):
+        _, _, again = table_op_grads(tensors, height, width, grad_out)
+        assert all(torch.equal(g, g2) for g, g2 in zip(grads, again))
+
+
+@requires_op
+@pytest.mark.parametrize('height,width,pool', [(5, 7, (2, 2)), (1, 1, (1, 1)), (4, 9, (2, 3))])
+def test_table_form_gradcheck_float64(height, width, pool):
+    tensors = make_table_inputs(2, 2, height, width, pool, 3, q_scale=1.0)
+    bias = tensors[6]
+
+    def fn(q, k, v, k_pool, v_pool, rpb_local, table, token_weight):
+        return aggregated_attention_table_op(q, k, v, k_pool, v_pool, rpb_local,
+                                             bias._replace(table=table), token_weight, height,
+                                             width)
+
+    inputs = tensors[:6] + [bias.table] + tensors[7:]
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@requires_op
+def test_table_form_frozen_table_gets_no_gradient():
+    tensors = make_table_inputs(2, 2, 5, 6, (2, 2), 8)
+    tensors[6] = tensors[6]._replace(table=tensors[6].table.detach())
+    out = aggregated_attention_table_op(*tensors, 5, 6)
+    trainable = [t for t in tensors[:6] + tensors[7:] if t.requires_grad]
+    grads = torch.autograd.grad(out, trainable, torch.ones_like(out))
+    assert len(grads) == 7
+
+
+@requires_op
+def test_table_form_opcheck():
+    height, width = 3, 5
+    tensors = [
+        t.detach() if isinstance(t, torch.Tensor) else t
+        for t in make_table_inputs(2, 2, height, width, (1, 2), 4, dtype=torch.float32)
+    ]
+    bias = tensors[6]._replace(table=tensors[6].table.detach())
+    args = (*tensors[:6], bias.table, bias.index_rows, bias.index_cols, tensors[7], height, width)
+    grad_args = (*tensors[:6], bias.table.clone().requires_grad_(), bias.index_rows,
+                 bias.index_cols, tensors[7], height, width)
+    torch.library.opcheck(torch.ops.transnext_mm.aggregated_attention_table_forward.default,
+                          grad_args)
+    out, lse = torch.ops.transnext_mm.aggregated_attention_table_forward(*args)
+    for bias_grad in (True, False):
+        torch.library.opcheck(
+            torch.ops.transnext_mm.aggregated_attention_table_backward.default,
+            (torch.randn_like(out), *args[:10], out, lse, height, width, bias_grad))
+
+
+@requires_op
+def test_table_form_bad_inputs_name_the_argument():
+    tensors = make_table_inputs(1, 2, 4, 5, (2, 2), 8, dtype=torch.float32)
+    bias = tensors[6]
+    bad = bias._replace(index_cols=bias.index_cols[:, :1])
+    with pytest.raises(ValueError, match='index_rows and index_cols give a pooled grid'):
+        aggregated_attention_table_op(*tensors[:6], bad, tensors[7], 4, 5)
+    bad = bias._replace(index_rows=bias.index_rows.int())
+    with pytest.raises(ValueError, match='bias_pool.index_rows must be an int64'):
+        aggregated_attention_table_op(*tensors[:6], bad, tensors[7], 4, 5)
+    bad = bias._replace(table=bias.table[:1])
+    with pytest.raises(ValueError, match=r'bias_pool.table must have shape \(2, table_size\)'):
+        aggregated_attention_table_op(*tensors[:6], bad, tensors[7], 4, 5)
+    bad = bias._replace(index_rows=bias.index_rows + bias.table.shape[1])
+    detached = [t.detach() for t in tensors[:6] + tensors[7:]]
+    with pytest.raises(RuntimeError, match=r'index_rows \+ index_cols must lie in'):
+        torch.ops.transnext_mm.aggregated_attention_table_forward(*detached[:6],
+                                                                  bias.table.detach(),
+                                                                  bad.index_rows, bad.index_cols,
+                                                                  detached[6], 4, 5)
+
+
+def test_other_implementations_materialise_the_table():
+    """The PyTorch and reference paths take a table too: they materialise it (the oracle)."""
+    height, width = 5, 6
+    tensors = make_table_inputs(2, 2, height, width, (2, 3), 8)
+    dense = tensors[:6] + [tensors[6].dense()] + tensors[7:]
+    expected = aggregated_attention_reference(*dense, height, width)
+    for impl in ('torch', 'reference'):
+        out = aggregated_attention(*tensors, height, width, impl=impl)
+        torch.testing.assert_close(out, expected)
+
+
+def test_bias_form_decided_in_dispatch():
+    x = torch.randn(1, 4, 8)
+    built = dispatch.Build(True, False)
+    assert dispatch.attention_bias_form('torch', x, build=built) == 'dense'
+    assert dispatch.attention_bias_form('reference', x, build=built) == 'dense'
+    assert dispatch.attention_bias_form('op', x, build=built) == 'table'
+    assert dispatch.attention_bias_form('auto', x, build=built) == 'table'
+    assert dispatch.attention_bias_form('op', x.to('meta'), build=built) == 'dense'
+
+    def form(t):
+        return dispatch.attention_bias_form('op', t, build=built)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: t + len(form(t)), backend='eager', fullgraph=True)
+    torch.testing.assert_close(compiled(x), x + len('dense'))
+    traced = torch.jit.trace(lambda t: t + len(form(t)), (x, ), check_trace=False)
+    torch.testing.assert_close(traced(x), x + len('dense'))
+
+
+@pytest.mark.parametrize('mode,query,key,table', [('extrapolate', (9, 7), (3, 4), True),
+                                                  ('interpolate', (8, 8), (2, 2), True),
+                                                  ('interpolate', (9, 7), (3, 4), False)])
+def test_log_cpb_table_form_equals_dense_bias(mode, query, key, table):
+    """The table form is the dense bias where the bias is a function of the offset; elsewhere
+    (interpolation at another size) the dense bias is returned. Gradients reach the MLP alike."""
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(2, 32), nn.Linear(32, 3)
+    cpb = LogCPB(mode, (8, 8), (2, 2), 56)
+    assert cpb.is_offset_function(query, key) == table
+    dense = cpb(fc1, fc2, query, key, training=True)
+    got = cpb(fc1, fc2, query, key, training=True, form='table')
+    assert isinstance(got, PoolBiasTable) == table
+    got_dense = got.dense() if table else got
+    torch.testing.assert_close(got_dense, dense)
+    weights = torch.randn_like(dense)
+    params = list(fc1.parameters()) + list(fc2.parameters())
+    grads = torch.autograd.grad((dense * weights).sum(), params)
+    grads_table = torch.autograd.grad((got_dense * weights).sum(), params)
+    for g, g_table in zip(grads, grads_table):
+        torch.testing.assert_close(g_table, g)
+    if not table:
+        with pytest.raises(ValueError, match='not a function of the query-key offset'):
+            cpb.table_form(fc1, fc2, query, key)
+    with pytest.raises(ValueError, match="form must be one of"):
+        cpb(fc1, fc2, query, key, training=True, form='sparse')
+
+
+def test_log_cpb_table_form_eval_cache():
+    fc1, fc2 = nn.Linear(2, 16), nn.Linear(16, 2)
+    cpb = LogCPB('extrapolate', (8, 8), (2, 2), 56)
+    with torch.no_grad():
+        first = cpb(fc1, fc2, (6, 5), (2, 2), training=False, form='table')
+        again = cpb(fc1, fc2, (6, 5), (2, 2), training=False, form='table')
+        assert again.table is first.table
+        fc2.bias.add_(1.0)
+        changed = cpb(fc1, fc2, (6, 5), (2, 2), training=False, form='table')
+        assert changed.table is not first.table
+        torch.testing.assert_close(changed.table, first.table + 1.0)
+    cpb.clear_cache()
+
+
+@requires_op
+@pytest.mark.parametrize('mode,img_size,size', [('extrapolate', 224, (67, 93)),
+                                                ('interpolate', 96, (96, 96)),
+                                                ('interpolate', 224, (67, 93))])
+def test_backbone_table_form_matches_torch_path(mode, img_size, size):
+    """Training step of the backbone with the op (table form where the bias is an offset
+    function) against the PyTorch path (dense bias): outputs and every gradient, the log-CPB
+    MLPs' included, at batch 2."""
+    from transnext_mm.models.backbones import TransNeXt
+    torch.manual_seed(0)
+    cfg = dict(arch='micro', pos_bias_mode=mode, img_size=img_size)
+    model_torch = TransNeXt(attn_impl='torch', **cfg).train()
+    model_op = TransNeXt(attn_impl='op', **cfg).train()
+    model_op.load_state_dict(model_torch.state_dict())
+    x = torch.randn(2, 3, *size)
+    outs_torch, outs_op = model_torch(x), model_op(x)
+    for o_t, o_op in zip(outs_torch, outs_op):
+        torch.testing.assert_close(o_op, o_t, rtol=1e-4, atol=1e-4)
+    weights = [torch.randn_like(o) for o in outs_torch]
+    sum((o * w).sum() for o, w in zip(outs_torch, weights)).backward()
+    sum((o * w).sum() for o, w in zip(outs_op, weights)).backward()
+    params_op = dict(model_op.named_parameters())
+    noise = 1e-8 * max(p.grad.abs().max() for p in model_torch.parameters() if p.grad is not None)
+    cpb_checked = 0
+    for name, p in model_torch.named_parameters():
+        if p.grad is None:
+            assert params_op[name].grad is None, name
+            continue
+        assert_close_scaled(params_op[name].grad, p.grad, 1e-4, name, atol=noise)
+        cpb_checked += 'cpb_fc' in name
+    assert cpb_checked > 8
+    with torch.no_grad():
+        for o_t, o_op in zip(model_torch.eval()(x), model_op.eval()(x)):
+            torch.testing.assert_close(o_op, o_t, rtol=1e-4, atol=1e-4)
