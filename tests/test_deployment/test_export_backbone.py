@@ -15,6 +15,7 @@ from transnext_mm.deployment import DeployError, OrtModel, compare, export, read
 from transnext_mm.deployment.export import folded_position_biases  # noqa: E402
 from transnext_mm.deployment.model import BackboneNet  # noqa: E402
 from transnext_mm.models.backbones import TransNeXt  # noqa: E402
+from transnext_mm.ops import dispatch  # noqa: E402
 
 META = dict(
     task='backbone',
@@ -59,6 +60,26 @@ def test_folded_biases_are_restored_and_size_checked(backbone):
         with pytest.raises(DeployError, match='folded at'):
             backbone(example_input(META, [64, 64]))
     assert attn.pos_bias is original
+
+
+@pytest.mark.skipif(not dispatch.BUILD.built, reason='transnext_mm._ext is not built')
+def test_folding_records_dense_biases_when_the_op_reads_tables(shallow_arch):
+    """The recording pass runs eagerly, where the compiled CPU op takes the pooled bias in table
+    form; the folded constants are the dense biases a traced graph asks for."""
+    torch.manual_seed(0)
+    net = BackboneNet(
+        TransNeXt(arch=shallow_arch, img_size=128, pos_bias_mode='extrapolate',
+                  attn_impl='op')).eval()
+    x = example_input(META)
+    with torch.no_grad():
+        expected = net(x)
+    with folded_position_biases(net, x):
+        attn = net.backbone.block1[0].attn
+        assert all(b.dim() == 3 for b in attn.pos_bias.biases.values())
+        with torch.no_grad():
+            folded = net(x)
+    for a, b in zip(expected, folded):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_corrupt_file_is_named(tmp_path):

@@ -131,15 +131,18 @@ def export(net: nn.Module, meta: dict, out: str, fmt: str = 'onnx', dynamic: boo
 
 
 class _RecordedBias:
-    """Wraps a layer's position bias (``LogCPB``) and keeps what it returns per size."""
+    """Wraps a layer's position bias (``LogCPB``) and keeps its dense form per size (what a
+    traced graph asks for, whichever form the eager recording pass used)."""
 
     def __init__(self, pos_bias):
         self.pos_bias = pos_bias
         self.biases = {}
 
-    def __call__(self, fc1, fc2, query_size, key_size, training: bool) -> torch.Tensor:
-        bias = self.pos_bias(fc1, fc2, query_size, key_size, training)
-        self.biases[(tuple(query_size), tuple(key_size))] = bias.detach().clone()
+    def __call__(self, fc1, fc2, query_size, key_size, training: bool, form: str = 'dense'):
+        bias = self.pos_bias(fc1, fc2, query_size, key_size, training, form)
+        dense = bias if form == 'dense' else self.pos_bias(fc1, fc2, query_size, key_size, training,
+                                                           'dense')
+        self.biases[(tuple(query_size), tuple(key_size))] = dense.detach().clone()
         return bias
 
     def clear_cache(self) -> None:
@@ -147,9 +150,16 @@ class _RecordedBias:
 
 
 class _FoldedBias(_RecordedBias):
-    """Returns the recorded biases as constants; any other size is an error."""
+    """Returns the recorded dense biases as constants (a dense bias is valid for either form);
+    any other size is an error."""
 
-    def __call__(self, fc1, fc2, query_size, key_size, training: bool) -> torch.Tensor:
+    def __call__(self,
+                 fc1,
+                 fc2,
+                 query_size,
+                 key_size,
+                 training: bool,
+                 form: str = 'dense') -> torch.Tensor:
         sizes = (tuple(query_size), tuple(key_size))
         if sizes not in self.biases:
             raise DeployError(f'position bias folded at {sorted(self.biases)}, asked for {sizes}')
