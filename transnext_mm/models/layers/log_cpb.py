@@ -185,13 +185,15 @@ def resize_bias(bias: torch.Tensor, query_size: Size, key_size: Size) -> torch.T
     num_keys = key_size[0] * key_size[1]
     # Traced sizes are symbolic: resize unconditionally (a resize to the same size is exact).
     tracing = torch.compiler.is_compiling()
-    if tracing:
+    resize_keys = (table_kh, table_kw) != tuple(key_size)
+    # Traced graphs (also torch.jit's, e.g. FLOP counting) keep F.interpolate.
+    if tracing or (resize_keys and torch.jit.is_tracing()):
         bias = F.interpolate(
             bias.reshape(heads * table_qh * table_qw, 1, table_kh, table_kw),
             size=tuple(key_size),
             mode='bilinear',
             align_corners=False)
-    elif (table_kh, table_kw) != tuple(key_size):
+    elif resize_keys:
         bias = _resize_key_grid(bias.reshape(-1, table_kh, table_kw), key_size)
     bias = bias.reshape(heads, table_qh, table_qw, num_keys)
     if tracing or (table_qh, table_qw) != tuple(query_size):
