@@ -185,8 +185,9 @@ def resize_bias(bias: torch.Tensor, query_size: Size, key_size: Size) -> torch.T
     num_keys = key_size[0] * key_size[1]
     # Traced sizes are symbolic: resize unconditionally (a resize to the same size is exact).
     tracing = torch.compiler.is_compiling()
-    resize_keys = (table_kh, table_kw) != tuple(key_size)
-    # Traced graphs (also torch.jit's, e.g. FLOP counting) keep F.interpolate.
+    # Traced graphs (also torch.jit's, e.g. FLOP counting) keep F.interpolate. Compare the sizes
+    # only outside torch.compile / torch.export: symbolic sizes would be specialised.
+    resize_keys = not tracing and (table_kh, table_kw) != tuple(key_size)
     if tracing or (resize_keys and torch.jit.is_tracing()):
         bias = F.interpolate(
             bias.reshape(heads * table_qh * table_qw, 1, table_kh, table_kw),
