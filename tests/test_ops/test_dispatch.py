@@ -40,9 +40,11 @@ RULES = [
     ('full_attention', 'op', CUDA, BF16, True, True, FULL, 'torch', False, 'no compiled kernel'),
     ('full_attention', 'auto', CPU, F32, False, False, NONE, 'torch', False, 'no compiled kernel'),
     ('full_attention', 'torch', CPU, F64, True, False, CPU_ONLY, 'torch', False, "impl='torch'"),
-    # the CPU inference kernels: PyTorch by design outside CPU fp32/fp64 inference
+    # the CPU kernels: PyTorch by design outside CPU fp32/fp64 (and for cosine_qk, training)
     ('cosine_qk', 'auto', CPU, F32, False, False, CPU_ONLY, 'op', False, 'cpu inference'),
     ('conv_glu_gate', 'op', CPU, F64, False, False, CPU_ONLY, 'op', False, 'cpu inference'),
+    ('conv_glu_gate', 'auto', CPU, F32, True, False, CPU_ONLY, 'op', False, 'cpu training'),
+    ('conv_glu_gate', 'auto', CUDA, F32, True, False, FULL, 'torch', False, "PyTorch's own cuda"),
     ('cosine_qk', 'auto', CPU, F32, True, False, FULL, 'torch', False, 'gradient is needed'),
     ('conv_glu_gate', 'op', CUDA, F32, False, False, FULL, 'torch', False, "PyTorch's own cuda"),
     ('conv_glu_gate', 'auto', CPU, BF16, False, False, FULL, 'torch', False, 'got torch.bfloat16'),
@@ -132,8 +134,9 @@ def test_conv_glu_strips_fill_the_byte_budget(monkeypatch, budget_rows, expected
 
 
 def test_conv_glu_runs_whole_maps_where_pytorch_runs_the_gate(monkeypatch):
-    """One pass over the map (rows = height) wherever PyTorch runs the gate: training,
-    impl='torch' / 'reference', bf16, CUDA, autocast, or a missing build (which warns)."""
+    """One pass over the map (rows = height) in training (the compiled gate, whose backward
+    needs every strip's fc1 output anyway) and wherever PyTorch runs the gate: impl='torch' /
+    'reference', bf16, CUDA, autocast, or a missing build (which warns)."""
     monkeypatch.setattr(dispatch, 'CONV_GLU_STRIP_BYTES', 1)  # one-row strips if it applied
     monkeypatch.setattr(dispatch, '_warned', set())
     x, w = conv_glu_input(), torch.randn(3, requires_grad=True)

@@ -5,14 +5,17 @@
 ``weight`` (h, 1, 3, 3) and ``bias`` (h) are the depthwise conv's. Returns (B, H*W, h).
 
 :func:`conv_glu_gate_torch` is the PyTorch implementation and the oracle. On CPU (fp32 / fp64)
-the compiled kernel in ``transnext_mm._ext`` computes it in one pass over the tokens (PyTorch needs
-three passes and a oneDNN reorder of the strided gate, which dominate at stage 1). It serves
-inference (:func:`transnext_mm.ops.dispatch.choose`): when a gradient is
-needed PyTorch runs the gate, because its saved activations make the backward cheaper than the
-kernel's (the PyTorch formula on the saved fc1 output, which must recompute the conv; measured
-slower end to end). Elsewhere (CUDA, half precision, no extension) PyTorch runs it too: cuDNN's
-depthwise conv is not a slow path there.
+the compiled kernels in ``transnext_mm._ext`` compute it in one pass over the tokens (PyTorch needs
+three passes and a oneDNN reorder of the strided gate, which dominate at stage 1), and its
+backward in two: the conv is recomputed from the saved fc1 output (the only tensor saved), the
+value's gradient and the conv's weight and bias gradients come out of the first pass, the gate's
+gradient out of the second, into one (B, H*W, 2h) gradient of ``hidden`` (no split or
+concatenation for fc1's backward). :func:`transnext_mm.ops.dispatch.choose` runs them for
+inference and training. Elsewhere (CUDA, half precision, autocast, no extension) PyTorch runs the
+gate: cuDNN's depthwise conv is not a slow path there.
 """
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,7 +45,7 @@ def conv_glu_gate_torch(hidden: Tensor, weight: Tensor, bias: Tensor, height: in
 def conv_glu_gate_op(hidden: Tensor, weight: Tensor, bias: Tensor, height: int,
                      width: int) -> Tensor:
     """The compiled gate as a custom op (CPU, fp32 / fp64; no dispatch: see
-    :func:`conv_glu_gate`), with the PyTorch formula as its backward."""
+    :func:`conv_glu_gate`), with the compiled backward :func:`conv_glu_gate_backward_op`."""
     return compiled_ext().conv_glu_gate_forward(hidden, weight, bias, height, width)
 
 
@@ -60,19 +63,27 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad: Tensor):
     hidden, weight, bias = ctx.saved_tensors
     height, width = ctx.grid
-    gate, value = hidden.chunk(2, dim=-1)
-    channels = gate.shape[-1]
-    gate_image = _gate_image(gate, height, width)
-    pre = _image_tokens(F.conv2d(gate_image, weight, bias, padding=1, groups=channels))
-    grad_value = grad * F.gelu(pre)
-    grad_pre = torch.ops.aten.gelu_backward(grad * value, pre)
-    grad_gate, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        _gate_image(grad_pre, height, width), gate_image, weight, [channels], [1, 1], [1, 1],
-        [1, 1], False, [0, 0], channels, [ctx.needs_input_grad[0], *ctx.needs_input_grad[1:3]])
-    grad_hidden = None
-    if ctx.needs_input_grad[0]:
-        grad_hidden = torch.cat([_image_tokens(grad_gate), grad_value], dim=-1)
-    return grad_hidden, grad_weight, grad_bias, None, None
+    if not any(ctx.needs_input_grad[:3]):
+        return None, None, None, None, None
+    grad_hidden, grad_weight, grad_bias = conv_glu_gate_backward_op(grad, hidden, weight, bias,
+                                                                    height, width)
+    return tuple(g if need else None
+                 for g, need in zip((grad_hidden, grad_weight,
+                                     grad_bias), ctx.needs_input_grad[:3])) + (None, None)
+
+
+@torch.library.custom_op('transnext_mm::conv_glu_gate_backward', mutates_args=())
+def conv_glu_gate_backward_op(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor,
+                              height: int, width: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The compiled gate's backward: the gradients of ``hidden`` (one (B, H*W, 2h) tensor,
+    gate and value halves), ``weight`` and ``bias``."""
+    grads = compiled_ext().conv_glu_gate_backward(grad, hidden, weight, bias, height, width)
+    return tuple(grads)
+
+
+@conv_glu_gate_backward_op.register_fake
+def _conv_glu_gate_backward_op_fake(grad, hidden, weight, bias, height, width):
+    return torch.empty_like(hidden), torch.empty_like(weight), torch.empty_like(bias)
 
 
 conv_glu_gate_op.register_autograd(_backward, setup_context=_setup_context)
@@ -87,8 +98,8 @@ def conv_glu_gate(hidden: Tensor,
     """The convolutional GLU's gate (see the module docstring).
 
     Args:
-        impl (str): ``'auto'`` / ``'op'`` use the compiled kernel where it applies (CPU
-            fp32 / fp64 inference, no autocast) and PyTorch elsewhere; if it applies but is not
+        impl (str): ``'auto'`` / ``'op'`` use the compiled kernels where they apply (CPU
+            fp32 / fp64, no autocast) and PyTorch elsewhere; if it applies but is not
             built, ``'auto'`` warns once and uses PyTorch, ``'op'`` raises a RuntimeError
             (:func:`transnext_mm.ops.dispatch.select`); ``'torch'`` / ``'reference'`` always use
             PyTorch. Defaults to 'auto'.

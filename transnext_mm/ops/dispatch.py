@@ -7,10 +7,12 @@ Three kernels have a compiled implementation in ``transnext_mm._ext`` beside the
   fp32; CUDA: fp32 / fp16 / bf16), forward and backward. Its PyTorch path is slower wherever the
   op has no kernel, so falling back to it is a *fallback*.
 - ``'cosine_qk'``, the cosine-attention inputs, and ``'conv_glu_gate'``, the ConvGLU gate:
-  CPU inference in fp32 / fp64 only. They replace chains of memory-bound PyTorch ops that
-  dominate on CPU; when a gradient is needed their PyTorch formulas run by design (the saved
-  activations make the backward cheap), and on other devices, in other dtypes or under autocast
-  PyTorch's own kernels are not a slow path. Only a missing build is a fallback for them.
+  CPU kernels in fp32 / fp64 only, which replace chains of memory-bound PyTorch ops that
+  dominate on CPU. The gate's kernel serves training too (a compiled backward, which recomputes
+  the 3x3 conv from the saved fc1 output instead of saving PyTorch's intermediates); when a
+  gradient is needed the cosine inputs' PyTorch formula runs by design (its saved activations
+  make the backward cheap). On other devices, in other dtypes or under autocast PyTorch's own
+  kernels are not a slow path. Only a missing build is a fallback for them.
 
 ``'full_attention'``, the last stage's attention over all tokens, has no compiled kernel:
 ``impl='reference'`` computes its scores explicitly (the readable path), every other value runs
@@ -73,8 +75,11 @@ KERNEL_TRAINS = {
     'attention': True,
     'full_attention': False,
     'cosine_qk': False,
-    'conv_glu_gate': False
+    'conv_glu_gate': True
 }
+# The CPU kernels: elsewhere (other devices and dtypes, autocast) PyTorch serves them by design,
+# not as a fallback.
+CPU_KERNELS = ('cosine_qk', 'conv_glu_gate')
 # What impl='reference' runs, for the kernels with a readable path of their own.
 REFERENCES = {
     'attention': 'the readable unfold implementation',
@@ -160,15 +165,15 @@ def choose(kernel: str,
             'torch', f"the {name} has no compiled kernel: PyTorch's "
             'F.scaled_dot_product_attention serves it')
     dtypes = KERNEL_DTYPES[kernel].get(device.type, ())
-    if not KERNEL_TRAINS[kernel]:
-        # CPU inference kernels: PyTorch by design elsewhere; only a missing build falls back.
-        if needs_grad:
+    if kernel in CPU_KERNELS:
+        # CPU kernels: PyTorch by design elsewhere; only a missing build falls back.
+        if needs_grad and not KERNEL_TRAINS[kernel]:
             return Choice(
                 'torch', f'a gradient is needed: the PyTorch formula of the {name} '
                 'saves the activations its backward reuses')
         if not dtypes:
             return Choice(
-                'torch', f"the {name} is for CPU inference; PyTorch's own "
+                'torch', f"the {name} is a CPU kernel; PyTorch's own "
                 f'{device.type} kernels serve it')
         if autocast or dtype not in dtypes:
             got = 'autocast' if autocast else str(dtype)
@@ -177,7 +182,9 @@ def choose(kernel: str,
                 f"got {got}: PyTorch's kernels serve it")
         if not build.built:
             return Choice('torch', _not_built_reason(build), fallback=True)
-        return Choice('op', f'the {name} runs {device.type} inference in {dtype}')
+        return Choice(
+            'op', f"the {name} runs {device.type} {'training' if needs_grad else 'inference'} "
+            f'in {dtype}')
     if not build.built:
         return Choice('torch', _not_built_reason(build), fallback=True)
     if device.type == 'cuda' and not build.cuda:
@@ -312,9 +319,10 @@ def conv_glu_strip_rows(impl: str,
                         build: Optional[Build] = None) -> int:
     """Image rows per strip in which the ConvGLU runs fc1 -> gate -> fc2 on ``x``.
 
-    Where the compiled gate runs (:func:`select` for ``'conv_glu_gate'``, with its fallback
-    warning or error), strips whose fc1 output takes at most :data:`CONV_GLU_STRIP_BYTES`;
-    elsewhere, and when one strip holds the whole map, ``height``: one pass over the map.
+    Where the compiled gate runs inference (:func:`select` for ``'conv_glu_gate'``, with its
+    fallback warning or error, and no gradient needed), strips whose fc1 output takes at most
+    :data:`CONV_GLU_STRIP_BYTES`; elsewhere (training keeps every strip's fc1 output for the
+    backward anyway), and when one strip holds the whole map, ``height``: one pass over the map.
 
     Args:
         impl (str): The requested implementation, one of :data:`IMPLS`.
@@ -328,7 +336,10 @@ def conv_glu_strip_rows(impl: str,
     Returns:
         int: Rows per strip, between 1 and ``height``.
     """
+    params = tuple(params)
     if select('conv_glu_gate', impl, x, params, build) != 'op':
+        return height
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return height
     row_bytes = x.shape[0] * width * hidden_channels * x.element_size()
     return min(height, max(1, CONV_GLU_STRIP_BYTES // row_bytes))

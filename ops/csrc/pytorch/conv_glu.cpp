@@ -5,8 +5,10 @@
 
 namespace transnext_mm {
 
-at::Tensor conv_glu_gate_forward(const at::Tensor& hidden, const at::Tensor& weight,
-                                 const at::Tensor& bias, int64_t height, int64_t width) {
+namespace {
+
+void check_gate_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
+                       int64_t height, int64_t width) {
   TORCH_CHECK(hidden.dim() == 3 && hidden.size(2) % 2 == 0,
               "conv_glu_gate: hidden must be (B, H*W, 2*channels), got ", hidden.sizes());
   const int64_t h = hidden.size(2) / 2;
@@ -27,8 +29,30 @@ at::Tensor conv_glu_gate_forward(const at::Tensor& hidden, const at::Tensor& wei
               hidden.device());
   TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
               "conv_glu_gate: CPU kernel for float32 / float64, got ", hidden.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor conv_glu_gate_forward(const at::Tensor& hidden, const at::Tensor& weight,
+                                 const at::Tensor& bias, int64_t height, int64_t width) {
+  check_gate_inputs(hidden, weight, bias, height, width);
   return conv_glu_gate_forward_cpu(hidden.contiguous(), weight.contiguous(), bias.contiguous(),
                                    height, width);
+}
+
+std::vector<at::Tensor> conv_glu_gate_backward(const at::Tensor& grad, const at::Tensor& hidden,
+                                               const at::Tensor& weight, const at::Tensor& bias,
+                                               int64_t height, int64_t width) {
+  check_gate_inputs(hidden, weight, bias, height, width);
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == hidden.size(0) && grad.size(1) == hidden.size(1) &&
+                  grad.size(2) == hidden.size(2) / 2,
+              "conv_glu_gate: grad must have shape (", hidden.size(0), ", ", hidden.size(1), ", ",
+              hidden.size(2) / 2, "), got ", grad.sizes());
+  TORCH_CHECK(grad.device() == hidden.device() && grad.scalar_type() == hidden.scalar_type(),
+              "conv_glu_gate: grad must match hidden's device and dtype (", hidden.device(), ", ",
+              hidden.scalar_type(), ")");
+  return conv_glu_gate_backward_cpu(grad.contiguous(), hidden.contiguous(), weight.contiguous(),
+                                    bias.contiguous(), height, width);
 }
 
 }  // namespace transnext_mm

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 namespace transnext_mm {
 
 // The convolutional GLU's gate, GELU(depthwise_conv3x3(gate) + bias) * value, from the fc1 output
@@ -11,7 +13,17 @@ namespace transnext_mm {
 at::Tensor conv_glu_gate_forward(const at::Tensor& hidden, const at::Tensor& weight,
                                  const at::Tensor& bias, int64_t height, int64_t width);
 
+// Its backward: from the output gradient grad (B, H*W, h) and the forward's inputs, the
+// gradients of hidden (B, H*W, 2h), weight and bias.
+std::vector<at::Tensor> conv_glu_gate_backward(const at::Tensor& grad, const at::Tensor& hidden,
+                                               const at::Tensor& weight, const at::Tensor& bias,
+                                               int64_t height, int64_t width);
+
 at::Tensor conv_glu_gate_forward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                      const at::Tensor& bias, int64_t height, int64_t width);
+
+std::vector<at::Tensor> conv_glu_gate_backward_cpu(const at::Tensor& grad, const at::Tensor& hidden,
+                                                   const at::Tensor& weight, const at::Tensor& bias,
+                                                   int64_t height, int64_t width);
 
 }  // namespace transnext_mm

@@ -21,6 +21,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "input gradients, the table's in place of bias_pool's");
   m.def("conv_glu_gate_forward", &transnext_mm::conv_glu_gate_forward,
         "GELU(depthwise_conv3x3(gate) + bias) * value from the fc1 output [gate | value]");
+  m.def("conv_glu_gate_backward", &transnext_mm::conv_glu_gate_backward,
+        "ConvGLU gate backward; returns the gradients of hidden, weight and bias");
   m.def("cosine_queries_keys_forward", &transnext_mm::cosine_queries_keys_forward,
         "Scaled cosine queries, normalised keys and token weights of aggregated attention");
 #ifdef WITH_CUDA

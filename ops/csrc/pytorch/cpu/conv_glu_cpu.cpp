@@ -6,6 +6,14 @@
 // reorders it), a GELU and a product, three round trips through memory of tensors that do not
 // fit in cache at stage 1; here each output row reads its 3x3 neighbourhood from cache and the
 // 9 taps accumulate in an L1-resident buffer, vectorised over channels.
+//
+// The backward works the same way in two passes over image rows. Pass 1 recomputes each token's
+// pre-activation from its 3x3 neighbourhood, writes the value's gradient GELU(pre) * grad into
+// the value half of grad_hidden and keeps grad_pre = grad * value * GELU'(pre), and accumulates
+// the conv weight's and bias's gradients from the neighbourhood it has just read, into one
+// partial per image row (summed afterwards in row order: the result does not depend on the
+// number of threads). Pass 2 writes the gate's gradient, the transposed 3x3 conv of grad_pre,
+// into the gate half. grad_hidden comes out as one (B, H*W, 2h) tensor, ready for fc1's backward.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -46,6 +54,88 @@ TNX_ALWAYS_INLINE void gate_row_impl(const T* hidden, const T* taps, const T* bi
   }
 }
 
+// Pass 1 of the backward for image row y (see the top of the file). grad: the element's (H*W, h)
+// output gradient; grad_hidden: its (H*W, 2h) input gradient (the value half is written here);
+// grad_pre: its (H*W, h) buffer; wpart (9, h) and bpart (h): this row's partials (zeroed here);
+// acc: h scratch values.
+template <typename T>
+TNX_ALWAYS_INLINE void gate_row_backward_impl(const T* hidden, const T* grad, const T* taps,
+                                              const T* bias, T* grad_hidden, T* grad_pre, T* wpart,
+                                              T* bpart, T* acc, int64_t y, int64_t height,
+                                              int64_t width, int64_t h) {
+  const int64_t row_stride = 2 * h;
+  const T inv_sqrt2 = T(0.70710678118654752440), inv_sqrt_2pi = T(0.39894228040143267794);
+  std::fill(wpart, wpart + 9 * h, T(0));
+  std::fill(bpart, bpart + h, T(0));
+  for (int64_t x = 0; x < width; ++x) {
+    std::copy(bias, bias + h, acc);
+    for (int64_t dy = -1; dy <= 1; ++dy) {
+      const int64_t yy = y + dy;
+      if (yy < 0 || yy >= height) continue;
+      for (int64_t dx = -1; dx <= 1; ++dx) {
+        const int64_t xx = x + dx;
+        if (xx < 0 || xx >= width) continue;
+        const T* __restrict__ src = hidden + (yy * width + xx) * row_stride;
+        const T* __restrict__ w = taps + ((dy + 1) * 3 + (dx + 1)) * h;
+#pragma omp simd
+        for (int64_t c = 0; c < h; ++c) acc[c] += w[c] * src[c];
+      }
+    }
+    const int64_t token = y * width + x;
+    const T* __restrict__ value = hidden + token * row_stride + h;
+    const T* __restrict__ g = grad + token * h;
+    T* __restrict__ gv = grad_hidden + token * row_stride + h;
+    T* __restrict__ gp = grad_pre + token * h;
+#pragma omp simd
+    for (int64_t c = 0; c < h; ++c) {
+      const T pre = acc[c];
+      const T cdf = T(0.5) * (T(1) + erf_approx(pre * inv_sqrt2));
+      const T pdf = inv_sqrt_2pi * exp_approx(T(-0.5) * pre * pre);
+      gv[c] = g[c] * pre * cdf;
+      const T d = g[c] * value[c] * (cdf + pre * pdf);
+      gp[c] = d;
+      bpart[c] += d;
+    }
+    for (int64_t dy = -1; dy <= 1; ++dy) {
+      const int64_t yy = y + dy;
+      if (yy < 0 || yy >= height) continue;
+      for (int64_t dx = -1; dx <= 1; ++dx) {
+        const int64_t xx = x + dx;
+        if (xx < 0 || xx >= width) continue;
+        const T* __restrict__ src = hidden + (yy * width + xx) * row_stride;
+        T* __restrict__ wp = wpart + ((dy + 1) * 3 + (dx + 1)) * h;
+#pragma omp simd
+        for (int64_t c = 0; c < h; ++c) wp[c] += gp[c] * src[c];
+      }
+    }
+  }
+}
+
+// Pass 2 for image row y: the gate half of grad_hidden, sum over taps of w[tap] * grad_pre at the
+// token the tap reaches from the opposite side.
+template <typename T>
+TNX_ALWAYS_INLINE void gate_row_input_grad_impl(const T* grad_pre, const T* taps, T* grad_hidden,
+                                                int64_t y, int64_t height, int64_t width,
+                                                int64_t h) {
+  const int64_t row_stride = 2 * h;
+  for (int64_t x = 0; x < width; ++x) {
+    T* __restrict__ o = grad_hidden + (y * width + x) * row_stride;
+    std::fill(o, o + h, T(0));
+    for (int64_t dy = -1; dy <= 1; ++dy) {
+      const int64_t yy = y - dy;
+      if (yy < 0 || yy >= height) continue;
+      for (int64_t dx = -1; dx <= 1; ++dx) {
+        const int64_t xx = x - dx;
+        if (xx < 0 || xx >= width) continue;
+        const T* __restrict__ src = grad_pre + (yy * width + xx) * h;
+        const T* __restrict__ w = taps + ((dy + 1) * 3 + (dx + 1)) * h;
+#pragma omp simd
+        for (int64_t c = 0; c < h; ++c) o[c] += w[c] * src[c];
+      }
+    }
+  }
+}
+
 #define TNX_DEFINE_GATE_ROW(T)                                                                \
   TNX_CPU_CLONES void gate_row(const T* hidden, const T* taps, const T* bias, T* out, T* acc, \
                                int64_t y, int64_t height, int64_t width, int64_t h) {         \
@@ -54,6 +144,21 @@ TNX_ALWAYS_INLINE void gate_row_impl(const T* hidden, const T* taps, const T* bi
 TNX_DEFINE_GATE_ROW(float)
 TNX_DEFINE_GATE_ROW(double)
 #undef TNX_DEFINE_GATE_ROW
+
+#define TNX_DEFINE_GATE_ROW_BACKWARD(T)                                                           \
+  TNX_CPU_CLONES void gate_row_backward(                                                          \
+      const T* hidden, const T* grad, const T* taps, const T* bias, T* grad_hidden, T* grad_pre,  \
+      T* wpart, T* bpart, T* acc, int64_t y, int64_t height, int64_t width, int64_t h) {          \
+    gate_row_backward_impl(hidden, grad, taps, bias, grad_hidden, grad_pre, wpart, bpart, acc, y, \
+                           height, width, h);                                                     \
+  }                                                                                               \
+  TNX_CPU_CLONES void gate_row_input_grad(const T* grad_pre, const T* taps, T* grad_hidden,       \
+                                          int64_t y, int64_t height, int64_t width, int64_t h) {  \
+    gate_row_input_grad_impl(grad_pre, taps, grad_hidden, y, height, width, h);                   \
+  }
+TNX_DEFINE_GATE_ROW_BACKWARD(float)
+TNX_DEFINE_GATE_ROW_BACKWARD(double)
+#undef TNX_DEFINE_GATE_ROW_BACKWARD
 
 }  // namespace
 
@@ -78,6 +183,56 @@ at::Tensor conv_glu_gate_forward_cpu(const at::Tensor& hidden, const at::Tensor&
     });
   });
   return out;
+}
+
+std::vector<at::Tensor> conv_glu_gate_backward_cpu(const at::Tensor& grad, const at::Tensor& hidden,
+                                                   const at::Tensor& weight, const at::Tensor& bias,
+                                                   int64_t height, int64_t width) {
+  const int64_t B = hidden.size(0), h = hidden.size(2) / 2, tokens = height * width;
+  auto grad_hidden = at::empty_like(hidden);
+  auto grad_pre = at::empty({B, tokens, h}, hidden.options());
+  // One (9 taps + bias) x h partial per image row of each element.
+  auto partials = at::empty({B * height, 10, h}, hidden.options());
+  const auto taps = weight.reshape({h, 9}).t().contiguous();
+  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "conv_glu_gate_backward_cpu", [&] {
+    const scalar_t *hid = hidden.data_ptr<scalar_t>(), *g = grad.data_ptr<scalar_t>(),
+                   *tap = taps.data_ptr<scalar_t>(), *b = bias.data_ptr<scalar_t>();
+    scalar_t *gh = grad_hidden.data_ptr<scalar_t>(), *gp = grad_pre.data_ptr<scalar_t>(),
+             *part = partials.data_ptr<scalar_t>();
+    at::parallel_for(0, B * height, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> acc(h);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t batch = task / height, y = task % height;
+        scalar_t* row_part = part + task * 10 * h;
+        gate_row_backward(hid + batch * tokens * 2 * h, g + batch * tokens * h, tap, b,
+                          gh + batch * tokens * 2 * h, gp + batch * tokens * h, row_part,
+                          row_part + 9 * h, acc.data(), y, height, width, h);
+      }
+    });
+    at::parallel_for(0, B * height, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t batch = task / height, y = task % height;
+        gate_row_input_grad(gp + batch * tokens * h, tap, gh + batch * tokens * 2 * h, y, height,
+                            width, h);
+      }
+    });
+  });
+  // The rows' partials summed in row order, (10, h) -> the conv's (h, 1, 3, 3) weight and (h)
+  // bias gradients.
+  auto total = at::zeros({10, h}, hidden.options());
+  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "conv_glu_gate_backward_cpu_sum", [&] {
+    const scalar_t* part = partials.data_ptr<scalar_t>();
+    scalar_t* t = total.data_ptr<scalar_t>();
+    at::parallel_for(0, 10 * h, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = 0; row < B * height; ++row) {
+        const scalar_t* p = part + row * 10 * h;
+        for (int64_t i = begin; i < end; ++i) t[i] += p[i];
+      }
+    });
+  });
+  auto grad_weight = total.narrow(0, 0, 9).t().reshape({h, 1, 3, 3}).contiguous();
+  auto grad_bias = total.select(0, 9).clone();  // its own storage (not a view of total)
+  return {grad_hidden, grad_weight, grad_bias};
 }
 
 }  // namespace transnext_mm
