@@ -14,6 +14,9 @@ Three kernels have a compiled implementation in ``transnext_mm._ext`` beside the
   make the backward cheap). On other devices, in other dtypes or under autocast PyTorch's own
   kernels are not a slow path. Only a missing build is a fallback for them.
 
+The log-CPB MLP has compiled CPU kernels too (fp32 / fp64, forward and backward);
+:func:`log_cpb_mlp_impl` decides between them, a chunked PyTorch MLP and the plain one.
+
 ``'full_attention'``, the last stage's attention over all tokens, has no compiled kernel:
 ``impl='reference'`` computes its scores explicitly (the readable path), every other value runs
 PyTorch's ``F.scaled_dot_product_attention``.
@@ -85,6 +88,8 @@ REFERENCES = {
     'attention': 'the readable unfold implementation',
     'full_attention': 'explicit scores and softmax',
 }
+# The log-CPB MLP's compiled kernels (CPU; see log_cpb_mlp_impl).
+LOG_CPB_MLP_DTYPES = (torch.float32, torch.float64)
 # Inference through the compiled ConvGLU gate on a large map runs fc1 -> gate -> fc2 over strips
 # of image rows whose fc1 output (the 2h-channel hidden) is at most this big, so that it stays in
 # cache instead of a round trip through memory (50 MB at stage 1 of a 512x512 input).
@@ -286,18 +291,37 @@ def attention_bias_form(impl: str,
     return 'table' if select('attention', impl, x, params, build) == 'op' else 'dense'
 
 
-def log_cpb_mlp_chunked(weight: Tensor) -> bool:
-    """Whether the log-CPB MLP runs over chunks of its input points with the hidden activations
-    recomputed in the backward (:mod:`transnext_mm.models.layers.log_cpb`): in eager mode
-    without autocast on ``weight``'s device; traced graphs and autocast regions keep the plain
-    ``Linear -> ReLU -> Linear``.
+def log_cpb_mlp_impl(weight: Tensor, points: Tensor, build: Optional[Build] = None) -> str:
+    """How the log-CPB MLP runs (:mod:`transnext_mm.models.layers.log_cpb`).
+
+    ``'plain'`` (``Linear -> ReLU -> Linear``) in traced graphs (``torch.compile``,
+    ``torch.export``, ``torch.jit.trace``, ``torch.fx``), under autocast and on the meta device;
+    in eager mode ``'op'``, the compiled CPU kernels
+    (:func:`transnext_mm.ops.log_cpb_mlp.log_cpb_mlp_op`), for fp32 / fp64 CPU weights and points
+    that need no gradient; else ``'chunked'``, the MLP over chunks of points with the hidden
+    activations recomputed in the backward (where the op would run but is not built, with the
+    one warning of the missing build).
 
     Args:
         weight (Tensor): The MLP's first weight.
+        points (Tensor): Its input points.
+        build (Build, optional): What was built. Defaults to None (this installation's).
+
+    Returns:
+        str: ``'op'``, ``'chunked'`` or ``'plain'``.
     """
+    build = BUILD if build is None else build
     device_type = weight.device.type
     autocast = device_type in ('cpu', 'cuda') and torch.is_autocast_enabled(device_type)
-    return not (autocast or _tracing() or device_type == 'meta')
+    if autocast or _tracing() or device_type == 'meta':
+        return 'plain'
+    if (device_type != 'cpu' or weight.dtype not in LOG_CPB_MLP_DTYPES
+            or (torch.is_grad_enabled() and points.requires_grad)):
+        return 'chunked'
+    if not build.built:
+        _warn_once(_not_built_reason(build))
+        return 'chunked'
+    return 'op'
 
 
 # torch.fx's symbolic tracing (torch.export and torch.compile are covered by is_compiling).

@@ -4,11 +4,12 @@
 #include "pytorch/aggregated_attention.h"
 #include "pytorch/conv_glu.h"
 #include "pytorch/cosine_qk.h"
+#include "pytorch/log_cpb_mlp.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() =
       "transnext_mm compiled ops: aggregated attention (CPU, and CUDA when built with it) and "
-      "the convolutional GLU gate and the cosine-attention inputs (CPU)";
+      "the convolutional GLU gate, the cosine-attention inputs and the log-CPB MLP (CPU)";
   m.def("aggregated_attention_forward", &transnext_mm::aggregated_attention_forward,
         "Aggregated attention forward; returns (out, lse)");
   m.def("aggregated_attention_backward", &transnext_mm::aggregated_attention_backward,
@@ -23,6 +24,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "GELU(depthwise_conv3x3(gate) + bias) * value from the fc1 output [gate | value]");
   m.def("conv_glu_gate_backward", &transnext_mm::conv_glu_gate_backward,
         "ConvGLU gate backward; returns the gradients of hidden, weight and bias");
+  m.def("log_cpb_mlp_forward", &transnext_mm::log_cpb_mlp_forward,
+        "The log-CPB MLP fc2(relu(fc1(points))) for 2-d points");
+  m.def("log_cpb_mlp_backward", &transnext_mm::log_cpb_mlp_backward,
+        "The log-CPB MLP's backward; returns the gradients of its two weights and biases");
   m.def("cosine_queries_keys_forward", &transnext_mm::cosine_queries_keys_forward,
         "Scaled cosine queries, normalised keys and token weights of aggregated attention");
 #ifdef WITH_CUDA

@@ -189,7 +189,7 @@ def test_chunked_mlp_matches_plain_mlp(monkeypatch, chunk_rows, dtype):
     torch.manual_seed(0)
     fc1, fc2 = nn.Linear(2, 64).to(dtype), nn.Linear(64, 3).to(dtype)
     points = torch.randn(45, 2, dtype=dtype, requires_grad=True)
-    assert dispatch.log_cpb_mlp_chunked(fc1.weight)
+    assert dispatch.log_cpb_mlp_impl(fc1.weight, points) == 'chunked'  # points need a grad
     out = log_cpb.log_cpb_mlp(fc1, fc2, points)
     expected = fc2(F.relu(fc1(points)))
     torch.testing.assert_close(out, expected)
@@ -203,13 +203,29 @@ def test_chunked_mlp_matches_plain_mlp(monkeypatch, chunk_rows, dtype):
                                         (points, fc1.weight, fc1.bias, fc2.weight, fc2.bias))
 
 
-def test_chunked_mlp_only_in_eager_mode_without_autocast():
-    weight = torch.zeros(4, 2)
-    assert dispatch.log_cpb_mlp_chunked(weight)
-    assert not dispatch.log_cpb_mlp_chunked(weight.to('meta'))
+def test_mlp_impl_rule(monkeypatch):
+    """The compiled op in eager CPU fp32 / fp64 for constant points; the chunked MLP for points
+    that need a gradient, other dtypes and devices, or a missing build (which warns once); the
+    plain MLP under autocast, on meta tensors and in traced graphs."""
+    weight, points = torch.zeros(4, 2), torch.zeros(3, 2)
+    built = dispatch.Build(built=True, cuda=False)
+    missing = dispatch.Build(built=False, cuda=False, error='No module named transnext_mm._ext')
+    assert dispatch.log_cpb_mlp_impl(weight, points, built) == 'op'
+    assert dispatch.log_cpb_mlp_impl(weight.double(), points, built) == 'op'
+    assert dispatch.log_cpb_mlp_impl(weight, points.requires_grad_(), built) == 'chunked'
+    with torch.no_grad():
+        assert dispatch.log_cpb_mlp_impl(weight, points, built) == 'op'
+    points = points.detach()
+    assert dispatch.log_cpb_mlp_impl(weight.half(), points, built) == 'chunked'
+    monkeypatch.setattr(dispatch, '_warned', set())
+    with pytest.warns(UserWarning, match='not built'):
+        assert dispatch.log_cpb_mlp_impl(weight, points, missing) == 'chunked'
+    assert dispatch.log_cpb_mlp_impl(weight.to('meta'), points, built) == 'plain'
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert not dispatch.log_cpb_mlp_chunked(weight)
+        assert dispatch.log_cpb_mlp_impl(weight, points, built) == 'plain'
     torch._dynamo.reset()
     compiled = torch.compile(
-        lambda w: w + float(dispatch.log_cpb_mlp_chunked(w)), backend='eager', fullgraph=True)
-    torch.testing.assert_close(compiled(weight), weight)
+        lambda w: w + float(dispatch.log_cpb_mlp_impl(w, points, built) == 'plain'),
+        backend='eager',
+        fullgraph=True)
+    torch.testing.assert_close(compiled(weight), weight + 1)

@@ -37,7 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from transnext_mm.ops.aggregated_attention import PoolBiasTable
-from transnext_mm.ops.dispatch import log_cpb_mlp_chunked
+from transnext_mm.ops.dispatch import log_cpb_mlp_impl
+from transnext_mm.ops.log_cpb_mlp import log_cpb_mlp_op
 from .adaptive_pool import adaptive_pool_bins
 
 POS_BIAS_MODES = ('interpolate', 'extrapolate')
@@ -125,11 +126,15 @@ class _ChunkedMLP(torch.autograd.Function):
 
 
 def log_cpb_mlp(fc1: nn.Linear, fc2: nn.Linear, points: torch.Tensor) -> torch.Tensor:
-    """``fc2(relu(fc1(points)))`` for (P, 2) points, chunked where
-    :func:`transnext_mm.ops.dispatch.log_cpb_mlp_chunked` says so (same values)."""
+    """``fc2(relu(fc1(points)))`` for (P, 2) points: the compiled op or the chunked MLP where
+    :func:`transnext_mm.ops.dispatch.log_cpb_mlp_impl` says so (same values)."""
     points = points.to(fc1.weight.dtype)
-    if log_cpb_mlp_chunked(fc1.weight) and fc1.bias is not None and fc2.bias is not None:
-        return _ChunkedMLP.apply(points, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    impl = log_cpb_mlp_impl(fc1.weight, points)
+    if impl != 'plain' and fc1.bias is not None and fc2.bias is not None:
+        params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        if impl == 'op':
+            return log_cpb_mlp_op(points, *(p.to(points.dtype) for p in params))
+        return _ChunkedMLP.apply(points, *params)
     return fc2(F.relu(fc1(points)))
 
 

@@ -1,0 +1,194 @@
+// Copyright (c) transnext-mm contributors. All rights reserved.
+//
+// CPU kernels of the log-CPB MLP, out = fc2(relu(fc1(p))) for 2-d points p, with a wide hidden
+// layer (512) and few outputs (the heads). PyTorch runs it as two GEMMs whose (points, hidden)
+// activations go through memory several times more in the backward (recompute, ReLU mask, the
+// hidden gradient, three weight-gradient GEMMs, a column sum). Here a tile of kTile points keeps
+// its hidden rows in L1: the forward reduces them against fc2's rows, the backward recomputes
+// them and accumulates every weight gradient from the same rows, vectorised over the hidden
+// units. The weight gradients are summed per block of kBlockPoints points and the blocks' partials
+// added in block order, so the result does not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "pytorch/cpu/vector_math.h"
+#include "pytorch/log_cpb_mlp.h"
+
+namespace transnext_mm {
+namespace {
+
+constexpr int64_t kTile = 4;            // points per register / L1 tile
+constexpr int64_t kBlockPoints = 1024;  // points per weight-gradient partial
+
+// The hidden rows (kTile, hidden) of the points [0, rows) of a tile (rows past the end are zero).
+template <typename T>
+TNX_ALWAYS_INLINE void hidden_tile(const T* points, int64_t rows, const T* w1x, const T* w1y,
+                                   const T* b1, T* hbuf, int64_t hidden) {
+  for (int64_t r = 0; r < kTile; ++r) {
+    T* __restrict__ h = hbuf + r * hidden;
+    if (r >= rows) {
+      std::fill(h, h + hidden, T(0));
+      continue;
+    }
+    const T px = points[2 * r], py = points[2 * r + 1];
+#pragma omp simd
+    for (int64_t j = 0; j < hidden; ++j) {
+      const T pre = w1x[j] * px + w1y[j] * py + b1[j];
+      h[j] = pre > T(0) ? pre : T(0);
+    }
+  }
+}
+
+// Points [p0, p1): out rows (heads) = b2 + w2 @ hidden.
+template <typename T>
+TNX_ALWAYS_INLINE void forward_points_impl(const T* points, int64_t p0, int64_t p1, const T* w1x,
+                                           const T* w1y, const T* b1, const T* w2, const T* b2,
+                                           T* out, T* hbuf, int64_t hidden, int64_t heads) {
+  const T *h0 = hbuf, *h1 = hbuf + hidden, *h2 = hbuf + 2 * hidden, *h3 = hbuf + 3 * hidden;
+  for (int64_t i0 = p0; i0 < p1; i0 += kTile) {
+    const int64_t rows = std::min(kTile, p1 - i0);
+    hidden_tile(points + 2 * i0, rows, w1x, w1y, b1, hbuf, hidden);
+    for (int64_t hd = 0; hd < heads; ++hd) {
+      const T* __restrict__ w = w2 + hd * hidden;
+      T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t j = 0; j < hidden; ++j) {
+        s0 += w[j] * h0[j];
+        s1 += w[j] * h1[j];
+        s2 += w[j] * h2[j];
+        s3 += w[j] * h3[j];
+      }
+      const T sums[kTile] = {s0, s1, s2, s3};
+      for (int64_t r = 0; r < rows; ++r) out[(i0 + r) * heads + hd] = b2[hd] + sums[r];
+    }
+  }
+}
+
+// Points [p0, p1): adds their weight gradients to one partial, (3 + heads) x hidden + heads
+// values: d w1 (x column), d w1 (y column), d b1, d w2 (heads x hidden), d b2.
+template <typename T>
+TNX_ALWAYS_INLINE void backward_points_impl(const T* grad, const T* points, int64_t p0, int64_t p1,
+                                            const T* w1x, const T* w1y, const T* b1, const T* w2,
+                                            T* partial, T* hbuf, T* gbuf, int64_t hidden,
+                                            int64_t heads) {
+  T *dw1x = partial, *dw1y = partial + hidden, *db1 = partial + 2 * hidden;
+  T *dw2 = partial + 3 * hidden, *db2 = partial + (3 + heads) * hidden;
+  const T *h0 = hbuf, *h1 = hbuf + hidden, *h2 = hbuf + 2 * hidden, *h3 = hbuf + 3 * hidden;
+  T *g0 = gbuf, *g1 = gbuf + hidden, *g2 = gbuf + 2 * hidden, *g3 = gbuf + 3 * hidden;
+  for (int64_t i0 = p0; i0 < p1; i0 += kTile) {
+    const int64_t rows = std::min(kTile, p1 - i0);
+    hidden_tile(points + 2 * i0, rows, w1x, w1y, b1, hbuf, hidden);
+    std::fill(gbuf, gbuf + kTile * hidden, T(0));
+    T px[kTile] = {0, 0, 0, 0}, py[kTile] = {0, 0, 0, 0};
+    for (int64_t r = 0; r < rows; ++r) {
+      px[r] = points[2 * (i0 + r)];
+      py[r] = points[2 * (i0 + r) + 1];
+    }
+    for (int64_t hd = 0; hd < heads; ++hd) {
+      T g[kTile] = {0, 0, 0, 0};
+      for (int64_t r = 0; r < rows; ++r) g[r] = grad[(i0 + r) * heads + hd];
+      const T* __restrict__ w = w2 + hd * hidden;
+      T* __restrict__ dw = dw2 + hd * hidden;
+#pragma omp simd
+      for (int64_t j = 0; j < hidden; ++j) {
+        g0[j] += g[0] * w[j];
+        g1[j] += g[1] * w[j];
+        g2[j] += g[2] * w[j];
+        g3[j] += g[3] * w[j];
+        dw[j] += g[0] * h0[j] + g[1] * h1[j] + g[2] * h2[j] + g[3] * h3[j];
+      }
+      db2[hd] += g[0] + g[1] + g[2] + g[3];
+    }
+    // Through the ReLU (the gradient passes where the hidden unit is positive) into fc1.
+#pragma omp simd
+    for (int64_t j = 0; j < hidden; ++j) {
+      const T m0 = h0[j] > T(0) ? g0[j] : T(0), m1 = h1[j] > T(0) ? g1[j] : T(0);
+      const T m2 = h2[j] > T(0) ? g2[j] : T(0), m3 = h3[j] > T(0) ? g3[j] : T(0);
+      dw1x[j] += px[0] * m0 + px[1] * m1 + px[2] * m2 + px[3] * m3;
+      dw1y[j] += py[0] * m0 + py[1] * m1 + py[2] * m2 + py[3] * m3;
+      db1[j] += m0 + m1 + m2 + m3;
+    }
+  }
+}
+
+// Multi-versioned entry points (one per dtype; templates cannot be cloned).
+#define TNX_DEFINE_MLP_KERNELS(T)                                                                 \
+  TNX_CPU_CLONES void forward_points(const T* points, int64_t p0, int64_t p1, const T* w1x,       \
+                                     const T* w1y, const T* b1, const T* w2, const T* b2, T* out, \
+                                     T* hbuf, int64_t hidden, int64_t heads) {                    \
+    forward_points_impl(points, p0, p1, w1x, w1y, b1, w2, b2, out, hbuf, hidden, heads);          \
+  }                                                                                               \
+  TNX_CPU_CLONES void backward_points(                                                            \
+      const T* grad, const T* points, int64_t p0, int64_t p1, const T* w1x, const T* w1y,         \
+      const T* b1, const T* w2, T* partial, T* hbuf, T* gbuf, int64_t hidden, int64_t heads) {    \
+    backward_points_impl(grad, points, p0, p1, w1x, w1y, b1, w2, partial, hbuf, gbuf, hidden,     \
+                         heads);                                                                  \
+  }
+TNX_DEFINE_MLP_KERNELS(float)
+TNX_DEFINE_MLP_KERNELS(double)
+#undef TNX_DEFINE_MLP_KERNELS
+
+}  // namespace
+
+at::Tensor log_cpb_mlp_forward_cpu(const at::Tensor& points, const at::Tensor& weight1,
+                                   const at::Tensor& bias1, const at::Tensor& weight2,
+                                   const at::Tensor& bias2) {
+  const int64_t P = points.size(0), hidden = weight1.size(0), heads = weight2.size(0);
+  auto out = at::empty({P, heads}, points.options());
+  if (out.numel() == 0) return out;
+  const auto w1 = weight1.t().contiguous();  // (2, hidden): the x and y columns
+  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "log_cpb_mlp_forward_cpu", [&] {
+    const scalar_t *p = points.data_ptr<scalar_t>(), *w1x = w1.data_ptr<scalar_t>(),
+                   *b1 = bias1.data_ptr<scalar_t>(), *w2 = weight2.data_ptr<scalar_t>(),
+                   *b2 = bias2.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, P, kBlockPoints, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> hbuf(kTile * hidden);
+      forward_points(p, begin, end, w1x, w1x + hidden, b1, w2, b2, o, hbuf.data(), hidden, heads);
+    });
+  });
+  return out;
+}
+
+std::vector<at::Tensor> log_cpb_mlp_backward_cpu(const at::Tensor& grad, const at::Tensor& points,
+                                                 const at::Tensor& weight1, const at::Tensor& bias1,
+                                                 const at::Tensor& weight2) {
+  const int64_t P = points.size(0), hidden = weight1.size(0), heads = weight2.size(0);
+  const int64_t blocks = (P + kBlockPoints - 1) / kBlockPoints;
+  const int64_t width = (3 + heads) * hidden + heads;
+  auto partials = at::zeros({blocks, width}, points.options());
+  auto total = at::zeros({width}, points.options());
+  const auto w1 = weight1.t().contiguous();
+  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "log_cpb_mlp_backward_cpu", [&] {
+    const scalar_t *g = grad.data_ptr<scalar_t>(), *p = points.data_ptr<scalar_t>(),
+                   *w1x = w1.data_ptr<scalar_t>(), *b1 = bias1.data_ptr<scalar_t>(),
+                   *w2 = weight2.data_ptr<scalar_t>();
+    scalar_t *part = partials.data_ptr<scalar_t>(), *t = total.data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> hbuf(kTile * hidden), gbuf(kTile * hidden);
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t p0 = block * kBlockPoints, p1 = std::min(P, p0 + kBlockPoints);
+        backward_points(g, p, p0, p1, w1x, w1x + hidden, b1, w2, part + block * width, hbuf.data(),
+                        gbuf.data(), hidden, heads);
+      }
+    });
+    // The blocks' partials added in block order.
+    at::parallel_for(0, width, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t block = 0; block < blocks; ++block) {
+        const scalar_t* src = part + block * width;
+        for (int64_t i = begin; i < end; ++i) t[i] += src[i];
+      }
+    });
+  });
+  auto grad_w1 = total.narrow(0, 0, 2 * hidden).view({2, hidden}).t().contiguous();
+  auto grad_b1 = total.narrow(0, 2 * hidden, hidden).clone();
+  auto grad_w2 = total.narrow(0, 3 * hidden, heads * hidden).view({heads, hidden}).clone();
+  auto grad_b2 = total.narrow(0, (3 + heads) * hidden, heads).clone();
+  return {grad_w1, grad_b1, grad_w2, grad_b2};
+}
+
+}  // namespace transnext_mm
