@@ -63,7 +63,64 @@ def test_errors_name_the_argument():
 
 
 @requires_ext
-def test_kernel_serves_inference_and_pytorch_serves_training(monkeypatch):
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize('B,heads,N,d,split,tokens',
+                         [(2, 3, 35, 24, True, 9), (1, 1, 1, 5, True, 9), (3, 4, 129, 8, False, 3),
+                          (1, 12, 70, 24, True, 9)])
+def test_backward_matches_pytorch(B, heads, N, d, split, tokens, dtype, tol):
+    """The compiled backward against autograd through the PyTorch formula: the gradients of all
+    six inputs (q and k split out of one projection or separate, a zero row, a ragged block of
+    rows, batch > 1)."""
+    inputs = [t.requires_grad_() for t in make_inputs(B, heads, N, d, dtype, tokens, split)]
+    leaves = inputs if not split else inputs[2:]
+    if split:  # differentiate through the shared projection as the layer does
+        qk = torch.randn(B, N, 2 * heads, d, dtype=dtype, requires_grad=True)
+        with torch.no_grad():
+            qk[0, 0, 0] = 0
+        inputs[:2] = qk.transpose(1, 2).chunk(2, dim=1)
+        leaves = [qk] + leaves
+    outs = cosine_qk.cosine_queries_keys_op(*inputs)
+    refs = cosine_queries_keys_torch(*inputs)
+    grads = [torch.randn_like(r) for r in refs]
+    for g, g_ref in zip(
+            torch.autograd.grad(outs, leaves, grads), torch.autograd.grad(refs, leaves, grads)):
+        torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol * g_ref.abs().max().item())
+
+
+@requires_ext
+def test_backward_gradcheck_opcheck_and_thread_independence():
+    inputs = [t.requires_grad_() for t in make_inputs(2, 2, 6, 5, torch.float64)]
+    inputs[0] = inputs[0].detach().clone().requires_grad_()
+    with torch.no_grad():
+        inputs[0][0, 0, 0] = 1  # gradcheck away from the norm's kink at zero
+    assert torch.autograd.gradcheck(cosine_qk.cosine_queries_keys_op, inputs)
+    q, k, qe, scale, tokens, _ = (t.detach() for t in inputs)
+    grads = (torch.randn_like(q), torch.randn_like(k), torch.randn(2, 2, 6, 9, dtype=q.dtype))
+    torch.library.opcheck(torch.ops.transnext_mm.cosine_queries_keys_backward.default,
+                          (*grads, q, k, qe, scale, tokens))
+    # The parameter gradients are sums of per-block partials in block order: bitwise the same
+    # whatever the number of threads.
+    q, k, qe, scale, tokens, _ = make_inputs(2, 3, 500, 24, torch.float32)
+    grads = (torch.randn_like(q), torch.randn_like(k), torch.randn(2, 3, 500, 9))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(
+                torch.ops.transnext_mm.cosine_queries_keys_backward(*grads, q, k, qe, scale,
+                                                                    tokens))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    with pytest.raises(RuntimeError, match='grad_token_weight must have shape'):
+        torch.ops.transnext_mm.cosine_queries_keys_backward(grads[0], grads[1], grads[2][..., :4],
+                                                            q, k, qe, scale, tokens)
+
+
+@requires_ext
+def test_kernel_serves_inference_and_training(monkeypatch):
     calls = []
     kernel = cosine_qk.cosine_queries_keys_op
     monkeypatch.setattr(cosine_qk, 'cosine_queries_keys_op',
@@ -75,8 +132,8 @@ def test_kernel_serves_inference_and_pytorch_serves_training(monkeypatch):
     assert len(calls) == 2
     cosine_queries_keys(*inputs, impl='torch')
     q, k, qe, *rest = inputs
-    outs = cosine_queries_keys(q, k, qe.requires_grad_(), *rest)  # training: PyTorch, with grads
-    assert len(calls) == 2 and outs[0].requires_grad
+    outs = cosine_queries_keys(q, k, qe.requires_grad_(), *rest)  # training: the compiled kernels
+    assert len(calls) == 3 and outs[0].requires_grad
     with torch.autocast('cpu', dtype=torch.bfloat16), torch.no_grad():
         cosine_queries_keys(*inputs)
-    assert len(calls) == 2
+    assert len(calls) == 3

@@ -40,12 +40,12 @@ RULES = [
     ('full_attention', 'op', CUDA, BF16, True, True, FULL, 'torch', False, 'no compiled kernel'),
     ('full_attention', 'auto', CPU, F32, False, False, NONE, 'torch', False, 'no compiled kernel'),
     ('full_attention', 'torch', CPU, F64, True, False, CPU_ONLY, 'torch', False, "impl='torch'"),
-    # the CPU kernels: PyTorch by design outside CPU fp32/fp64 (and for cosine_qk, training)
+    # the CPU kernels (inference and training): PyTorch by design outside CPU fp32/fp64
     ('cosine_qk', 'auto', CPU, F32, False, False, CPU_ONLY, 'op', False, 'cpu inference'),
     ('conv_glu_gate', 'op', CPU, F64, False, False, CPU_ONLY, 'op', False, 'cpu inference'),
     ('conv_glu_gate', 'auto', CPU, F32, True, False, CPU_ONLY, 'op', False, 'cpu training'),
     ('conv_glu_gate', 'auto', CUDA, F32, True, False, FULL, 'torch', False, "PyTorch's own cuda"),
-    ('cosine_qk', 'auto', CPU, F32, True, False, FULL, 'torch', False, 'gradient is needed'),
+    ('cosine_qk', 'auto', CPU, F64, True, False, FULL, 'op', False, 'cpu training'),
     ('conv_glu_gate', 'op', CUDA, F32, False, False, FULL, 'torch', False, "PyTorch's own cuda"),
     ('conv_glu_gate', 'auto', CPU, BF16, False, False, FULL, 'torch', False, 'got torch.bfloat16'),
     ('cosine_qk', 'auto', CPU, F32, False, True, FULL, 'torch', False, 'got autocast'),
@@ -71,7 +71,8 @@ def test_bad_arguments_name_the_allowed_values():
 
 def test_select_reads_the_gradient_state_and_autocast():
     x, w = torch.randn(2, 3), torch.randn(3, requires_grad=True)
-    assert select('cosine_qk', 'auto', x, (w, ), build=CPU_ONLY) == 'torch'  # w needs a grad
+    assert select('cosine_qk', 'auto', x, (w, ), build=CPU_ONLY) == 'op'  # training
+    assert select('cosine_qk', 'auto', x.half(), (w, ), build=CPU_ONLY) == 'torch'
     with torch.no_grad():
         assert select('cosine_qk', 'auto', x, (w, ), build=CPU_ONLY) == 'op'
         with torch.autocast('cpu', dtype=torch.bfloat16):

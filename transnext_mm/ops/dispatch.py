@@ -7,12 +7,10 @@ Three kernels have a compiled implementation in ``transnext_mm._ext`` beside the
   fp32; CUDA: fp32 / fp16 / bf16), forward and backward. Its PyTorch path is slower wherever the
   op has no kernel, so falling back to it is a *fallback*.
 - ``'cosine_qk'``, the cosine-attention inputs, and ``'conv_glu_gate'``, the ConvGLU gate:
-  CPU kernels in fp32 / fp64 only, which replace chains of memory-bound PyTorch ops that
-  dominate on CPU. The gate's kernel serves training too (a compiled backward, which recomputes
-  the 3x3 conv from the saved fc1 output instead of saving PyTorch's intermediates); when a
-  gradient is needed the cosine inputs' PyTorch formula runs by design (its saved activations
-  make the backward cheap). On other devices, in other dtypes or under autocast PyTorch's own
-  kernels are not a slow path. Only a missing build is a fallback for them.
+  CPU kernels in fp32 / fp64 only, forward and backward, which replace chains of memory-bound
+  PyTorch ops that dominate on CPU (their backwards recompute from the saved inputs instead of
+  saving PyTorch's intermediates). On other devices, in other dtypes or under autocast PyTorch's
+  own kernels are not a slow path. Only a missing build is a fallback for them.
 
 The log-CPB MLP has compiled CPU kernels too (fp32 / fp64, forward and backward);
 :func:`log_cpb_mlp_impl` decides between them, a chunked PyTorch MLP and the plain one.
@@ -72,13 +70,6 @@ KERNEL_DTYPES = {
     'conv_glu_gate': {
         'cpu': (torch.float32, torch.float64)
     },
-}
-# Whether the kernel also serves training (has a compiled backward worth running).
-KERNEL_TRAINS = {
-    'attention': True,
-    'full_attention': False,
-    'cosine_qk': False,
-    'conv_glu_gate': True
 }
 # The CPU kernels: elsewhere (other devices and dtypes, autocast) PyTorch serves them by design,
 # not as a fallback.
@@ -172,10 +163,6 @@ def choose(kernel: str,
     dtypes = KERNEL_DTYPES[kernel].get(device.type, ())
     if kernel in CPU_KERNELS:
         # CPU kernels: PyTorch by design elsewhere; only a missing build falls back.
-        if needs_grad and not KERNEL_TRAINS[kernel]:
-            return Choice(
-                'torch', f'a gradient is needed: the PyTorch formula of the {name} '
-                'saves the activations its backward reuses')
         if not dtypes:
             return Choice(
                 'torch', f"the {name} is a CPU kernel; PyTorch's own "

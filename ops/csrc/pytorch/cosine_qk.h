@@ -20,6 +20,19 @@ std::vector<at::Tensor> cosine_queries_keys_forward(const at::Tensor& q, const a
                                                     const at::Tensor& learnable_tokens,
                                                     const at::Tensor& learnable_bias);
 
+// Its backward from the output gradients grad_q, grad_k (B, heads, N, d) and grad_token_weight
+// (B, heads, N, T): the gradients of q, k (as (B, heads, N, d) stored (B, N, heads, d)),
+// query_embedding, scale, learnable_tokens and learnable_bias.
+std::vector<at::Tensor> cosine_queries_keys_backward(
+    const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_token_weight,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& query_embedding,
+    const at::Tensor& scale, const at::Tensor& learnable_tokens);
+
+std::vector<at::Tensor> cosine_queries_keys_backward_cpu(
+    const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_token_weight,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& query_embedding,
+    const at::Tensor& scale, const at::Tensor& learnable_tokens);
+
 std::vector<at::Tensor> cosine_queries_keys_forward_cpu(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& query_embedding,
                                                         const at::Tensor& scale,

@@ -30,6 +30,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The log-CPB MLP's backward; returns the gradients of its two weights and biases");
   m.def("cosine_queries_keys_forward", &transnext_mm::cosine_queries_keys_forward,
         "Scaled cosine queries, normalised keys and token weights of aggregated attention");
+  m.def("cosine_queries_keys_backward", &transnext_mm::cosine_queries_keys_backward,
+        "Their backward; returns the gradients of q, k, query_embedding, scale, "
+        "learnable_tokens and learnable_bias");
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -5,6 +5,11 @@
 // multiply and a batched (N x d) @ (d x 9) product, each a round trip through memory of a
 // (B, heads, N, d) tensor. Rows are visited with all their heads, as the linear layers laid them
 // out, so each cache line of q and k is read once.
+//
+// The backward visits the rows the same way: per row and head it recomputes the normalised q and
+// k, writes their input gradients (through the normalisation) and the scale's gradient, and adds
+// the query embedding's, the learnable tokens' and their bias's gradients to one partial per
+// block of rows (summed in block order: independent of the number of threads).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -80,6 +85,94 @@ TNX_DEFINE_PREPARE_ROWS(float)
 TNX_DEFINE_PREPARE_ROWS(double)
 #undef TNX_DEFINE_PREPARE_ROWS
 
+// The gradient of x / max(|x|, eps) for the output gradient g: (g - x_hat (x_hat . g)) / |x|,
+// or g / eps where the norm is clamped.
+template <typename T>
+TNX_ALWAYS_INLINE void normalize_backward(const T* __restrict__ x, T den, const T* __restrict__ g,
+                                          T* __restrict__ dx, int64_t d) {
+  if (den <= static_cast<T>(kNormEps)) {
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) dx[c] = g[c] / den;
+    return;
+  }
+  T dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t c = 0; c < d; ++c) dot += x[c] * g[c];
+  const T inv = T(1) / den, proj = dot * inv * inv;
+#pragma omp simd
+  for (int64_t c = 0; c < d; ++c) dx[c] = (g[c] - x[c] * proj) * inv;
+}
+
+// Rows [n0, n1) of every batch element and head. g_q / g_k: the output gradients, rows of heads
+// with the given strides; g_tw: (B, heads, N, T); dq / dk: (B, N, heads, d); dscale: (heads, N)
+// (owned: summed over the batch here); partial: this block's d qe (heads, d), d tokens (heads, d,
+// kTokenLanes) and d token bias (heads, T), zero on entry; scratch: 2 d values.
+template <typename T>
+TNX_ALWAYS_INLINE void backward_rows_impl(const T* q, const int64_t* q_st, const T* k,
+                                          const int64_t* k_st, const T* gq, const int64_t* gq_st,
+                                          const T* gk, const int64_t* gk_st, const T* g_tw,
+                                          const T* qe, const T* scale, const T* tokens, T* dq,
+                                          T* dk, T* dscale, T* partial, T* scratch, int64_t n0,
+                                          int64_t n1, int64_t B, int64_t N, int64_t heads,
+                                          int64_t d, int64_t T_) {
+  T* dqe = partial;
+  T* dtokens = partial + heads * d;
+  T* dtbias = dtokens + heads * d * kTokenLanes;
+  T *q_hat = scratch, *g_hat = scratch + d;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const T s = scale[h * N + n];
+      const T* __restrict__ qe_h = qe + h * d;
+      const T* __restrict__ tok = tokens + h * d * kTokenLanes;
+      T* __restrict__ dqe_h = dqe + h * d;
+      T* __restrict__ dtok = dtokens + h * d * kTokenLanes;
+      T ds = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        const T* __restrict__ q_row = q + b * q_st[0] + h * q_st[1] + n * q_st[2];
+        const T* __restrict__ k_row = k + b * k_st[0] + h * k_st[1] + n * k_st[2];
+        const T* __restrict__ gq_row = gq + b * gq_st[0] + h * gq_st[1] + n * gq_st[2];
+        const T* __restrict__ gk_row = gk + b * gk_st[0] + h * gk_st[1] + n * gk_st[2];
+        const T* __restrict__ gt = g_tw + ((b * heads + h) * N + n) * T_;
+        T gt_pad[kTokenLanes] = {};
+        for (int64_t t = 0; t < T_; ++t) gt_pad[t] = gt[t];
+        const T q_den = norm_divisor(q_row, d), k_den = norm_divisor(k_row, d);
+#pragma omp simd reduction(+ : ds)
+        for (int64_t c = 0; c < d; ++c) {
+          q_hat[c] = q_row[c] / q_den;
+          ds += gq_row[c] * (q_hat[c] + qe_h[c]);
+          dqe_h[c] += gq_row[c] * s;
+        }
+        for (int64_t c = 0; c < d; ++c) {
+          T acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t t = 0; t < kTokenLanes; ++t) {
+            acc += gt_pad[t] * tok[c * kTokenLanes + t];
+            dtok[c * kTokenLanes + t] += q_hat[c] * gt_pad[t];
+          }
+          g_hat[c] = gq_row[c] * s + acc;
+        }
+        for (int64_t t = 0; t < T_; ++t) dtbias[h * T_ + t] += gt_pad[t];
+        normalize_backward(q_row, q_den, g_hat, dq + ((b * N + n) * heads + h) * d, d);
+        normalize_backward(k_row, k_den, gk_row, dk + ((b * N + n) * heads + h) * d, d);
+      }
+      dscale[h * N + n] = ds;
+    }
+  }
+}
+
+#define TNX_DEFINE_BACKWARD_ROWS(T)                                                             \
+  TNX_CPU_CLONES void backward_rows(                                                            \
+      const T* q, const int64_t* q_st, const T* k, const int64_t* k_st, const T* gq,            \
+      const int64_t* gq_st, const T* gk, const int64_t* gk_st, const T* g_tw, const T* qe,      \
+      const T* scale, const T* tokens, T* dq, T* dk, T* dscale, T* partial, T* scratch,         \
+      int64_t n0, int64_t n1, int64_t B, int64_t N, int64_t heads, int64_t d, int64_t T_) {     \
+    backward_rows_impl(q, q_st, k, k_st, gq, gq_st, gk, gk_st, g_tw, qe, scale, tokens, dq, dk, \
+                       dscale, partial, scratch, n0, n1, B, N, heads, d, T_);                   \
+  }
+TNX_DEFINE_BACKWARD_ROWS(float)
+TNX_DEFINE_BACKWARD_ROWS(double)
+#undef TNX_DEFINE_BACKWARD_ROWS
+
 constexpr int64_t kRowsPerTask = 64;
 
 }  // namespace
@@ -127,6 +220,68 @@ std::vector<at::Tensor> cosine_queries_keys_forward_cpu(const at::Tensor& q, con
     token_weight.zero_();
   }
   return {q_out.permute({0, 2, 1, 3}), k_out.permute({0, 2, 1, 3}), token_weight};
+}
+
+std::vector<at::Tensor> cosine_queries_keys_backward_cpu(
+    const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_token_weight,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& query_embedding,
+    const at::Tensor& scale, const at::Tensor& learnable_tokens) {
+  const int64_t B = q.size(0), heads = q.size(1), N = q.size(2), d = q.size(3);
+  const int64_t T_ = learnable_tokens.size(2);
+  auto dq = at::empty({B, N, heads, d}, q.options());
+  auto dk = at::empty({B, N, heads, d}, q.options());
+  auto dscale = at::zeros({heads, N, 1}, q.options());
+  const int64_t blocks = (N + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t width = heads * d + heads * d * kTokenLanes + heads * T_;
+  auto partials = at::zeros({std::max<int64_t>(blocks, 1), width}, q.options());
+  auto total = at::zeros({width}, q.options());
+  // Row strides: the channels of each (q, k and output-gradient) row must be contiguous.
+  const auto rows = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
+  const auto qq = rows(q), kk = rows(k), gq = rows(grad_q), gk = rows(grad_k);
+  const auto gtw = grad_token_weight.contiguous();
+  const auto tokens = at::constant_pad_nd(learnable_tokens, {0, kTokenLanes - T_}).contiguous();
+  if (q.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cosine_queries_keys_backward_cpu", [&] {
+      const int64_t q_st[3] = {qq.stride(0), qq.stride(1), qq.stride(2)};
+      const int64_t k_st[3] = {kk.stride(0), kk.stride(1), kk.stride(2)};
+      const int64_t gq_st[3] = {gq.stride(0), gq.stride(1), gq.stride(2)};
+      const int64_t gk_st[3] = {gk.stride(0), gk.stride(1), gk.stride(2)};
+      const scalar_t *q_ptr = qq.data_ptr<scalar_t>(), *k_ptr = kk.data_ptr<scalar_t>();
+      const scalar_t *gq_ptr = gq.data_ptr<scalar_t>(), *gk_ptr = gk.data_ptr<scalar_t>();
+      const scalar_t *gt = gtw.data_ptr<scalar_t>(), *qe = query_embedding.data_ptr<scalar_t>();
+      const scalar_t *sc = scale.data_ptr<scalar_t>(), *tok = tokens.data_ptr<scalar_t>();
+      scalar_t *dq_ptr = dq.data_ptr<scalar_t>(), *dk_ptr = dk.data_ptr<scalar_t>();
+      scalar_t *dsc = dscale.data_ptr<scalar_t>(), *part = partials.data_ptr<scalar_t>();
+      scalar_t* tot = total.data_ptr<scalar_t>();
+      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> scratch(2 * d);
+        for (int64_t block = begin; block < end; ++block) {
+          const int64_t n0 = block * kRowsPerTask;
+          backward_rows(q_ptr, q_st, k_ptr, k_st, gq_ptr, gq_st, gk_ptr, gk_st, gt, qe, sc, tok,
+                        dq_ptr, dk_ptr, dsc, part + block * width, scratch.data(), n0,
+                        std::min(N, n0 + kRowsPerTask), B, N, heads, d, T_);
+        }
+      });
+      // The blocks' partials added in block order.
+      at::parallel_for(0, width, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t block = 0; block < blocks; ++block) {
+          const scalar_t* src = part + block * width;
+          for (int64_t i = begin; i < end; ++i) tot[i] += src[i];
+        }
+      });
+    });
+  } else {
+    dq.zero_();
+    dk.zero_();
+  }
+  auto dqe = total.narrow(0, 0, heads * d).view({heads, 1, d}).clone();
+  auto dtokens = total.narrow(0, heads * d, heads * d * kTokenLanes)
+                     .view({heads, d, kTokenLanes})
+                     .narrow(2, 0, T_)
+                     .contiguous();
+  auto dtbias =
+      total.narrow(0, heads * d * (1 + kTokenLanes), heads * T_).view({heads, 1, T_}).clone();
+  return {dq.permute({0, 2, 1, 3}), dk.permute({0, 2, 1, 3}), dqe, dscale, dtokens, dtbias};
 }
 
 }  // namespace transnext_mm
