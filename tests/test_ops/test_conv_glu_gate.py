@@ -148,3 +148,33 @@ def test_conv_glu_strips_match_whole_map(monkeypatch, strip_rows):
     assert len(fc1_calls) == 1 + -(-height // strip_rows)
     glu(x, height, width).sum().backward()  # training: whole map, one fc1
     assert len(fc1_calls) == 2 + -(-height // strip_rows)
+
+
+@requires_ext
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize('B,height,width', [(2, 7, 5), (1, 1, 9), (3, 4, 4)])
+def test_training_recomputes_the_gate_output(B, height, width, dtype, tol):
+    """Eager training: gate and fc2 are one autograd step that saves only the fc1 output; its
+    gradients (input and all parameters) equal the PyTorch path's, also with a frozen conv."""
+    torch.manual_seed(0)
+    glu = ConvGLU(12, 4).to(dtype)
+    x = torch.randn(B, height * width, 12, dtype=dtype, requires_grad=True)
+    for frozen in (False, True):
+        glu.dwconv.requires_grad_(not frozen)
+        params = [x] + [p for p in glu.parameters() if p.requires_grad]
+        glu.impl = 'auto'
+        out = glu(x, height, width)
+        assert out.grad_fn._forward_cls is gate_ops._GateLinear
+        glu.impl = 'torch'
+        ref = glu(x, height, width)
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        grad = torch.randn_like(out)
+        for g, g_ref in zip(
+                torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad)):
+            torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol * g_ref.abs().max().item())
+    glu.impl = 'auto'
+    with torch.no_grad():  # inference: no autograd step at all
+        assert glu(x, height, width).grad_fn is None
+    assert glu(x.detach(), height, width).grad_fn._forward_cls is gate_ops._GateLinear
+    glu.requires_grad_(False)
+    assert glu(x.detach(), height, width).grad_fn is None

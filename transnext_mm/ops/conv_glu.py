@@ -14,13 +14,13 @@ concatenation for fc1's backward). :func:`transnext_mm.ops.dispatch.choose` runs
 inference and training. Elsewhere (CUDA, half precision, autocast, no extension) PyTorch runs the
 gate: cuDNN's depthwise conv is not a slow path there.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import compiled_ext, select
+from .dispatch import compiled_ext, conv_glu_recomputes_gate, select
 
 
 def _gate_image(gate: Tensor, height: int, width: int) -> Tensor:
@@ -87,6 +87,62 @@ def _conv_glu_gate_backward_op_fake(grad, hidden, weight, bias, height, width):
 
 
 conv_glu_gate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _GateLinear(torch.autograd.Function):
+    """``F.linear(gate(hidden), fc2_weight, fc2_bias)`` with the compiled kernels, saving only
+    ``hidden`` (and the weights): the backward recomputes the gate's output for fc2's weight
+    gradient (eager mode only; see :func:`conv_glu_gate_linear`)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, fc2_weight, fc2_bias, height, width):
+        out = compiled_ext().conv_glu_gate_forward(hidden, weight, bias, height, width)
+        ctx.save_for_backward(hidden, weight, bias, fc2_weight)
+        ctx.grid = (height, width)
+        ctx.fc2_bias = fc2_bias is not None
+        return F.linear(out, fc2_weight, fc2_bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, fc2_weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_fc2_weight = grad_fc2_bias = None
+        rows = grad.reshape(-1, grad.shape[-1])
+        if need[3]:
+            out = compiled_ext().conv_glu_gate_forward(hidden, weight, bias, *ctx.grid)
+            grad_fc2_weight = rows.t() @ out.reshape(-1, out.shape[-1])
+        if need[4] and ctx.fc2_bias:
+            grad_fc2_bias = rows.sum(0)
+        grad_hidden = grad_weight = grad_bias = None
+        if any(need[:3]):
+            grad_hidden, grad_weight, grad_bias = compiled_ext().conv_glu_gate_backward(
+                grad @ fc2_weight, hidden, weight, bias, *ctx.grid)
+        return (grad_hidden if need[0] else None, grad_weight if need[1] else None,
+                grad_bias if need[2] else None, grad_fc2_weight, grad_fc2_bias, None, None)
+
+
+def conv_glu_gate_linear(hidden: Tensor,
+                         weight: Tensor,
+                         bias: Tensor,
+                         fc2_weight: Tensor,
+                         fc2_bias: Optional[Tensor],
+                         height: int,
+                         width: int,
+                         impl: str = 'auto') -> Tensor:
+    """``F.linear(conv_glu_gate(hidden, weight, bias, ...), fc2_weight, fc2_bias)``: in eager
+    training with the compiled gate
+    (:func:`transnext_mm.ops.dispatch.conv_glu_recomputes_gate`) one autograd step that saves
+    only ``hidden`` and recomputes the gate's output in the backward; elsewhere the two steps.
+
+    Args:
+        impl (str): As for :func:`conv_glu_gate`. Defaults to 'auto'.
+    """
+    params = (weight, bias, fc2_weight) + (() if fc2_bias is None else (fc2_bias, ))
+    if conv_glu_recomputes_gate(impl, hidden, params):
+        dtype = hidden.dtype
+        return _GateLinear.apply(hidden, weight.to(dtype), bias.to(dtype), fc2_weight.to(dtype),
+                                 None if fc2_bias is None else fc2_bias.to(dtype), height, width)
+    return F.linear(conv_glu_gate(hidden, weight, bias, height, width, impl), fc2_weight, fc2_bias)
 
 
 def conv_glu_gate(hidden: Tensor,

@@ -356,6 +356,29 @@ def conv_glu_strip_rows(impl: str,
     return min(height, max(1, CONV_GLU_STRIP_BYTES // row_bytes))
 
 
+def conv_glu_recomputes_gate(impl: str,
+                             hidden: Tensor,
+                             params: Iterable[Tensor],
+                             build: Optional[Build] = None) -> bool:
+    """Whether the ConvGLU runs its gate and ``fc2`` as one autograd step that saves only the
+    fc1 output and recomputes the gate's output in the backward (where ``fc2`` needs it for its
+    weight gradient) instead of saving it: in eager training where the compiled gate runs
+    (:func:`select` for ``'conv_glu_gate'``). The recompute is one cheap pass of the gate
+    kernel; the saving is the (B, H*W, h) gate output of every block.
+
+    Args:
+        impl (str): The requested implementation, one of :data:`IMPLS`.
+        hidden (Tensor): The fc1 output, (B, H*W, 2h).
+        params (Iterable[Tensor]): The gate's and fc2's parameters.
+        build (Build, optional): What was built. Defaults to None (this installation's).
+    """
+    params = tuple(params)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad
+                                                                          for p in params))
+    return (needs_grad and not _tracing()
+            and select('conv_glu_gate', impl, hidden, params, build) == 'op')
+
+
 # ------------------------------------------------------------------------------------------------
 # First-use self-check of the compiled attention on CUDA.
 

@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from transnext_mm.ops.conv_glu import conv_glu_gate
+from transnext_mm.ops.conv_glu import conv_glu_gate, conv_glu_gate_linear
 from transnext_mm.ops.dispatch import check_impl, conv_glu_strip_rows
 
 
@@ -50,6 +50,18 @@ class ConvGLU(nn.Module):
         top, bottom = max(0, y0 - 1), min(height, y1 + 1)
         conv = self.dwconv.dwconv
         hidden = self.fc1(x[:, top * width:bottom * width])
+        if (top, bottom) == (0, height) and self.drop.p == 0:
+            # Gate and fc2 in one step: in eager training the gate output is recomputed in the
+            # backward instead of saved (transnext_mm.ops.dispatch decides).
+            return conv_glu_gate_linear(
+                hidden,
+                conv.weight,
+                conv.bias,
+                self.fc2.weight,
+                self.fc2.bias,
+                height,
+                width,
+                impl=self.impl)
         out = conv_glu_gate(hidden, conv.weight, conv.bias, bottom - top, width, impl=self.impl)
         out = out[:, (y0 - top) * width:(y1 - top) * width]
         return self.drop(self.fc2(self.drop(out)))
