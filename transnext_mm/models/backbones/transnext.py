@@ -56,9 +56,9 @@ class TransNeXt(BaseModule):
             Defaults to False.
         attn_impl (str): 'auto' (the compiled op when it has kernels for the input, else the
             PyTorch path with one warning), 'torch', 'op' or 'reference' (the readable unfold
-            path used as test oracle). For CPU inference 'auto' and 'op' also run the ConvGLU
-            gate and the cosine-attention inputs with their compiled kernels; 'torch' and
-            'reference' are PyTorch throughout.
+            path used as test oracle). On the CPU 'auto' and 'op' also run the ConvGLU gate
+            and the cosine-attention inputs with their compiled kernels (inference and
+            training); 'torch' and 'reference' run them with PyTorch.
             Defaults to 'auto'.
         pretrained (str, optional): Deprecated, use ``init_cfg``. Defaults to None.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)`` loads a released
