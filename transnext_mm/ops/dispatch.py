@@ -278,35 +278,44 @@ def attention_bias_form(impl: str,
     return 'table' if select('attention', impl, x, params, build) == 'op' else 'dense'
 
 
-def log_cpb_mlp_impl(weight: Tensor, points: Tensor, build: Optional[Build] = None) -> str:
+def log_cpb_mlp_impl(weight: Tensor,
+                     points: Tensor,
+                     impl: str = 'auto',
+                     build: Optional[Build] = None) -> str:
     """How the log-CPB MLP runs (:mod:`transnext_mm.models.layers.log_cpb`).
 
     ``'plain'`` (``Linear -> ReLU -> Linear``) in traced graphs (``torch.compile``,
     ``torch.export``, ``torch.jit.trace``, ``torch.fx``), under autocast and on the meta device;
-    in eager mode ``'op'``, the compiled CPU kernels
+    in eager mode with ``impl`` 'auto' or 'op' ``'op'``, the compiled CPU kernels
     (:func:`transnext_mm.ops.log_cpb_mlp.log_cpb_mlp_op`), for fp32 / fp64 CPU weights and points
     that need no gradient; else ``'chunked'``, the MLP over chunks of points with the hidden
-    activations recomputed in the backward (where the op would run but is not built, with the
-    one warning of the missing build).
+    activations recomputed in the backward (also for ``impl`` 'torch' / 'reference', and where
+    the op would run but is not built: 'auto' warns once, 'op' raises a RuntimeError).
 
     Args:
         weight (Tensor): The MLP's first weight.
         points (Tensor): Its input points.
+        impl (str): The requested implementation, one of :data:`IMPLS`. Defaults to 'auto'.
         build (Build, optional): What was built. Defaults to None (this installation's).
 
     Returns:
         str: ``'op'``, ``'chunked'`` or ``'plain'``.
     """
+    check_impl(impl)
     build = BUILD if build is None else build
     device_type = weight.device.type
     autocast = device_type in ('cpu', 'cuda') and torch.is_autocast_enabled(device_type)
     if autocast or _tracing() or device_type == 'meta':
         return 'plain'
-    if (device_type != 'cpu' or weight.dtype not in LOG_CPB_MLP_DTYPES
+    if (impl in ('torch', 'reference') or device_type != 'cpu'
+            or weight.dtype not in LOG_CPB_MLP_DTYPES
             or (torch.is_grad_enabled() and points.requires_grad)):
         return 'chunked'
     if not build.built:
-        _warn_once(_not_built_reason(build))
+        reason = _not_built_reason(build)
+        if impl == 'op':
+            raise RuntimeError(f"impl='op' (attn_impl='op' in the backbone) but {reason}")
+        _warn_once(reason)
         return 'chunked'
     return 'op'
 

@@ -10,6 +10,7 @@ from transnext_mm.models.layers import log_cpb
 from transnext_mm.models.layers.log_cpb import (LogCPB, log_cpb_axis, log_cpb_bias,
                                                 set_pos_bias_cache)
 from transnext_mm.ops import dispatch
+from transnext_mm.ops.log_cpb_mlp import log_cpb_mlp_torch
 
 
 def pairwise_log_cpb(fc1, fc2, query_size, key_size, pretrain_len):
@@ -210,22 +211,52 @@ def test_mlp_impl_rule(monkeypatch):
     weight, points = torch.zeros(4, 2), torch.zeros(3, 2)
     built = dispatch.Build(built=True, cuda=False)
     missing = dispatch.Build(built=False, cuda=False, error='No module named transnext_mm._ext')
-    assert dispatch.log_cpb_mlp_impl(weight, points, built) == 'op'
-    assert dispatch.log_cpb_mlp_impl(weight.double(), points, built) == 'op'
-    assert dispatch.log_cpb_mlp_impl(weight, points.requires_grad_(), built) == 'chunked'
+    rule = dispatch.log_cpb_mlp_impl
+    assert rule(weight, points, 'auto', built) == 'op'
+    assert rule(weight.double(), points, 'op', built) == 'op'
+    assert rule(weight, points, 'torch', built) == 'chunked'
+    assert rule(weight, points, 'reference', built) == 'chunked'
+    assert rule(weight, points.requires_grad_(), 'auto', built) == 'chunked'
     with torch.no_grad():
-        assert dispatch.log_cpb_mlp_impl(weight, points, built) == 'op'
+        assert rule(weight, points, 'auto', built) == 'op'
     points = points.detach()
-    assert dispatch.log_cpb_mlp_impl(weight.half(), points, built) == 'chunked'
+    assert rule(weight.half(), points, 'auto', built) == 'chunked'
     monkeypatch.setattr(dispatch, '_warned', set())
     with pytest.warns(UserWarning, match='not built'):
-        assert dispatch.log_cpb_mlp_impl(weight, points, missing) == 'chunked'
-    assert dispatch.log_cpb_mlp_impl(weight.to('meta'), points, built) == 'plain'
+        assert rule(weight, points, 'auto', missing) == 'chunked'
+    with pytest.raises(RuntimeError, match="impl='op'.* not built"):
+        rule(weight, points, 'op', missing)
+    with pytest.raises(ValueError, match='impl must be one of'):
+        rule(weight, points, 'fast', built)
+    assert rule(weight.to('meta'), points, 'auto', built) == 'plain'
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert dispatch.log_cpb_mlp_impl(weight, points, built) == 'plain'
+        assert rule(weight, points, 'auto', built) == 'plain'
     torch._dynamo.reset()
     compiled = torch.compile(
-        lambda w: w + float(dispatch.log_cpb_mlp_impl(w, points, built) == 'plain'),
+        lambda w: w + float(dispatch.log_cpb_mlp_impl(w, points, 'auto', built) == 'plain'),
         backend='eager',
         fullgraph=True)
     torch.testing.assert_close(compiled(weight), weight + 1)
+
+
+def test_layer_impl_picks_the_mlp(monkeypatch):
+    """The layer's impl (the backbone's attn_impl) decides the MLP: PyTorch for 'torch' /
+    'reference', the compiled op (where built) for 'auto' / 'op'; same values either way."""
+    calls = []
+    monkeypatch.setattr(log_cpb, 'log_cpb_mlp_op',
+                        lambda *a: calls.append(1) or log_cpb_mlp_torch(*a))
+    monkeypatch.setattr(
+        log_cpb,
+        'log_cpb_mlp_impl',
+        lambda w, p, impl='auto': 'op' if impl in ('auto', 'op') else 'chunked')
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(2, 16), nn.Linear(16, 3)
+    results = {}
+    for impl in ('torch', 'reference', 'auto', 'op'):
+        cpb = LogCPB('extrapolate', (6, 6), (2, 2), 56, impl)
+        results[impl] = cpb.compute(fc1, fc2, (5, 7), (2, 3))
+    assert len(calls) == 2
+    for impl in ('reference', 'auto', 'op'):
+        torch.testing.assert_close(results[impl], results['torch'])
+    with pytest.raises(ValueError, match='impl must be one of'):
+        LogCPB('extrapolate', (6, 6), (2, 2), 56, 'fast')

@@ -56,9 +56,9 @@ class TransNeXt(BaseModule):
             Defaults to False.
         attn_impl (str): 'auto' (the compiled op when it has kernels for the input, else the
             PyTorch path with one warning), 'torch', 'op' or 'reference' (the readable unfold
-            path used as test oracle). On the CPU 'auto' and 'op' also run the ConvGLU gate
-            and the cosine-attention inputs with their compiled kernels (inference and
-            training); 'torch' and 'reference' run them with PyTorch.
+            path used as test oracle). On the CPU 'auto' and 'op' also run the ConvGLU gate,
+            the cosine-attention inputs and the log-CPB MLP with their compiled kernels
+            (inference and training); 'torch' and 'reference' run them with PyTorch.
             Defaults to 'auto'.
         pretrained (str, optional): Deprecated, use ``init_cfg``. Defaults to None.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)`` loads a released
@@ -147,7 +147,8 @@ class TransNeXt(BaseModule):
                     dims,
                     self.arch['num_heads'][i],
                     self.arch['mlp_ratios'][i],
-                    LogCPB(pos_bias_mode, table_query, table_key, pretrain_size // stride),
+                    LogCPB(pos_bias_mode, table_query, table_key, pretrain_size // stride,
+                           attn_impl),
                     full_attention=i == NUM_STAGES - 1,
                     drop_path=dpr[sum(depths[:i]) + j],
                     attn_impl=attn_impl) for j in range(depths[i])

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from transnext_mm.ops.aggregated_attention import PoolBiasTable
-from transnext_mm.ops.dispatch import log_cpb_mlp_impl
+from transnext_mm.ops.dispatch import check_impl, log_cpb_mlp_impl
 from transnext_mm.ops.log_cpb_mlp import log_cpb_mlp_op
 from .adaptive_pool import adaptive_pool_bins
 
@@ -125,11 +125,15 @@ class _ChunkedMLP(torch.autograd.Function):
         return grad_points, grad_w1, grad_b1, grad_w2, grad_out.sum(0)
 
 
-def log_cpb_mlp(fc1: nn.Linear, fc2: nn.Linear, points: torch.Tensor) -> torch.Tensor:
+def log_cpb_mlp(fc1: nn.Linear,
+                fc2: nn.Linear,
+                points: torch.Tensor,
+                impl: str = 'auto') -> torch.Tensor:
     """``fc2(relu(fc1(points)))`` for (P, 2) points: the compiled op or the chunked MLP where
-    :func:`transnext_mm.ops.dispatch.log_cpb_mlp_impl` says so (same values)."""
+    :func:`transnext_mm.ops.dispatch.log_cpb_mlp_impl` says so for ``impl`` (one of
+    :data:`transnext_mm.ops.dispatch.IMPLS`; same values)."""
     points = points.to(fc1.weight.dtype)
-    impl = log_cpb_mlp_impl(fc1.weight, points)
+    impl = log_cpb_mlp_impl(fc1.weight, points, impl)
     if impl != 'plain' and fc1.bias is not None and fc2.bias is not None:
         params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         if impl == 'op':
@@ -138,11 +142,15 @@ def log_cpb_mlp(fc1: nn.Linear, fc2: nn.Linear, points: torch.Tensor) -> torch.T
     return fc2(F.relu(fc1(points)))
 
 
-def log_cpb_table(fc1: nn.Linear, fc2: nn.Linear, coords_h: torch.Tensor,
-                  coords_w: torch.Tensor) -> torch.Tensor:
-    """The MLP on every (coords_h[i], coords_w[j]) pair: float32 (heads, U_h, U_w)."""
+def log_cpb_table(fc1: nn.Linear,
+                  fc2: nn.Linear,
+                  coords_h: torch.Tensor,
+                  coords_w: torch.Tensor,
+                  impl: str = 'auto') -> torch.Tensor:
+    """The MLP (:func:`log_cpb_mlp`, ``impl``) on every (coords_h[i], coords_w[j]) pair: float32
+    (heads, U_h, U_w)."""
     grid = torch.stack(torch.meshgrid(coords_h, coords_w, indexing='ij'), dim=-1)
-    table = log_cpb_mlp(fc1, fc2, grid.reshape(-1, 2)).float()
+    table = log_cpb_mlp(fc1, fc2, grid.reshape(-1, 2), impl).float()
     return table.t().reshape(-1, coords_h.numel(), coords_w.numel())
 
 
@@ -222,7 +230,8 @@ def log_cpb_bias(fc1: nn.Linear,
                  key_size: Size,
                  pretrain_len: int,
                  table_query: Size = None,
-                 table_key: Size = None) -> torch.Tensor:
+                 table_key: Size = None,
+                 impl: str = 'auto') -> torch.Tensor:
     """Evaluate log-CPB for a query grid against a key grid.
 
     Args:
@@ -235,6 +244,7 @@ def log_cpb_bias(fc1: nn.Linear,
             (interpolation mode, with ``table_key``). Defaults to None: evaluate at
             ``query_size`` and ``key_size``.
         table_key (tuple[int], optional): Key grid of that table. Defaults to None.
+        impl (str): How the MLP runs, see :func:`log_cpb_mlp`. Defaults to 'auto'.
 
     Returns:
         Tensor: float32 bias of shape (heads, H*W, Hk*Wk).
@@ -242,7 +252,7 @@ def log_cpb_bias(fc1: nn.Linear,
     interpolate = table_query is not None
     grids = (table_query, table_key) if interpolate else (query_size, key_size)
     (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(*grids, pretrain_len, fc1.weight.device)
-    bias = gather_table(log_cpb_table(fc1, fc2, coords_h, coords_w), index_h, index_w)
+    bias = gather_table(log_cpb_table(fc1, fc2, coords_h, coords_w, impl), index_h, index_w)
     if interpolate:
         return resize_bias(bias, query_size, key_size)
     return bias.reshape(bias.shape[0], query_size[0] * query_size[1], key_size[0] * key_size[1])
@@ -292,15 +302,24 @@ class LogCPB:
         table_query (tuple[int]): query grid of the table (``img_size // stride``).
         table_key (tuple[int]): key grid of the table (``img_size // 32``).
         pretrain_len (int): the stage's feature size at pretraining (``pretrain_size // stride``).
+        impl (str): How the MLP runs (the backbone's ``attn_impl``), see :func:`log_cpb_mlp`.
+            Defaults to 'auto'.
     """
 
-    def __init__(self, mode: str, table_query: Size, table_key: Size, pretrain_len: int):
+    def __init__(self,
+                 mode: str,
+                 table_query: Size,
+                 table_key: Size,
+                 pretrain_len: int,
+                 impl: str = 'auto'):
         if mode not in POS_BIAS_MODES:
             raise ValueError(f'pos_bias_mode must be one of {POS_BIAS_MODES}, got {mode!r}')
         if pretrain_len < 2:
             raise ValueError(f'pretrain_size gives a feature size of {pretrain_len} (< 2) in '
                              'some stage; pretrain_size must be at least 64')
+        check_impl(impl)
         self.mode = mode
+        self.impl = impl
         self.table_query = tuple(table_query)
         self.table_key = tuple(table_key)
         self.pretrain_len = pretrain_len
@@ -331,7 +350,7 @@ class LogCPB:
         (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(query_size, key_size,
                                                                 self.pretrain_len,
                                                                 fc1.weight.device)
-        table = log_cpb_table(fc1, fc2, coords_h, coords_w)
+        table = log_cpb_table(fc1, fc2, coords_h, coords_w, self.impl)
         return PoolBiasTable(table.flatten(1), index_h * coords_w.numel(), index_w)
 
     @staticmethod
@@ -343,9 +362,9 @@ class LogCPB:
                 key_size: Size) -> torch.Tensor:
         """The bias (heads, H*W, Hk*Wk), computed without any cache."""
         if self.mode == 'extrapolate':
-            return log_cpb_bias(fc1, fc2, query_size, key_size, self.pretrain_len)
+            return log_cpb_bias(fc1, fc2, query_size, key_size, self.pretrain_len, impl=self.impl)
         return log_cpb_bias(fc1, fc2, query_size, key_size, self.pretrain_len, self.table_query,
-                            self.table_key)
+                            self.table_key, self.impl)
 
     def _cached_table_bias(self, fc1, fc2, query_size: Size, key_size: Size,
                            signature: tuple) -> torch.Tensor:
@@ -357,7 +376,7 @@ class LogCPB:
         key = (id(self), 'table')
         hit = _bias_cache.get(key)
         if hit is None or hit[0] != signature:
-            hit = (signature, log_cpb_table(fc1, fc2, coords_h, coords_w).detach())
+            hit = (signature, log_cpb_table(fc1, fc2, coords_h, coords_w, self.impl).detach())
             self._store(key, hit)
         return resize_bias(gather_table(hit[1], index_h, index_w), query_size, key_size)
 
