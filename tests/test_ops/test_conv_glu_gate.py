@@ -178,3 +178,22 @@ def test_training_recomputes_the_gate_output(B, height, width, dtype, tol):
     assert glu(x.detach(), height, width).grad_fn._forward_cls is gate_ops._GateLinear
     glu.requires_grad_(False)
     assert glu(x.detach(), height, width).grad_fn is None
+
+
+@requires_ext
+def test_compiled_training_paths_refuse_double_backward():
+    """First-order gradients only: differentiating the compiled backwards raises instead of
+    silently missing terms."""
+    glu = ConvGLU(12, 4)
+    x = torch.randn(1, 16, 12, requires_grad=True)
+    out = glu(x, 4, 4)
+    seed = torch.randn_like(out, requires_grad=True)
+    (grad, ) = torch.autograd.grad(out, x, seed, create_graph=True)
+    with pytest.raises(RuntimeError, match='once_differentiable'):
+        grad.sum().backward()
+    args = gate_inputs(1, 4, 4, 6, torch.float64, requires_grad=True)
+    out = gate_ops.conv_glu_gate_op(*args, 4, 4)
+    seed = torch.randn_like(out, requires_grad=True)
+    (grad, ) = torch.autograd.grad(out, args[0], seed, create_graph=True)
+    with pytest.raises(RuntimeError, match='no autograd formula'):
+        grad.sum().backward()

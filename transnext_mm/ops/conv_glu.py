@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .dispatch import compiled_ext, conv_glu_recomputes_gate, select
 
@@ -103,6 +104,7 @@ class _GateLinear(torch.autograd.Function):
         return F.linear(out, fc2_weight, fc2_bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         hidden, weight, bias, fc2_weight = ctx.saved_tensors
         need = ctx.needs_input_grad
