@@ -27,6 +27,30 @@ def _deterministic():
     yield
 
 
+@pytest.fixture
+def check_thread_independence():
+    """``check(fn)``: runs ``fn()`` (a sequence of tensors) with 1, 2 and 3 threads, asserts the
+    results are equal bit for bit (a kernel's partial sums must not follow the thread count) and
+    returns them; the thread count is restored."""
+
+    def check(fn):
+        threads = torch.get_num_threads()
+        try:
+            results = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                results.append(list(fn()))
+        finally:
+            torch.set_num_threads(threads)
+        for n, other in zip((2, 3), results[1:]):
+            assert len(other) == len(results[0])
+            for i, (a, b) in enumerate(zip(results[0], other)):
+                assert torch.equal(a, b), f'result {i} differs between 1 and {n} threads'
+        return results[0]
+
+    return check
+
+
 @pytest.fixture(scope='session')
 def shallow_arch():
     """The ``arch`` dict of the shallow backbone (``SHALLOW_ARCH``)."""

@@ -88,7 +88,7 @@ def test_backward_matches_pytorch(B, heads, N, d, split, tokens, dtype, tol):
 
 
 @requires_ext
-def test_backward_gradcheck_opcheck_and_thread_independence():
+def test_backward_gradcheck_opcheck_and_thread_independence(check_thread_independence):
     inputs = [t.requires_grad_() for t in make_inputs(2, 2, 6, 5, torch.float64)]
     inputs[0] = inputs[0].detach().clone().requires_grad_()
     with torch.no_grad():
@@ -98,22 +98,11 @@ def test_backward_gradcheck_opcheck_and_thread_independence():
     grads = (torch.randn_like(q), torch.randn_like(k), torch.randn(2, 2, 6, 9, dtype=q.dtype))
     torch.library.opcheck(torch.ops.transnext_mm.cosine_queries_keys_backward.default,
                           (*grads, q, k, qe, scale, tokens))
-    # The parameter gradients are sums of per-block partials in block order: bitwise the same
-    # whatever the number of threads.
+    # The parameter gradients are sums of per-block partials in block order.
     q, k, qe, scale, tokens, _ = make_inputs(2, 3, 500, 24, torch.float32)
     grads = (torch.randn_like(q), torch.randn_like(k), torch.randn(2, 3, 500, 9))
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(
-                torch.ops.transnext_mm.cosine_queries_keys_backward(*grads, q, k, qe, scale,
-                                                                    tokens))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    check_thread_independence(lambda: torch.ops.transnext_mm.cosine_queries_keys_backward(
+        *grads, q, k, qe, scale, tokens))
     with pytest.raises(RuntimeError, match='grad_token_weight must have shape'):
         torch.ops.transnext_mm.cosine_queries_keys_backward(grads[0], grads[1], grads[2][..., :4],
                                                             q, k, qe, scale, tokens)
