@@ -65,6 +65,20 @@ def test_cpu_op_matches_reference(shape, dtype, rel):
 
 
 @requires_op
+@pytest.mark.parametrize('dtype,d', [(torch.float32, 24), (torch.float32, 5), (torch.float64, 24)])
+def test_cpu_op_gradients_do_not_depend_on_the_thread_count(dtype, d, check_thread_independence):
+    """The pooled keys' and values' gradients are per-group partial sums (rows added in order,
+    groups fixed by the grid, not by the threads) reduced in group order: on the register-tiled
+    fp32 path (head dim 24), the BLAS path (head dim 5) and in float64."""
+    B, heads, height, width, Np = 2, 3, 23, 19, 37
+    tensors = make_inputs(B, heads, height, width, Np, d, dtype=dtype)
+    out = aggregated_attention(*tensors, height, width, impl='op')
+    grad_out = torch.randn_like(out)
+    check_thread_independence(lambda: torch.autograd.grad(
+        aggregated_attention(*tensors, height, width, impl='op'), tensors, grad_out))
+
+
+@requires_op
 @pytest.mark.parametrize('height,width,Np,fast', [(5, 7, 1, False), (5, 7, 5, False),
                                                   (1, 1, 1, False), (1, 6, 2, False),
                                                   (9, 13, 3, True)])

@@ -1,14 +1,14 @@
 // Copyright (c) transnext-mm contributors. All rights reserved.
 //
 // CPU kernels of the aggregated-attention op. Work is split into chunks of kRows queries of one
-// (batch, head). fp32 forward with head dim 8/16/24/32 (TransNeXt's is 24): tiles of 4 queries
-// whose pooled scores, softmax and pooled values stay in registers / L1 (see "forward, fp32"
-// below). Otherwise, per chunk, the pooled scores q @ k_pool^T come from one BLAS call into a
-// small buffer that stays in cache, the window scores, bias, softmax and token-weight aggregation
-// are fused in vectorisable row loops, and a second BLAS call applies the pooled values. The
-// B x heads x N x (9 + Np) score tensor is never materialised; backward recomputes the chunk's
-// scores from the saved log-sum-exp. The row loops are compiled for AVX-512, AVX2 and baseline
-// x86-64 and picked at load time (GCC target_clones), so the build stays portable.
+// (batch, head). fp32 with head dim 8/16/24/32 (TransNeXt's is 24): tiles of 4 queries whose
+// pooled scores, softmax and pooled values stay in registers / L1 (see "forward, fp32" and
+// "backward, fp32" below). Otherwise, per chunk, the pooled scores q @ k_pool^T come from one BLAS
+// call into a small buffer that stays in cache, the window scores, bias, softmax and token-weight
+// aggregation are fused in vectorisable row loops, and a second BLAS call applies the pooled
+// values. The B x heads x N x (9 + Np) score tensor is never materialised; backward recomputes the
+// chunk's scores from the saved log-sum-exp. The row loops are compiled for AVX-512, AVX2 and
+// baseline x86-64 and picked at load time (GCC target_clones), so the build stays portable.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -191,18 +191,19 @@ TNX_ALWAYS_INLINE void combine_rows_impl(T* out, int64_t out_stride, const T* po
 
 // --------------------------------------------------------------------------------- backward
 // probs: (rows, Np) = q @ k_pool^T on entry, probabilities on exit; dprobs: grad @ v_pool^T on
-// entry, d scores (ds) on exit. Writes the window's ds / weights / d token_weight, accumulates
-// d bias_pool (dense: over the batch, the first batch element writes; table form: added to the
-// head's table gradient `dbias`) and the window part of dq.
+// entry, d scores (ds) on exit; both with row stride `stride` (>= Np). Writes the window's ds /
+// weights / d token_weight, accumulates d bias_pool (dense: over the batch, the first batch element
+// writes; table form: added to the head's table gradient `dbias`) and the window part of dq.
 template <typename T>
 TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* probs, T* dprobs,
-                                          T* ds_local, T* weight_local, T* dtoken_weight, T* dbias,
-                                          bool first_batch, T* dq_window) {
+                                          int64_t stride, T* ds_local, T* weight_local,
+                                          T* dtoken_weight, T* dbias, bool first_batch,
+                                          T* dq_window) {
   const int64_t Np = c.pool, d = c.d;
   for (int64_t r = 0; r < c.rows; ++r) {
     const int64_t i = c.i0 + r, y = i / c.width, x = i % c.width;
-    T* __restrict__ prow = probs + r * Np;
-    T* __restrict__ dprow = dprobs + r * Np;
+    T* __restrict__ prow = probs + r * stride;
+    T* __restrict__ dprow = dprobs + r * stride;
     const T* __restrict__ brow = bias_row(c, i, y, x);
     const T *q_i = c.q.row(i), *g_i = c.grad.row(i);
     const T lse_i = lse[i];
@@ -282,8 +283,8 @@ TNX_ALWAYS_INLINE void window_grad_rows_impl(const Chunk<T>& c, const T* ds_loca
   TNX_CPU_CLONES void backward_rows(const Chunk<T>& c, const T* lse, T* probs, T* dprobs,         \
                                     T* ds_local, T* weight_local, T* dtoken_weight, T* dbias,     \
                                     bool first_batch, T* dq_window) {                             \
-    backward_rows_impl(c, lse, probs, dprobs, ds_local, weight_local, dtoken_weight, dbias,       \
-                       first_batch, dq_window);                                                   \
+    backward_rows_impl(c, lse, probs, dprobs, c.pool, ds_local, weight_local, dtoken_weight,      \
+                       dbias, first_batch, dq_window);                                            \
   }                                                                                               \
   TNX_CPU_CLONES void window_grad_rows(const Chunk<T>& c, const T* ds_local,                      \
                                        const T* weight_local, int64_t n0, int64_t n1, Rows<T> dk, \
@@ -450,6 +451,137 @@ TileKernel tile_kernel_for(int64_t d) {
   }
 }
 
+// ------------------------------------------------------ backward, fp32, head dim 8/16/24/32
+// The chunk's four products with the forward's register tiles instead of BLAS calls (which run
+// far below peak at these shapes and pay their overhead per chunk): probs = q @ k_pool^T and
+// dprobs = grad @ v_pool^T (tile_scores), dq_pool = ds @ k_pool (tile_pooled_values), and the
+// rank-`rows` updates d k_pool += ds^T @ q and d v_pool += probs^T @ grad, in blocks of pooled
+// keys whose accumulators stay in registers while the chunk's rows stream from L1. The rows are
+// added in order, so the partial sums do not depend on the thread count.
+
+// out (P x D, rows of D) += a^T @ x for P pooled keys: a (rows x P) has row stride a_stride, x
+// holds rows [i0, i0 + rows).
+template <int D, int P>
+TNX_ALWAYS_INLINE void rank_update_block(const float* a, int64_t a_stride, Rows<const float> x,
+                                         int64_t i0, int64_t rows, float* out) {
+  v8f acc[P][D / 8];
+  for (int pp = 0; pp < P; ++pp)
+    for (int b = 0; b < D / 8; ++b) acc[pp][b] = load8(out + pp * D + 8 * b);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x_row = x.row(i0 + r);
+    v8f xv[D / 8];
+    for (int b = 0; b < D / 8; ++b) xv[b] = load8(x_row + 8 * b);
+    const float* a_row = a + r * a_stride;
+    for (int pp = 0; pp < P; ++pp) {
+      const float w = a_row[pp];
+      for (int b = 0; b < D / 8; ++b) acc[pp][b] += w * xv[b];
+    }
+  }
+  for (int pp = 0; pp < P; ++pp)
+    for (int b = 0; b < D / 8; ++b) store8(out + pp * D + 8 * b, acc[pp][b]);
+}
+
+// out (Np x D) += a^T @ x, a: (rows x Np) with row stride a_stride.
+template <int D>
+TNX_ALWAYS_INLINE void rank_update(const float* a, int64_t a_stride, int64_t Np,
+                                   Rows<const float> x, int64_t i0, int64_t rows, float* out) {
+  constexpr int P = D <= 16 ? 8 : 4;  // keeps the P x D accumulators in registers
+  int64_t p = 0;
+  for (; p + P <= Np; p += P) rank_update_block<D, P>(a + p, a_stride, x, i0, rows, out + p * D);
+  for (; p < Np; ++p) rank_update_block<D, 1>(a + p, a_stride, x, i0, rows, out + p * D);
+}
+
+// What one chunk's tiled backward reads and writes besides the chunk itself.
+struct TileBackward {
+  const float *lse, *kpT, *vpT, *kp;  // the (batch, head)'s lse, padded k_pool^T / v_pool^T, k_pool
+  int64_t np_pad;
+  float *probs, *dprobs;  // (kRows x np_pad) buffers
+  float *ds_local, *weight_local, *dtoken_weight, *dbias;
+  bool first_batch;
+  float* dq_window;  // (kRows x D) buffer
+  Rows<float> dq;
+  float *dkp, *dvp;  // the chunk's group's partial sums (Np x D)
+};
+
+template <int D, int R>
+TNX_ALWAYS_INLINE void backward_tile_scores(const Chunk<float>& c, int64_t i,
+                                            const TileBackward& a) {
+  const float *q[R], *g[R];
+  for (int r = 0; r < R; ++r) {
+    q[r] = c.q.row(i + r);
+    g[r] = c.grad.row(i + r);
+  }
+  const int64_t offset = (i - c.i0) * a.np_pad;
+  tile_scores<D, R>(q, a.kpT, a.np_pad, a.probs + offset);
+  tile_scores<D, R>(g, a.vpT, a.np_pad, a.dprobs + offset);
+}
+
+// dq rows = ds @ k_pool + the window part.
+template <int D, int R>
+TNX_ALWAYS_INLINE void backward_tile_dq(const Chunk<float>& c, int64_t i, const TileBackward& a) {
+  const int64_t r0 = i - c.i0;
+  v8f acc[R][D / 8];
+  tile_pooled_values<D, R>(a.dprobs + r0 * a.np_pad, a.np_pad, a.kp, c.pool, acc);
+  for (int r = 0; r < R; ++r) {
+    float* dq_row = a.dq.row(i + r);
+    const float* window_row = a.dq_window + (r0 + r) * D;
+    for (int b = 0; b < D / 8; ++b) store8(dq_row + 8 * b, acc[r][b] + load8(window_row + 8 * b));
+  }
+}
+
+template <int D>
+TNX_ALWAYS_INLINE void backward_tiles_impl(const Chunk<float>& c, const TileBackward& a) {
+  const int64_t end = c.i0 + c.rows;
+  int64_t i = c.i0;
+  for (; i + kTile <= end; i += kTile) backward_tile_scores<D, kTile>(c, i, a);
+  for (; i < end; ++i) backward_tile_scores<D, 1>(c, i, a);
+  backward_rows_impl(c, a.lse, a.probs, a.dprobs, a.np_pad, a.ds_local, a.weight_local,
+                     a.dtoken_weight, a.dbias, a.first_batch, a.dq_window);
+  for (i = c.i0; i + kTile <= end; i += kTile) backward_tile_dq<D, kTile>(c, i, a);
+  for (; i < end; ++i) backward_tile_dq<D, 1>(c, i, a);
+  rank_update<D>(a.dprobs, a.np_pad, c.pool, c.q, c.i0, c.rows, a.dkp);
+  rank_update<D>(a.probs, a.np_pad, c.pool, c.grad, c.i0, c.rows, a.dvp);
+}
+
+#define TNX_DEFINE_BACKWARD_TILE_KERNEL(D)                                                \
+  TNX_CPU_CLONES void backward_tiles_d##D(const Chunk<float>& c, const TileBackward& a) { \
+    backward_tiles_impl<D>(c, a);                                                         \
+  }
+TNX_DEFINE_BACKWARD_TILE_KERNEL(8)
+TNX_DEFINE_BACKWARD_TILE_KERNEL(16)
+TNX_DEFINE_BACKWARD_TILE_KERNEL(24)
+TNX_DEFINE_BACKWARD_TILE_KERNEL(32)
+#undef TNX_DEFINE_BACKWARD_TILE_KERNEL
+
+using BackwardTileKernel = void (*)(const Chunk<float>&, const TileBackward&);
+
+BackwardTileKernel backward_tile_kernel_for(int64_t d) {
+  switch (d) {
+    case 8:
+      return backward_tiles_d8;
+    case 16:
+      return backward_tiles_d16;
+    case 24:
+      return backward_tiles_d24;
+    case 32:
+      return backward_tiles_d32;
+    default:
+      return nullptr;
+  }
+}
+
+// x (B * heads, Np, d) -> (B * heads, d, np_pad) with zero padding columns.
+std::vector<float> transpose_pooled(const float* x, int64_t bh_count, int64_t Np, int64_t d,
+                                    int64_t np_pad) {
+  std::vector<float> xT(bh_count * d * np_pad, 0.f);
+  for (int64_t bh = 0; bh < bh_count; ++bh)
+    for (int64_t p = 0; p < Np; ++p)
+      for (int64_t c = 0; c < d; ++c) xT[(bh * d + c) * np_pad + p] = x[(bh * Np + p) * d + c];
+  return xT;
+}
+
+int64_t padded_pool(int64_t Np) { return (Np + kScoreBlock - 1) / kScoreBlock * kScoreBlock; }
+
 // Raw pointers and layouts of the op's (B, heads, N, d) tensors.
 struct Layouts {
   RowLayout q, k, v, grad, out, dq, dk, dv;
@@ -492,12 +624,8 @@ void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* 
   if constexpr (std::is_same_v<T, float>) {
     if (const TileKernel kernel = tile_kernel_for(d)) {
       // k_pool^T per (batch, head), padded with zero columns to whole score blocks.
-      const int64_t np_pad = (Np + kScoreBlock - 1) / kScoreBlock * kScoreBlock;
-      std::vector<float> kpT(s.batch * s.heads * d * np_pad, 0.f);
-      for (int64_t bh = 0; bh < s.batch * s.heads; ++bh)
-        for (int64_t p = 0; p < Np; ++p)
-          for (int64_t c = 0; c < d; ++c)
-            kpT[(bh * d + c) * np_pad + p] = k_pool[(bh * Np + p) * d + c];
+      const int64_t np_pad = padded_pool(Np);
+      const std::vector<float> kpT = transpose_pooled(k_pool, s.batch * s.heads, Np, d, np_pad);
       at::parallel_for(0, s.batch * s.heads * chunks, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> scores(kTile * std::max<int64_t>(np_pad, 1)), bias_buf(Np);
         for (int64_t task = begin; task < end; ++task) {
@@ -557,8 +685,20 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
     if (bias.dense != nullptr) return dbias + h * N * Np;
     return dbias + (group * heads + h) * bias.table_size;
   };
+  // fp32 with head dim 8/16/24/32: the register-tiled chunks, on padded k_pool^T / v_pool^T.
+  BackwardTileKernel tiled = nullptr;
+  int64_t np_pad = Np;
+  std::vector<float> kpT, vpT;
+  if constexpr (std::is_same_v<T, float>) {
+    tiled = backward_tile_kernel_for(d);
+    if (tiled != nullptr) {
+      np_pad = padded_pool(Np);
+      kpT = transpose_pooled(k_pool, B * heads, Np, d, np_pad);
+      vpT = transpose_pooled(v_pool, B * heads, Np, d, np_pad);
+    }
+  }
   at::parallel_for(0, heads * groups, 1, [&](int64_t begin, int64_t end) {
-    const int64_t buffer = kRows * std::max<int64_t>(Np, 1);
+    const int64_t buffer = kRows * std::max<int64_t>(np_pad, 1);
     std::vector<T> probs(buffer), dprobs(buffer), dq_pool(kRows * d), dq_window(kRows * d),
         ones(kRows, T(1)), bias_buf(Np);
     for (int64_t task = begin; task < end; ++task) {
@@ -573,6 +713,28 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
         for (int64_t chunk = group * chunks_per_group; chunk < chunk_end; ++chunk) {
           c.i0 = chunk * kRows;
           c.rows = std::min(kRows, N - c.i0);
+          if constexpr (std::is_same_v<T, float>) {
+            if (tiled != nullptr) {
+              const TileBackward args{lse + bh * N,
+                                      kpT.data() + bh * d * np_pad,
+                                      vpT.data() + bh * d * np_pad,
+                                      kp_bh,
+                                      np_pad,
+                                      probs.data(),
+                                      dprobs.data(),
+                                      ds_local + bh * N * kWindowArea,
+                                      weight_local + bh * N * kWindowArea,
+                                      dtoken_weight + bh * N * kWindowArea,
+                                      dbias_of(h, group),
+                                      b == 0,
+                                      dq_window.data(),
+                                      dq_bh,
+                                      dkp_partial + slot,
+                                      dvp_partial + slot};
+              tiled(c, args);
+              continue;
+            }
+          }
           auto prob_view = matrix(probs.data(), c.rows, Np);
           auto dprob_view = matrix(dprobs.data(), c.rows, Np);
           auto q_rows = matrix(c.q.row(c.i0), c.rows, d, c.q.stride);
