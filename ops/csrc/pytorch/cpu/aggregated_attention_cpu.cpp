@@ -139,6 +139,7 @@ TNX_ALWAYS_INLINE T softmax_row(T* __restrict__ srow, const T* __restrict__ brow
     srow[p] = exp_approx(srow[p] - m);
     sum += srow[p];
   }
+#pragma omp simd reduction(+ : sum)
   for (int j = 0; j < kWindowArea; ++j) {
     local[j] = nbr[j] >= 0 ? exp_approx(local[j] - m) : T(0);
     sum += local[j];
@@ -219,8 +220,13 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* pr
       nbr[j] = window_neighbor(y, x, j, c.height, c.width);
       attn[j] = grad_dot_v[j] = 0;
       if (nbr[j] < 0) continue;
-      attn[j] = exp_approx(dot_row(q_i, c.k.row(nbr[j]), d) + c.rpb[j] - lse_i);
+      attn[j] = dot_row(q_i, c.k.row(nbr[j]), d) + c.rpb[j] - lse_i;
       grad_dot_v[j] = dot_row(g_i, c.v.row(nbr[j]), d);
+    }
+    // The nine exponentials in one vector loop (outside the image: probability 0).
+#pragma omp simd reduction(+ : delta)
+    for (int j = 0; j < kWindowArea; ++j) {
+      attn[j] = nbr[j] >= 0 ? exp_approx(attn[j]) : T(0);
       delta += attn[j] * grad_dot_v[j];
     }
 #pragma omp simd
@@ -325,9 +331,6 @@ TNX_ALWAYS_INLINE float dot_d(const float* a, const float* b) {
   return hsum8(acc);
 }
 
-// scores (R x np_pad) = q rows (R x D) @ kpT (D x np_pad) + bias rows (R x Np); row_max[r] is
-// raised to the row's largest score. np_pad is a multiple of kScoreBlock and kpT's padding
-// columns are zero; padding scores are left unset.
 // scores (R x np_pad) = q rows (R x D) @ kpT (D x np_pad); np_pad is a multiple of kScoreBlock
 // and kpT's padding columns are zero. (Adding the bias here, while the block is in registers, was
 // measured slower: the bias rows stream from memory and stall the FMA loop.)
