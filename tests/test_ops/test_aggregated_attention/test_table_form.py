@@ -55,12 +55,7 @@ SHAPES = [(2, 3, 5, 7, (2, 3), 24), (1, 2, 1, 6, (1, 2), 5), (3, 1, 13, 11, (3, 
           (2, 2, 9, 8, (4, 4), 8), (1, 1, 7, 9, (1, 1), 24), (2, 2, 20, 17, (5, 4), 24)]
 
 
-@requires_op
-@pytest.mark.parametrize('dtype,rel', [(torch.float64, 1e-10), (torch.float32, 2e-5)])
-@pytest.mark.parametrize('shape', SHAPES)
-def test_table_form_matches_reference(shape, dtype, rel):
-    B, heads, height, width, pool, d = shape
-    tensors = make_table_inputs(*shape, dtype=dtype)
+def assert_table_op_matches_oracle(tensors, height, width, dtype, rel):
     out, grad_out, grads = table_op_grads(tensors, height, width)
     out_ref, grads_ref = oracle(tensors, height, width, grad_out)
     assert out.dtype == dtype
@@ -69,6 +64,37 @@ def test_table_form_matches_reference(shape, dtype, rel):
     for name, g, g_ref in zip(names, grads, grads_ref):
         assert g.dtype == dtype and g.shape == g_ref.shape, name
         assert_close_scaled(g, g_ref, rel, name)
+
+
+@requires_op
+@pytest.mark.parametrize('dtype,rel', [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize('shape', SHAPES)
+def test_table_form_matches_reference(shape, dtype, rel):
+    B, heads, height, width, pool, d = shape
+    assert_table_op_matches_oracle(
+        make_table_inputs(*shape, dtype=dtype), height, width, dtype, rel)
+
+
+@requires_op
+@pytest.mark.parametrize('dtype,rel', [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize('order', ['log-cpb', 'reversed', 'mixed'])
+def test_table_form_column_index_orders(order, dtype, rel):
+    """The kernels take any column indices, not only log-CPB's (every row stepping by one common
+    negative amount): one common positive step (reversed) and rows with different steps (mixed:
+    every other row reversed)."""
+    height, width, pool = 9, 8, (4, 4)
+    tensors = make_table_inputs(2, 2, height, width, pool, 24, dtype=dtype)
+    bias = tensors[6]
+    cols = bias.index_cols
+    if order == 'reversed':
+        cols = cols.flip(1)
+    elif order == 'mixed':
+        cols = cols.clone()
+        cols[1::2] = cols[1::2].flip(1)
+    steps = (cols[:, 1:] - cols[:, :-1]).unique()
+    assert len(steps) == (2 if order == 'mixed' else 1)
+    tensors[6] = PoolBiasTable(bias.table, bias.index_rows, cols.contiguous())
+    assert_table_op_matches_oracle(tensors, height, width, dtype, rel)
 
 
 @requires_op
