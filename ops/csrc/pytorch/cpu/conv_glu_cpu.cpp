@@ -27,27 +27,51 @@
 namespace transnext_mm {
 namespace {
 
-// One image row y of one batch element. hidden: the element's (H*W, 2h) fc1 output; taps: (9, h)
-// weights, tap-major; out: the element's (H*W, h) output; acc: h scratch values.
+// visit(tap, token) for each 3x3 tap of token (y, x) whose neighbour lies inside the image: the
+// neighbour (y + dy, x + dx) with Sign = 1 (the conv), (y - dy, x - dx) with Sign = -1 (its
+// transpose); tap = (dy + 1) * 3 + (dx + 1).
+template <int Sign, typename Visit>
+TNX_ALWAYS_INLINE void for_each_tap(int64_t y, int64_t x, int64_t height, int64_t width,
+                                    Visit&& visit) {
+  for (int64_t dy = -1; dy <= 1; ++dy) {
+    const int64_t yy = y + Sign * dy;
+    if (yy < 0 || yy >= height) continue;
+    for (int64_t dx = -1; dx <= 1; ++dx) {
+      const int64_t xx = x + Sign * dx;
+      if (xx < 0 || xx >= width) continue;
+      visit((dy + 1) * 3 + (dx + 1), yy * width + xx);
+    }
+  }
+}
+
+// acc += a * b over h channels.
+template <typename T>
+TNX_ALWAYS_INLINE void mul_add_row(T* __restrict__ acc, const T* __restrict__ a,
+                                   const T* __restrict__ b, int64_t h) {
+#pragma omp simd
+  for (int64_t c = 0; c < h; ++c) acc[c] += a[c] * b[c];
+}
+
+// acc (h) = bias + depthwise_conv3x3(gate) at token (y, x): the gate pre-activation. hidden: the
+// element's (H*W, 2h) fc1 output (gate half first); taps: (9, h) weights, tap-major.
+template <typename T>
+TNX_ALWAYS_INLINE void pre_activation(const T* hidden, const T* taps, const T* bias, T* acc,
+                                      int64_t y, int64_t x, int64_t height, int64_t width,
+                                      int64_t h) {
+  std::copy(bias, bias + h, acc);
+  for_each_tap<1>(y, x, height, width, [&](int64_t tap, int64_t token) {
+    mul_add_row(acc, taps + tap * h, hidden + token * 2 * h, h);
+  });
+}
+
+// One image row y of one batch element: out, the element's (H*W, h) output; acc: h scratch
+// values.
 template <typename T>
 TNX_ALWAYS_INLINE void gate_row_impl(const T* hidden, const T* taps, const T* bias, T* out, T* acc,
                                      int64_t y, int64_t height, int64_t width, int64_t h) {
-  const int64_t row_stride = 2 * h;
   for (int64_t x = 0; x < width; ++x) {
-    std::copy(bias, bias + h, acc);
-    for (int64_t dy = -1; dy <= 1; ++dy) {
-      const int64_t yy = y + dy;
-      if (yy < 0 || yy >= height) continue;
-      for (int64_t dx = -1; dx <= 1; ++dx) {
-        const int64_t xx = x + dx;
-        if (xx < 0 || xx >= width) continue;
-        const T* __restrict__ src = hidden + (yy * width + xx) * row_stride;
-        const T* __restrict__ w = taps + ((dy + 1) * 3 + (dx + 1)) * h;
-#pragma omp simd
-        for (int64_t c = 0; c < h; ++c) acc[c] += w[c] * src[c];
-      }
-    }
-    const T* __restrict__ value = hidden + (y * width + x) * row_stride + h;
+    pre_activation(hidden, taps, bias, acc, y, x, height, width, h);
+    const T* __restrict__ value = hidden + (y * width + x) * 2 * h + h;
     T* __restrict__ o = out + (y * width + x) * h;
 #pragma omp simd
     for (int64_t c = 0; c < h; ++c) o[c] = gelu(acc[c]) * value[c];
@@ -68,19 +92,7 @@ TNX_ALWAYS_INLINE void gate_row_backward_impl(const T* hidden, const T* grad, co
   std::fill(wpart, wpart + 9 * h, T(0));
   std::fill(bpart, bpart + h, T(0));
   for (int64_t x = 0; x < width; ++x) {
-    std::copy(bias, bias + h, acc);
-    for (int64_t dy = -1; dy <= 1; ++dy) {
-      const int64_t yy = y + dy;
-      if (yy < 0 || yy >= height) continue;
-      for (int64_t dx = -1; dx <= 1; ++dx) {
-        const int64_t xx = x + dx;
-        if (xx < 0 || xx >= width) continue;
-        const T* __restrict__ src = hidden + (yy * width + xx) * row_stride;
-        const T* __restrict__ w = taps + ((dy + 1) * 3 + (dx + 1)) * h;
-#pragma omp simd
-        for (int64_t c = 0; c < h; ++c) acc[c] += w[c] * src[c];
-      }
-    }
+    pre_activation(hidden, taps, bias, acc, y, x, height, width, h);
     const int64_t token = y * width + x;
     const T* __restrict__ value = hidden + token * row_stride + h;
     const T* __restrict__ g = grad + token * h;
@@ -96,18 +108,10 @@ TNX_ALWAYS_INLINE void gate_row_backward_impl(const T* hidden, const T* grad, co
       gp[c] = d;
       bpart[c] += d;
     }
-    for (int64_t dy = -1; dy <= 1; ++dy) {
-      const int64_t yy = y + dy;
-      if (yy < 0 || yy >= height) continue;
-      for (int64_t dx = -1; dx <= 1; ++dx) {
-        const int64_t xx = x + dx;
-        if (xx < 0 || xx >= width) continue;
-        const T* __restrict__ src = hidden + (yy * width + xx) * row_stride;
-        T* __restrict__ wp = wpart + ((dy + 1) * 3 + (dx + 1)) * h;
-#pragma omp simd
-        for (int64_t c = 0; c < h; ++c) wp[c] += gp[c] * src[c];
-      }
-    }
+    // The tap weights' gradient: grad_pre times the gate value each tap read.
+    for_each_tap<1>(y, x, height, width, [&](int64_t tap, int64_t nb) {
+      mul_add_row(wpart + tap * h, gp, hidden + nb * row_stride, h);
+    });
   }
 }
 
@@ -117,22 +121,12 @@ template <typename T>
 TNX_ALWAYS_INLINE void gate_row_input_grad_impl(const T* grad_pre, const T* taps, T* grad_hidden,
                                                 int64_t y, int64_t height, int64_t width,
                                                 int64_t h) {
-  const int64_t row_stride = 2 * h;
   for (int64_t x = 0; x < width; ++x) {
-    T* __restrict__ o = grad_hidden + (y * width + x) * row_stride;
+    T* o = grad_hidden + (y * width + x) * 2 * h;
     std::fill(o, o + h, T(0));
-    for (int64_t dy = -1; dy <= 1; ++dy) {
-      const int64_t yy = y - dy;
-      if (yy < 0 || yy >= height) continue;
-      for (int64_t dx = -1; dx <= 1; ++dx) {
-        const int64_t xx = x - dx;
-        if (xx < 0 || xx >= width) continue;
-        const T* __restrict__ src = grad_pre + (yy * width + xx) * h;
-        const T* __restrict__ w = taps + ((dy + 1) * 3 + (dx + 1)) * h;
-#pragma omp simd
-        for (int64_t c = 0; c < h; ++c) o[c] += w[c] * src[c];
-      }
-    }
+    for_each_tap<-1>(y, x, height, width, [&](int64_t tap, int64_t nb) {
+      mul_add_row(o, taps + tap * h, grad_pre + nb * h, h);
+    });
   }
 }
 
