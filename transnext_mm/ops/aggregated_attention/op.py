@@ -6,8 +6,8 @@ Computes exactly :func:`~transnext_mm.ops.aggregated_attention.aggregated_attent
 never build unfolded keys / values or the (B, heads, N, 9 + Np) score tensor: on CUDA one pass per
 query over the 3x3 window and the pooled keys with an online softmax (fp32 statistics); on CPU per
 chunk of 128 queries whose scores stay in cache, the chunk's products in tiles of 4 queries kept in
-registers (fp32, head dim 8/16/24/32; forward and backward), else in BLAS calls. Only the output and the
-log-sum-exp are saved; backward recomputes the probabilities. No atomics: the batch-shared
+registers (fp32, head dim 8/16/24/32; forward and backward), else in BLAS calls. Only the output and
+the log-sum-exp are saved; backward recomputes the probabilities. No atomics: the batch-shared
 ``bias_pool`` gradient is owned per (head, query) and summed over the batch in place (on CUDA per
 batch group, the groups' partial sums added afterwards).
 
