@@ -81,6 +81,23 @@ def test_bilinear_matrix_equals_interpolate(in_size, out_size):
     torch.testing.assert_close(*(torch.autograd.grad(y, x, grad)[0] for y in (resized, expected)))
 
 
+@pytest.mark.parametrize('query_size,key_size', [((5, 7), (2, 3)), ((16, 16), (16, 16)),
+                                                 ((1, 9), (1, 4)), ((13, 6), (3, 1))])
+def test_gather_table_equals_indexing(query_size, key_size):
+    """The per-axis gather equals indexing the table at every (query, key) pair, and so do its
+    gradients (odd grids, full attention's equal grids, single rows / columns)."""
+    (coords_h, index_h), (coords_w, index_w) = log_cpb.log_cpb_axes(query_size, key_size, 7,
+                                                                    torch.device('cpu'))
+    table = torch.randn(
+        3, coords_h.numel(), coords_w.numel(), dtype=torch.float64, requires_grad=True)
+    ours = log_cpb.gather_table(table, index_h, index_w)
+    expected = table[:, index_h[:, None, :, None], index_w[None, :, None, :]]
+    assert ours.shape == (3, query_size[0], query_size[1], key_size[0], key_size[1])
+    assert torch.equal(ours, expected)
+    grad = torch.randn_like(expected)
+    torch.testing.assert_close(*(torch.autograd.grad(y, table, grad)[0] for y in (ours, expected)))
+
+
 def test_interpolated_bias_gradients_match_explicit(mlp):
     fc1, fc2 = mlp
     params = [fc1.weight, fc1.bias, fc2.weight, fc2.bias]

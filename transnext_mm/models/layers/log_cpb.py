@@ -156,8 +156,16 @@ def log_cpb_table(fc1: nn.Linear,
 
 def gather_table(table: torch.Tensor, index_h: torch.Tensor, index_w: torch.Tensor) -> torch.Tensor:
     """(heads, U_h, U_w) table -> (heads, Hq, Wq, Hk, Wk) bias for per-axis indices (Hq, Hk)
-    and (Wq, Wk)."""
-    return table[:, index_h[:, None, :, None], index_w[None, :, None, :]]
+    and (Wq, Wk), a permuted view (callers reshape it).
+
+    One ``index_select`` per axis: their backward adds whole rows (``index_add``), where a 4-D
+    advanced index would gather element by element and scatter its gradient one value at a time
+    (seconds per stage-1 layer at detection sizes)."""
+    heads = table.shape[0]
+    (query_h, key_h), (query_w, key_w) = index_h.shape, index_w.shape
+    columns = table.index_select(2, index_w.reshape(-1))  # (heads, U_h, Wq * Wk)
+    rows = columns.index_select(1, index_h.reshape(-1))  # (heads, Hq * Hk, Wq * Wk)
+    return rows.view(heads, query_h, key_h, query_w, key_w).permute(0, 1, 3, 2, 4)
 
 
 def bilinear_matrix(out_len: int, in_len: int, device=None, dtype=torch.float32) -> torch.Tensor:
