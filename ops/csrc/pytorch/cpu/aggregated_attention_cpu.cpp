@@ -439,23 +439,25 @@ TNX_DEFINE_TILE_KERNEL(32)
 using TileKernel = void (*)(const Chunk<float>&, const float*, int64_t, const float*, float*,
                             Rows<float>, float*);
 
-TileKernel tile_kernel_for(int64_t d) {
+// The kernel for head dim d among those compiled for 8, 16, 24 and 32; nullptr for other dims.
+template <typename Kernel>
+Kernel kernel_for_head_dim(int64_t d, Kernel d8, Kernel d16, Kernel d24, Kernel d32) {
   switch (d) {
     case 8:
-      return forward_tiles_d8;
+      return d8;
     case 16:
-      return forward_tiles_d16;
+      return d16;
     case 24:
-      return forward_tiles_d24;
+      return d24;
     case 32:
-      return forward_tiles_d32;
+      return d32;
     default:
       return nullptr;
   }
 }
 
 // ------------------------------------------------------ backward, fp32, head dim 8/16/24/32
-// The chunk's four products with the forward's register tiles instead of BLAS calls (which run
+// The chunk's five products with the forward's register tiles instead of BLAS calls (which run
 // far below peak at these shapes and pay their overhead per chunk): probs = q @ k_pool^T and
 // dprobs = grad @ v_pool^T (tile_scores), dq_pool = ds @ k_pool (tile_pooled_values), and the
 // rank-`rows` updates d k_pool += ds^T @ q and d v_pool += probs^T @ grad, in blocks of pooled
@@ -558,21 +560,6 @@ TNX_DEFINE_BACKWARD_TILE_KERNEL(32)
 
 using BackwardTileKernel = void (*)(const Chunk<float>&, const TileBackward&);
 
-BackwardTileKernel backward_tile_kernel_for(int64_t d) {
-  switch (d) {
-    case 8:
-      return backward_tiles_d8;
-    case 16:
-      return backward_tiles_d16;
-    case 24:
-      return backward_tiles_d24;
-    case 32:
-      return backward_tiles_d32;
-    default:
-      return nullptr;
-  }
-}
-
 // x (B * heads, Np, d) -> (B * heads, d, np_pad) with zero padding columns.
 std::vector<float> transpose_pooled(const float* x, int64_t bh_count, int64_t Np, int64_t d,
                                     int64_t np_pad) {
@@ -625,7 +612,8 @@ void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* 
   const int64_t N = s.tokens, Np = s.pool, d = s.d;
   const int64_t chunks = (N + kRows - 1) / kRows;
   if constexpr (std::is_same_v<T, float>) {
-    if (const TileKernel kernel = tile_kernel_for(d)) {
+    if (const TileKernel kernel = kernel_for_head_dim<TileKernel>(
+            d, forward_tiles_d8, forward_tiles_d16, forward_tiles_d24, forward_tiles_d32)) {
       // k_pool^T per (batch, head), padded with zero columns to whole score blocks.
       const int64_t np_pad = padded_pool(Np);
       const std::vector<float> kpT = transpose_pooled(k_pool, s.batch * s.heads, Np, d, np_pad);
@@ -693,7 +681,8 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
   int64_t np_pad = Np;
   std::vector<float> kpT, vpT;
   if constexpr (std::is_same_v<T, float>) {
-    tiled = backward_tile_kernel_for(d);
+    tiled = kernel_for_head_dim<BackwardTileKernel>(d, backward_tiles_d8, backward_tiles_d16,
+                                                    backward_tiles_d24, backward_tiles_d32);
     if (tiled != nullptr) {
       np_pad = padded_pool(Np);
       kpT = transpose_pooled(k_pool, B * heads, Np, d, np_pad);
