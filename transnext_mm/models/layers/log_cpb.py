@@ -160,7 +160,7 @@ def gather_table(table: torch.Tensor, index_h: torch.Tensor, index_w: torch.Tens
 
     One ``index_select`` per axis: their backward adds whole rows (``index_add``), where a 4-D
     advanced index would gather element by element and scatter its gradient one value at a time
-    (seconds per stage-1 layer at detection sizes)."""
+    (hundreds of milliseconds per stage-1 layer at detection sizes)."""
     heads = table.shape[0]
     (query_h, key_h), (query_w, key_w) = index_h.shape, index_w.shape
     columns = table.index_select(2, index_w.reshape(-1))  # (heads, U_h, Wq * Wk)
