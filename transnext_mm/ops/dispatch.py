@@ -253,10 +253,11 @@ def attention_bias_form(impl: str,
                         x: Tensor,
                         params: Iterable[Tensor] = (),
                         build: Optional[Build] = None) -> str:
-    """How the aggregated-attention layers hand a pooled-path position bias that is a function
-    of the query-key offset to the attention core.
+    """How the aggregated-attention layers hand a pooled-path position bias that has a table
+    form (see :meth:`transnext_mm.models.layers.log_cpb.LogCPB.has_table_form`) to the attention
+    core.
 
-    ``'table'``: the log-CPB table and per-axis indices
+    ``'table'``: a table and per-axis indices
     (:class:`~transnext_mm.ops.aggregated_attention.PoolBiasTable`), which the compiled CPU kernels
     read and differentiate in place of the (heads, N, Np) bias and its gradient; only where
     :func:`select` runs the compiled op on the CPU, in eager mode. ``'dense'``: the materialised

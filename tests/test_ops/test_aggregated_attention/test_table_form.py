@@ -98,6 +98,22 @@ def test_table_form_column_index_orders(order, dtype, rel):
 
 
 @requires_op
+def test_table_form_large_table():
+    """A table of more than 2^24 entries over all heads (a resized axis folded in, as at detection
+    sizes): the backward splits the queries into fewer groups (each owns a partial table
+    gradient); the result is the oracle's. The indices are moved to the table's far end."""
+    height, width, pool = 20, 17, (3, 4)  # 3 chunks of 128 queries: groups of 2 and 1 chunks
+    tensors = make_table_inputs(2, 2, height, width, pool, 24, dtype=torch.float32)
+    bias = tensors[6]
+    table_size = 2**23 + 5
+    shift = table_size - bias.table.shape[1]
+    table = torch.zeros(2, table_size)
+    table[:, shift:] = bias.table.detach()
+    tensors[6] = PoolBiasTable(table.requires_grad_(), bias.index_rows + shift, bias.index_cols)
+    assert_table_op_matches_oracle(tensors, height, width, torch.float32, 2e-5)
+
+
+@requires_op
 def test_table_form_equals_dense_op_and_is_deterministic():
     """The table form computes what the dense op computes, and its table gradient (per-group
     partial sums reduced in a fixed order) is the same bit for bit on every run."""
@@ -209,16 +225,27 @@ def test_bias_form_decided_in_dispatch():
     torch.testing.assert_close(traced(x), x + len('dense'))
 
 
-@pytest.mark.parametrize('mode,query,key,table', [('extrapolate', (9, 7), (3, 4), True),
-                                                  ('interpolate', (8, 8), (2, 2), True),
-                                                  ('interpolate', (9, 7), (3, 4), False)])
-def test_log_cpb_table_form_equals_dense_bias(mode, query, key, table):
-    """The table form is the dense bias where the bias is a function of the offset; elsewhere
-    (interpolation at another size) the dense bias is returned. Gradients reach the MLP alike."""
+@pytest.mark.parametrize(
+    'mode,query,key,resized',
+    [
+        ('extrapolate', (9, 7), (3, 4), ()),
+        ('interpolate', (8, 8), (2, 2), ()),
+        ('interpolate', (8, 13), (2, 4), (1, )),  # W up-sampled (a detector's 800x1344)
+        ('interpolate', (8, 5), (2, 1), (1, )),  # W down-sampled
+        ('interpolate', (11, 8), (3, 2), (0, )),  # H up-sampled
+        ('interpolate', (8, 8), (2, 3), (1, )),  # only the key grid resized
+        ('interpolate', (9, 7), (3, 4), (0, 1)),
+    ])
+def test_log_cpb_table_form_equals_dense_bias(mode, query, key, resized):
+    """The table form is the dense bias wherever at most one axis is resized; elsewhere
+    (interpolation at another size along both axes) the dense bias is returned. Gradients reach
+    the MLP alike."""
     torch.manual_seed(0)
     fc1, fc2 = nn.Linear(2, 32), nn.Linear(32, 3)
     cpb = LogCPB(mode, (8, 8), (2, 2), 56)
-    assert cpb.is_offset_function(query, key) == table
+    table = len(resized) < 2
+    assert cpb.resized_axes(query, key) == resized
+    assert cpb.has_table_form(query, key) == table
     dense = cpb(fc1, fc2, query, key, training=True)
     got = cpb(fc1, fc2, query, key, training=True, form='table')
     assert isinstance(got, PoolBiasTable) == table
@@ -230,8 +257,12 @@ def test_log_cpb_table_form_equals_dense_bias(mode, query, key, table):
     grads_table = torch.autograd.grad((got_dense * weights).sum(), params)
     for g, g_table in zip(grads, grads_table):
         torch.testing.assert_close(g_table, g)
+    if len(resized) == 1:
+        # A resized axis is folded into the table: it holds (U x Q x K) entries per head.
+        axis = resized[0]
+        assert got.table.shape[1] % (query[axis] * key[axis]) == 0
     if not table:
-        with pytest.raises(ValueError, match='not a function of the query-key offset'):
+        with pytest.raises(ValueError, match='resized along both axes'):
             cpb.table_form(fc1, fc2, query, key)
     with pytest.raises(ValueError, match="form must be one of"):
         cpb(fc1, fc2, query, key, training=True, form='sparse')
@@ -252,13 +283,19 @@ def test_log_cpb_table_form_eval_cache():
 
 
 @requires_op
-@pytest.mark.parametrize('mode,img_size,size', [('extrapolate', 224, (67, 93)),
-                                                ('interpolate', 96, (96, 96)),
-                                                ('interpolate', 224, (67, 93))])
+@pytest.mark.parametrize(
+    'mode,img_size,size',
+    [
+        ('extrapolate', 224, (67, 93)),
+        ('interpolate', 96, (96, 96)),
+        ('interpolate', 64, (64, 93)),  # W resized in every stage: its table form
+        ('interpolate', 64, (93, 64)),  # H resized
+        ('interpolate', 224, (67, 93)),  # both resized: the dense bias
+    ])
 def test_backbone_table_form_matches_torch_path(mode, img_size, size):
-    """Training step of the backbone with the op (table form where the bias is an offset
-    function) against the PyTorch path (dense bias): outputs and every gradient, the log-CPB
-    MLPs' included, at batch 2."""
+    """Training step of the backbone with the op (table form where the bias has one) against
+    the PyTorch path (dense bias): outputs and every gradient, the log-CPB MLPs' included, at
+    batch 2."""
     from transnext_mm.models.backbones import TransNeXt
     torch.manual_seed(0)
     cfg = dict(arch='micro', pos_bias_mode=mode, img_size=img_size)

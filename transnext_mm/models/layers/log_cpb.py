@@ -21,9 +21,15 @@ Interpolation mode tabulates the bias at fixed grids (``img_size``) and resizes 
 key-grid resize is a product with :func:`bilinear_matrix` (the same weights as ``F.interpolate``,
 which traced graphs keep).
 
-Where the bias is a function of the offset (extrapolation at any size, interpolation at the
-table's own grids) it can also be handed over in table form (:class:`PoolBiasTable`: the MLP
-table and the per-axis indices) for attention kernels that gather it themselves.
+The bias can also be handed over in table form (:class:`PoolBiasTable`: a table and per-axis
+indices) to attention kernels that gather it themselves, wherever at most one axis is resized:
+
+- a function of the offset (extrapolation at any size, interpolation at the table's own grids):
+  the MLP table and the per-axis indices;
+- interpolation where one axis keeps the table's grids and the other is resized (e.g. a
+  detector's 800x1344 input with ``img_size`` 800): the MLP table gathered and resized along the
+  resized axis only (:func:`fold_resized_axis`), a table of ``U x Hq*Hk`` (or ``U x Wq*Wk``)
+  entries per head instead of the ``Hq*Wq x Hk*Wk`` dense bias.
 """
 import contextlib
 import functools
@@ -183,6 +189,30 @@ def bilinear_matrix(out_len: int, in_len: int, device=None, dtype=torch.float32)
     return matrix.to(dtype)
 
 
+def fold_resized_axis(table: torch.Tensor, index: torch.Tensor, axis: int, query_len: int,
+                      key_len: int) -> torch.Tensor:
+    """The (heads, U_h, U_w) MLP table gathered along one axis (``axis`` 0: H, 1: W) with that
+    axis's (Q', K') indices at the table grids, and resized bilinearly to (query_len, key_len)
+    (``align_corners=False``, the weights of :func:`resize_bias`): (heads, U_w, Q, K) for the H
+    axis, (heads, U_h, Q, K) for the W axis."""
+    heads = table.shape[0]
+    table_q, table_k = index.shape
+    device = table.device
+    if axis == 0:
+        table = table.transpose(1, 2)
+    gathered = table.index_select(2, index.reshape(-1))  # (heads, U_other, Q' * K')
+    rows = gathered.shape[1]
+    with (torch.autocast(device.type, enabled=False)
+          if device.type in ('cpu', 'cuda') else contextlib.nullcontext()):
+        grid = gathered.reshape(heads * rows, table_q, table_k)
+        if table_k != key_len:
+            grid = grid @ bilinear_matrix(key_len, table_k, device, grid.dtype).T
+        if table_q != query_len:
+            grid = torch.einsum('Qq,rqk->rQk',
+                                bilinear_matrix(query_len, table_q, device, grid.dtype), grid)
+    return grid.reshape(heads, rows, query_len, key_len)
+
+
 def _resize_key_grid(bias: torch.Tensor, key_size: Size) -> torch.Tensor:
     """(R, Hk', Wk') -> (R, Hk*Wk): the bilinear resize as two small matrix products (in eager
     mode several times faster than ``F.interpolate`` over R single-channel images), in the
@@ -339,27 +369,53 @@ class LogCPB:
         """The (query, key) grids whose (dense) bias this layer holds in the eval cache."""
         return [key[1:] for key in _bias_cache if key[0] == id(self) and len(key) == 3]
 
-    def is_offset_function(self, query_size: Size, key_size: Size) -> bool:
-        """Whether the bias at these grids is a function of the query-key offset (then it has a
-        table form): always in extrapolation mode, at the table's own grids in interpolation
-        mode."""
-        return self.mode == 'extrapolate' or (tuple(query_size) == self.table_query
-                                              and tuple(key_size) == self.table_key)
+    def resized_axes(self, query_size: Size, key_size: Size) -> Tuple[int, ...]:
+        """The axes (0: H, 1: W) along which the bias at these grids is resized from the table's
+        grids: none in extrapolation mode, where it is evaluated at the actual grids."""
+        if self.mode == 'extrapolate':
+            return ()
+        grids = zip(query_size, key_size, self.table_query, self.table_key)
+        return tuple(axis for axis, (q, k, table_q, table_k) in enumerate(grids)
+                     if (q, k) != (table_q, table_k))
+
+    def has_table_form(self, query_size: Size, key_size: Size) -> bool:
+        """Whether the bias at these grids has a table form (:meth:`table_form`): where it is
+        resized along at most one axis."""
+        return len(self.resized_axes(query_size, key_size)) < 2
 
     def table_form(self, fc1: nn.Linear, fc2: nn.Linear, query_size: Size,
                    key_size: Size) -> PoolBiasTable:
-        """The bias (see :meth:`is_offset_function`) in table form, computed without any cache:
-        float32 table (heads, U_h * U_w) and the indices of each (query, key) pair."""
-        if not self.is_offset_function(query_size, key_size):
+        """The bias in table form (see :meth:`has_table_form`), computed without any cache:
+        float32 table (heads, table_size) and the offsets of each (query, key) pair into it.
+
+        Unresized (a function of the offset): the MLP table (heads, U_h * U_w). One axis resized:
+        the MLP table gathered and resized along that axis (:func:`fold_resized_axis`), indexed
+        along the other axis by its offset, e.g. (heads, U_h * Wq * Wk) where W is resized.
+        """
+        resized = self.resized_axes(query_size, key_size)
+        if len(resized) > 1:
             raise ValueError(f'the {self.mode} bias at query grid {tuple(query_size)} and key '
-                             f'grid {tuple(key_size)} is not a function of the query-key offset '
-                             f'(the table grids are {self.table_query} and {self.table_key}); '
-                             'use the dense bias')
-        (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(query_size, key_size,
-                                                                self.pretrain_len,
-                                                                fc1.weight.device)
+                             f'grid {tuple(key_size)} is resized along both axes from the table '
+                             f'grids {self.table_query} and {self.table_key}, so it has no '
+                             'table form; use the dense bias')
+        device = fc1.weight.device
+        if not resized:
+            (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(query_size, key_size,
+                                                                    self.pretrain_len, device)
+            table = log_cpb_table(fc1, fc2, coords_h, coords_w, self.impl)
+            return PoolBiasTable(table.flatten(1), index_h * coords_w.numel(), index_w)
+        (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(self.table_query, self.table_key,
+                                                                self.pretrain_len, device)
         table = log_cpb_table(fc1, fc2, coords_h, coords_w, self.impl)
-        return PoolBiasTable(table.flatten(1), index_h * coords_w.numel(), index_w)
+        axis = resized[0]
+        query_len, key_len = query_size[axis], key_size[axis]
+        folded = fold_resized_axis(table, (index_h, index_w)[axis], axis, query_len, key_len)
+        pairs = torch.arange(query_len * key_len, device=device).view(query_len, key_len)
+        if axis == 0:  # (heads, Hq, Hk, U_w): row offsets step over U_w entries
+            return PoolBiasTable(
+                folded.permute(0, 2, 3, 1).flatten(1), pairs * coords_w.numel(), index_w)
+        # (heads, U_h, Wq, Wk): row offsets step over whole Wq * Wk blocks
+        return PoolBiasTable(folded.flatten(1), index_h * (query_len * key_len), pairs)
 
     @staticmethod
     def _weights_signature(fc1: nn.Linear, fc2: nn.Linear) -> tuple:
@@ -408,12 +464,12 @@ class LogCPB:
                  training: bool,
                  form: str = 'dense'):
         """The bias (heads, H*W, Hk*Wk), or with ``form='table'`` its :class:`PoolBiasTable`
-        where it is a function of the query-key offset (:meth:`is_offset_function`; elsewhere
-        the dense bias). Eager eval mode caches either."""
+        where it has one (:meth:`has_table_form`; elsewhere the dense bias). Eager eval mode
+        caches either."""
         if form not in BIAS_FORMS:
             raise ValueError(f'form must be one of {BIAS_FORMS}, got {form!r}')
         query_size, key_size = tuple(query_size), tuple(key_size)
-        table = form == 'table' and self.is_offset_function(query_size, key_size)
+        table = form == 'table' and self.has_table_form(query_size, key_size)
         # Cache only in eager mode, on a device with data, and only what no gradient can flow
         # through: eval mode and no grad wanted by the MLP.
         cacheable = (

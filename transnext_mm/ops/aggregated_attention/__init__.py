@@ -15,9 +15,9 @@ the learnable-token term ``q_hat . learnable_tokens + learnable_bias`` into ``to
 
 Shapes: ``q, k, v``: (B, heads, H*W, d); ``k_pool, v_pool``: (B, heads, Np, d);
 ``rpb_local``: (heads, 9); ``bias_pool``: (heads, H*W, Np), shared over the batch;
-``token_weight``: (B, heads, H*W, 9). Returns (B, heads, H*W, d). Where the bias is a function of
-the query-key offset, ``bias_pool`` may be given in table form (:class:`.shapes.PoolBiasTable`),
-which the compiled CPU kernels read without materialising it.
+``token_weight``: (B, heads, H*W, 9). Returns (B, heads, H*W, d). ``bias_pool`` may also be given in
+table form (:class:`.shapes.PoolBiasTable`, e.g. a function of the query-key offset), which the
+compiled CPU kernels read without materialising it.
 
 Modules: :mod:`.shapes` (window size, argument checks, dtype rule), :mod:`.reference` (the
 readable unfold implementation, the test oracle, and the window tables), :mod:`.torch_impl` (the
@@ -54,9 +54,9 @@ def aggregated_attention(q,
     :func:`transnext_mm.ops.dispatch.select` picks.
 
     Args:
-        bias_pool (Tensor | PoolBiasTable): The (heads, H*W, Np) bias, or the table form of a
-            bias that is a function of the query-key offset (the compiled CPU kernels read it as
-            it is; every other implementation materialises it first).
+        bias_pool (Tensor | PoolBiasTable): The (heads, H*W, Np) bias, or its table form (the
+            compiled CPU kernels read it as it is; every other implementation materialises it
+            first).
         impl (str): ``'auto'`` uses the compiled op when it has kernels for the input's device and
             dtype and otherwise the PyTorch path (warning once); ``'op'`` requires the op;
             ``'torch'`` the PyTorch fast path; ``'reference'`` the readable unfold path.

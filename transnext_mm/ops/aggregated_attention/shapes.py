@@ -12,11 +12,14 @@ WINDOW_AREA = WINDOW * WINDOW
 
 
 class PoolBiasTable(NamedTuple):
-    """The pooled-path bias as a function of the query-key offset, in table form.
+    """The pooled-path bias in table form: a table and per-axis offsets into it.
 
     Entry ``(i, p)`` of head ``h``, for query ``i`` at ``(y, x)`` of the H x W grid and pooled key
     ``p`` at ``(py, px)`` of the Hk x Wk pooled grid, is
-    ``table[h, index_rows[y, py] + index_cols[x, px]]``.
+    ``table[h, index_rows[y, py] + index_cols[x, px]]``. A bias that is a function of the
+    query-key offset has the log-CPB table over the per-axis offsets; one resized along one axis
+    has that table gathered and resized along the axis (see
+    :meth:`transnext_mm.models.layers.log_cpb.LogCPB.table_form`).
 
     Attributes:
         table (Tensor): (heads, table_size).

@@ -30,6 +30,9 @@ constexpr int64_t kRows = 128;  // queries per chunk: the (kRows, Np) score buff
 // Backward: chunks of one head are grouped (at most kMaxGroups groups, independent of the thread
 // count, so results are deterministic); each group owns a partial sum of d k_pool / d v_pool.
 constexpr int64_t kMaxGroups = 16;
+// In the table form each group also owns a partial table gradient, so a large table (one with a
+// resized axis folded in) gets fewer groups: their partials hold about 2^24 entries at most.
+constexpr int64_t kMaxPartialEntries = int64_t(1) << 24;
 
 template <typename T>
 TNX_ALWAYS_INLINE T dot_row(const T* a, const T* b, int64_t d) {
@@ -816,7 +819,11 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tenso
   const Shape s = shape_of(q, k_pool, height, width);
   const bool table = index_rows.defined();
   const int64_t chunks = (s.tokens + kRows - 1) / kRows;
-  const int64_t groups = std::max<int64_t>(1, std::min(chunks, kMaxGroups));
+  int64_t groups = std::max<int64_t>(1, std::min(chunks, kMaxGroups));
+  if (table) {
+    const int64_t entries = std::max<int64_t>(1, s.heads * bias.size(1));
+    groups = std::min(groups, std::max<int64_t>(2, kMaxPartialEntries / entries));
+  }
   auto dq = empty_rows_like(q), dk = empty_rows_like(k), dv = empty_rows_like(v);
   auto dtoken_weight = at::empty_like(token_weight);
   auto ds_local = at::empty_like(token_weight), weight_local = at::empty_like(token_weight);
