@@ -189,6 +189,13 @@ def bilinear_matrix(out_len: int, in_len: int, device=None, dtype=torch.float32)
     return matrix.to(dtype)
 
 
+def _autocast_disabled(device: torch.device):
+    """A context without autocast on ``device``: the resizes keep the bias's dtype."""
+    if device.type in ('cpu', 'cuda'):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def fold_resized_axis(table: torch.Tensor, index: torch.Tensor, axis: int, query_len: int,
                       key_len: int) -> torch.Tensor:
     """The (heads, U_h, U_w) MLP table gathered along one axis (``axis`` 0: H, 1: W) with that
@@ -202,8 +209,7 @@ def fold_resized_axis(table: torch.Tensor, index: torch.Tensor, axis: int, query
         table = table.transpose(1, 2)
     gathered = table.index_select(2, index.reshape(-1))  # (heads, U_other, Q' * K')
     rows = gathered.shape[1]
-    with (torch.autocast(device.type, enabled=False)
-          if device.type in ('cpu', 'cuda') else contextlib.nullcontext()):
+    with _autocast_disabled(device):
         # Two matrix products (faster here than F.interpolate and than two-tap gathers).
         grid = gathered.reshape(heads, rows, table_q, table_k)
         if table_k != key_len:
@@ -219,8 +225,7 @@ def _resize_key_grid(bias: torch.Tensor, key_size: Size) -> torch.Tensor:
     bias's dtype also inside an autocast region."""
     rows, table_kh, table_kw = bias.shape
     device = bias.device
-    with (torch.autocast(device.type, enabled=False)
-          if device.type in ('cpu', 'cuda') else contextlib.nullcontext()):
+    with _autocast_disabled(device):
         if table_kw != key_size[1]:
             bias = bias @ bilinear_matrix(key_size[1], table_kw, device, bias.dtype).T
         if table_kh != key_size[0]:
@@ -399,14 +404,12 @@ class LogCPB:
                              f'grids {self.table_query} and {self.table_key}, so it has no '
                              'table form; use the dense bias')
         device = fc1.weight.device
-        if not resized:
-            (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(query_size, key_size,
-                                                                    self.pretrain_len, device)
-            table = log_cpb_table(fc1, fc2, coords_h, coords_w, self.impl)
-            return PoolBiasTable(table.flatten(1), index_h * coords_w.numel(), index_w)
-        (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(self.table_query, self.table_key,
-                                                                self.pretrain_len, device)
+        # Along an unresized axis the actual grids are the table's.
+        grids = (self.table_query, self.table_key) if resized else (query_size, key_size)
+        (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(*grids, self.pretrain_len, device)
         table = log_cpb_table(fc1, fc2, coords_h, coords_w, self.impl)
+        if not resized:
+            return PoolBiasTable(table.flatten(1), index_h * coords_w.numel(), index_w)
         axis = resized[0]
         query_len, key_len = query_size[axis], key_size[axis]
         folded = fold_resized_axis(table, (index_h, index_w)[axis], axis, query_len, key_len)
