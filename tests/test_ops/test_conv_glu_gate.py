@@ -44,6 +44,24 @@ def test_compiled_gate_backward_matches_pytorch(B, height, width, channels, dtyp
 
 
 @requires_ext
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_compiled_gate_backward_returns_the_output_it_recomputes(dtype):
+    """``with_output=True`` adds the forward's output, recomputed in the backward's first pass,
+    and leaves the gradients unchanged; without it the fourth tensor is empty."""
+    from transnext_mm.ops.dispatch import compiled_ext
+    ext = compiled_ext()
+    hidden, weight, bias = gate_inputs(2, 6, 5, 19, dtype)
+    grad = torch.randn(2, 30, 19, dtype=dtype)
+    with_out = ext.conv_glu_gate_backward(grad, hidden, weight, bias, 6, 5, with_output=True)
+    without = ext.conv_glu_gate_backward(grad, hidden, weight, bias, 6, 5)
+    assert without[3].shape == (0, 30, 19)
+    torch.testing.assert_close(
+        with_out[3], ext.conv_glu_gate_forward(hidden, weight, bias, 6, 5), rtol=0, atol=0)
+    for a, b in zip(with_out[:3], without[:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@requires_ext
 def test_compiled_gate_gradcheck_and_thread_independence(check_thread_independence):
     args = gate_inputs(2, 5, 4, 6, torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda h, w, b: gate_ops.conv_glu_gate_op(h, w, b, 5, 4), args)
@@ -161,6 +179,19 @@ def test_training_recomputes_the_gate_output(B, height, width, dtype, tol):
         for g, g_ref in zip(
                 torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad)):
             torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol * g_ref.abs().max().item())
+    # Only fc2 trains (hidden needs no gradient): the output is recomputed by the forward kernel.
+    glu.requires_grad_(False)
+    glu.fc2.requires_grad_(True)
+    for impl in ('auto', 'torch'):
+        glu.impl = impl
+        out = glu(x.detach(), height, width)
+        grads = torch.autograd.grad(out, list(glu.fc2.parameters()), grad)
+        if impl == 'auto':
+            assert out.grad_fn._forward_cls is gate_ops._GateLinear
+            expected = grads
+    for g, g_ref in zip(expected, grads):
+        torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol * g_ref.abs().max().item())
+    glu.requires_grad_(True)
     glu.impl = 'auto'
     with torch.no_grad():  # inference: no autograd step at all
         assert glu(x, height, width).grad_fn is None

@@ -79,7 +79,7 @@ def conv_glu_gate_backward_op(grad: Tensor, hidden: Tensor, weight: Tensor, bias
     """The compiled gate's backward: the gradients of ``hidden`` (one (B, H*W, 2h) tensor,
     gate and value halves), ``weight`` and ``bias``."""
     grads = compiled_ext().conv_glu_gate_backward(grad, hidden, weight, bias, height, width)
-    return tuple(grads)
+    return tuple(grads[:3])
 
 
 @conv_glu_gate_backward_op.register_fake
@@ -93,7 +93,8 @@ conv_glu_gate_op.register_autograd(_backward, setup_context=_setup_context)
 class _GateLinear(torch.autograd.Function):
     """``F.linear(gate(hidden), fc2_weight, fc2_bias)`` with the compiled kernels, saving only
     ``hidden`` (and the weights): the backward recomputes the gate's output for fc2's weight
-    gradient (eager mode only; see :func:`conv_glu_gate_linear`)."""
+    gradient, in the same pass as the gate's gradients (eager mode only; see
+    :func:`conv_glu_gate_linear`)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, fc2_weight, fc2_bias, height, width):
@@ -108,17 +109,16 @@ class _GateLinear(torch.autograd.Function):
     def backward(ctx, grad):
         hidden, weight, bias, fc2_weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad_fc2_weight = grad_fc2_bias = None
+        grad_fc2_bias = grad_hidden = grad_weight = grad_bias = out = None
         rows = grad.reshape(-1, grad.shape[-1])
-        if need[3]:
-            out = compiled_ext().conv_glu_gate_forward(hidden, weight, bias, *ctx.grid)
-            grad_fc2_weight = rows.t() @ out.reshape(-1, out.shape[-1])
         if need[4] and ctx.fc2_bias:
             grad_fc2_bias = rows.sum(0)
-        grad_hidden = grad_weight = grad_bias = None
         if any(need[:3]):
-            grad_hidden, grad_weight, grad_bias = compiled_ext().conv_glu_gate_backward(
-                grad @ fc2_weight, hidden, weight, bias, *ctx.grid)
+            grad_hidden, grad_weight, grad_bias, out = compiled_ext().conv_glu_gate_backward(
+                grad @ fc2_weight, hidden, weight, bias, *ctx.grid, with_output=need[3])
+        elif need[3]:
+            out = compiled_ext().conv_glu_gate_forward(hidden, weight, bias, *ctx.grid)
+        grad_fc2_weight = rows.t() @ out.reshape(-1, out.shape[-1]) if need[3] else None
         return (grad_hidden if need[0] else None, grad_weight if need[1] else None,
                 grad_bias if need[2] else None, grad_fc2_weight, grad_fc2_bias, None, None)
 

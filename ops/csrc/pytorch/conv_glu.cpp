@@ -42,7 +42,7 @@ at::Tensor conv_glu_gate_forward(const at::Tensor& hidden, const at::Tensor& wei
 
 std::vector<at::Tensor> conv_glu_gate_backward(const at::Tensor& grad, const at::Tensor& hidden,
                                                const at::Tensor& weight, const at::Tensor& bias,
-                                               int64_t height, int64_t width) {
+                                               int64_t height, int64_t width, bool with_output) {
   check_gate_inputs(hidden, weight, bias, height, width);
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == hidden.size(0) && grad.size(1) == hidden.size(1) &&
                   grad.size(2) == hidden.size(2) / 2,
@@ -52,7 +52,7 @@ std::vector<at::Tensor> conv_glu_gate_backward(const at::Tensor& grad, const at:
               "conv_glu_gate: grad must match hidden's device and dtype (", hidden.device(), ", ",
               hidden.scalar_type(), ")");
   return conv_glu_gate_backward_cpu(grad.contiguous(), hidden.contiguous(), weight.contiguous(),
-                                    bias.contiguous(), height, width);
+                                    bias.contiguous(), height, width, with_output);
 }
 
 }  // namespace transnext_mm

@@ -14,16 +14,17 @@ at::Tensor conv_glu_gate_forward(const at::Tensor& hidden, const at::Tensor& wei
                                  const at::Tensor& bias, int64_t height, int64_t width);
 
 // Its backward: from the output gradient grad (B, H*W, h) and the forward's inputs, the
-// gradients of hidden (B, H*W, 2h), weight and bias.
+// gradients of hidden (B, H*W, 2h), weight and bias, and with_output ? the forward's output
+// (recomputed on the way) : an empty (0, H*W, h) tensor.
 std::vector<at::Tensor> conv_glu_gate_backward(const at::Tensor& grad, const at::Tensor& hidden,
                                                const at::Tensor& weight, const at::Tensor& bias,
-                                               int64_t height, int64_t width);
+                                               int64_t height, int64_t width, bool with_output);
 
 at::Tensor conv_glu_gate_forward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                      const at::Tensor& bias, int64_t height, int64_t width);
 
 std::vector<at::Tensor> conv_glu_gate_backward_cpu(const at::Tensor& grad, const at::Tensor& hidden,
                                                    const at::Tensor& weight, const at::Tensor& bias,
-                                                   int64_t height, int64_t width);
+                                                   int64_t height, int64_t width, bool with_output);
 
 }  // namespace transnext_mm

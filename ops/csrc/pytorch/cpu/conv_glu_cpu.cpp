@@ -14,6 +14,8 @@
 // partial per image row (summed afterwards in row order: the result does not depend on the
 // number of threads). Pass 2 writes the gate's gradient, the transposed 3x3 conv of grad_pre,
 // into the gate half. grad_hidden comes out as one (B, H*W, 2h) tensor, ready for fc1's backward.
+// Pass 1 can also write the forward's output (for fc2's weight gradient when the output was not
+// saved), which costs one store per value instead of another pass over the fc1 output.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -81,11 +83,11 @@ TNX_ALWAYS_INLINE void gate_row_impl(const T* hidden, const T* taps, const T* bi
 // Pass 1 of the backward for image row y (see the top of the file). grad: the element's (H*W, h)
 // output gradient; grad_hidden: its (H*W, 2h) input gradient (the value half is written here);
 // grad_pre: its (H*W, h) buffer; wpart (9, h) and bpart (h): this row's partials (zeroed here);
-// acc: h scratch values.
+// acc: h scratch values; out: the element's (H*W, h) forward output, or null.
 template <typename T>
 TNX_ALWAYS_INLINE void gate_row_backward_impl(const T* hidden, const T* grad, const T* taps,
                                               const T* bias, T* grad_hidden, T* grad_pre, T* wpart,
-                                              T* bpart, T* acc, int64_t y, int64_t height,
+                                              T* bpart, T* acc, T* out, int64_t y, int64_t height,
                                               int64_t width, int64_t h) {
   const int64_t row_stride = 2 * h;
   const T inv_sqrt2 = T(0.70710678118654752440), inv_sqrt_2pi = T(0.39894228040143267794);
@@ -98,12 +100,17 @@ TNX_ALWAYS_INLINE void gate_row_backward_impl(const T* hidden, const T* grad, co
     const T* __restrict__ g = grad + token * h;
     T* __restrict__ gv = grad_hidden + token * row_stride + h;
     T* __restrict__ gp = grad_pre + token * h;
+    // The output row, or acc itself when it is not wanted (element c is read before it is
+    // written, in the same iteration).
+    T* o = out == nullptr ? acc : out + token * h;
 #pragma omp simd
     for (int64_t c = 0; c < h; ++c) {
       const T pre = acc[c];
       const T cdf = T(0.5) * (T(1) + erf_approx(pre * inv_sqrt2));
       const T pdf = inv_sqrt_2pi * exp_approx(T(-0.5) * pre * pre);
-      gv[c] = g[c] * pre * cdf;
+      const T activation = pre * cdf;
+      gv[c] = g[c] * activation;
+      o[c] = activation * value[c];
       const T d = g[c] * value[c] * (cdf + pre * pdf);
       gp[c] = d;
       bpart[c] += d;
@@ -139,16 +146,16 @@ TNX_DEFINE_GATE_ROW(float)
 TNX_DEFINE_GATE_ROW(double)
 #undef TNX_DEFINE_GATE_ROW
 
-#define TNX_DEFINE_GATE_ROW_BACKWARD(T)                                                           \
-  TNX_CPU_CLONES void gate_row_backward(                                                          \
-      const T* hidden, const T* grad, const T* taps, const T* bias, T* grad_hidden, T* grad_pre,  \
-      T* wpart, T* bpart, T* acc, int64_t y, int64_t height, int64_t width, int64_t h) {          \
-    gate_row_backward_impl(hidden, grad, taps, bias, grad_hidden, grad_pre, wpart, bpart, acc, y, \
-                           height, width, h);                                                     \
-  }                                                                                               \
-  TNX_CPU_CLONES void gate_row_input_grad(const T* grad_pre, const T* taps, T* grad_hidden,       \
-                                          int64_t y, int64_t height, int64_t width, int64_t h) {  \
-    gate_row_input_grad_impl(grad_pre, taps, grad_hidden, y, height, width, h);                   \
+#define TNX_DEFINE_GATE_ROW_BACKWARD(T)                                                          \
+  TNX_CPU_CLONES void gate_row_backward(                                                         \
+      const T* hidden, const T* grad, const T* taps, const T* bias, T* grad_hidden, T* grad_pre, \
+      T* wpart, T* bpart, T* acc, T* out, int64_t y, int64_t height, int64_t width, int64_t h) { \
+    gate_row_backward_impl(hidden, grad, taps, bias, grad_hidden, grad_pre, wpart, bpart, acc,   \
+                           out, y, height, width, h);                                            \
+  }                                                                                              \
+  TNX_CPU_CLONES void gate_row_input_grad(const T* grad_pre, const T* taps, T* grad_hidden,      \
+                                          int64_t y, int64_t height, int64_t width, int64_t h) { \
+    gate_row_input_grad_impl(grad_pre, taps, grad_hidden, y, height, width, h);                  \
   }
 TNX_DEFINE_GATE_ROW_BACKWARD(float)
 TNX_DEFINE_GATE_ROW_BACKWARD(double)
@@ -181,9 +188,11 @@ at::Tensor conv_glu_gate_forward_cpu(const at::Tensor& hidden, const at::Tensor&
 
 std::vector<at::Tensor> conv_glu_gate_backward_cpu(const at::Tensor& grad, const at::Tensor& hidden,
                                                    const at::Tensor& weight, const at::Tensor& bias,
-                                                   int64_t height, int64_t width) {
+                                                   int64_t height, int64_t width,
+                                                   bool with_output) {
   const int64_t B = hidden.size(0), h = hidden.size(2) / 2, tokens = height * width;
   auto grad_hidden = at::empty_like(hidden);
+  auto out = at::empty({with_output ? B : 0, tokens, h}, hidden.options());
   auto grad_pre = at::empty({B, tokens, h}, hidden.options());
   // One (9 taps + bias) x h partial per image row of each element.
   auto partials = at::empty({B * height, 10, h}, hidden.options());
@@ -193,6 +202,7 @@ std::vector<at::Tensor> conv_glu_gate_backward_cpu(const at::Tensor& grad, const
                    *tap = taps.data_ptr<scalar_t>(), *b = bias.data_ptr<scalar_t>();
     scalar_t *gh = grad_hidden.data_ptr<scalar_t>(), *gp = grad_pre.data_ptr<scalar_t>(),
              *part = partials.data_ptr<scalar_t>();
+    scalar_t* o = with_output ? out.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, B * height, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> acc(h);
       for (int64_t task = begin; task < end; ++task) {
@@ -200,7 +210,8 @@ std::vector<at::Tensor> conv_glu_gate_backward_cpu(const at::Tensor& grad, const
         scalar_t* row_part = part + task * 10 * h;
         gate_row_backward(hid + batch * tokens * 2 * h, g + batch * tokens * h, tap, b,
                           gh + batch * tokens * 2 * h, gp + batch * tokens * h, row_part,
-                          row_part + 9 * h, acc.data(), y, height, width, h);
+                          row_part + 9 * h, acc.data(), o == nullptr ? o : o + batch * tokens * h,
+                          y, height, width, h);
       }
     });
     at::parallel_for(0, B * height, 1, [&](int64_t begin, int64_t end) {
@@ -226,7 +237,7 @@ std::vector<at::Tensor> conv_glu_gate_backward_cpu(const at::Tensor& grad, const
   });
   auto grad_weight = total.narrow(0, 0, 9).t().reshape({h, 1, 3, 3}).contiguous();
   auto grad_bias = total.select(0, 9).clone();  // its own storage (not a view of total)
-  return {grad_hidden, grad_weight, grad_bias};
+  return {grad_hidden, grad_weight, grad_bias, out};
 }
 
 }  // namespace transnext_mm
