@@ -112,10 +112,11 @@ if not kernels:
 launch = open(sys.argv[2]).read()
 threads = {
     kind: int(re.search(rf'constexpr int {constant} = (\d+);', launch)[1])
-    for kind, constant in (('ForwardKernel', 'kQueryThreads'), ('BackwardQueryKernel',
-                                                                 'kQueryThreads'),
-                           ('BackwardPoolKernel', 'kPoolThreads'), ('WindowGradKernel',
-                                                                    'kGatherThreads'))
+    for kind, constant in (('ForwardKernel', 'kQueryThreads'),
+                           ('BackwardQueryKernel', 'kQueryThreads'),
+                           ('BackwardPoolKernel', 'kPoolThreads'),
+                           ('WindowGradKernel', 'kGatherThreads'),
+                           ('TableGradKernel', 'kGatherThreads'))
 }
 
 

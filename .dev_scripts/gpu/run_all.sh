@@ -97,17 +97,18 @@ run pytest 150 "${PYTEST[@]}" "${XDIST[@]}" --junitxml="$WORK/junit.xml" \
   tests/test_ops/test_aggregated_attention
 record pytest --junit "$WORK/junit.xml"
 
-# compute-sanitizer over the CUDA tests of the kernels' edge shapes; no caching allocator, so
-# that memcheck sees each tensor's bounds; only the op's kernels (without that filter where a
-# sanitizer refuses it).
+# compute-sanitizer over the CUDA tests of the kernels' edge shapes and of the table form; no
+# caching allocator, so that memcheck sees each tensor's bounds; only the op's kernels (without
+# that filter where a sanitizer refuses it).
 EDGE=tests/test_ops/test_aggregated_attention/test_cuda.py
 if [ $DRY -eq 1 ] || ! command -v compute-sanitizer >/dev/null; then
   RC=125 DUR=0
   record sanitizer --note "$([ $DRY -eq 1 ] && echo 'dry run' || echo 'no compute-sanitizer')"
 else
   for tool in memcheck racecheck synccheck; do
-    tests=edge_shapes
-    [ $tool = racecheck ] && tests='edge_shapes and float32 and contiguous'  # the slow one
+    tests='edge_shapes or table_form'
+    # racecheck is the slow one
+    [ $tool = racecheck ] && tests='(edge_shapes and float32 and contiguous) or (table_form and float32)'
     for filter in "--kernel-name kns=transnext_mm" ""; do
       # shellcheck disable=SC2086
       run "sanitizer_$tool" 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \

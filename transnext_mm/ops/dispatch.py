@@ -258,12 +258,12 @@ def attention_bias_form(impl: str,
     core.
 
     ``'table'``: a table and per-axis indices
-    (:class:`~transnext_mm.ops.aggregated_attention.PoolBiasTable`), which the compiled CPU kernels
-    read and differentiate in place of the (heads, N, Np) bias and its gradient; only where
-    :func:`select` runs the compiled op on the CPU, in eager mode. ``'dense'``: the materialised
-    bias everywhere else: the PyTorch and reference paths (the oracle), CUDA, and graphs traced
-    or exported with ``torch.compile``, ``torch.export``, ``torch.jit.trace`` or ``torch.fx``
-    (which keep the op's dense signature).
+    (:class:`~transnext_mm.ops.aggregated_attention.PoolBiasTable`), which the compiled kernels
+    (CPU and CUDA) read and differentiate in place of the (heads, N, Np) bias; wherever
+    :func:`select` runs the compiled op, in eager mode. ``'dense'``: the materialised bias
+    everywhere else: the PyTorch and reference paths (the oracle), and graphs traced or exported
+    with ``torch.compile``, ``torch.export``, ``torch.jit.trace`` or ``torch.fx`` (which keep the
+    op's dense signature).
 
     Args:
         impl (str): The requested implementation, one of :data:`IMPLS`.
@@ -274,7 +274,7 @@ def attention_bias_form(impl: str,
     Returns:
         str: ``'table'`` or ``'dense'``.
     """
-    if x.device.type != 'cpu' or _tracing():
+    if x.device.type not in ('cpu', 'cuda') or _tracing():
         return 'dense'
     return 'table' if select('attention', impl, x, params, build) == 'op' else 'dense'
 

@@ -80,9 +80,15 @@ std::vector<at::Tensor> aggregated_attention_table_forward(
     int64_t height, int64_t width) {
   const auto t = checked_table_forward(q, k, v, k_pool, v_pool, rpb_local, bias_table, index_rows,
                                        index_cols, token_weight, height, width);
-  TORCH_CHECK(q.device().is_cpu(),
-              "aggregated_attention: the table form of bias_pool has CPU kernels only, got q on ",
-              q.device(), "; pass the materialised bias_pool");
+  if (q.is_cuda()) {
+#ifdef WITH_CUDA
+    return aggregated_attention_table_forward_cuda(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[8],
+                                                   t[9], t[7], height, width);
+#else
+    TORCH_CHECK(false, "aggregated_attention: transnext_mm._ext was built without CUDA kernels");
+#endif
+  }
+  TORCH_CHECK(q.device().is_cpu(), "aggregated_attention: no kernels for device ", q.device());
   if (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble)
     return aggregated_attention_table_forward_cpu(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[8],
                                                   t[9], t[7], height, width);
@@ -104,9 +110,16 @@ std::vector<at::Tensor> aggregated_attention_table_backward(
   const auto t =
       checked_table_backward(grad_out, q, k, v, k_pool, v_pool, rpb_local, bias_table, index_rows,
                              index_cols, token_weight, out, lse, height, width);
-  TORCH_CHECK(q.device().is_cpu(),
-              "aggregated_attention: the table form of bias_pool has CPU kernels only, got q on ",
-              q.device(), "; pass the materialised bias_pool");
+  if (q.is_cuda()) {
+#ifdef WITH_CUDA
+    return aggregated_attention_table_backward_cuda(t[8], t[0], t[1], t[2], t[3], t[4], t[5], t[6],
+                                                    t[11], t[12], t[7], t[9], t[10], height, width,
+                                                    bias_grad);
+#else
+    TORCH_CHECK(false, "aggregated_attention: transnext_mm._ext was built without CUDA kernels");
+#endif
+  }
+  TORCH_CHECK(q.device().is_cpu(), "aggregated_attention: no kernels for device ", q.device());
   if (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble)
     return aggregated_attention_table_backward_cpu(t[8], t[0], t[1], t[2], t[3], t[4], t[5], t[6],
                                                    t[11], t[12], t[7], t[9], t[10], height, width,

@@ -32,7 +32,7 @@ std::vector<at::Tensor> aggregated_attention_backward(
     const at::Tensor& bias_pool, const at::Tensor& token_weight, const at::Tensor& out,
     const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad);
 
-// The same with the pooled bias in table form (CPU only): entry (i, p) of head h, for query i at
+// The same with the pooled bias in table form: entry (i, p) of head h, for query i at
 // (y, x) and pooled key p at (py, px) of the Hk x Wk pooled grid, is
 // bias_table[h, index_rows[y, py] + index_cols[x, px]]; bias_table is (heads, table_size),
 // index_rows (H, Hk) and index_cols (W, Wk) int64. The backward returns the gradient of
@@ -80,6 +80,17 @@ std::vector<at::Tensor> aggregated_attention_backward_cuda(
     const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
     const at::Tensor& bias, const at::Tensor& token_weight, const at::Tensor& out,
     const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad);
+std::vector<at::Tensor> aggregated_attention_table_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
+    const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias_table,
+    const at::Tensor& index_rows, const at::Tensor& index_cols, const at::Tensor& token_weight,
+    int64_t height, int64_t width);
+std::vector<at::Tensor> aggregated_attention_table_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
+    const at::Tensor& bias_table, const at::Tensor& index_rows, const at::Tensor& index_cols,
+    const at::Tensor& token_weight, const at::Tensor& out, const at::Tensor& lse, int64_t height,
+    int64_t width, bool bias_grad);
 #endif
 
 }  // namespace transnext_mm

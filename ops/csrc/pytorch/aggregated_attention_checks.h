@@ -86,8 +86,10 @@ inline std::pair<at::Tensor, at::Tensor> checked_bias_index(
               index_rows.size(1), "x", index_cols.size(1), " but k_pool has ", k_pool.size(2),
               " pooled keys");
   if (index_rows.numel() > 0 && index_cols.numel() > 0) {
-    const int64_t low = index_rows.min().item<int64_t>() + index_cols.min().item<int64_t>();
-    const int64_t high = index_rows.max().item<int64_t>() + index_cols.max().item<int64_t>();
+    // One device-to-host copy for both bounds (one synchronisation on a GPU).
+    const auto bounds =
+        at::stack({index_rows.min() + index_cols.min(), index_rows.max() + index_cols.max()}).cpu();
+    const int64_t low = bounds[0].item<int64_t>(), high = bounds[1].item<int64_t>();
     TORCH_CHECK(low >= 0 && high < bias_table.size(1),
                 "aggregated_attention: index_rows + index_cols must lie in [0, ",
                 bias_table.size(1), "), got [", low, ", ", high, "]");

@@ -15,11 +15,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("aggregated_attention_backward", &transnext_mm::aggregated_attention_backward,
         "Aggregated attention backward; returns the 8 input gradients");
   m.def("aggregated_attention_table_forward", &transnext_mm::aggregated_attention_table_forward,
-        "Aggregated attention forward with the pooled bias in table form (CPU); returns (out, "
-        "lse)");
+        "Aggregated attention forward with the pooled bias in table form; returns (out, lse)");
   m.def("aggregated_attention_table_backward", &transnext_mm::aggregated_attention_table_backward,
-        "Aggregated attention backward with the pooled bias in table form (CPU); returns the 8 "
-        "input gradients, the table's in place of bias_pool's");
+        "Aggregated attention backward with the pooled bias in table form; returns the 8 input "
+        "gradients, the table's in place of bias_pool's");
   m.def("conv_glu_gate_forward", &transnext_mm::conv_glu_gate_forward,
         "GELU(depthwise_conv3x3(gate) + bias) * value from the fc1 output [gate | value]");
   m.def("conv_glu_gate_backward", &transnext_mm::conv_glu_gate_backward,

@@ -14,6 +14,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "CPU replay of the CUDA forward kernel (tests)");
   m.def("aggregated_attention_backward_replay", &transnext_mm::aggregated_attention_backward_replay,
         "CPU replay of the CUDA backward kernels (tests)");
+  m.def("aggregated_attention_table_forward_replay",
+        &transnext_mm::aggregated_attention_table_forward_replay,
+        "CPU replay of the CUDA forward kernel, pooled bias in table form (tests)");
+  m.def("aggregated_attention_table_backward_replay",
+        &transnext_mm::aggregated_attention_table_backward_replay,
+        "CPU replay of the CUDA backward kernels, pooled bias in table form (tests)");
   m.attr("pool_grad_target_blocks") = transnext_mm::kPoolGradTargetBlocks;
   m.def("aggregated_attention_launch_plans", &transnext_mm::aggregated_attention_launch_plans,
         "Grids of the CUDA kernels for given sizes (tests)");

@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from transnext_mm.ops.aggregated_attention import aggregated_attention_reference
+from transnext_mm.models.layers.log_cpb import log_cpb_axes
+from transnext_mm.ops.aggregated_attention import PoolBiasTable, aggregated_attention_reference
 
 NAMES = ('q', 'k', 'v', 'k_pool', 'v_pool', 'rpb_local', 'bias_pool', 'token_weight')
 
@@ -45,3 +46,29 @@ def assert_close_scaled(actual, expected, rel, name='', atol=0.0):
     scale = expected.abs().max().clamp_min(1e-12)
     err = (actual - expected).abs().max()
     assert err <= rel * scale + atol, f'{name}: max error {err:.3g} > {rel} * {scale:.3g} + {atol}'
+
+
+def make_table_inputs(B, heads, height, width, pool, d, dtype=torch.float64, q_scale=4.0):
+    """The op's inputs with ``bias_pool`` in table form: log-CPB indices of the grids, a random
+    table."""
+    Np = pool[0] * pool[1]
+    tensors = make_inputs(B, heads, height, width, Np, d, dtype=dtype, q_scale=q_scale)
+    (coords_h, index_h), (coords_w, index_w) = log_cpb_axes((height, width), pool, 7,
+                                                            torch.device('cpu'))
+    gen = torch.Generator().manual_seed(height * 100 + width)
+    table = torch.randn(
+        heads, coords_h.numel() * coords_w.numel(), generator=gen,
+        dtype=torch.float64).to(dtype).requires_grad_()
+    bias = PoolBiasTable(table, index_h * coords_w.numel(), index_w)
+    return tensors[:6] + [bias] + tensors[7:]
+
+
+def table_oracle(tensors, height, width, grad_out):
+    """Output and gradients (the table's in place of bias_pool's) of the reference on the
+    materialised bias, in float64."""
+    leaves = [t.detach().double().requires_grad_() for t in tensors[:6] + tensors[7:]]
+    table = tensors[6].table.detach().double().requires_grad_()
+    bias = PoolBiasTable(table, tensors[6].index_rows, tensors[6].index_cols).dense()
+    out = aggregated_attention_reference(*leaves[:6], bias, leaves[6], height, width)
+    grads = torch.autograd.grad(out, leaves[:6] + [table] + leaves[6:], grad_out.double())
+    return out, grads

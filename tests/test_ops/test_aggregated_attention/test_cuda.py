@@ -1,16 +1,19 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
 """The compiled op on CUDA beyond test_op.py's comparisons with the reference: the kernels'
-edge shapes (the calls compute-sanitizer checks in .dev_scripts/gpu/run_all.sh), bitwise
-repeatability, a non-default stream, batch x heads above CUDA's 65535 grid limit, and the
-TransNeXt backbone's outputs and gradients against float64. Every test needs a GPU (marker
-``cuda``, see tests/conftest.py); the helpers take the device, so they run on the CPU too."""
+edge shapes and the pooled bias in table form (the calls compute-sanitizer checks in
+.dev_scripts/gpu/run_all.sh), bitwise repeatability, a non-default stream, batch x heads above
+CUDA's 65535 grid limit, and the TransNeXt backbone's outputs and gradients against float64.
+Every test needs a GPU (marker ``cuda``, see tests/conftest.py); the helpers take the device, so
+they run on the CPU too."""
 import pytest
 import torch
-from aggregated_attention_cases import NAMES, assert_close_scaled, make_inputs, reference_with_grads
+from aggregated_attention_cases import (NAMES, assert_close_scaled, make_inputs, make_table_inputs,
+                                        reference_with_grads, table_oracle)
 
 from transnext_mm.models.backbones import TransNeXt
 from transnext_mm.models.layers.aggregated_attention import FullAttention
-from transnext_mm.ops.aggregated_attention import aggregated_attention_op
+from transnext_mm.ops.aggregated_attention import (PoolBiasTable, aggregated_attention_op,
+                                                   aggregated_attention_table_op)
 from transnext_mm.ops.aggregated_attention.selfcheck import GRAD_TOLERANCE_FACTOR, TOLERANCES
 
 pytestmark = pytest.mark.cuda
@@ -52,6 +55,48 @@ def check_against_reference(shape, dtype, device, strided=False):
 @pytest.mark.parametrize('shape', EDGE_SHAPES, ids=lambda s: 'x'.join(map(str, s)))
 def test_edge_shapes(shape, dtype, strided):
     check_against_reference(shape, dtype, 'cuda', strided)
+
+
+def table_op_with_grads(tensors, height, width, grad_out):
+    """The table-form op's output and the gradients of its 8 inputs (the table's 7th)."""
+    bias = tensors[6]
+    leaves = [t.detach().requires_grad_() for t in (*tensors[:6], bias.table, tensors[7])]
+    table_bias = PoolBiasTable(leaves[6], bias.index_rows, bias.index_cols)
+    out = aggregated_attention_table_op(*leaves[:6], table_bias, leaves[7], height, width)
+    return (out, *torch.autograd.grad(out, leaves, grad_out))
+
+
+def check_table_form_against_reference(shape, dtype, device):
+    """The op with the pooled bias in table form against the float64 reference on the
+    materialised bias, and two runs bit for bit equal (the table gradient is gathered in a fixed
+    order)."""
+    B, heads, height, width, pool, d = shape
+    tensors = make_table_inputs(*shape, dtype=dtype)
+    bias = tensors[6]
+    tensors = [t.detach().to(device) for t in tensors[:6]] + [
+        PoolBiasTable(bias.table.detach().to(device), bias.index_rows.to(device),
+                      bias.index_cols.to(device))
+    ] + [tensors[7].detach().to(device)]
+    grad_out = torch.randn(B, heads, height * width, d, dtype=F64).to(device, dtype)
+    out, *grads = table_op_with_grads(tensors, height, width, grad_out)
+    out_ref, grads_ref = table_oracle(tensors, height, width, grad_out)
+    assert_close_scaled(out, out_ref, TOLERANCES[dtype], 'out')
+    names = NAMES[:6] + ('bias_table', ) + NAMES[7:]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert g.shape == g_ref.shape, name
+        assert_close_scaled(g, g_ref, TOLERANCES[dtype] * GRAD_TOLERANCE_FACTOR, name)
+    again = table_op_with_grads(tensors, height, width, grad_out)
+    for name, a, b in zip(('out', ) + names, (out, *grads), again):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize('dtype', [F32, BF16], ids=['float32', 'bfloat16'])
+@pytest.mark.parametrize(
+    'shape', [(2, 3, 5, 7, (2, 3), 24), (1, 2, 20, 17, (5, 4), 24), (3, 1, 13, 11, (3, 5), 7),
+              (2, 2, 32, 32, (16, 16), 24)],
+    ids=lambda s: 'x'.join(map(str, s)))
+def test_table_form(shape, dtype):
+    check_table_form_against_reference(shape, dtype, 'cuda')
 
 
 def check_repeat_is_bitwise_equal(shape, dtype, device):

@@ -9,9 +9,11 @@ these tests fail, saying how to build it, when it is missing (see
 import pytest
 import torch
 import torch.nn.functional as F
-from aggregated_attention_cases import NAMES, assert_close_scaled, make_inputs, reference_with_grads
+from aggregated_attention_cases import (NAMES, assert_close_scaled, make_inputs, make_table_inputs,
+                                        reference_with_grads, table_oracle)
 
 from transnext_mm.ops import dispatch
+from transnext_mm.ops.aggregated_attention import PoolBiasTable
 from transnext_mm.ops.aggregated_attention.replay import (aggregated_attention_cuda_replay,
                                                           replay_ext)
 
@@ -241,3 +243,100 @@ def test_strided_views_are_read_in_place(dtype):
         assert_close_scaled(out, out_ref, rel, 'out')
         for name, g, g_ref in zip(NAMES, grads, grads_ref):
             assert_close_scaled(g, g_ref, rel * 4, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# The pooled bias in table form: the kernels read each entry from the table, the backward gathers
+# the table's gradient per entry.
+TABLE_NAMES = NAMES[:6] + ('bias_table', ) + NAMES[7:]
+
+
+@pytest.mark.parametrize(
+    'dtype,rel', [(torch.float64, 1e-10), (torch.float32, 2e-5), (torch.float16, 3e-3),
+                  (torch.bfloat16, 2e-2)],
+    ids=['float64', 'float32', 'float16', 'bfloat16'])
+@pytest.mark.parametrize('shape', [(2, 3, 5, 7, (2, 3), 24), (1, 2, 20, 17, (5, 4), 24),
+                                   (3, 1, 13, 11, (3, 5), 5), (1, 2, 1, 6, (1, 2), 32),
+                                   (2, 1, 7, 9, (1, 1), 40)])
+def test_replayed_table_form_matches_reference(shape, dtype, rel):
+    """The CUDA kernels with the table form against the reference on the materialised bias:
+    odd grids, one row, batch > 1, exact (24, 32) and generic (5, 40) head dims, a 1x1 pooled
+    grid."""
+    B, heads, height, width, pool, d = shape
+    tensors = make_table_inputs(*shape, dtype=dtype)
+    tensors = [
+        t.detach() if torch.is_tensor(t) else t._replace(table=t.table.detach()) for t in tensors
+    ]
+    grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64).to(dtype)
+    out, _, grads = aggregated_attention_cuda_replay(*tensors, height, width, grad_out=grad_out)
+    out_ref, grads_ref = table_oracle(tensors, height, width, grad_out)
+    assert out.dtype == dtype
+    assert_close_scaled(out, out_ref, rel, 'out')
+    for name, g, g_ref in zip(TABLE_NAMES, grads, grads_ref):
+        assert g.dtype == dtype and g.shape == g_ref.shape, name
+        assert_close_scaled(g, g_ref, REPLAY_GRAD_REL[dtype], name)
+
+
+@pytest.mark.parametrize('target_blocks', [1, 4, None], ids=['one-group', 'groups', 'gpu-plan'])
+@pytest.mark.parametrize('order', ['log-cpb', 'mixed'])
+def test_replayed_table_form_equals_dense(order, target_blocks):
+    """The table form computes what the dense kernels compute from the materialised bias: the
+    output and the other gradients bit for bit, the table gradient as the dense bias gradient
+    summed per entry. Column indices in log-CPB's order and mixed (every other row reversed:
+    no common step); one batch group, several (per-group partial sums), the GPU's plan."""
+    B, heads, height, width, pool, d = 3, 2, 9, 8, (4, 4), 24
+    tensors = make_table_inputs(B, heads, height, width, pool, d, dtype=torch.float64)
+    bias = tensors[6]
+    cols = bias.index_cols.clone()
+    if order == 'mixed':
+        cols[1::2] = cols[1::2].flip(1)
+    bias = PoolBiasTable(bias.table.detach(), bias.index_rows, cols)
+    tensors = [t.detach() for t in tensors[:6]] + [bias] + [tensors[7].detach()]
+    dense = tensors[:6] + [bias.dense()] + tensors[7:]
+    grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64)
+    kwargs = dict(grad_out=grad_out, pool_target_blocks=target_blocks)
+    out, lse, grads = aggregated_attention_cuda_replay(*tensors, height, width, **kwargs)
+    out_d, lse_d, grads_d = aggregated_attention_cuda_replay(*dense, height, width, **kwargs)
+    assert torch.equal(out, out_d) and torch.equal(lse, lse_d)
+    for j, name in enumerate(TABLE_NAMES):
+        if j != 6:
+            assert torch.equal(grads[j], grads_d[j]), name
+    index = bias.index_rows[:, None, :, None] + bias.index_cols[None, :, None, :]
+    expected = torch.zeros_like(bias.table).index_add_(
+        1, index.flatten(), grads_d[6].view(heads, height, width, *pool).flatten(1))
+    torch.testing.assert_close(grads[6], expected, rtol=1e-12, atol=1e-12)
+    # A fixed gathering order: the same bits on every run.
+    _, _, again = aggregated_attention_cuda_replay(*tensors, height, width, **kwargs)
+    assert torch.equal(again[6], grads[6])
+
+
+def test_replayed_table_form_sparse_table_and_no_bias_grad():
+    """Table entries that no (query, key) pair reads get a zero gradient; the indices may leave
+    gaps between column values. Without the bias gradient the forward and the other gradients are
+    unchanged."""
+    B, heads, height, width, pool, d = 2, 2, 5, 6, (2, 3), 16
+    tensors = make_table_inputs(B, heads, height, width, pool, d, dtype=torch.float64)
+    bias = tensors[6]
+    # Spread the column values out (gaps), shift the rows into a larger table.
+    cols = bias.index_cols * 3
+    stride = int(cols.max()) + 5
+    rows = bias.index_rows // (int(bias.index_cols.max()) + 1) * stride + stride
+    table = torch.randn(heads, int(rows.max()) + stride, dtype=torch.float64)
+    bias = PoolBiasTable(table, rows, cols)
+    tensors = [t.detach() for t in tensors[:6]] + [bias] + [tensors[7].detach()]
+    grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64)
+    out, lse, grads = aggregated_attention_cuda_replay(*tensors, height, width, grad_out=grad_out)
+    out_ref, grads_ref = table_oracle(tensors, height, width, grad_out)
+    assert_close_scaled(out, out_ref, 1e-10, 'out')
+    for name, g, g_ref in zip(TABLE_NAMES, grads, grads_ref):
+        assert_close_scaled(g, g_ref, REPLAY_GRAD_REL[torch.float64], name)
+    read = torch.zeros(table.shape[1], dtype=torch.bool)
+    read[(rows[:, None, :, None] + cols[None, :, None, :]).flatten()] = True
+    assert (~read).any() and (grads[6][:, ~read] == 0).all()
+    args = [grad_out, *tensors[:6], table, rows, cols, tensors[7], out, lse, height, width]
+    no_bias = replay_ext().aggregated_attention_table_backward_replay(
+        *args, False,
+        replay_ext().pool_grad_target_blocks)
+    assert no_bias[6].shape == (0, table.shape[1])
+    for j in (0, 1, 2, 3, 4, 5, 7):
+        assert torch.equal(no_bias[j], grads[j]), TABLE_NAMES[j]

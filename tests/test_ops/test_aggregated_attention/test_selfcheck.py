@@ -56,6 +56,19 @@ def launch_error(tensors, height, width, grad_out):
                        'might be asynchronously reported at some other API call')
 
 
+def replay_table_kernel(tensors, height, width, grad_out):
+    """The CUDA kernels' code on CPU tensors, the pooled bias in table form (tensors[6])."""
+    out, _, grads = aggregated_attention_cuda_replay(*tensors, height, width, grad_out=grad_out)
+    return out, grads
+
+
+def wrong_table_gradient(tensors, height, width, grad_out):
+    out, grads = replay_table_kernel(tensors, height, width, grad_out)
+    grads = list(grads)
+    grads[6] = grads[6] * 1.01
+    return out, grads
+
+
 def check_with(kernel):
     return functools.partial(selfcheck.run_self_check, kernel=kernel)
 
@@ -270,3 +283,34 @@ def test_cuda_self_check_passes_for_every_variant(dtype):
         warnings.simplefilter('error')
         aggregated_attention(*tensors, 5, 7, impl='op')
     assert (device, dtype, 'd=24') in dispatch.self_check_outcomes()
+
+
+@pytest.mark.parametrize('dtype', [F32, BF16])
+@pytest.mark.parametrize('head_dim', [24, selfcheck.GENERIC_HEAD_DIM])
+def test_replayed_table_form_passes(head_dim, dtype):
+    """The check's second part, the pooled bias in table form, passes on the CUDA kernels'
+    code."""
+    assert selfcheck.run_self_check(
+        CPU, dtype, head_dim, kernel=replay_kernel, table_kernel=replay_table_kernel) == ''
+
+
+def test_table_form_inputs():
+    tensors, _ = selfcheck.self_check_inputs(CPU, F32, 24)
+    bias = selfcheck.table_form_inputs(tensors)[6]
+    assert bias.index_rows.shape == (selfcheck.HEIGHT, 7) and bias.index_cols.shape == (13, 10)
+    index = bias.index_rows[:, None, :, None] + bias.index_cols[None, :, None, :]
+    assert index.min() == 0 and index.max() == bias.table.shape[1] - 1
+    per_query = index.reshape(selfcheck.HEIGHT * selfcheck.WIDTH, -1)
+    assert all(len(row.unique()) == selfcheck.NUM_POOL for row in per_query)  # distinct entries
+
+
+def test_wrong_table_gradient_is_named():
+    failure = selfcheck.run_self_check(
+        CPU, F32, 24, kernel=replay_kernel, table_kernel=wrong_table_gradient)
+    assert re.fullmatch(
+        r'bias in table form: gradient of bias_table: relative error 1.0\de-02 > tolerance 8e-05',
+        failure), failure
+    # A failure of the dense part is reported without running the table form.
+    failure = selfcheck.run_self_check(
+        CPU, F32, 24, kernel=nan_output, table_kernel=wrong_table_gradient)
+    assert failure == 'output: 1 NaN/Inf values of 13728', failure

@@ -4,9 +4,9 @@ the materialised bias), the layers' choice of form, and the backbone end to end.
 import pytest
 import torch
 import torch.nn as nn
-from aggregated_attention_cases import NAMES, assert_close_scaled, make_inputs
+from aggregated_attention_cases import NAMES, assert_close_scaled, make_table_inputs, table_oracle
 
-from transnext_mm.models.layers.log_cpb import LogCPB, log_cpb_axes
+from transnext_mm.models.layers.log_cpb import LogCPB
 from transnext_mm.ops import dispatch
 from transnext_mm.ops.aggregated_attention import (PoolBiasTable, aggregated_attention,
                                                    aggregated_attention_reference,
@@ -14,32 +14,6 @@ from transnext_mm.ops.aggregated_attention import (PoolBiasTable, aggregated_att
 
 requires_op = pytest.mark.skipif(
     not dispatch.BUILD.built, reason=f'transnext_mm._ext is not built ({dispatch.BUILD.error})')
-
-
-def make_table_inputs(B, heads, height, width, pool, d, dtype=torch.float64, q_scale=4.0):
-    """The op's inputs with ``bias_pool`` in table form: log-CPB indices of the grids, a random
-    table."""
-    Np = pool[0] * pool[1]
-    tensors = make_inputs(B, heads, height, width, Np, d, dtype=dtype, q_scale=q_scale)
-    (coords_h, index_h), (coords_w, index_w) = log_cpb_axes((height, width), pool, 7,
-                                                            torch.device('cpu'))
-    gen = torch.Generator().manual_seed(height * 100 + width)
-    table = torch.randn(
-        heads, coords_h.numel() * coords_w.numel(), generator=gen,
-        dtype=torch.float64).to(dtype).requires_grad_()
-    bias = PoolBiasTable(table, index_h * coords_w.numel(), index_w)
-    return tensors[:6] + [bias] + tensors[7:]
-
-
-def oracle(tensors, height, width, grad_out):
-    """Output and gradients (the table's in place of bias_pool's) of the reference on the
-    materialised bias, in float64."""
-    leaves = [t.detach().double().requires_grad_() for t in tensors[:6] + tensors[7:]]
-    table = tensors[6].table.detach().double().requires_grad_()
-    bias = PoolBiasTable(table, tensors[6].index_rows, tensors[6].index_cols).dense()
-    out = aggregated_attention_reference(*leaves[:6], bias, leaves[6], height, width)
-    grads = torch.autograd.grad(out, leaves[:6] + [table] + leaves[6:], grad_out.double())
-    return out, grads
 
 
 def table_op_grads(tensors, height, width, grad_out=None):
@@ -57,7 +31,7 @@ SHAPES = [(2, 3, 5, 7, (2, 3), 24), (1, 2, 1, 6, (1, 2), 5), (3, 1, 13, 11, (3, 
 
 def assert_table_op_matches_oracle(tensors, height, width, dtype, rel):
     out, grad_out, grads = table_op_grads(tensors, height, width)
-    out_ref, grads_ref = oracle(tensors, height, width, grad_out)
+    out_ref, grads_ref = table_oracle(tensors, height, width, grad_out)
     assert out.dtype == dtype
     assert_close_scaled(out, out_ref, rel, 'out')
     names = NAMES[:6] + ('bias_table', ) + NAMES[7:]

@@ -126,7 +126,7 @@ class AggregatedAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, -1))
 
     def forward(self, x: torch.Tensor, height: int, width: int, pool_size: Size) -> torch.Tensor:
-        # The table form where the compiled CPU kernels take it (decided in ops.dispatch).
+        # The table form where the compiled kernels take it (decided in ops.dispatch).
         args = self.core_inputs(x, height, width, pool_size, attention_bias_form(self.attn_impl, x))
         return self.project(aggregated_attention(*args, impl=self.attn_impl))
 

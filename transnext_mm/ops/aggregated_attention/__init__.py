@@ -17,7 +17,7 @@ Shapes: ``q, k, v``: (B, heads, H*W, d); ``k_pool, v_pool``: (B, heads, Np, d);
 ``rpb_local``: (heads, 9); ``bias_pool``: (heads, H*W, Np), shared over the batch;
 ``token_weight``: (B, heads, H*W, 9). Returns (B, heads, H*W, d). ``bias_pool`` may also be given in
 table form (:class:`.shapes.PoolBiasTable`, e.g. a function of the query-key offset), which the
-compiled CPU kernels read without materialising it.
+compiled kernels (CPU and CUDA) read without materialising it.
 
 Modules: :mod:`.shapes` (window size, argument checks, dtype rule), :mod:`.reference` (the
 readable unfold implementation, the test oracle, and the window tables), :mod:`.torch_impl` (the
@@ -55,7 +55,7 @@ def aggregated_attention(q,
 
     Args:
         bias_pool (Tensor | PoolBiasTable): The (heads, H*W, Np) bias, or its table form (the
-            compiled CPU kernels read it as it is; every other implementation materialises it
+            compiled kernels read it as it is; every other implementation materialises it
             first).
         impl (str): ``'auto'`` uses the compiled op when it has kernels for the input's device and
             dtype and otherwise the PyTorch path (warning once); ``'op'`` requires the op;
@@ -64,7 +64,7 @@ def aggregated_attention(q,
     """
     chosen = select('attention', impl, q)
     if isinstance(bias_pool, PoolBiasTable):
-        if chosen == 'op' and q.device.type == 'cpu':
+        if chosen == 'op':
             return aggregated_attention_table_op(q, k, v, k_pool, v_pool, rpb_local, bias_pool,
                                                  token_weight, height, width)
         bias_pool = bias_pool.dense()

@@ -92,11 +92,13 @@ def _backward_formula(ctx, grad_out, grad_lse):
 _forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
 # ------------------------------------------------------------------------------------------------
-# The pooled bias in table form (CPU kernels): ``bias_pool[h, i, p] = bias_table[h, index_rows[y,
-# py] + index_cols[x, px]]`` for query ``i = (y, x)`` and pooled key ``p = (py, px)``. The kernels
-# gather each query's bias row from the table and accumulate the table's gradient (per group of
-# query chunks, then summed in a fixed order), so neither the (heads, N, Np) bias nor its gradient
-# is materialised.
+# The pooled bias in table form: ``bias_pool[h, i, p] = bias_table[h, index_rows[y, py] +
+# index_cols[x, px]]`` for query ``i = (y, x)`` and pooled key ``p = (py, px)``. The kernels read
+# the bias from the table, so the (heads, N, Np) bias is neither materialised nor saved for the
+# backward. The CPU kernels accumulate the table's gradient directly (per group of query chunks,
+# then summed in a fixed order). The CUDA backward writes the bias gradient of the layer's pairs
+# as per-batch-group partial sums, as with a dense bias, and a fourth kernel gathers them per
+# table entry in a fixed order (no atomics); that scratch lives only during the backward call.
 
 
 @torch.library.custom_op('transnext_mm::aggregated_attention_table_forward', mutates_args=())
@@ -192,7 +194,7 @@ def aggregated_attention_op(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_p
 def aggregated_attention_table_op(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor,
                                   rpb_local: Tensor, bias: PoolBiasTable, token_weight: Tensor,
                                   height: int, width: int) -> Tensor:
-    """:func:`aggregated_attention_op` with the pooled bias in table form (CPU kernels only).
+    """:func:`aggregated_attention_op` with the pooled bias in table form.
 
     Args:
         bias (PoolBiasTable): ``(table, index_rows, index_cols)``, see :class:`PoolBiasTable`.
@@ -203,9 +205,6 @@ def aggregated_attention_table_op(q: Tensor, k: Tensor, v: Tensor, k_pool: Tenso
     """
     if compiled_ext() is None:
         raise RuntimeError(choose('attention', 'op', q.device, q.dtype).reason)
-    if q.device.type != 'cpu':
-        raise ValueError(f'the table form of bias_pool has CPU kernels only, got q on {q.device}; '
-                         'pass the materialised bias (PoolBiasTable.dense())')
     check_attention_inputs(q, k, v, k_pool, v_pool, rpb_local, bias, token_weight, height, width)
     tensors = (q, k, v, k_pool, v_pool, rpb_local, bias.table, token_weight)
     dtype = common_dtype(tensors, q.device.type)

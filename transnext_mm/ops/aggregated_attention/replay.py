@@ -10,6 +10,8 @@ sets.
 """
 from torch import Tensor
 
+from .shapes import PoolBiasTable
+
 HOW_TO_BUILD = ('TRANSNEXT_MM_WITH_REPLAY=1 pip install --no-build-isolation -e . (what '
                 '.dev_scripts/setup_env.sh runs), or in place: TRANSNEXT_MM_WITH_OPS=0 '
                 'TRANSNEXT_MM_WITH_REPLAY=1 python setup.py build_ext --inplace')
@@ -17,7 +19,8 @@ HOW_TO_BUILD = ('TRANSNEXT_MM_WITH_REPLAY=1 pip install --no-build-isolation -e 
 
 def replay_ext():
     """The compiled replay ``transnext_mm._ext_replay``: ``aggregated_attention_forward_replay``,
-    ``aggregated_attention_backward_replay``, ``aggregated_attention_launch_plans``,
+    ``aggregated_attention_backward_replay``, their ``_table_`` variants,
+    ``aggregated_attention_launch_plans``,
     ``cuda_replay_selftest`` and ``pool_grad_target_blocks``.
 
     Raises:
@@ -49,6 +52,8 @@ def aggregated_attention_cuda_replay(q: Tensor,
     grids and host glue, every block's threads as fibers between real barriers.
 
     Args:
+        bias_pool (Tensor | PoolBiasTable): The dense (heads, H*W, Np) bias, or its table form
+            (then the table's gradient is returned in its place).
         grad_out (Tensor, optional): Also run the backward kernels with this output gradient.
             Defaults to None.
         pool_target_blocks (int, optional): Blocks the pooled-key gradient kernel aims for; 1
@@ -60,12 +65,19 @@ def aggregated_attention_cuda_replay(q: Tensor,
         tuple: ``(out, lse)``, and with ``grad_out`` also the 8 input gradients.
     """
     ext = replay_ext()
-    args = (q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight)
-    out, lse = ext.aggregated_attention_forward_replay(*args, height, width, query_split)
+    if isinstance(bias_pool, PoolBiasTable):
+        args = (q, k, v, k_pool, v_pool, rpb_local, bias_pool.table, bias_pool.index_rows,
+                bias_pool.index_cols, token_weight)
+        forward = ext.aggregated_attention_table_forward_replay
+        backward = ext.aggregated_attention_table_backward_replay
+    else:
+        args = (q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight)
+        forward = ext.aggregated_attention_forward_replay
+        backward = ext.aggregated_attention_backward_replay
+    out, lse = forward(*args, height, width, query_split)
     if grad_out is None:
         return out, lse
     if pool_target_blocks is None:
         pool_target_blocks = ext.pool_grad_target_blocks
-    grads = ext.aggregated_attention_backward_replay(grad_out, *args, out, lse, height, width, True,
-                                                     pool_target_blocks)
+    grads = backward(grad_out, *args, out, lse, height, width, True, pool_target_blocks)
     return out, lse, tuple(grads)

@@ -10,8 +10,11 @@ float64 from the same (rounded) inputs. The inputs cover the kernels' real code 
 128 and a ragged one), 70 pooled keys (ragged last tiles of 16 and of 32 keys, and two blocks of
 the pooled-key gradient kernel's 64 keys, the second ragged), ``v`` a strided view of a (B, N, 2C)
 projection and the output gradient a view of (B, N, C) as in the backbone, and the gradients of
-all 8 inputs, ``rpb_local`` and ``bias_pool`` included. The tolerances are the test suite's for
-the dtype (:data:`TOLERANCES`).
+all 8 inputs, ``rpb_local`` and ``bias_pool`` included. Then the same with ``bias_pool`` in table
+form (:class:`PoolBiasTable`, offset indices of the 11x13 grid and a 7x10 pooled grid), which the
+layers hand the op wherever their bias has one: the kernels read the bias from the table and the
+backward gathers the table's gradient. The tolerances are the test suite's for the dtype
+(:data:`TOLERANCES`).
 
 On a mismatch, a NaN / Inf or a launch error, ``impl='auto'`` (``attn_impl='auto'`` in the
 backbone) runs the PyTorch path for that (device, dtype, variant) for the rest of the process and
@@ -21,7 +24,7 @@ synchronized and probed first: a sticky CUDA error (e.g. an illegal memory acces
 process's CUDA context unusable, and then the check raises a RuntimeError saying so, whatever
 ``impl`` is. Under ``torch.compile`` the check runs once while the graph is traced; under
 ``torch.export`` it does not run (the exported program calls the op directly wherever it
-runs). The check costs about 0.1 s per variant on the CPU replay of the CUDA kernels (2 cores);
+runs). The check costs about 0.13 s per variant on the CPU replay of the CUDA kernels (2 cores);
 one call on a GPU takes milliseconds after the CUDA context exists.
 
 Environment: ``TRANSNEXT_MM_CUDA_SELFCHECK=0`` turns the check off (``1``, the default, keeps it
@@ -36,30 +39,47 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..dispatch import CUDA_EXACT_HEAD_DIMS, KERNEL_DTYPES, register_attention_check
-from .op import aggregated_attention_op
+from .op import aggregated_attention_op, aggregated_attention_table_op
 from .reference import aggregated_attention_reference
+from .shapes import PoolBiasTable
 
-# The check's inputs (see the module docstring): batch, heads, grid, pooled keys.
+# The check's inputs (see the module docstring): batch, heads, grid, pooled keys (a 7x10 grid in
+# the table form).
 BATCH, HEADS, HEIGHT, WIDTH, NUM_POOL = 2, 2, 11, 13, 70
+POOL_GRID = (7, 10)
 # Head dim at which collect_env checks the generic variant (select checks it at the first head
 # dim it serves).
 GENERIC_HEAD_DIM = 40
 NAMES = ('q', 'k', 'v', 'k_pool', 'v_pool', 'rpb_local', 'bias_pool', 'token_weight')
+TABLE_NAMES = NAMES[:6] + ('bias_table', ) + NAMES[7:]
 # Largest error allowed relative to the largest value of the float64 reference, for the output;
 # the gradients get GRAD_TOLERANCE_FACTOR times more (the CUDA tests of
 # tests/test_ops/test_aggregated_attention/test_op.py use the same figures).
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 GRAD_TOLERANCE_FACTOR = 4
 
-# kernel(tensors, height, width, grad_out) -> (out, the 8 input gradients)
+# kernel(tensors, height, width, grad_out) -> (out, the 8 input gradients); in the table form
+# tensors[6] is a PoolBiasTable and the 7th gradient the table's.
 Kernel = Callable[[Sequence[Tensor], int, int, Tensor], Tuple[Tensor, Sequence[Tensor]]]
 
 
-def run_op(tensors: Sequence[Tensor], height: int, width: int,
+def _leaves(tensors: Sequence) -> List[Tensor]:
+    """The 8 tensors that get gradients (the table in place of a table-form bias), detached."""
+    bias = tensors[6]
+    table = bias.table if isinstance(bias, PoolBiasTable) else bias
+    return [t.detach().requires_grad_() for t in (*tensors[:6], table, *tensors[7:])]
+
+
+def run_op(tensors: Sequence, height: int, width: int,
            grad_out: Tensor) -> Tuple[Tensor, Sequence[Tensor]]:
-    """The compiled op forward, then its backward for ``grad_out``: ``(out, 8 gradients)``."""
-    leaves = [t.detach().requires_grad_() for t in tensors]
-    out = aggregated_attention_op(*leaves, height, width)
+    """The compiled op forward, then its backward for ``grad_out``: ``(out, 8 gradients)``.
+    With ``tensors[6]`` a :class:`PoolBiasTable`, the op's table form."""
+    leaves = _leaves(tensors)
+    if isinstance(tensors[6], PoolBiasTable):
+        bias = tensors[6]._replace(table=leaves[6])
+        out = aggregated_attention_table_op(*leaves[:6], bias, leaves[7], height, width)
+    else:
+        out = aggregated_attention_op(*leaves, height, width)
     return out, torch.autograd.grad(out, leaves, grad_out)
 
 
@@ -91,6 +111,24 @@ def self_check_inputs(device, dtype: torch.dtype, head_dim: int) -> Tuple[List[T
     return tensors, heads_of(randn(B, N, heads * d), 1)
 
 
+def table_form_inputs(tensors: Sequence[Tensor]) -> list:
+    """The check's inputs with ``bias_pool`` in table form: a function of the query-key offset
+    on the HEIGHT x WIDTH grid and the POOL_GRID pooled grid (the entries of one query are
+    distinct), a random table (fixed seed)."""
+    device, dtype = tensors[6].device, tensors[6].dtype
+    (pool_h, pool_w), span_w = POOL_GRID, WIDTH + POOL_GRID[1] - 1
+
+    def offsets(length, pooled):  # (length, pooled): query - key + pooled - 1 >= 0
+        return torch.arange(length)[:, None] - torch.arange(pooled)[None, :] + pooled - 1
+
+    gen = torch.Generator().manual_seed(7)
+    table = torch.randn(HEADS, (HEIGHT + pool_h - 1) * span_w, generator=gen, dtype=torch.float64)
+    bias = PoolBiasTable(
+        table.to(device, dtype), (offsets(HEIGHT, pool_h) * span_w).to(device),
+        offsets(WIDTH, pool_w).to(device))
+    return list(tensors[:6]) + [bias] + list(tensors[7:])
+
+
 def _device_error(device: torch.device) -> str:
     """The error a CUDA device raises after a failure (a sticky error), or ''."""
     if device.type != 'cuda':
@@ -103,17 +141,22 @@ def _device_error(device: torch.device) -> str:
     return ''
 
 
-def compare(out: Tensor, grads: Sequence[Tensor], expected_out: Tensor,
-            expected_grads: Sequence[Tensor], dtype: torch.dtype) -> List[str]:
+def compare(out: Tensor,
+            grads: Sequence[Tensor],
+            expected_out: Tensor,
+            expected_grads: Sequence[Tensor],
+            dtype: torch.dtype,
+            names: Sequence[str] = NAMES) -> List[str]:
     """What differs from the reference: one line per output or gradient with NaN / Inf, a wrong
-    shape or an error above the tolerance (the relative error is ``max|x - ref| / max|ref|``)."""
+    shape or an error above the tolerance (the relative error is ``max|x - ref| / max|ref|``).
+    ``names``: the gradients' (:data:`NAMES`, or :data:`TABLE_NAMES` for the table form)."""
     failures = []
     tol = TOLERANCES[dtype]
     items = [('output', out, expected_out, tol)
              ] + [(f'gradient of {name}', g, g_ref, tol * GRAD_TOLERANCE_FACTOR)
-                  for name, g, g_ref in zip(NAMES, grads, expected_grads)]
-    if len(grads) != len(NAMES):
-        failures.append(f'{len(grads)} gradients, expected {len(NAMES)}')
+                  for name, g, g_ref in zip(names, grads, expected_grads)]
+    if len(grads) != len(names):
+        failures.append(f'{len(grads)} gradients, expected {len(names)}')
     for name, actual, expected, limit in items:
         if actual is None or tuple(actual.shape) != tuple(expected.shape):
             shape = None if actual is None else tuple(actual.shape)
@@ -134,8 +177,10 @@ def compare(out: Tensor, grads: Sequence[Tensor], expected_out: Tensor,
 def run_self_check(device,
                    dtype: torch.dtype,
                    head_dim: int,
-                   kernel: Optional[Kernel] = None) -> str:
-    """Run ``kernel`` once on the check's inputs against the reference in float64.
+                   kernel: Optional[Kernel] = None,
+                   table_kernel: Optional[Kernel] = None) -> str:
+    """Run ``kernel`` once on the check's inputs, then ``table_kernel`` on them with the bias in
+    table form, against the reference in float64.
 
     Args:
         device (torch.device | str): Device of the inputs.
@@ -144,9 +189,13 @@ def run_self_check(device,
         kernel (Callable, optional): ``kernel(tensors, height, width, grad_out) -> (out,
             gradients)``. Defaults to None (:func:`run_op`, the compiled op); tests pass the CPU
             replay of the CUDA kernels or deliberately wrong kernels.
+        table_kernel (Callable, optional): The same for the table form (``tensors[6]`` a
+            :class:`PoolBiasTable`). Defaults to None: :func:`run_op` where ``kernel`` is None,
+            else no table-form check.
 
     Returns:
-        str: What failed, with the figures (``'; '``-separated); ``''`` when the check passed.
+        str: What failed, with the figures (``'; '``-separated; failures of the table form
+        prefixed with ``'bias in table form: '``); ``''`` when the check passed.
 
     Raises:
         RuntimeError: If the device is unusable after the kernel failed (a sticky CUDA error:
@@ -155,34 +204,49 @@ def run_self_check(device,
     device = torch.device(device)
     if dtype not in TOLERANCES:
         raise ValueError(f'dtype must be one of {tuple(TOLERANCES)}, got {dtype}')
-    kernel = run_op if kernel is None else kernel
+    if kernel is None:
+        kernel, table_kernel = run_op, run_op if table_kernel is None else table_kernel
     autocast_off = (
         torch.autocast(device.type, enabled=False) if device.type in ('cpu',
                                                                       'cuda') else nullcontext())
     with torch.inference_mode(False), torch.enable_grad(), autocast_off:
         tensors, grad_out = self_check_inputs(device, dtype, head_dim)
-        try:
-            out, grads = kernel(tensors, HEIGHT, WIDTH, grad_out)
-            if device.type == 'cuda':
-                torch.cuda.synchronize(device)  # errors of asynchronous launches surface here
-        except torch.OutOfMemoryError:
-            raise  # not the kernel's fault: the next allocation decides
-        except RuntimeError as e:
-            sticky = _device_error(device)
-            if sticky:
-                raise RuntimeError(
-                    f'the compiled aggregated-attention op broke {device} in its first-use '
-                    f'self-check ({dtype}, head dim {head_dim}): {sticky}. This CUDA error is '
-                    'sticky: the CUDA context of this process cannot be recovered, so no '
-                    'fallback can run in it. Restart the process with attn_impl=\'torch\' and '
-                    'report the error with the output of `python -m transnext_mm.collect_env`'
-                ) from e
-            first_line = (str(e).strip().splitlines() or [''])[0]
-            return f'the kernels raised {type(e).__name__}: {first_line}'
-        leaves = [t.detach().double().requires_grad_() for t in tensors]
-        expected = aggregated_attention_reference(*leaves, HEIGHT, WIDTH)
-        expected_grads = torch.autograd.grad(expected, leaves, grad_out.double())
-    return '; '.join(compare(out, grads, expected.detach(), expected_grads, dtype))
+        failure = _check_form(kernel, tensors, grad_out, device, dtype, head_dim)
+        if failure or table_kernel is None:
+            return failure
+        failure = _check_form(table_kernel, table_form_inputs(tensors), grad_out, device, dtype,
+                              head_dim)
+    return f'bias in table form: {failure}' if failure else ''
+
+
+def _check_form(kernel: Kernel, tensors: Sequence, grad_out: Tensor, device: torch.device,
+                dtype: torch.dtype, head_dim: int) -> str:
+    """One run of ``kernel`` against the reference (see :func:`run_self_check`)."""
+    try:
+        out, grads = kernel(tensors, HEIGHT, WIDTH, grad_out)
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)  # errors of asynchronous launches surface here
+    except torch.OutOfMemoryError:
+        raise  # not the kernel's fault: the next allocation decides
+    except RuntimeError as e:
+        sticky = _device_error(device)
+        if sticky:
+            raise RuntimeError(
+                f'the compiled aggregated-attention op broke {device} in its first-use '
+                f'self-check ({dtype}, head dim {head_dim}): {sticky}. This CUDA error is '
+                'sticky: the CUDA context of this process cannot be recovered, so no '
+                'fallback can run in it. Restart the process with attn_impl=\'torch\' and '
+                'report the error with the output of `python -m transnext_mm.collect_env`') from e
+        first_line = (str(e).strip().splitlines() or [''])[0]
+        return f'the kernels raised {type(e).__name__}: {first_line}'
+    leaves = [t.detach().double().requires_grad_() for t in _leaves(tensors)]
+    bias = leaves[6]
+    if isinstance(tensors[6], PoolBiasTable):
+        bias = tensors[6]._replace(table=bias).dense()
+    expected = aggregated_attention_reference(*leaves[:6], bias, leaves[7], HEIGHT, WIDTH)
+    expected_grads = torch.autograd.grad(expected, leaves, grad_out.double())
+    names = TABLE_NAMES if isinstance(tensors[6], PoolBiasTable) else NAMES
+    return '; '.join(compare(out, grads, expected.detach(), expected_grads, dtype, names))
 
 
 def check_head_dims() -> Tuple[int, ...]:

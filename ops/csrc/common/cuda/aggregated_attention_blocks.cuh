@@ -35,7 +35,9 @@ template <typename scalar_t>
 struct ForwardParams {
   using acc_t = at::opmath_type<scalar_t>;
   AttentionSizes sizes;
-  const scalar_t *q, *k, *v, *k_pool, *v_pool, *rpb, *bias, *token_weight;
+  const scalar_t *q, *k, *v, *k_pool, *v_pool, *rpb;
+  PoolBiasView<scalar_t> bias;
+  const scalar_t* token_weight;
   scalar_t* out;
   acc_t* lse;  // (B, heads, N)
   RowLayout q_layout, k_layout, v_layout, out_layout;
@@ -46,7 +48,9 @@ template <typename scalar_t>
 struct BackwardParams {
   using acc_t = at::opmath_type<scalar_t>;
   AttentionSizes sizes;
-  const scalar_t *grad_out, *q, *k, *v, *k_pool, *v_pool, *rpb, *bias, *token_weight, *out;
+  const scalar_t *grad_out, *q, *k, *v, *k_pool, *v_pool, *rpb;
+  PoolBiasView<scalar_t> bias;
+  const scalar_t *token_weight, *out;
   const acc_t* lse;
   scalar_t *dq, *dk, *dv, *dtoken_weight;
   acc_t *ds_local, *weight_local;  // (B, heads, N, 9) scratch
@@ -96,17 +100,15 @@ C10_HOST_DEVICE inline QueryBlock query_block(const Ctx& ctx, const AttentionSiz
 }
 
 // Streams this (batch, head)'s pooled keys / values through shared-memory tiles, with the
-// block's bias_pool rows for each tile (bias_h: the head's (N, Np) slab; read coalesced, a row
-// segment per warp, once per block), calling use(kp_tile, vp_tile, bias_row, count) for every
+// block's bias_pool rows of head h for each tile (a dense bias read coalesced, a row segment per
+// warp; once per block), calling use(kp_tile, vp_tile, bias_row, count) for every
 // tile between the barriers; bias_row is row `row` (this thread's query in the block) of the
 // bias tile. `queries`: the block's queries.
 template <typename HD, typename acc_t, int kTile, typename scalar_t, typename Ctx, typename Use>
-C10_HOST_DEVICE inline void for_each_pool_tile(const Ctx& ctx,
-                                               PoolTiles<acc_t, kTile, HD::kMax>& sh,
-                                               const scalar_t* k_pool, const scalar_t* v_pool,
-                                               const scalar_t* bias_h, const AttentionSizes& s,
-                                               int64_t bh, int64_t first_query, int queries,
-                                               int row, Use&& use) {
+C10_HOST_DEVICE inline void for_each_pool_tile(
+    const Ctx& ctx, PoolTiles<acc_t, kTile, HD::kMax>& sh, const scalar_t* k_pool,
+    const scalar_t* v_pool, const PoolBiasView<scalar_t>& bias, int64_t h, const AttentionSizes& s,
+    int64_t bh, int64_t first_query, int queries, int row, Use&& use) {
   constexpr int kStride = PoolTiles<acc_t, kTile, HD::kMax>::kBiasStride;
   const int rows = static_cast<int>(tnx_min<int64_t>(queries, s.tokens - first_query));
   for (int64_t p0 = 0; p0 < s.pool; p0 += kTile) {
@@ -114,8 +116,8 @@ C10_HOST_DEVICE inline void for_each_pool_tile(const Ctx& ctx,
     const int64_t offset = (bh * s.pool + p0) * s.d;
     load_tile(sh.kp, HD::kMax, k_pool + offset, s.d, count, s.d, ctx.thread(), ctx.threads());
     load_tile(sh.vp, HD::kMax, v_pool + offset, s.d, count, s.d, ctx.thread(), ctx.threads());
-    load_bias_tile<kTile, kStride>(sh.bias, bias_h + first_query * s.pool + p0, s.pool, rows, count,
-                                   ctx.thread(), ctx.threads());
+    load_bias_tile<kTile, kStride>(sh.bias, bias, h, first_query, p0, s, rows, count, ctx.thread(),
+                                   ctx.threads());
     ctx.sync();  // the tile is complete
     use(sh.kp, sh.vp, sh.bias + row * kStride, count);
     ctx.sync();  // every thread is done with it before the next tile overwrites it
@@ -168,8 +170,8 @@ C10_HOST_DEVICE void forward_block(const Ctx& ctx, const ForwardParams<scalar_t>
       thread.start_pooled(p.q_layout.rows(p.q, bh, s.heads).row(i), s.d);
   }
   for_each_pool_tile<HD, acc_t, Thread::kTile>(
-      ctx, sh.tiles, p.k_pool, p.v_pool, p.bias + h * s.tokens * s.pool, s, bh, blk.first_query,
-      queries, local, [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
+      ctx, sh.tiles, p.k_pool, p.v_pool, p.bias, h, s, bh, blk.first_query, queries, local,
+      [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
         if (active) thread.pool_tile(kp, vp, count, bias, part, split, s.d);
       });
   if (split > 1) {
@@ -200,7 +202,6 @@ C10_HOST_DEVICE void backward_query_block(const Ctx& ctx, const BackwardParams<s
   const int64_t i = blk.first_query + ctx.thread();
   const bool active = i < s.tokens;
   const int64_t row = bh * s.tokens + i;
-  const scalar_t* bias_h = p.bias + h * s.tokens * s.pool;
   Thread thread;
   if (active)
     thread.window_begin(
@@ -210,7 +211,7 @@ C10_HOST_DEVICE void backward_query_block(const Ctx& ctx, const BackwardParams<s
         p.grad_layout.rows(p.grad_out, bh, s.heads).row(i), p.lse[row], i, s.height, s.width, s.d);
   if constexpr (Thread::kExactDelta) {
     for_each_pool_tile<HD, acc_t, kTile>(
-        ctx, sh, p.k_pool, p.v_pool, bias_h, s, bh, blk.first_query, ctx.threads(), ctx.thread(),
+        ctx, sh, p.k_pool, p.v_pool, p.bias, h, s, bh, blk.first_query, ctx.threads(), ctx.thread(),
         [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
           if (active) thread.delta_tile(kp, vp, count, bias, s.d);
         });
@@ -221,7 +222,7 @@ C10_HOST_DEVICE void backward_query_block(const Ctx& ctx, const BackwardParams<s
                         p.weight_local + row * kWindowArea, p.dtoken_weight + row * kWindowArea,
                         p.delta + row);
   for_each_pool_tile<HD, acc_t, kTile>(
-      ctx, sh, p.k_pool, p.v_pool, bias_h, s, bh, blk.first_query, ctx.threads(), ctx.thread(),
+      ctx, sh, p.k_pool, p.v_pool, p.bias, h, s, bh, blk.first_query, ctx.threads(), ctx.thread(),
       [&](const acc_t* kp, const acc_t* vp, const acc_t* bias, int count) {
         if (active) thread.pool_tile(kp, vp, count, bias, s.d);
       });
@@ -283,11 +284,9 @@ C10_HOST_DEVICE void backward_pool_block(const Ctx& ctx, const BackwardParams<sc
   // Queries of the chunk and batch elements of the group (32-bit loop counters: fewer registers).
   const int chunk_count = static_cast<int>(tnx_min(s.tokens - i_begin, p.chunk_len));
   const int group_count = static_cast<int>(tnx_min(s.batch - b_begin, p.group_len));
-  // This column of the head's (N, Np) bias_pool slab and of the group's d bias_pool partial sum,
-  // from the chunk's first query on.
-  // (One offset for both: they share the (N, Np) layout; the group's slab is `group` slabs on.)
+  // This column of the group's d bias_pool partial sum (dense (heads, N, Np) slabs, also in the
+  // table form), from the chunk's first query on.
   const int64_t column = (h * s.tokens + i_begin) * s.pool + key;
-  const scalar_t* bias_column = p.bias + column;
   acc_t* dbias_column = p.dbias_partial == nullptr
                             ? nullptr
                             : p.dbias_partial + group * s.heads * s.tokens * s.pool + column;
@@ -318,7 +317,7 @@ C10_HOST_DEVICE void backward_pool_block(const Ctx& ctx, const BackwardParams<sc
       // The bias tile: thread (lane, key_column) loads its column of every lanes-th query row.
       if (key_active)
         for (int t = lane; t < count; t += lanes)
-          sh.bias[t * keys + key_column] = static_cast<acc_t>(bias_column[(i + t) * s.pool]);
+          sh.bias[t * keys + key_column] = static_cast<acc_t>(p.bias.at(h, i0 + t, key, s));
       ctx.sync();  // the tiles are complete
       if (active)
         thread.query_tile(
@@ -365,6 +364,68 @@ C10_HOST_DEVICE void window_grad_block(const Ctx& ctx, const BackwardParams<scal
         c, s.height, s.width, &grad_k, &grad_v);
     p.dk_layout.rows(p.dk, bh, s.heads).row(n)[c] = static_cast<scalar_t>(grad_k);
     p.dv_layout.rows(p.dv, bh, s.heads).row(n)[c] = static_cast<scalar_t>(grad_v);
+  }
+}
+
+// Table form, backward: the table gradient from the pooled-key kernel's d bias_pool partial sums
+// (grid: run_table_grad_kernel, grid-stride; no shared memory). One thread per (head, table
+// entry e) gathers every (query, pooled key) pair whose entry is e (index_rows[y, py] +
+// index_cols[x, px] = e) through the sorted index lists below, in a fixed order: no atomics, the
+// same result on every run.
+template <typename T>
+struct TableGradParams {
+  using acc_t = T;
+  AttentionSizes sizes;
+  const acc_t* dbias_partial;  // (groups, heads, N, Np)
+  int64_t groups, table_size;
+  int pool_h, pool_w;
+  // index_rows' distinct values, ascending, and for the r-th of them the flat positions
+  // y * pool_h + py that hold it: row_members[row_offsets[r] .. row_offsets[r + 1]).
+  const int64_t *row_values, *row_offsets, *row_members;
+  int64_t row_count;
+  // For an index_cols value c in [col_min, col_min + col_span): its slot col_slot[c - col_min]
+  // (-1 where no position holds it) and the positions x * pool_w + px that hold it:
+  // col_members[col_offsets[slot] .. col_offsets[slot + 1]).
+  const int64_t *col_slot, *col_offsets, *col_members;
+  int64_t col_min, col_span;
+  acc_t* dtable;  // (heads, table_size)
+};
+
+template <typename acc_t, typename Ctx>
+C10_HOST_DEVICE void table_grad_block(const Ctx& ctx, const TableGradParams<acc_t>& p) {
+  const AttentionSizes& s = p.sizes;
+  const int64_t total = s.heads * p.table_size;
+  const int64_t slab = s.tokens * s.pool;  // one head's (N, Np) entries
+  for (int64_t idx = ctx.block(0) * ctx.threads() + ctx.thread(); idx < total;
+       idx += static_cast<int64_t>(ctx.threads()) * ctx.grid(0)) {
+    const int64_t h = idx / p.table_size, e = idx - h * p.table_size;
+    // The first row value whose column partner c = e - value lies below col_min + col_span
+    // (binary search), then ascending values (descending c) until c drops below col_min.
+    int64_t lo = 0, hi = p.row_count;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (e - p.row_values[mid] >= p.col_min + p.col_span)
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    acc_t sum = 0;
+    for (int64_t r = lo; r < p.row_count; ++r) {
+      const int64_t c = e - p.row_values[r];
+      if (c < p.col_min) break;
+      const int64_t slot = p.col_slot[c - p.col_min];
+      if (slot < 0) continue;
+      for (int64_t a = p.row_offsets[r]; a < p.row_offsets[r + 1]; ++a) {
+        const int64_t y = p.row_members[a] / p.pool_h, py = p.row_members[a] % p.pool_h;
+        for (int64_t b = p.col_offsets[slot]; b < p.col_offsets[slot + 1]; ++b) {
+          const int64_t x = p.col_members[b] / p.pool_w, px = p.col_members[b] % p.pool_w;
+          const acc_t* entry =
+              p.dbias_partial + h * slab + (y * s.width + x) * s.pool + py * p.pool_w + px;
+          for (int64_t g = 0; g < p.groups; ++g) sum += entry[g * s.heads * slab];
+        }
+      }
+    }
+    p.dtable[idx] = sum;
   }
 }
 
@@ -475,6 +536,19 @@ struct WindowGradKernel {
   }
 };
 
+template <typename acc_t>
+struct TableGradKernel {
+  using Params = TableGradParams<acc_t>;
+  using Shared = NoShared;
+  static constexpr int kThreads = kGatherThreads;
+  static constexpr int kMinBlocks = 1;
+  static constexpr const char* kName = "table_grad";
+  template <typename Ctx>
+  C10_HOST_DEVICE static void body(const Ctx& ctx, const Params& p, Shared&) {
+    table_grad_block<acc_t>(ctx, p);
+  }
+};
+
 // What a GPU would refuse: a block size other than the kernel's, a grid beyond CUDA's limits,
 // more static shared memory than 48 KiB (fp64 runs only in the replay and is not held to it).
 template <typename Kernel, typename Launcher>
@@ -528,6 +602,18 @@ void run_backward_kernels(const BackwardParams<scalar_t>& p, const Launch& pool_
     }
   });
   launch_kernel_checked<WindowGradKernel<scalar_t>>(gather_launch(p.sizes), p, launcher);
+}
+
+// Table form: the table gradient, after run_backward_kernels has written the d bias_pool partial
+// sums (heads x table_size > 0).
+template <typename acc_t, typename Launcher>
+void run_table_grad_kernel(const TableGradParams<acc_t>& p, const Launcher& launcher) {
+  const int64_t total = p.sizes.heads * p.table_size;
+  TORCH_CHECK(total > 0, "aggregated_attention: empty bias table");
+  const Launch launch{
+      {std::min<int64_t>((total + kGatherThreads - 1) / kGatherThreads, int64_t(1) << 20), 1, 1},
+      kGatherThreads};
+  launch_kernel_checked<TableGradKernel<acc_t>>(launch, p, launcher);
 }
 
 }  // namespace transnext_mm

@@ -182,17 +182,45 @@ C10_HOST_DEVICE inline void load_tile(acc_t* dst, int dst_stride, const scalar_t
     dst[(e / d) * dst_stride + e % d] = static_cast<acc_t>(src[(e / d) * src_stride + e % d]);
 }
 
-// Cooperative load of a bias tile: `rows` rows of `count` <= kTile elements (row stride
-// src_stride) into dst (row stride kStride). Thread t loads column t % kTile of every
-// (threads / kTile)-th row: a warp reads whole row segments (coalesced), without divisions.
-// Needs threads % kTile == 0.
+// The pooled-path bias as the kernels read it. Dense: (heads, N, Np). Table form (see
+// PoolBiasTable in transnext_mm/ops/aggregated_attention/shapes.py): entry (i, p) of head h, for
+// query i = (y, x) and pooled key p = (py, px) of the pool_h x pool_w grid, is
+// table[h * table_size + index_rows[y * pool_h + py] + index_cols[x * pool_w + px]], so the
+// (heads, N, Np) bias is never materialised.
+template <typename scalar_t>
+struct PoolBiasView {
+  const scalar_t* dense;  // null in the table form
+  const scalar_t* table;
+  const int64_t *index_rows, *index_cols;
+  int64_t table_size;
+  int pool_h, pool_w;
+
+  // Entry (i, p) of head h. Grid coordinates in 32 bits (N and Np fit; 64-bit divisions are
+  // calls on the GPU).
+  C10_HOST_DEVICE scalar_t at(int64_t h, int64_t i, int64_t p, const AttentionSizes& s) const {
+    if (dense != nullptr) return dense[(h * s.tokens + i) * s.pool + p];
+    const uint32_t query = static_cast<uint32_t>(i), key = static_cast<uint32_t>(p);
+    const uint32_t width = static_cast<uint32_t>(s.width), pw = static_cast<uint32_t>(pool_w);
+    const uint32_t y = query / width, x = query - y * width;
+    const uint32_t py = key / pw, px = key - py * pw;
+    return table[h * table_size + index_rows[static_cast<int64_t>(y) * pool_h + py] +
+                 index_cols[static_cast<int64_t>(x) * pool_w + px]];
+  }
+};
+
+// Cooperative load of a bias tile: the entries of head h for `rows` queries from first_query on
+// and `count` <= kTile pooled keys from p0 on, into dst (row stride kStride). Thread t loads
+// column t % kTile of every (threads / kTile)-th row: a warp reads whole row segments of a dense
+// bias (coalesced). Needs threads % kTile == 0.
 template <int kTile, int kStride, typename acc_t, typename scalar_t>
-C10_HOST_DEVICE inline void load_bias_tile(acc_t* dst, const scalar_t* src, int64_t src_stride,
-                                           int rows, int count, int thread, int num_threads) {
+C10_HOST_DEVICE inline void load_bias_tile(acc_t* dst, const PoolBiasView<scalar_t>& bias,
+                                           int64_t h, int64_t first_query, int64_t p0,
+                                           const AttentionSizes& s, int rows, int count, int thread,
+                                           int num_threads) {
   const int column = thread % kTile;
   if (column >= count) return;
   for (int r = thread / kTile; r < rows; r += num_threads / kTile)
-    dst[r * kStride + column] = static_cast<acc_t>(src[r * src_stride + column]);
+    dst[r * kStride + column] = static_cast<acc_t>(bias.at(h, first_query + r, p0 + column, s));
 }
 
 // Rows of a tile: at most 32, fewer for wide heads, so that two tiles stay within 32 KiB of shared

@@ -33,6 +33,14 @@ struct CudaBackend {
       launch_aggregated_attention_backward(p, pool_launch, c10::cuda::getCurrentCUDAStream());
     }
   }
+  template <typename acc_t>
+  static void table_grad(const TableGradParams<acc_t>& p) {
+    if constexpr (std::is_same_v<acc_t, double>) {
+      TORCH_CHECK(false, "aggregated_attention: no CUDA kernel for float64");
+    } else {
+      launch_aggregated_attention_table_grad(p, c10::cuda::getCurrentCUDAStream());
+    }
+  }
 };
 
 }  // namespace
@@ -42,8 +50,8 @@ std::vector<at::Tensor> aggregated_attention_forward_cuda(
     const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,
     const at::Tensor& token_weight, int64_t height, int64_t width) {
   const c10::cuda::CUDAGuard device_guard(q.device());
-  return kernel_forward<CudaBackend>(q, k, v, k_pool, v_pool, rpb, bias, token_weight, height,
-                                     width);
+  return kernel_forward<CudaBackend>(q, k, v, k_pool, v_pool, rpb, bias, at::Tensor(), at::Tensor(),
+                                     token_weight, height, width);
 }
 
 std::vector<at::Tensor> aggregated_attention_backward_cuda(
@@ -52,8 +60,31 @@ std::vector<at::Tensor> aggregated_attention_backward_cuda(
     const at::Tensor& bias, const at::Tensor& token_weight, const at::Tensor& out,
     const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad) {
   const c10::cuda::CUDAGuard device_guard(q.device());
-  return kernel_backward<CudaBackend>(grad_out, q, k, v, k_pool, v_pool, rpb, bias, token_weight,
-                                      out, lse, height, width, bias_grad);
+  return kernel_backward<CudaBackend>(grad_out, q, k, v, k_pool, v_pool, rpb, bias, at::Tensor(),
+                                      at::Tensor(), token_weight, out, lse, height, width,
+                                      bias_grad);
+}
+
+std::vector<at::Tensor> aggregated_attention_table_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
+    const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias_table,
+    const at::Tensor& index_rows, const at::Tensor& index_cols, const at::Tensor& token_weight,
+    int64_t height, int64_t width) {
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  return kernel_forward<CudaBackend>(q, k, v, k_pool, v_pool, rpb, bias_table, index_rows,
+                                     index_cols, token_weight, height, width);
+}
+
+std::vector<at::Tensor> aggregated_attention_table_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
+    const at::Tensor& bias_table, const at::Tensor& index_rows, const at::Tensor& index_cols,
+    const at::Tensor& token_weight, const at::Tensor& out, const at::Tensor& lse, int64_t height,
+    int64_t width, bool bias_grad) {
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  return kernel_backward<CudaBackend>(grad_out, q, k, v, k_pool, v_pool, rpb, bias_table,
+                                      index_rows, index_cols, token_weight, out, lse, height, width,
+                                      bias_grad);
 }
 
 }  // namespace transnext_mm

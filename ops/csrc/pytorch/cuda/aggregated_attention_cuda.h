@@ -12,13 +12,17 @@
 
 namespace transnext_mm {
 
-// Both check every launch (C10_CUDA_KERNEL_LAUNCH_CHECK). Instantiated for float, c10::Half and
-// c10::BFloat16.
+// Each checks every launch (C10_CUDA_KERNEL_LAUNCH_CHECK). The forward and backward are
+// instantiated for float, c10::Half and c10::BFloat16, the table gradient for float (the
+// accumulation type of all three).
 template <typename scalar_t>
 void launch_aggregated_attention_forward(const ForwardParams<scalar_t>& params,
                                          cudaStream_t stream);
 template <typename scalar_t>
 void launch_aggregated_attention_backward(const BackwardParams<scalar_t>& params,
                                           const Launch& pool_launch, cudaStream_t stream);
+template <typename acc_t>
+void launch_aggregated_attention_table_grad(const TableGradParams<acc_t>& params,
+                                            cudaStream_t stream);
 
 }  // namespace transnext_mm

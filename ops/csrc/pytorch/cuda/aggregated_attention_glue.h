@@ -7,7 +7,10 @@
 //   template <typename scalar_t> static void forward(const ForwardParams<scalar_t>&);
 //   template <typename scalar_t> static void backward(const BackwardParams<scalar_t>&,
 //                                                     const Launch& pool_launch);
-// Inputs are checked and made row-addressable by the caller (pytorch/aggregated_attention.cpp).
+//   template <typename acc_t> static void table_grad(const TableGradParams<acc_t>&);
+// The pooled bias is dense (heads, N, Np), or in table form when index_rows / index_cols are
+// defined (bias is then the (heads, table_size) table; see PoolBiasView). Inputs are checked and
+// made row-addressable by the caller (pytorch/aggregated_attention.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -37,11 +40,78 @@ inline at::Tensor sum_partials(const at::Tensor& partial) {
   return partial.size(0) == 1 ? partial.select(0, 0) : partial.sum(0);
 }
 
+// The kernels' view of the pooled bias: dense when index_rows is undefined, else the table form.
+template <typename scalar_t>
+PoolBiasView<scalar_t> pool_bias_view(const at::Tensor& bias, const at::Tensor& index_rows,
+                                      const at::Tensor& index_cols) {
+  if (!index_rows.defined()) return {bias.data_ptr<scalar_t>(), nullptr, nullptr, nullptr, 0, 0, 0};
+  return {nullptr,
+          bias.data_ptr<scalar_t>(),
+          index_rows.data_ptr<int64_t>(),
+          index_cols.data_ptr<int64_t>(),
+          bias.size(1),
+          static_cast<int>(index_rows.size(1)),
+          static_cast<int>(index_cols.size(1))};
+}
+
+// Positions of an index tensor's entries grouped by value: the distinct values (ascending),
+// offsets into `members` (one more than values) and the flat positions holding each value,
+// ascending within a value (a stable sort), as TableGradParams reads them.
+struct IndexGroups {
+  at::Tensor values, offsets, members;
+};
+
+inline IndexGroups group_by_value(const at::Tensor& index) {
+  const auto [sorted, order] = at::sort(index.reshape(-1), /*stable=*/true, 0, false);
+  const auto [values, inverse, counts] = at::unique_consecutive(sorted, false, true);
+  auto offsets = at::zeros({values.numel() + 1}, counts.options());
+  offsets.narrow(0, 1, values.numel()).copy_(counts.cumsum(0));
+  return {values, offsets, order};
+}
+
+// The table gradient (heads, table_size) in the accumulation type from the d bias_pool partial
+// sums (groups, heads, N, Np) that the backward kernels wrote.
+template <typename Backend>
+at::Tensor table_grad(const at::Tensor& dbias_partial, const at::Tensor& bias_table,
+                      const at::Tensor& index_rows, const at::Tensor& index_cols,
+                      const AttentionSizes& sizes) {
+  auto dtable = at::zeros({sizes.heads, bias_table.size(1)}, dbias_partial.options());
+  if (dtable.numel() == 0 || dbias_partial.numel() == 0) return dtable;
+  const IndexGroups rows = group_by_value(index_rows), cols = group_by_value(index_cols);
+  const int64_t col_min = cols.values[0].item<int64_t>();
+  const int64_t col_span = cols.values[-1].item<int64_t>() - col_min + 1;
+  auto col_slot = at::full({col_span}, -1, cols.values.options());
+  col_slot.index_put_({cols.values - col_min},
+                      at::arange(cols.values.numel(), cols.values.options()));
+  AT_DISPATCH_FLOATING_TYPES(dbias_partial.scalar_type(), "aggregated_attention_table_grad", [&] {
+    TableGradParams<scalar_t> p;
+    p.sizes = sizes;
+    p.dbias_partial = dbias_partial.data_ptr<scalar_t>();
+    p.groups = dbias_partial.size(0);
+    p.table_size = bias_table.size(1);
+    p.pool_h = static_cast<int>(index_rows.size(1));
+    p.pool_w = static_cast<int>(index_cols.size(1));
+    p.row_values = rows.values.data_ptr<int64_t>();
+    p.row_offsets = rows.offsets.data_ptr<int64_t>();
+    p.row_members = rows.members.data_ptr<int64_t>();
+    p.row_count = rows.values.numel();
+    p.col_slot = col_slot.data_ptr<int64_t>();
+    p.col_offsets = cols.offsets.data_ptr<int64_t>();
+    p.col_members = cols.members.data_ptr<int64_t>();
+    p.col_min = col_min;
+    p.col_span = col_span;
+    p.dtable = dtable.data_ptr<scalar_t>();
+    Backend::template table_grad<scalar_t>(p);
+  });
+  return dtable;
+}
+
 template <typename Backend>
 std::vector<at::Tensor> kernel_forward(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& v, const at::Tensor& k_pool,
                                        const at::Tensor& v_pool, const at::Tensor& rpb,
-                                       const at::Tensor& bias, const at::Tensor& token_weight,
+                                       const at::Tensor& bias, const at::Tensor& index_rows,
+                                       const at::Tensor& index_cols, const at::Tensor& token_weight,
                                        int64_t height, int64_t width, int query_split = 0) {
   auto out = empty_rows_like(q);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)},
@@ -57,7 +127,7 @@ std::vector<at::Tensor> kernel_forward(const at::Tensor& q, const at::Tensor& k,
                                   k_pool.data_ptr<scalar_t>(),
                                   v_pool.data_ptr<scalar_t>(),
                                   rpb.data_ptr<scalar_t>(),
-                                  bias.data_ptr<scalar_t>(),
+                                  pool_bias_view<scalar_t>(bias, index_rows, index_cols),
                                   token_weight.data_ptr<scalar_t>(),
                                   out.data_ptr<scalar_t>(),
                                   lse.data_ptr<at::opmath_type<scalar_t>>(),
@@ -72,16 +142,20 @@ std::vector<at::Tensor> kernel_forward(const at::Tensor& q, const at::Tensor& k,
 }
 
 template <typename Backend>
-std::vector<at::Tensor> kernel_backward(const at::Tensor& grad_out, const at::Tensor& q,
-                                        const at::Tensor& k, const at::Tensor& v,
-                                        const at::Tensor& k_pool, const at::Tensor& v_pool,
-                                        const at::Tensor& rpb, const at::Tensor& bias,
-                                        const at::Tensor& token_weight, const at::Tensor& out,
-                                        const at::Tensor& lse, int64_t height, int64_t width,
-                                        bool bias_grad,
-                                        int64_t target_blocks = kPoolGradTargetBlocks) {
+std::vector<at::Tensor> kernel_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
+    const at::Tensor& bias, const at::Tensor& index_rows, const at::Tensor& index_cols,
+    const at::Tensor& token_weight, const at::Tensor& out, const at::Tensor& lse, int64_t height,
+    int64_t width, bool bias_grad, int64_t target_blocks = kPoolGradTargetBlocks) {
   const int64_t batch = q.size(0), heads = q.size(1), N = q.size(2), d = q.size(3);
   const int64_t Np = k_pool.size(2);
+  const bool table = index_rows.defined();
+  // No bias gradient: an empty tensor of the bias's rank.
+  const auto no_bias_grad = [&] {
+    return table ? at::empty({0, bias.size(1)}, bias.options())
+                 : at::empty({0, N, Np}, bias.options());
+  };
   if (q.numel() == 0) {
     return {empty_rows_like(q),
             empty_rows_like(k),
@@ -89,7 +163,7 @@ std::vector<at::Tensor> kernel_backward(const at::Tensor& grad_out, const at::Te
             at::zeros_like(k_pool),
             at::zeros_like(v_pool),
             at::zeros_like(rpb),
-            bias_grad ? at::zeros_like(bias) : at::empty({0, N, Np}, bias.options()),
+            bias_grad ? at::zeros_like(bias) : no_bias_grad(),
             at::zeros_like(token_weight)};
   }
   const AttentionSizes sizes = attention_sizes(q, k_pool, height, width);
@@ -117,7 +191,7 @@ std::vector<at::Tensor> kernel_backward(const at::Tensor& grad_out, const at::Te
         p.k_pool = k_pool.data_ptr<scalar_t>();
         p.v_pool = v_pool.data_ptr<scalar_t>();
         p.rpb = rpb.data_ptr<scalar_t>();
-        p.bias = bias.data_ptr<scalar_t>();
+        p.bias = pool_bias_view<scalar_t>(bias, index_rows, index_cols);
         p.token_weight = token_weight.data_ptr<scalar_t>();
         p.out = out.data_ptr<scalar_t>();
         p.lse = lse.data_ptr<acc_t>();
@@ -144,7 +218,13 @@ std::vector<at::Tensor> kernel_backward(const at::Tensor& grad_out, const at::Te
         p.dv_layout = row_layout(dv);
         Backend::template backward<scalar_t>(p, plan.launch);
       });
-  auto dbias = bias_grad ? sum_partials(dbias_partial) : at::empty({0, N, Np}, acc_options);
+  at::Tensor dbias;
+  if (!bias_grad)
+    dbias = no_bias_grad();
+  else if (table)
+    dbias = table_grad<Backend>(dbias_partial, bias, index_rows, index_cols, sizes);
+  else
+    dbias = sum_partials(dbias_partial);
   return {dq,
           dk,
           dv,

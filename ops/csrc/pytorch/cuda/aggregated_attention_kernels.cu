@@ -2,7 +2,8 @@
 //
 // CUDA kernels of the aggregated-attention op: a fused flash-style forward (one online softmax over
 // the 3x3 window and the pooled keys; only out and the fp32 log-sum-exp are written) and a
-// recomputing backward in three kernels (query side, pooled-key side, window keys/values gather).
+// recomputing backward in three kernels (query side, pooled-key side, window keys/values gather),
+// and with the pooled bias in table form a fourth that gathers the table's gradient.
 // The kernels, their grids and their order are those of common/cuda/ (the code the CPU replay runs
 // too); this file only supplies CUDA's indices, barrier and launch.
 #include <c10/cuda/CUDAException.h>
@@ -62,6 +63,14 @@ void launch_aggregated_attention_backward(const BackwardParams<scalar_t>& p,
                                           const Launch& pool_launch, cudaStream_t stream) {
   run_backward_kernels(p, pool_launch, CudaLauncher{stream});
 }
+
+template <typename acc_t>
+void launch_aggregated_attention_table_grad(const TableGradParams<acc_t>& p, cudaStream_t stream) {
+  run_table_grad_kernel(p, CudaLauncher{stream});
+}
+
+template void launch_aggregated_attention_table_grad<float>(const TableGradParams<float>&,
+                                                            cudaStream_t);
 
 #define TNX_INSTANTIATE(T)                                                                       \
   template void launch_aggregated_attention_forward<T>(const ForwardParams<T>&, cudaStream_t);   \
