@@ -24,9 +24,12 @@ def table_op_grads(tensors, height, width, grad_out=None):
 
 
 # (B, heads, height, width, pool, d): odd grids, single rows / columns, batch > 1, the fp32
-# register-tile head dims (8, 24) and generic ones, a 1x1 pooled grid.
+# register-tile head dims (8, 24) and generic ones, a 1x1 pooled grid; pooled rows of 8 keys and
+# more (the fp32 kernels gather the bias of 8 queries of an image row at once, 8 keys at a time:
+# 11 and 16 keys per pooled row, query chunks of 128 that start inside an image row).
 SHAPES = [(2, 3, 5, 7, (2, 3), 24), (1, 2, 1, 6, (1, 2), 5), (3, 1, 13, 11, (3, 5), 3),
-          (2, 2, 9, 8, (4, 4), 8), (1, 1, 7, 9, (1, 1), 24), (2, 2, 20, 17, (5, 4), 24)]
+          (2, 2, 9, 8, (4, 4), 8), (1, 1, 7, 9, (1, 1), 24), (2, 2, 20, 17, (5, 4), 24),
+          (2, 2, 13, 29, (3, 11), 24), (1, 1, 10, 16, (2, 16), 5)]
 
 
 def assert_table_op_matches_oracle(tensors, height, width, dtype, rel):

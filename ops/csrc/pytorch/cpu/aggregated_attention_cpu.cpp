@@ -48,6 +48,22 @@ TNX_ALWAYS_INLINE void axpy_row(T* y, T alpha, const T* x, int64_t d) {
   for (int64_t c = 0; c < d; ++c) y[c] += alpha * x[c];
 }
 
+// 8-float vectors (GCC vector extensions): AVX / AVX-512 in the target clones, SSE pairs in the
+// baseline. They never cross a non-inlined call, so the AVX argument-passing ABI note does not
+// apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float v8f __attribute__((vector_size(32)));
+
+TNX_ALWAYS_INLINE v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+TNX_ALWAYS_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+TNX_ALWAYS_INLINE float hsum8(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
 // Matrix views of raw buffers for at::mm_out / addmm_ (MKL / oneDNN underneath).
 template <typename T>
 at::Tensor matrix(const T* data, int64_t rows, int64_t cols, int64_t row_stride = -1) {
@@ -75,11 +91,12 @@ struct PoolBias {
   const T* table;
   const int64_t *index_rows, *index_cols;
   int64_t table_size, pool_h, pool_w;
+  bool cols_unit_step;  // index_cols[x + 1, px] = index_cols[x, px] + 1 (see gather_bias_8)
 };
 
 // One chunk of rows [i0, i0 + rows) of one (batch, head): that (batch, head)'s rows, the head's
 // bias / window biases and the (batch, head)'s token weights. In the table form `bias` is null,
-// `table` the head's table and `bias_buf` a per-thread (Np,) buffer for one gathered row.
+// `table` the head's table and `bias_buf` a per-thread (8, Np) buffer for gathered rows.
 template <typename T>
 struct Chunk {
   Rows<const T> q, k, v, grad;
@@ -87,6 +104,7 @@ struct Chunk {
   const T* table;
   const int64_t *index_rows, *index_cols;
   int64_t pool_h, pool_w;
+  bool cols_unit_step;
   T* bias_buf;
   int64_t i0, rows, tokens, pool, d, height, width;
 };
@@ -105,6 +123,73 @@ TNX_ALWAYS_INLINE const T* bias_row(const Chunk<T>& c, int64_t i, int64_t y, int
   }
   return c.bias_buf;
 }
+
+// m[k] = row k of an 8 x 8 block -> m[k] = column k.
+TNX_ALWAYS_INLINE void transpose8x8(v8f (&m)[8]) {
+  typedef int v8i __attribute__((vector_size(32)));
+  v8f a[8], b[8];
+  for (int k = 0; k < 8; k += 2) {  // pairs of rows interleaved
+    a[k] = __builtin_shuffle(m[k], m[k + 1], v8i{0, 8, 1, 9, 2, 10, 3, 11});
+    a[k + 1] = __builtin_shuffle(m[k], m[k + 1], v8i{4, 12, 5, 13, 6, 14, 7, 15});
+  }
+  for (int k = 0; k < 8; k += 4) {  // two columns of four rows per vector
+    b[k] = __builtin_shuffle(a[k], a[k + 2], v8i{0, 1, 8, 9, 2, 3, 10, 11});
+    b[k + 1] = __builtin_shuffle(a[k], a[k + 2], v8i{4, 5, 12, 13, 6, 7, 14, 15});
+    b[k + 2] = __builtin_shuffle(a[k + 1], a[k + 3], v8i{0, 1, 8, 9, 2, 3, 10, 11});
+    b[k + 3] = __builtin_shuffle(a[k + 1], a[k + 3], v8i{4, 5, 12, 13, 6, 7, 14, 15});
+  }
+  for (int k = 0; k < 4; ++k) {  // columns 2k and 2k + 1: rows 0-3 from b[k], 4-7 from b[k + 4]
+    m[2 * k] = __builtin_shuffle(b[k], b[k + 4], v8i{0, 1, 2, 3, 8, 9, 10, 11});
+    m[2 * k + 1] = __builtin_shuffle(b[k], b[k + 4], v8i{4, 5, 6, 7, 12, 13, 14, 15});
+  }
+}
+
+// Table form, fp32, column indices stepping by one (c.cols_unit_step, as log-CPB's offsets): the
+// pooled bias rows of the 8 queries (y, x0) .. (y, x0 + 7) into block (8 x Np). For one pooled
+// key the 8 queries' entries are 8 consecutive table entries: one vector load per key and an 8 x 8
+// transpose in registers instead of 64 scalar gathers (and their index loads).
+TNX_ALWAYS_INLINE void gather_bias_8(const Chunk<float>& c, int64_t y, int64_t x0, float* block) {
+  const int64_t* rows = c.index_rows + y * c.pool_h;
+  const int64_t* cols = c.index_cols + x0 * c.pool_w;  // query (y, x0 + t): cols[px] + t
+  for (int64_t py = 0; py < c.pool_h; ++py) {
+    const float* table_row = c.table + rows[py];
+    float* out = block + py * c.pool_w;
+    int64_t px = 0;
+    for (; px + 8 <= c.pool_w; px += 8) {
+      v8f m[8];
+      for (int k = 0; k < 8; ++k) m[k] = load8(table_row + cols[px + k]);
+      transpose8x8(m);
+      for (int t = 0; t < 8; ++t) store8(out + t * c.pool + px, m[t]);
+    }
+    for (; px < c.pool_w; ++px)
+      for (int t = 0; t < 8; ++t) out[t * c.pool + px] = table_row[cols[px] + t];
+  }
+}
+
+// The pooled bias rows of a chunk's queries, asked for in increasing order: bias_row, except
+// that in the fp32 table form with unit-step column indices, where 8 queries of one image row
+// remain in the chunk, their 8 rows are gathered at once (gather_bias_8) into c.bias_buf
+// (8 x Np) and handed out one by one.
+template <typename T>
+struct BiasRows {
+  const Chunk<T>& c;
+  int64_t block_first = -1;  // first query of the rows in c.bias_buf, -1: none
+
+  TNX_ALWAYS_INLINE const T* row(int64_t i, int64_t y, int64_t x) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (c.table != nullptr && c.cols_unit_step) {
+        if (block_first >= 0 && i - block_first < 8) return c.bias_buf + (i - block_first) * c.pool;
+        if (x + 8 <= c.width && i + 8 <= c.i0 + c.rows) {
+          gather_bias_8(c, y, x, c.bias_buf);
+          block_first = i;
+          return c.bias_buf;
+        }
+      }
+    }
+    block_first = -1;  // bias_row overwrites the first row of c.bias_buf
+    return bias_row(c, i, y, x);
+  }
+};
 
 // Adds the pooled score gradient row `ds` (Np,) of query (y, x) to the table gradient `dtable`
 // of its head. The entries of one row are distinct (distinct pooled bins have distinct offsets).
@@ -157,10 +242,11 @@ template <typename T>
 TNX_ALWAYS_INLINE void forward_rows_impl(const Chunk<T>& c, T* scores, T* window, T* inv_sum,
                                          T* lse) {
   const int64_t Np = c.pool, d = c.d;
+  BiasRows<T> bias_rows{c};
   for (int64_t r = 0; r < c.rows; ++r) {
     const int64_t i = c.i0 + r, y = i / c.width, x = i % c.width;
     T* __restrict__ srow = scores + r * Np;
-    const T* __restrict__ brow = bias_row(c, i, y, x);
+    const T* __restrict__ brow = bias_rows.row(i, y, x);
     const T* q_i = c.q.row(i);
     T local[kWindowArea];
     int64_t nbr[kWindowArea];
@@ -204,11 +290,12 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* pr
                                           T* dtoken_weight, T* dbias, bool first_batch,
                                           T* dq_window) {
   const int64_t Np = c.pool, d = c.d;
+  BiasRows<T> bias_rows{c};
   for (int64_t r = 0; r < c.rows; ++r) {
     const int64_t i = c.i0 + r, y = i / c.width, x = i % c.width;
     T* __restrict__ prow = probs + r * stride;
     T* __restrict__ dprow = dprobs + r * stride;
-    const T* __restrict__ brow = bias_row(c, i, y, x);
+    const T* __restrict__ brow = bias_rows.row(i, y, x);
     const T *q_i = c.q.row(i), *g_i = c.grad.row(i);
     const T lse_i = lse[i];
     T delta = 0;
@@ -309,23 +396,9 @@ TNX_DEFINE_ROW_KERNELS(double)
 // (K = 24 for the scores, N = 24 for the pooled values) and pays its call overhead 2x per chunk.
 // This path keeps everything of a tile of kTile queries in registers / L1 instead: the pooled
 // scores come from register-blocked FMAs against k_pool^T, the softmax runs on the tile's score
-// rows, and the pooled values are accumulated in registers. 8-float vectors (GCC vector
-// extensions) compile to AVX / AVX-512 in the target clones and to SSE pairs in the baseline.
-// The vectors never cross a non-inlined call, so the AVX argument-passing ABI note does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-typedef float v8f __attribute__((vector_size(32)));
+// rows, and the pooled values are accumulated in registers (8-float vectors, see v8f).
 constexpr int64_t kTile = 4;         // queries per register tile
 constexpr int64_t kScoreBlock = 32;  // pooled keys per register tile (4 vectors)
-
-TNX_ALWAYS_INLINE v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-TNX_ALWAYS_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
-TNX_ALWAYS_INLINE float hsum8(v8f v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
 
 template <int D>
 TNX_ALWAYS_INLINE float dot_d(const float* a, const float* b) {
@@ -377,9 +450,9 @@ TNX_ALWAYS_INLINE void tile_pooled_values(const float* probs, int64_t np_pad, co
 
 // R queries starting at i0 (all in one (batch, head)): scores, softmax, output rows, lse.
 template <int D, int R>
-TNX_ALWAYS_INLINE void forward_tile(const Chunk<float>& c, int64_t i0, const float* kpT,
-                                    int64_t np_pad, const float* vp, float* scores, Rows<float> out,
-                                    float* lse) {
+TNX_ALWAYS_INLINE void forward_tile(const Chunk<float>& c, BiasRows<float>& bias_rows, int64_t i0,
+                                    const float* kpT, int64_t np_pad, const float* vp,
+                                    float* scores, Rows<float> out, float* lse) {
   const int64_t Np = c.pool;
   const float* q[R];
   for (int r = 0; r < R; ++r) q[r] = c.q.row(i0 + r);
@@ -389,7 +462,7 @@ TNX_ALWAYS_INLINE void forward_tile(const Chunk<float>& c, int64_t i0, const flo
   for (int r = 0; r < R; ++r) {
     const int64_t i = i0 + r, y = i / c.width, x = i % c.width;
     float* __restrict__ srow = scores + r * np_pad;
-    const float* __restrict__ brow = bias_row(c, i, y, x);
+    const float* __restrict__ brow = bias_rows.row(i, y, x);
     for (int j = 0; j < kWindowArea; ++j) {
       nbr[r][j] = window_neighbor(y, x, j, c.height, c.width);
       local[r][j] = nbr[r][j] >= 0 ? dot_d<D>(q[r], c.k.row(nbr[r][j])) + c.rpb[j] : 0.f;
@@ -422,9 +495,10 @@ TNX_ALWAYS_INLINE void forward_tiles_impl(const Chunk<float>& c, const float* kp
                                           float* lse) {
   int64_t i = c.i0;
   const int64_t end = c.i0 + c.rows;
+  BiasRows<float> bias_rows{c};
   for (; i + kTile <= end; i += kTile)
-    forward_tile<D, kTile>(c, i, kpT, np_pad, vp, scores, out, lse);
-  for (; i < end; ++i) forward_tile<D, 1>(c, i, kpT, np_pad, vp, scores, out, lse);
+    forward_tile<D, kTile>(c, bias_rows, i, kpT, np_pad, vp, scores, out, lse);
+  for (; i < end; ++i) forward_tile<D, 1>(c, bias_rows, i, kpT, np_pad, vp, scores, out, lse);
 }
 
 #define TNX_DEFINE_TILE_KERNEL(D)                                                                 \
@@ -596,6 +670,7 @@ Chunk<T> chunk_of(const Shape& s, const Layouts& l, int64_t bh, const T* q, cons
   c.index_cols = bias.index_cols;
   c.pool_h = bias.pool_h;
   c.pool_w = bias.pool_w;
+  c.cols_unit_step = bias.cols_unit_step;
   c.bias_buf = bias_buf;
   c.rpb = rpb + h * kWindowArea;
   c.token_weight = token_weight + bh * s.tokens * kWindowArea;
@@ -621,7 +696,7 @@ void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* 
       const int64_t np_pad = padded_pool(Np);
       const std::vector<float> kpT = transpose_pooled(k_pool, s.batch * s.heads, Np, d, np_pad);
       at::parallel_for(0, s.batch * s.heads * chunks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(kTile * std::max<int64_t>(np_pad, 1)), bias_buf(Np);
+        std::vector<float> scores(kTile * std::max<int64_t>(np_pad, 1)), bias_buf(8 * Np);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t bh = task / chunks;
           Chunk<float> c = chunk_of(s, l, bh, q, k, v, static_cast<const float*>(nullptr), bias,
@@ -637,7 +712,7 @@ void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* 
   }
   at::parallel_for(0, s.batch * s.heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scores(kRows * std::max<int64_t>(Np, 1)), pooled(kRows * d), window(kRows * d),
-        inv_sum(kRows), bias_buf(Np);
+        inv_sum(kRows), bias_buf(8 * Np);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks;
       Chunk<T> c = chunk_of(s, l, bh, q, k, v, static_cast<const T*>(nullptr), bias, rpb,
@@ -695,7 +770,7 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
   at::parallel_for(0, heads * groups, 1, [&](int64_t begin, int64_t end) {
     const int64_t buffer = kRows * std::max<int64_t>(np_pad, 1);
     std::vector<T> probs(buffer), dprobs(buffer), dq_pool(kRows * d), dq_window(kRows * d),
-        ones(kRows, T(1)), bias_buf(Np);
+        ones(kRows, T(1)), bias_buf(8 * Np);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task / groups, group = task % groups;
       const int64_t chunk_end = std::min(chunks, (group + 1) * chunks_per_group);
@@ -774,14 +849,15 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
 template <typename T>
 PoolBias<T> pool_bias_of(const at::Tensor& bias, const at::Tensor& index_rows,
                          const at::Tensor& index_cols) {
-  if (!index_rows.defined()) return {bias.data_ptr<T>(), nullptr, nullptr, nullptr, 0, 0, 0};
-  return {nullptr,
-          bias.data_ptr<T>(),
-          index_rows.data_ptr<int64_t>(),
-          index_cols.data_ptr<int64_t>(),
-          bias.size(1),
-          index_rows.size(1),
-          index_cols.size(1)};
+  if (!index_rows.defined()) return {bias.data_ptr<T>(), nullptr, nullptr, nullptr, 0, 0, 0, false};
+  const int64_t width = index_cols.size(0), pool_w = index_cols.size(1);
+  const int64_t* cols = index_cols.data_ptr<int64_t>();
+  bool unit_step = true;
+  for (int64_t e = 0; e + pool_w < width * pool_w && unit_step; ++e)
+    unit_step = cols[e + pool_w] == cols[e] + 1;
+  return {nullptr, bias.data_ptr<T>(), index_rows.data_ptr<int64_t>(),
+          cols,    bias.size(1),       index_rows.size(1),
+          pool_w,  unit_step};
 }
 
 std::vector<at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

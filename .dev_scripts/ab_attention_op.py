@@ -1,0 +1,123 @@
+# Copyright (c) transnext-mm contributors. All rights reserved.
+"""Compare the aggregated-attention CPU kernels of two builds in one process, interleaved.
+
+A change to the kernels moves a layer's time by a few percent, less than this shared machine
+moves between runs, so the two builds are timed side by side: the baseline build's
+``transnext_mm/_ext*.so`` copied into a package directory of its own, imported under another
+name beside this checkout's build. Inputs are those of a backbone's aggregated-attention layers
+(stages 1-3) at one input size, the pooled bias in table form with log-CPB indices (the
+training case); each round times every layer shape with both builds, alternating which goes
+first, and the report gives per stage the median over rounds of each build's best-of-3 time and
+the median of the per-round ratios, and the total over all layers of the arch.
+
+    cp transnext_mm/_ext*.so /tmp/base/basepkg/   # the baseline build (and an empty __init__.py)
+    # ... change and rebuild: python setup.py build_ext --inplace
+    python .dev_scripts/ab_attention_op.py /tmp/base basepkg --arch tiny --size 512 --rounds 11
+"""
+import argparse
+import importlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'tools'))
+
+from benchmark import layer_shapes  # noqa: E402
+
+from transnext_mm.models.backbones import TransNeXt  # noqa: E402
+from transnext_mm.models.layers.log_cpb import log_cpb_axes  # noqa: E402
+
+
+def layer_inputs(heads, d, height, width, pool_h, pool_w, seed):
+    """One layer's op inputs (batch 1, table-form bias) and an output gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    N, Np = height * width, pool_h * pool_w
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    (coords_h, index_h), (coords_w, index_w) = log_cpb_axes((height, width), (pool_h, pool_w), 16,
+                                                            torch.device('cpu'))
+    args = (randn(1, heads, N, d) * 4, F.normalize(randn(1, heads, N, d), dim=-1),
+            randn(1, heads, N, d), F.normalize(randn(1, heads, Np, d), dim=-1),
+            randn(1, heads, Np, d), randn(heads, 9), randn(heads,
+                                                           coords_h.numel() * coords_w.numel()),
+            (index_h * coords_w.numel()).contiguous(), index_w.contiguous(),
+            randn(1, heads, N, 9) * 0.5, height, width)
+    return args, randn(1, heads, N, d)
+
+
+def best_of(ext, args, grad, part, repeats=3):
+    times = []
+    for _ in range(repeats):
+        if part == 'backward':
+            out, lse = ext.aggregated_attention_table_forward(*args)
+            start = time.perf_counter()
+            ext.aggregated_attention_table_backward(grad, *args[:10], out, lse, *args[10:], True)
+        else:
+            start = time.perf_counter()
+            ext.aggregated_attention_table_forward(*args)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('base_dir', help='directory that holds the baseline package')
+    parser.add_argument('base_package', help='the baseline package (holds the copied _ext*.so)')
+    parser.add_argument('--arch', default='tiny', choices=sorted(TransNeXt.arch_settings))
+    parser.add_argument('--size', type=int, default=512, help='square input size')
+    parser.add_argument('--rounds', type=int, default=11)
+    parser.add_argument('--threads', type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    new = importlib.import_module('transnext_mm._ext')
+    sys.path.insert(0, args.base_dir)
+    old = importlib.import_module(f'{args.base_package}._ext')
+    arch = TransNeXt(arch=args.arch, img_size=args.size).arch  # with the pooled-grid ratios
+    shapes = layer_shapes(arch, args.size, args.size)
+    cases = [(count, *layer_inputs(heads, d, h, w, ph, pw, seed=h))
+             for count, heads, d, h, w, ph, pw in shapes]
+    for _, op_args, grad in cases:  # the builds compute the same
+        out_new, lse_new = new.aggregated_attention_table_forward(*op_args)
+        out_old, _ = old.aggregated_attention_table_forward(*op_args)
+        torch.testing.assert_close(out_new, out_old)
+        grads_new = new.aggregated_attention_table_backward(grad, *op_args[:10], out_new, lse_new,
+                                                            *op_args[10:], True)
+        grads_old = old.aggregated_attention_table_backward(grad, *op_args[:10], out_new, lse_new,
+                                                            *op_args[10:], True)
+        for a, b in zip(grads_new, grads_old):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    times = {}
+    for r in range(args.rounds):
+        for stage, (_, op_args, grad) in enumerate(cases):
+            for part in ('forward', 'backward'):
+                builds = (('base', old), ('new', new)) if r % 2 == 0 else (('new', new),
+                                                                         ('base', old))
+                for name, ext in builds:
+                    times.setdefault((name, stage, part), []).append(
+                        best_of(ext, op_args, grad, part))
+    print(f'{args.arch} at {args.size}x{args.size}, batch 1, {args.threads} threads, '
+          f'{args.rounds} rounds (ms: median over rounds of the best of 3)')
+    for part in ('forward', 'backward'):
+        total = {'base': 0.0, 'new': 0.0}
+        for stage, (count, _, _) in enumerate(cases):
+            base, new_t = times[('base', stage, part)], times[('new', stage, part)]
+            ratio = statistics.median(b / a for a, b in zip(base, new_t))
+            for name, series in (('base', base), ('new', new_t)):
+                total[name] += count * statistics.median(series)
+            print(f'{part:8s} stage {stage + 1} ({count} layers): base '
+                  f'{statistics.median(base) * 1e3:7.2f}  new {statistics.median(new_t) * 1e3:7.2f}'
+                  f'  per-round ratio {ratio:.3f}')
+        print(f'{part:8s} all layers: base {total["base"] * 1e3:7.1f}  new '
+              f'{total["new"] * 1e3:7.1f}  ratio {total["new"] / total["base"]:.3f}')
+
+
+if __name__ == '__main__':
+    main()
