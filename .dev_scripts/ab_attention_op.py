@@ -45,11 +45,11 @@ def layer_inputs(heads, d, height, width, pool_h, pool_w, seed):
     (coords_h, index_h), (coords_w, index_w) = log_cpb_axes((height, width), (pool_h, pool_w), 16,
                                                             torch.device('cpu'))
     args = (randn(1, heads, N, d) * 4, F.normalize(randn(1, heads, N, d), dim=-1),
-            randn(1, heads, N, d), F.normalize(randn(1, heads, Np, d), dim=-1),
-            randn(1, heads, Np, d), randn(heads, 9), randn(heads,
-                                                           coords_h.numel() * coords_w.numel()),
-            (index_h * coords_w.numel()).contiguous(), index_w.contiguous(),
-            randn(1, heads, N, 9) * 0.5, height, width)
+            randn(1, heads, N, d), F.normalize(randn(1, heads, Np, d),
+                                               dim=-1), randn(1, heads, Np, d), randn(heads, 9),
+            randn(heads,
+                  coords_h.numel() * coords_w.numel()), (index_h * coords_w.numel()).contiguous(),
+            index_w.contiguous(), randn(1, heads, N, 9) * 0.5, height, width)
     return args, randn(1, heads, N, d)
 
 
@@ -98,11 +98,11 @@ def main():
     for r in range(args.rounds):
         for stage, (_, op_args, grad) in enumerate(cases):
             for part in ('forward', 'backward'):
-                builds = (('base', old), ('new', new)) if r % 2 == 0 else (('new', new),
-                                                                         ('base', old))
+                builds = (('base', old), ('new', new)) if r % 2 == 0 else (('new', new), ('base',
+                                                                                          old))
                 for name, ext in builds:
-                    times.setdefault((name, stage, part), []).append(
-                        best_of(ext, op_args, grad, part))
+                    times.setdefault((name, stage, part),
+                                     []).append(best_of(ext, op_args, grad, part))
     print(f'{args.arch} at {args.size}x{args.size}, batch 1, {args.threads} threads, '
           f'{args.rounds} rounds (ms: median over rounds of the best of 3)')
     for part in ('forward', 'backward'):

@@ -204,6 +204,33 @@ TNX_ALWAYS_INLINE void add_table_grad(const Chunk<T>& c, int64_t y, int64_t x, c
   }
 }
 
+// The table-gradient counterpart of gather_bias_8: adds the ds rows of the 8 queries (y, x0) ..
+// (y, x0 + 7) (row stride `stride`) to dtable. Transposed into `scratch` (Np x 8) first, so that
+// each pooled key's 8 values are one vector add onto 8 consecutive entries; the adds go pooled row
+// by pooled row for each pooled column, so that consecutive adds touch different table rows (the
+// keys of one pooled row may step by less than 8 entries, and overlapping adds in a row would
+// stall on their stores).
+TNX_ALWAYS_INLINE void add_table_grad_8(const Chunk<float>& c, int64_t y, int64_t x0,
+                                        const float* ds, int64_t stride, float* dtable,
+                                        float* scratch) {
+  int64_t p = 0;
+  for (; p + 8 <= c.pool; p += 8) {
+    v8f m[8];
+    for (int t = 0; t < 8; ++t) m[t] = load8(ds + t * stride + p);
+    transpose8x8(m);
+    for (int k = 0; k < 8; ++k) store8(scratch + (p + k) * 8, m[k]);
+  }
+  for (; p < c.pool; ++p)
+    for (int t = 0; t < 8; ++t) scratch[p * 8 + t] = ds[t * stride + p];
+  const int64_t* rows = c.index_rows + y * c.pool_h;
+  const int64_t* cols = c.index_cols + x0 * c.pool_w;
+  for (int64_t px = 0; px < c.pool_w; ++px)
+    for (int64_t py = 0; py < c.pool_h; ++py) {
+      float* dst = dtable + rows[py] + cols[px];
+      store8(dst, load8(dst) + load8(scratch + (py * c.pool_w + px) * 8));
+    }
+}
+
 // ---------------------------------------------------------------------------------- forward
 // Softmax of one query over its 9 window scores `local` (biases included; entries of out-of-image
 // neighbours, nbr[j] < 0, are ignored) and its pooled scores `srow`, to which the pooled bias row
@@ -322,7 +349,15 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* pr
 #pragma omp simd
     for (int64_t p = 0; p < Np; ++p) dprow[p] = prow[p] * (dprow[p] - delta);
     if (dbias != nullptr && c.table != nullptr) {
-      add_table_grad(c, y, x, dprow, dbias);
+      bool in_block = false;
+      if constexpr (std::is_same_v<T, float>) {
+        // Rows of a gathered 8-query block add theirs at the block's last row; its bias rows in
+        // c.bias_buf are used up by then, so that buffer holds the transposed ds.
+        in_block = bias_rows.block_first >= 0;
+        if (in_block && i == bias_rows.block_first + 7)
+          add_table_grad_8(c, y, x - 7, dprobs + (r - 7) * stride, stride, dbias, c.bias_buf);
+      }
+      if (!in_block) add_table_grad(c, y, x, dprow, dbias);
     } else if (dbias != nullptr) {
       T* dbrow = dbias + i * Np;
       if (first_batch) {
