@@ -610,10 +610,7 @@ template <typename acc_t, typename Launcher>
 void run_table_grad_kernel(const TableGradParams<acc_t>& p, const Launcher& launcher) {
   const int64_t total = p.sizes.heads * p.table_size;
   TORCH_CHECK(total > 0, "aggregated_attention: empty bias table");
-  const Launch launch{
-      {std::min<int64_t>((total + kGatherThreads - 1) / kGatherThreads, int64_t(1) << 20), 1, 1},
-      kGatherThreads};
-  launch_kernel_checked<TableGradKernel<acc_t>>(launch, p, launcher);
+  launch_kernel_checked<TableGradKernel<acc_t>>(grid_stride_launch(total), p, launcher);
 }
 
 }  // namespace transnext_mm

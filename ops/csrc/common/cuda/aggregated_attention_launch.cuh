@@ -64,11 +64,17 @@ inline int query_split(const AttentionSizes& s) {
   return split;
 }
 
-inline Launch gather_launch(const AttentionSizes& s) {
-  const int64_t total = s.batch * s.heads * s.tokens * s.d;
+// Grid-stride kernels over `total` elements (> 0): kGatherThreads threads a block, at most 2^20
+// blocks.
+inline Launch grid_stride_launch(int64_t total) {
   return {
       {std::min<int64_t>((total + kGatherThreads - 1) / kGatherThreads, int64_t(1) << 20), 1, 1},
       kGatherThreads};
+}
+
+// The window dk / dv gather: one element per (batch, head, key position, channel).
+inline Launch gather_launch(const AttentionSizes& s) {
+  return grid_stride_launch(s.batch * s.heads * s.tokens * s.d);
 }
 
 // Pooled-key gradient: grid (key tiles x batch groups, query chunks, heads), the group varying
