@@ -94,6 +94,24 @@ def test_odd_sizes_batch2_train_and_eval(size):
         torch.testing.assert_close(o[1:], s, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('attn_impl,size', [('auto', (77, 53)), ('reference', (75, 51))])
+def test_training_after_inference_mode(attn_impl, size):
+    """The per-size index caches first filled under torch.inference_mode (a size no other test
+    uses) hold normal tensors: a later training step can save them for its backward."""
+    model = TransNeXt(arch='micro', attn_impl=attn_impl).eval()
+    x = torch.randn(1, 3, *size)
+    with torch.inference_mode():
+        expected = model(x)
+    model.train()
+    outs = model(x)
+    sum(o.mean() for o in outs).backward()
+    assert model.block1[0].attn.cpb_fc1.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        for o, e in zip(model(x), expected):
+            torch.testing.assert_close(o, e)
+
+
 def test_large_odd_size_eval():
     model = TransNeXt(arch='micro', attn_impl='torch', out_indices=(0, 3)).eval()
     with torch.no_grad():

@@ -89,7 +89,10 @@ def log_cpb_axis(query_len, key_len, pretrain_len: int,
     key = (query_len, key_len, pretrain_len, str(device))
     entry = _axis_cache.get(key)
     if entry is None:
-        entry = tuple(t.to(device) for t in _compact_axis_cpu(query_len, key_len, pretrain_len))
+        # Normal tensors even under torch.inference_mode: later training steps use them too.
+        with torch.inference_mode(False):
+            entry = tuple(
+                t.to(device) for t in _compact_axis_cpu(query_len, key_len, pretrain_len))
         _axis_cache[key] = entry
     return entry
 

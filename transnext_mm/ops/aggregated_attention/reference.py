@@ -52,7 +52,10 @@ def window_tables(height: int, width: int,
     key = (height, width, str(device))
     tables = _window_cache.get(key)
     if tables is None:
-        tables = tuple(t.to(device) for t in _window_tables_cpu(height, width))
+        # Normal tensors even when first asked for under torch.inference_mode: the cache also
+        # serves later training steps, which cannot save inference tensors for backward.
+        with torch.inference_mode(False):
+            tables = tuple(t.to(device) for t in _window_tables_cpu(height, width))
         _window_cache[key] = tables
     return tables
 
