@@ -8,6 +8,8 @@
 #include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 
+#include <deque>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -64,6 +66,49 @@ inline std::vector<at::Tensor> checked(const std::vector<std::pair<const char*, 
   return out;
 }
 
+// Index pairs whose bounds passed the check below. The check reads two values back from the
+// device, which on a GPU waits for all the work queued before it; a model hands the op the same
+// index tensors on every step (log-CPB's are cached per grid), so the pairs that passed last are
+// remembered, with the tensors' versions at the check and references that keep them alive (no
+// other tensor can take their place): another tensor, an in-place change (a new version) or
+// another table size is checked again. Inference tensors have no version and are always checked.
+class CheckedIndexPairs {
+ public:
+  bool contains(const at::Tensor& rows, const at::Tensor& cols, int64_t table_size) {
+    if (rows.is_inference() || cols.is_inference()) return false;
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& e : entries_)
+      if (e.rows.unsafeGetTensorImpl() == rows.unsafeGetTensorImpl() &&
+          e.cols.unsafeGetTensorImpl() == cols.unsafeGetTensorImpl() &&
+          e.rows_version == rows._version() && e.cols_version == cols._version() &&
+          e.table_size == table_size)
+        return true;
+    return false;
+  }
+
+  void add(const at::Tensor& rows, const at::Tensor& cols, int64_t table_size) {
+    if (rows.is_inference() || cols.is_inference()) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (entries_.size() == kCapacity) entries_.pop_front();
+    entries_.push_back({rows, cols, rows._version(), cols._version(), table_size});
+  }
+
+ private:
+  static constexpr size_t kCapacity = 64;
+  struct Entry {
+    at::Tensor rows, cols;
+    int64_t rows_version, cols_version, table_size;
+  };
+  std::mutex mutex_;
+  std::deque<Entry> entries_;
+};
+
+// Never destroyed: tensors released after the device runtime has shut down can crash at exit.
+inline CheckedIndexPairs& checked_index_pairs() {
+  static auto* pairs = new CheckedIndexPairs();
+  return *pairs;
+}
+
 // The table form of the pooled bias: bias_table (heads, table_size) in q's dtype, index_rows
 // (height, Hk) and index_cols (width, Wk) int64 with Hk * Wk = Np and every
 // index_rows[y, py] + index_cols[x, px] in [0, table_size). Returns the index tensors contiguous.
@@ -85,7 +130,8 @@ inline std::pair<at::Tensor, at::Tensor> checked_bias_index(
               "aggregated_attention: index_rows and index_cols give a pooled grid of ",
               index_rows.size(1), "x", index_cols.size(1), " but k_pool has ", k_pool.size(2),
               " pooled keys");
-  if (index_rows.numel() > 0 && index_cols.numel() > 0) {
+  if (index_rows.numel() > 0 && index_cols.numel() > 0 &&
+      !checked_index_pairs().contains(index_rows, index_cols, bias_table.size(1))) {
     // One device-to-host copy for both bounds (one synchronisation on a GPU).
     const auto bounds =
         at::stack({index_rows.min() + index_cols.min(), index_rows.max() + index_cols.max()}).cpu();
@@ -93,6 +139,7 @@ inline std::pair<at::Tensor, at::Tensor> checked_bias_index(
     TORCH_CHECK(low >= 0 && high < bias_table.size(1),
                 "aggregated_attention: index_rows + index_cols must lie in [0, ",
                 bias_table.size(1), "), got [", low, ", ", high, "]");
+    checked_index_pairs().add(index_rows, index_cols, bias_table.size(1));
   }
   return {index_rows.contiguous(), index_cols.contiguous()};
 }

@@ -310,6 +310,29 @@ def test_replayed_table_form_equals_dense(order, target_blocks):
     assert torch.equal(again[6], grads[6])
 
 
+@pytest.mark.parametrize('shift', [7, -3])
+def test_replayed_table_form_signed_indices(shift):
+    """Only the sums index_rows + index_cols must lie in the table: rows moved below zero (or
+    columns), the other axis moved back, give the same bias and the same gradients bit for
+    bit."""
+    B, heads, height, width, pool, d = 2, 2, 7, 5, (3, 2), 8
+    tensors = make_table_inputs(B, heads, height, width, pool, d, dtype=torch.float64)
+    tensors = [t.detach() for t in tensors[:6]] + [tensors[6]] + [tensors[7].detach()]
+    bias = tensors[6]
+    moved = PoolBiasTable(bias.table.detach(), bias.index_rows - shift, bias.index_cols + shift)
+    assert (moved.index_rows < 0).any() or (moved.index_cols < 0).any()
+    grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64)
+    results = [
+        aggregated_attention_cuda_replay(
+            *tensors[:6], table, tensors[7], height, width, grad_out=grad_out)
+        for table in (PoolBiasTable(bias.table.detach(), bias.index_rows, bias.index_cols), moved)
+    ]
+    (out, _, grads), (out_moved, _, grads_moved) = results
+    assert torch.equal(out, out_moved)
+    for name, g, g_moved in zip(TABLE_NAMES, grads, grads_moved):
+        assert torch.equal(g, g_moved), name
+
+
 def test_replayed_table_form_sparse_table_and_no_bias_grad():
     """Table entries that no (query, key) pair reads get a zero gradient; the indices may leave
     gaps between column values. Without the bias gradient the forward and the other gradients are

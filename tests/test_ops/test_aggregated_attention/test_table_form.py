@@ -172,6 +172,52 @@ def test_table_form_bad_inputs_name_the_argument():
                                                                   detached[6], 4, 5)
 
 
+@requires_op
+def test_table_form_index_bounds_rechecked_after_in_place_change():
+    """The op remembers index pairs whose bounds passed (on a GPU the check waits for the
+    device); the same tensors changed in place, or a table too small for them, are checked
+    again."""
+    tensors = make_table_inputs(1, 2, 4, 5, (2, 2), 8, dtype=torch.float32)
+    detached = [t.detach() for t in tensors[:6] + tensors[7:]]
+    bias = tensors[6]
+    table, rows, cols = bias.table.detach(), bias.index_rows.clone(), bias.index_cols.clone()
+
+    def forward(table):
+        return torch.ops.transnext_mm.aggregated_attention_table_forward(
+            *detached[:6], table, rows, cols, detached[6], 4, 5)
+
+    out, _ = forward(table)
+    torch.testing.assert_close(forward(table)[0], out, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r'index_rows \+ index_cols must lie in'):
+        forward(table[:, :int(rows.max() + cols.max())])
+    rows.add_(table.shape[1])
+    with pytest.raises(RuntimeError, match=r'index_rows \+ index_cols must lie in'):
+        forward(table)
+    cols.sub_(3 * table.shape[1])
+    rows.sub_(table.shape[1])
+    with pytest.raises(RuntimeError, match=r'index_rows \+ index_cols must lie in'):
+        forward(table)
+
+
+def test_layers_hand_over_the_same_index_tensors_every_step():
+    """The table form's index tensors are cached per grids in eager mode (the op's bounds check
+    then runs once), also where an axis is resized; the table itself is recomputed."""
+    fc1, fc2 = nn.Linear(2, 16), nn.Linear(16, 2)
+    # (mode, query grid, key grid); interpolation from an (8, 8) x (2, 2) table: unresized,
+    # columns resized, rows resized.
+    cases = [('extrapolate', (9, 7), (3, 2)), ('interpolate', (8, 8), (2, 2)),
+             ('interpolate', (8, 6), (2, 2)), ('interpolate', (6, 8), (2, 2))]
+    for mode, query, key in cases:
+        log_cpb = LogCPB(mode, (8, 8), (2, 2), pretrain_len=7)
+        assert log_cpb.has_table_form(query, key)
+        first = log_cpb.table_form(fc1, fc2, query, key)
+        second = log_cpb.table_form(fc1, fc2, query, key)
+        assert first.index_rows is second.index_rows, (mode, query)
+        assert first.index_cols is second.index_cols, (mode, query)
+        assert first.table is not second.table
+        torch.testing.assert_close(first.dense(), log_cpb.compute(fc1, fc2, query, key))
+
+
 def test_other_implementations_materialise_the_table():
     """The PyTorch and reference paths take a table too: they materialise it (the oracle)."""
     height, width = 5, 6

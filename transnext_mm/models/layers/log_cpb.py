@@ -91,9 +91,49 @@ def log_cpb_axis(query_len, key_len, pretrain_len: int,
     if entry is None:
         # Normal tensors even under torch.inference_mode: later training steps use them too.
         with torch.inference_mode(False):
-            entry = tuple(
-                t.to(device) for t in _compact_axis_cpu(query_len, key_len, pretrain_len))
+            entry = tuple(t.to(device) for t in _compact_axis_cpu(query_len, key_len, pretrain_len))
         _axis_cache[key] = entry
+    return entry
+
+
+_table_index_cache: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def table_form_indices(index_h: torch.Tensor, index_w: torch.Tensor, table_w: int,
+                       resized: Tuple[int, ...], query_size: Size, key_size: Size,
+                       axes_key: tuple) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(index_rows, index_cols)`` of :meth:`LogCPB.table_form` from the axes' indices into
+    the MLP table (U_h, U_w); ``resized``: the axis resized, if any, whose (query, key) pairs
+    then index the folded table.
+
+    Unresized: rows step over U_w entries. Rows resized, table (Hq * Hk, U_w): the row pairs
+    step over U_w entries. Columns resized, table (U_h, Wq * Wk): rows step over Wq * Wk.
+
+    Eager: cached per grids (``axes_key``: what decides ``index_h`` / ``index_w``), so that
+    every step hands the op the same tensors and the op checks their bounds once (a read back
+    from the device, see the op's input checks).
+    """
+
+    def build():
+        if not resized:
+            return index_h * table_w, index_w
+        axis = resized[0]
+        query_len, key_len = query_size[axis], key_size[axis]
+        pairs = torch.arange(query_len * key_len, device=index_h.device).view(query_len, key_len)
+        if axis == 0:
+            return pairs * table_w, index_w
+        return index_h * (query_len * key_len), pairs
+
+    if torch.compiler.is_compiling() or not all(
+            isinstance(n, int) for n in tuple(query_size) + tuple(key_size)):
+        return build()
+    key = (axes_key, resized, tuple(query_size), tuple(key_size))
+    entry = _table_index_cache.get(key)
+    if entry is None:
+        # Normal tensors even under torch.inference_mode (see log_cpb_axis).
+        with torch.inference_mode(False):
+            entry = build()
+        _table_index_cache[key] = entry
     return entry
 
 
@@ -411,17 +451,17 @@ class LogCPB:
         grids = (self.table_query, self.table_key) if resized else (query_size, key_size)
         (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(*grids, self.pretrain_len, device)
         table = log_cpb_table(fc1, fc2, coords_h, coords_w, self.impl)
+        index_rows, index_cols = table_form_indices(index_h, index_w, coords_w.numel(), resized,
+                                                    query_size, key_size,
+                                                    (grids, self.pretrain_len, str(device)))
         if not resized:
-            return PoolBiasTable(table.flatten(1), index_h * coords_w.numel(), index_w)
+            return PoolBiasTable(table.flatten(1), index_rows, index_cols)
         axis = resized[0]
-        query_len, key_len = query_size[axis], key_size[axis]
-        folded = fold_resized_axis(table, (index_h, index_w)[axis], axis, query_len, key_len)
-        pairs = torch.arange(query_len * key_len, device=device).view(query_len, key_len)
-        if axis == 0:  # (heads, Hq, Hk, U_w): row offsets step over U_w entries
-            return PoolBiasTable(
-                folded.permute(0, 2, 3, 1).flatten(1), pairs * coords_w.numel(), index_w)
-        # (heads, U_h, Wq, Wk): row offsets step over whole Wq * Wk blocks
-        return PoolBiasTable(folded.flatten(1), index_h * (query_len * key_len), pairs)
+        folded = fold_resized_axis(table, (index_h, index_w)[axis], axis, query_size[axis],
+                                   key_size[axis])
+        if axis == 0:  # (heads, Hq, Hk, U_w)
+            folded = folded.permute(0, 2, 3, 1)
+        return PoolBiasTable(folded.flatten(1), index_rows, index_cols)
 
     @staticmethod
     def _weights_signature(fc1: nn.Linear, fc2: nn.Linear) -> tuple:

@@ -370,8 +370,34 @@ C10_HOST_DEVICE void window_grad_block(const Ctx& ctx, const BackwardParams<scal
 // Table form, backward: the table gradient from the pooled-key kernel's d bias_pool partial sums
 // (grid: run_table_grad_kernel, grid-stride; no shared memory). One thread per (head, table
 // entry e) gathers every (query, pooled key) pair whose entry is e (index_rows[y, py] +
-// index_cols[x, px] = e) through the sorted index lists below, in a fixed order: no atomics, the
-// same result on every run.
+// index_cols[x, px] = e) through the index groups below, in a fixed order: no atomics, the same
+// result on every run.
+//
+// An index tensor grouped by value, as the host glue builds it on the device without reading
+// anything back (no synchronisation): `values` holds the distinct values ascending, then
+// kNoIndexValue up to `slots` entries (one per index entry, as the number of distinct values is
+// not known on the host); the k-th value is held by the flat positions members[offsets[k] ..
+// offsets[k + 1]), ascending; `max` points to the largest value.
+constexpr int64_t kNoIndexValue = INT64_MAX;
+
+struct IndexGroupsView {
+  const int64_t *values, *offsets, *members, *max;
+  int64_t slots;
+};
+
+// The first slot whose value is >= v (the padding compares greater than any index).
+C10_HOST_DEVICE inline int64_t lower_bound_slot(const IndexGroupsView& g, int64_t v) {
+  int64_t lo = 0, hi = g.slots;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (g.values[mid] < v)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
 template <typename T>
 struct TableGradParams {
   using acc_t = T;
@@ -379,15 +405,8 @@ struct TableGradParams {
   const acc_t* dbias_partial;  // (groups, heads, N, Np)
   int64_t groups, table_size;
   int pool_h, pool_w;
-  // index_rows' distinct values, ascending, and for the r-th of them the flat positions
-  // y * pool_h + py that hold it: row_members[row_offsets[r] .. row_offsets[r + 1]).
-  const int64_t *row_values, *row_offsets, *row_members;
-  int64_t row_count;
-  // For an index_cols value c in [col_min, col_min + col_span): its slot col_slot[c - col_min]
-  // (-1 where no position holds it) and the positions x * pool_w + px that hold it:
-  // col_members[col_offsets[slot] .. col_offsets[slot + 1]).
-  const int64_t *col_slot, *col_offsets, *col_members;
-  int64_t col_min, col_span;
+  // index_rows (flat positions y * pool_h + py) and index_cols (x * pool_w + px) by value.
+  IndexGroupsView rows, cols;
   acc_t* dtable;  // (heads, table_size)
 };
 
@@ -396,29 +415,24 @@ C10_HOST_DEVICE void table_grad_block(const Ctx& ctx, const TableGradParams<acc_
   const AttentionSizes& s = p.sizes;
   const int64_t total = s.heads * p.table_size;
   const int64_t slab = s.tokens * s.pool;  // one head's (N, Np) entries
+  const int64_t col_min = p.cols.values[0], col_max = *p.cols.max;
   for (int64_t idx = ctx.block(0) * ctx.threads() + ctx.thread(); idx < total;
        idx += static_cast<int64_t>(ctx.threads()) * ctx.grid(0)) {
     const int64_t h = idx / p.table_size, e = idx - h * p.table_size;
-    // The first row value whose column partner c = e - value lies below col_min + col_span
-    // (binary search), then ascending values (descending c) until c drops below col_min.
-    int64_t lo = 0, hi = p.row_count;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (e - p.row_values[mid] >= p.col_min + p.col_span)
-        lo = mid + 1;
-      else
-        hi = mid;
-    }
+    // The row values whose column partner c = e - value can occur, i.e. the values in
+    // [e - col_max, e - col_min], ascending (descending c); each c is looked up among the
+    // column values.
     acc_t sum = 0;
-    for (int64_t r = lo; r < p.row_count; ++r) {
-      const int64_t c = e - p.row_values[r];
-      if (c < p.col_min) break;
-      const int64_t slot = p.col_slot[c - p.col_min];
-      if (slot < 0) continue;
-      for (int64_t a = p.row_offsets[r]; a < p.row_offsets[r + 1]; ++a) {
-        const int64_t y = p.row_members[a] / p.pool_h, py = p.row_members[a] % p.pool_h;
-        for (int64_t b = p.col_offsets[slot]; b < p.col_offsets[slot + 1]; ++b) {
-          const int64_t x = p.col_members[b] / p.pool_w, px = p.col_members[b] % p.pool_w;
+    for (int64_t r = lower_bound_slot(p.rows, e - col_max); r < p.rows.slots; ++r) {
+      const int64_t row_value = p.rows.values[r];
+      if (row_value > e - col_min) break;  // also at the padding
+      const int64_t c = e - row_value;
+      const int64_t slot = lower_bound_slot(p.cols, c);  // c <= col_max: slot < cols.slots
+      if (p.cols.values[slot] != c) continue;
+      for (int64_t a = p.rows.offsets[r]; a < p.rows.offsets[r + 1]; ++a) {
+        const int64_t y = p.rows.members[a] / p.pool_h, py = p.rows.members[a] % p.pool_h;
+        for (int64_t b = p.cols.offsets[slot]; b < p.cols.offsets[slot + 1]; ++b) {
+          const int64_t x = p.cols.members[b] / p.pool_w, px = p.cols.members[b] % p.pool_w;
           const acc_t* entry =
               p.dbias_partial + h * slab + (y * s.width + x) * s.pool + py * p.pool_w + px;
           for (int64_t g = 0; g < p.groups; ++g) sum += entry[g * s.heads * slab];

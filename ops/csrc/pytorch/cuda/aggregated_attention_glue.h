@@ -54,19 +54,34 @@ PoolBiasView<scalar_t> pool_bias_view(const at::Tensor& bias, const at::Tensor& 
           static_cast<int>(index_cols.size(1))};
 }
 
-// Positions of an index tensor's entries grouped by value: the distinct values (ascending),
-// offsets into `members` (one more than values) and the flat positions holding each value,
-// ascending within a value (a stable sort), as TableGradParams reads them.
+// An index tensor's flat positions grouped by value, as TableGradParams reads them
+// (IndexGroupsView), built with device ops only: nothing is read back, so the backward does not
+// wait for the device. The members of a value are ascending (a stable sort).
 struct IndexGroups {
-  at::Tensor values, offsets, members;
+  at::Tensor values, offsets, members, sorted;
+
+  IndexGroupsView view() const {
+    return {values.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), members.data_ptr<int64_t>(),
+            sorted.data_ptr<int64_t>() + sorted.numel() - 1, values.numel()};
+  }
 };
 
+// `index` must have at least one entry.
 inline IndexGroups group_by_value(const at::Tensor& index) {
-  const auto [sorted, order] = at::sort(index.reshape(-1), /*stable=*/true, 0, false);
-  const auto [values, inverse, counts] = at::unique_consecutive(sorted, false, true);
-  auto offsets = at::zeros({values.numel() + 1}, counts.options());
-  offsets.narrow(0, 1, values.numel()).copy_(counts.cumsum(0));
-  return {values, offsets, order};
+  const auto flat = index.reshape(-1);
+  const int64_t n = flat.numel();
+  const auto [sorted, order] = at::sort(flat, /*stable=*/true, 0, false);
+  // Each sorted entry's slot: the number of distinct values before its own.
+  auto is_new = at::ones({n}, flat.options().dtype(at::kBool));
+  if (n > 1)
+    is_new.narrow(0, 1, n - 1).copy_(sorted.narrow(0, 1, n - 1) != sorted.narrow(0, 0, n - 1));
+  const auto slot = is_new.cumsum(0) - 1;
+  // offsets[k]: the first sorted entry in slot k; n past the distinct values.
+  const auto offsets = at::searchsorted(slot, at::arange(n + 1, slot.options()));
+  const auto starts = offsets.narrow(0, 0, n);
+  const auto values =
+      at::where(starts < n, sorted.gather(0, starts.clamp_max(n - 1)), at::Scalar(kNoIndexValue));
+  return {values, offsets, order, sorted};
 }
 
 // The table gradient (heads, table_size) in the accumulation type from the d bias_pool partial
@@ -78,11 +93,6 @@ at::Tensor table_grad(const at::Tensor& dbias_partial, const at::Tensor& bias_ta
   auto dtable = at::zeros({sizes.heads, bias_table.size(1)}, dbias_partial.options());
   if (dtable.numel() == 0 || dbias_partial.numel() == 0) return dtable;
   const IndexGroups rows = group_by_value(index_rows), cols = group_by_value(index_cols);
-  const int64_t col_min = cols.values[0].item<int64_t>();
-  const int64_t col_span = cols.values[-1].item<int64_t>() - col_min + 1;
-  auto col_slot = at::full({col_span}, -1, cols.values.options());
-  col_slot.index_put_({cols.values - col_min},
-                      at::arange(cols.values.numel(), cols.values.options()));
   AT_DISPATCH_FLOATING_TYPES(dbias_partial.scalar_type(), "aggregated_attention_table_grad", [&] {
     TableGradParams<scalar_t> p;
     p.sizes = sizes;
@@ -91,15 +101,8 @@ at::Tensor table_grad(const at::Tensor& dbias_partial, const at::Tensor& bias_ta
     p.table_size = bias_table.size(1);
     p.pool_h = static_cast<int>(index_rows.size(1));
     p.pool_w = static_cast<int>(index_cols.size(1));
-    p.row_values = rows.values.data_ptr<int64_t>();
-    p.row_offsets = rows.offsets.data_ptr<int64_t>();
-    p.row_members = rows.members.data_ptr<int64_t>();
-    p.row_count = rows.values.numel();
-    p.col_slot = col_slot.data_ptr<int64_t>();
-    p.col_offsets = cols.offsets.data_ptr<int64_t>();
-    p.col_members = cols.members.data_ptr<int64_t>();
-    p.col_min = col_min;
-    p.col_span = col_span;
+    p.rows = rows.view();
+    p.cols = cols.view();
     p.dtable = dtable.data_ptr<scalar_t>();
     Backend::template table_grad<scalar_t>(p);
   });
