@@ -51,6 +51,14 @@ PyTorch's CPU allocator, with its running total). Neither counts the allocator's
 blocks, the Python heap, or memory a library allocates outside PyTorch's allocator (e.g. oneDNN
 scratch buffers, allocations made inside OpenMP worker threads), so process RSS is larger.
 
+``--profile`` (``--peers`` on the CPU) then runs one more training step of each backbone under
+``torch.profiler`` and prints where its time goes: the FLOPs the profiler counts for the matrix
+products (``aten::mm``, ``addmm``, ``bmm``: the linear layers and attention's products, 2 FLOPs
+per multiply-add), their self time and rate, the self time of all other ops, and the costliest
+of those. It shows how much of a gap between backbones is arithmetic the matrix products do and
+how much is everything else (attention kernels, elementwise ops, copies). Profiled times include
+the profiler's overhead: compare them within the table, not with the timed columns.
+
 Examples::
 
     python tools/benchmark.py --arch tiny --size 512 512 --threads 2
@@ -61,6 +69,7 @@ Examples::
     python tools/benchmark.py --peers --threads 2 --json peers.json
     python tools/benchmark.py --peers swin-t convnext-t --arch tiny --size 512 --batch 1 \\
         --steps train --rounds 5 --threads 2
+    python tools/benchmark.py --peers --arch tiny --size 512 --batch 1 --steps train --profile
     python tools/benchmark.py --peers --device cuda --dtype bf16 --json peers_cuda.json
 
 With ``--onnx FILE`` (written by tools/deployment/pytorch2onnx.py) the exported file runs in
@@ -71,7 +80,9 @@ weights, same task, input size and batch) with each ``--attn-impl``.
 "peers"``, ``"env"`` and ``"memory"`` (the method), and one result per backbone, size and batch:
 ``model``, ``key``, ``kind`` ('peer' or 'transnext'), ``attn_impl``, ``params_m``, ``size``,
 ``batch``, and per timing (``eval``, ``cold_eval``, ``train``) ``median_s``, ``min_s``,
-``rounds`` (each round's median) and, for eval and train, ``peak_mem_mib``; then
+``rounds`` (each round's median) and, for eval and train, ``peak_mem_mib``; with ``--profile``
+``train`` also has ``profile``: ``matmul_gflop``, ``matmul_ms``, ``other_ms`` and
+``costliest_other`` (a list of ``op`` and ``ms``); then
 ``ratio_to_fastest_peer`` and ``fastest_peer`` per timing. A backbone that fails (e.g. out of
 memory) has ``error`` instead of its figures.
 """
@@ -235,6 +246,11 @@ def parse_args(argv=None):
         help='with --peers: what to time, eval (warm and cold eval forwards) '
         'and/or train (training steps) (default: both)')
     parser.add_argument(
+        '--profile',
+        action='store_true',
+        help='with --peers on the CPU: after the timed rounds, profile one training step of '
+        'each backbone and print where its time goes (see the description above)')
+    parser.add_argument(
         '--warmup',
         type=int,
         default=None,
@@ -286,6 +302,8 @@ def parse_args(argv=None):
             parser.error(f'{flag} takes one value without --peers')
     if args.steps is not None:
         parser.error('--steps goes with --peers (without it, --backward times training)')
+    if args.profile:
+        parser.error('--profile goes with --peers')
     args.arch, args.size, args.batch = args.archs[0], list(args.sizes[0]), args.batches[0]
     if args.layer and args.glu:
         parser.error('--layer and --glu are exclusive')
@@ -314,6 +332,9 @@ def _check_peers_args(parser, args):
     args.size = [list(size) for size in args.sizes]
     args.peers = list(dict.fromkeys(args.peers or PEERS))
     args.steps = list(dict.fromkeys(args.steps or STEPS))
+    if args.profile and (args.device != 'cpu' or 'train' not in args.steps):
+        parser.error('--profile profiles a training step on the CPU: it needs --device cpu and '
+                     'train in --steps')
 
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -435,6 +456,37 @@ def cpu_allocator_peak(step) -> int:
     first = events[0].extra_fields
     start = first.total_allocated - first.alloc_size
     return max(e.extra_fields.total_allocated for e in events) - start
+
+
+# What torch.profiler counts FLOPs of and a training step spends most of its time in: the
+# matrix products of the linear layers and of attention.
+MATMUL_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm')
+
+
+def profile_train_step(train_step, top: int = 4) -> dict:
+    """One training step under ``torch.profiler`` (CPU, self times; the profiler adds some
+    overhead): the FLOPs (2 per multiply-add) and self time of the matrix products
+    (:data:`MATMUL_OPS`), the self time of every other op, and the ``top`` costliest others."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _profiler_logs_filtered():
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            train_step()
+    matmul_flops = matmul_us = other_us = 0
+    others = []
+    for event in prof.key_averages():
+        if event.key in MATMUL_OPS:
+            matmul_flops += event.flops
+            matmul_us += event.self_cpu_time_total
+        else:
+            other_us += event.self_cpu_time_total
+            others.append((event.self_cpu_time_total, event.key))
+    others.sort(reverse=True)
+    return dict(
+        matmul_gflop=matmul_flops / 1e9,
+        matmul_ms=matmul_us / 1e3,
+        other_ms=other_us / 1e3,
+        costliest_other=[dict(op=name, ms=us / 1e3) for us, name in others[:top]])
 
 
 def peak_memory(step, device, sync) -> int:
@@ -807,6 +859,11 @@ def _run_peers_config(args, entries, models, x, device, sync, amp_dtype, use_amp
             guarded(key, lambda: one_turn(key))
     for key in keys:
         guarded(key, lambda: memory(key))
+    profile_of = {}
+    if args.profile:
+        for key in keys:
+            models[key].train()
+            guarded(key, lambda: profile_of.update({key: profile_train_step(step_fns[key][1])}))
 
     rows = []
     height, width = x.shape[2:]
@@ -826,6 +883,8 @@ def _run_peers_config(args, entries, models, x, device, sync, amp_dtype, use_amp
                 row[timing] = _summary(rounds[key][timing], runs[key][timing])
             for timing, peak in memory_of[key].items():
                 row[timing]['peak_mem_mib'] = max(peak, 0) / 2**20
+            if key in profile_of:
+                row['train']['profile'] = profile_of[key]
         rows.append(row)
     _add_ratios(rows, timings)
     return rows
@@ -902,7 +961,35 @@ def format_peers_table(args, report: dict) -> str:
             '', f'input {batch}x3x{size[0]}x{size[1]}' +
             (f' | fastest peer: {fastest}' if fastest else '')
         ] + text
+        lines += _format_profiles(rows)
     return '\n'.join(lines)
+
+
+def _format_profiles(rows: list) -> list:
+    """The --profile table of one input: where each backbone's training step spends its time."""
+    profiled = [r for r in rows if 'profile' in r.get('train', {})]
+    if not profiled:
+        return []
+    table = [['model', 'matmul GFLOP', 'matmul ms', 'GFLOP/s', 'other ms', 'costliest other ops']]
+    for r in profiled:
+        p = r['train']['profile']
+        rate = p['matmul_gflop'] / (p['matmul_ms'] / 1e3) if p['matmul_ms'] else 0.0
+        table.append([
+            r['model'], f'{p["matmul_gflop"]:.1f}', f'{p["matmul_ms"]:.0f}', f'{rate:.0f}',
+            f'{p["other_ms"]:.0f}',
+            ', '.join(f'{o["op"]} {o["ms"]:.0f}' for o in p['costliest_other'])
+        ])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    text = [
+        ' | '.join(
+            c.ljust(w) if i in (0, 5) else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in table
+    ]
+    text.insert(1, '-+-'.join('-' * w for w in widths))
+    return [
+        '', 'one profiled training step each (torch.profiler self CPU times, with its overhead): '
+        'matmul = ' + ', '.join(MATMUL_OPS) + ' (FLOPs: 2 per multiply-add); other: every other op'
+    ] + text
 
 
 # ------------------------------------------------------------------------------------ driver

@@ -44,13 +44,13 @@ def _benchmark_module():
 
 
 def test_benchmark_peers_smoke(tmp_path):
-    """--peers at a tiny size: every peer and TransNeXt timed in each timing, with peak memory
-    and ratios in the JSON (a smoke test of the mode, not a timing)."""
+    """--peers at a tiny size: every peer and TransNeXt timed in each timing, with peak memory,
+    ratios and the --profile split in the JSON (a smoke test of the mode, not a timing)."""
     out = tmp_path / 'peers.json'
     cmd = [
         sys.executable,
         str(ROOT / 'tools' / 'benchmark.py'), '--peers', '--arch', 'micro', '--size', '64',
-        '--batch', '1', '--rounds', '1', '--threads', '1', '--json',
+        '--batch', '1', '--rounds', '1', '--threads', '1', '--profile', '--json',
         str(out)
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -73,10 +73,14 @@ def test_benchmark_peers_smoke(tmp_path):
         assert row['eval']['peak_mem_mib'] > 0
         # The training step holds every parameter's gradient (float32) at its end.
         assert row['train']['peak_mem_mib'] >= row['params_m'] * 1e6 * 4 / 2**20
+        profile = row['train']['profile']
+        assert profile['matmul_gflop'] > 0 and profile['other_ms'] > 0, row['model']
+        assert len(profile['costliest_other']) == 4
     assert 20 < rows['Swin-T']['params_m'] < 30 and rows['TransNeXt-micro']['attn_impl'] == 'auto'
     table = result.stdout
     assert 'input 1x3x64x64 | fastest peer: eval ' in table and 'x peer' in table
     assert all(name in table for name in rows)
+    assert 'one profiled training step each' in table
 
 
 def test_cpu_allocator_peak_follows_live_tensors():
@@ -95,6 +99,24 @@ def test_cpu_allocator_peak_follows_live_tensors():
     assert 3 * mib <= peak < 3 * mib + 4096
 
 
+def test_profile_train_step_counts_matmul_flops_and_other_time():
+    """--profile's split: the matrix products' FLOPs (2 per multiply-add) and time, and the
+    other ops' time with the costliest named."""
+    benchmark = _benchmark_module()
+    a, b, c = torch.randn(64, 32), torch.randn(32, 16), torch.randn(4, 8, 8)
+
+    def step():
+        torch.mm(a, b)
+        torch.bmm(c, c)
+        torch.randn(1 << 18).exp_()
+
+    profile = benchmark.profile_train_step(step)
+    assert profile['matmul_gflop'] * 1e9 == pytest.approx(2 * (64 * 32 * 16 + 4 * 8 * 8 * 8))
+    assert profile['matmul_ms'] > 0 and profile['other_ms'] > 0
+    ops = [o['op'] for o in profile['costliest_other']]
+    assert 'aten::exp_' in ops and not set(ops) & set(benchmark.MATMUL_OPS)
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--peers', '--layer'], '--peers times whole backbones in eval and train (--steps): it '
      'takes no --layer'),
@@ -105,6 +127,8 @@ def test_cpu_allocator_peak_follows_live_tensors():
     (['--arch', 'micro', 'tiny'], '--arch takes one value without --peers'),
     (['--size', '64', '--size', '96'], '--size takes one value without --peers'),
     (['--steps', 'eval'], '--steps goes with --peers'),
+    (['--profile'], '--profile goes with --peers'),
+    (['--peers', '--profile', '--steps', 'eval'], '--profile profiles a training step on the CPU'),
 ])
 def test_benchmark_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
