@@ -8,14 +8,13 @@
 #include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 
-#include <deque>
-#include <mutex>
 #include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #include "common/aggregated_attention_geometry.h"
+#include "pytorch/versioned_tensor_cache.h"
 
 namespace transnext_mm {
 namespace detail {
@@ -66,46 +65,12 @@ inline std::vector<at::Tensor> checked(const std::vector<std::pair<const char*, 
   return out;
 }
 
-// Index pairs whose bounds passed the check below. The check reads two values back from the
-// device, which on a GPU waits for all the work queued before it; a model hands the op the same
-// index tensors on every step (log-CPB's are cached per grid), so the pairs that passed last are
-// remembered, with the tensors' versions at the check and references that keep them alive (no
-// other tensor can take their place): another tensor, an in-place change (a new version) or
-// another table size is checked again. Inference tensors have no version and are always checked.
-class CheckedIndexPairs {
- public:
-  bool contains(const at::Tensor& rows, const at::Tensor& cols, int64_t table_size) {
-    if (rows.is_inference() || cols.is_inference()) return false;
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (const auto& e : entries_)
-      if (e.rows.unsafeGetTensorImpl() == rows.unsafeGetTensorImpl() &&
-          e.cols.unsafeGetTensorImpl() == cols.unsafeGetTensorImpl() &&
-          e.rows_version == rows._version() && e.cols_version == cols._version() &&
-          e.table_size == table_size)
-        return true;
-    return false;
-  }
-
-  void add(const at::Tensor& rows, const at::Tensor& cols, int64_t table_size) {
-    if (rows.is_inference() || cols.is_inference()) return;
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (entries_.size() == kCapacity) entries_.pop_front();
-    entries_.push_back({rows, cols, rows._version(), cols._version(), table_size});
-  }
-
- private:
-  static constexpr size_t kCapacity = 64;
-  struct Entry {
-    at::Tensor rows, cols;
-    int64_t rows_version, cols_version, table_size;
-  };
-  std::mutex mutex_;
-  std::deque<Entry> entries_;
-};
-
-// Never destroyed: tensors released after the device runtime has shut down can crash at exit.
-inline CheckedIndexPairs& checked_index_pairs() {
-  static auto* pairs = new CheckedIndexPairs();
+// Index pairs (index_rows, index_cols) whose bounds passed the check below for a table size
+// (the key): the check reads two values back from the device, so it runs once per pair of
+// tensors and their versions (see VersionedTensorCache). Never destroyed: tensors released after
+// the device runtime has shut down can crash at exit.
+inline VersionedTensorCache<2, bool>& checked_index_pairs() {
+  static auto* pairs = new VersionedTensorCache<2, bool>(64);
   return *pairs;
 }
 
@@ -131,7 +96,7 @@ inline std::pair<at::Tensor, at::Tensor> checked_bias_index(
               index_rows.size(1), "x", index_cols.size(1), " but k_pool has ", k_pool.size(2),
               " pooled keys");
   if (index_rows.numel() > 0 && index_cols.numel() > 0 &&
-      !checked_index_pairs().contains(index_rows, index_cols, bias_table.size(1))) {
+      !checked_index_pairs().find({index_rows, index_cols}, bias_table.size(1))) {
     // One device-to-host copy for both bounds (one synchronisation on a GPU).
     const auto bounds =
         at::stack({index_rows.min() + index_cols.min(), index_rows.max() + index_cols.max()}).cpu();
@@ -139,7 +104,7 @@ inline std::pair<at::Tensor, at::Tensor> checked_bias_index(
     TORCH_CHECK(low >= 0 && high < bias_table.size(1),
                 "aggregated_attention: index_rows + index_cols must lie in [0, ",
                 bias_table.size(1), "), got [", low, ", ", high, "]");
-    checked_index_pairs().add(index_rows, index_cols, bias_table.size(1));
+    checked_index_pairs().add({index_rows, index_cols}, bias_table.size(1), true);
   }
   return {index_rows.contiguous(), index_cols.contiguous()};
 }

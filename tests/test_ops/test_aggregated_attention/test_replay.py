@@ -310,6 +310,33 @@ def test_replayed_table_form_equals_dense(order, target_blocks):
     assert torch.equal(again[6], grads[6])
 
 
+def test_replayed_table_form_index_changed_in_place():
+    """What the op derives from the index tensors (their bounds, their grouping by value for the
+    table gradient) is kept per tensor and version: the same tensors changed in place between
+    calls give the gradient of the new indices."""
+    B, heads, height, width, pool, d = 2, 2, 9, 8, (4, 4), 8
+    tensors = make_table_inputs(B, heads, height, width, pool, d, dtype=torch.float64)
+    bias = tensors[6]
+    rows, cols = bias.index_rows.clone(), bias.index_cols.clone()
+    detached = [t.detach() for t in tensors[:6]], tensors[7].detach()
+    grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64)
+
+    def table_grad():
+        table_bias = PoolBiasTable(bias.table.detach(), rows, cols)
+        _, _, grads = aggregated_attention_cuda_replay(
+            *detached[0], table_bias, detached[1], height, width, grad_out=grad_out)
+        _, grads_ref = table_oracle(detached[0] + [table_bias] + [detached[1]], height, width,
+                                    grad_out)
+        return grads[6], grads_ref[6]
+
+    first, first_ref = table_grad()
+    assert_close_scaled(first, first_ref, REPLAY_GRAD_REL[torch.float64], 'bias_table')
+    cols[1::2] = cols[1::2].flip(1).clone()  # in place: same tensor, new version
+    second, second_ref = table_grad()
+    assert not torch.allclose(second_ref, first_ref)
+    assert_close_scaled(second, second_ref, REPLAY_GRAD_REL[torch.float64], 'bias_table')
+
+
 @pytest.mark.parametrize('shift', [7, -3])
 def test_replayed_table_form_signed_indices(shift):
     """Only the sums index_rows + index_cols must lie in the table: rows moved below zero (or

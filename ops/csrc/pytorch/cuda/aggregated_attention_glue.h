@@ -15,6 +15,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <vector>
 
@@ -22,6 +23,7 @@
 #include "common/cuda/aggregated_attention_blocks.cuh"
 #include "common/cuda/aggregated_attention_launch.cuh"
 #include "pytorch/aggregated_attention.h"
+#include "pytorch/versioned_tensor_cache.h"
 
 namespace transnext_mm {
 
@@ -84,6 +86,20 @@ inline IndexGroups group_by_value(const at::Tensor& index) {
   return {values, offsets, order, sorted};
 }
 
+// group_by_value(index), built once per index tensor, version and stream (see
+// VersionedTensorCache; the groups are device memory written on the stream that built them, so a
+// call on another stream builds its own). Never destroyed: device memory released after the device
+// runtime has shut down can crash at exit.
+inline IndexGroups cached_groups(const at::Tensor& index) {
+  static auto* cache = new VersionedTensorCache<1, IndexGroups>(64);
+  const int64_t stream =
+      c10::impl::getDeviceGuardImpl(index.device().type())->getStream(index.device()).id();
+  if (auto hit = cache->find({index}, stream)) return *hit;
+  IndexGroups groups = group_by_value(index);
+  cache->add({index}, stream, groups);
+  return groups;
+}
+
 // The table gradient (heads, table_size) in the accumulation type from the d bias_pool partial
 // sums (groups, heads, N, Np) that the backward kernels wrote.
 template <typename Backend>
@@ -92,7 +108,7 @@ at::Tensor table_grad(const at::Tensor& dbias_partial, const at::Tensor& bias_ta
                       const AttentionSizes& sizes) {
   auto dtable = at::zeros({sizes.heads, bias_table.size(1)}, dbias_partial.options());
   if (dtable.numel() == 0 || dbias_partial.numel() == 0) return dtable;
-  const IndexGroups rows = group_by_value(index_rows), cols = group_by_value(index_cols);
+  const IndexGroups rows = cached_groups(index_rows), cols = cached_groups(index_cols);
   AT_DISPATCH_FLOATING_TYPES(dbias_partial.scalar_type(), "aggregated_attention_table_grad", [&] {
     TableGradParams<scalar_t> p;
     p.sizes = sizes;
