@@ -218,6 +218,21 @@ def test_layers_hand_over_the_same_index_tensors_every_step():
         torch.testing.assert_close(first.dense(), log_cpb.compute(fc1, fc2, query, key))
 
 
+def test_table_index_cache_keeps_the_most_recently_used_grids(monkeypatch):
+    """Multi-scale training meets many grids: the index cache keeps the most recent ones."""
+    from transnext_mm.models.layers import log_cpb
+    monkeypatch.setattr(log_cpb, 'TABLE_INDEX_CACHE_SIZE', 2)
+    monkeypatch.setattr(log_cpb, '_table_index_cache', log_cpb.OrderedDict())
+    fc1, fc2 = nn.Linear(2, 16), nn.Linear(16, 2)
+    model = LogCPB('extrapolate', (8, 8), (2, 2), pretrain_len=7)
+    first = model.table_form(fc1, fc2, (5, 6), (2, 2))
+    model.table_form(fc1, fc2, (7, 6), (2, 2))
+    assert model.table_form(fc1, fc2, (5, 6), (2, 2)).index_rows is first.index_rows
+    model.table_form(fc1, fc2, (9, 6), (2, 2))  # evicts (7, 6), the least recently used
+    assert len(log_cpb._table_index_cache) == 2
+    assert [key[2] for key in log_cpb._table_index_cache] == [(5, 6), (9, 6)]
+
+
 def test_other_implementations_materialise_the_table():
     """The PyTorch and reference paths take a table too: they materialise it (the oracle)."""
     height, width = 5, 6

@@ -96,7 +96,9 @@ def log_cpb_axis(query_len, key_len, pretrain_len: int,
     return entry
 
 
-_table_index_cache: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+# The least recently used grids go first when full: multi-scale training meets many grid pairs.
+TABLE_INDEX_CACHE_SIZE = 256
+_table_index_cache: 'OrderedDict[tuple, Tuple[torch.Tensor, torch.Tensor]]' = OrderedDict()
 
 
 def table_form_indices(index_h: torch.Tensor, index_w: torch.Tensor, table_w: int,
@@ -109,9 +111,10 @@ def table_form_indices(index_h: torch.Tensor, index_w: torch.Tensor, table_w: in
     Unresized: rows step over U_w entries. Rows resized, table (Hq * Hk, U_w): the row pairs
     step over U_w entries. Columns resized, table (U_h, Wq * Wk): rows step over Wq * Wk.
 
-    Eager: cached per grids (``axes_key``: what decides ``index_h`` / ``index_w``), so that
-    every step hands the op the same tensors and the op checks their bounds once (a read back
-    from the device, see the op's input checks).
+    Eager: cached per grids (``axes_key``: what decides ``index_h`` / ``index_w``; the
+    :data:`TABLE_INDEX_CACHE_SIZE` most recently used), so that every step hands the op the
+    same tensors and the op checks their bounds once (a read back from the device, see the op's
+    input checks).
     """
 
     def build():
@@ -129,11 +132,15 @@ def table_form_indices(index_h: torch.Tensor, index_w: torch.Tensor, table_w: in
         return build()
     key = (axes_key, resized, tuple(query_size), tuple(key_size))
     entry = _table_index_cache.get(key)
-    if entry is None:
-        # Normal tensors even under torch.inference_mode (see log_cpb_axis).
-        with torch.inference_mode(False):
-            entry = build()
-        _table_index_cache[key] = entry
+    if entry is not None:
+        _table_index_cache.move_to_end(key)
+        return entry
+    # Normal tensors even under torch.inference_mode (see log_cpb_axis).
+    with torch.inference_mode(False):
+        entry = build()
+    _table_index_cache[key] = entry
+    if len(_table_index_cache) > TABLE_INDEX_CACHE_SIZE:
+        _table_index_cache.popitem(last=False)
     return entry
 
 
