@@ -240,12 +240,20 @@ def select(kernel: str,
 
 @torch.compiler.assume_constant_result  # runs once at trace time under torch.compile
 def _warn_once(reason: str) -> bool:
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(
-            f"transnext_mm: {reason}; impl='auto' is falling back to the slower "
-            'PyTorch path',
-            stacklevel=4)
+    return warn_once(
+        f"transnext_mm: {reason}; impl='auto' is falling back to the slower "
+        'PyTorch path',
+        stacklevel=5)
+
+
+def warn_once(message: str, stacklevel: int = 3) -> bool:
+    """Warn with ``message`` (a UserWarning) the first time it occurs in the process: the one
+    record of the slower paths' warnings (the kernels' fallbacks above, and the materialised
+    position bias where the table form does not exist, see
+    :class:`transnext_mm.models.layers.log_cpb.LogCPB`)."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=stacklevel)
     return True
 
 

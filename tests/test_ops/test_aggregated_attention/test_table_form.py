@@ -1,12 +1,14 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
 """The compiled op with the pooled bias in table form against the PyTorch oracle (the reference on
 the materialised bias), the layers' choice of form, and the backbone end to end."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
 from aggregated_attention_cases import NAMES, assert_close_scaled, make_table_inputs, table_oracle
 
-from transnext_mm.models.layers.log_cpb import LogCPB
+from transnext_mm.models.layers.log_cpb import DENSE_BIAS_WARNING, LogCPB
 from transnext_mm.ops import dispatch
 from transnext_mm.ops.aggregated_attention import (PoolBiasTable, aggregated_attention,
                                                    aggregated_attention_reference,
@@ -274,18 +276,24 @@ def test_bias_form_decided_in_dispatch():
         ('interpolate', (8, 8), (2, 3), (1, )),  # only the key grid resized
         ('interpolate', (9, 7), (3, 4), (0, 1)),
     ])
-def test_log_cpb_table_form_equals_dense_bias(mode, query, key, resized):
+def test_log_cpb_table_form_equals_dense_bias(mode, query, key, resized, monkeypatch):
     """The table form is the dense bias wherever at most one axis is resized; elsewhere
-    (interpolation at another size along both axes) the dense bias is returned. Gradients reach
-    the MLP alike."""
+    (interpolation at another size along both axes) the dense bias is returned, with a warning
+    once per process. Gradients reach the MLP alike."""
     torch.manual_seed(0)
     fc1, fc2 = nn.Linear(2, 32), nn.Linear(32, 3)
     cpb = LogCPB(mode, (8, 8), (2, 2), 56)
     table = len(resized) < 2
     assert cpb.resized_axes(query, key) == resized
     assert cpb.has_table_form(query, key) == table
-    dense = cpb(fc1, fc2, query, key, training=True)
-    got = cpb(fc1, fc2, query, key, training=True, form='table')
+    monkeypatch.setattr(dispatch, '_warned', set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        dense = cpb(fc1, fc2, query, key, training=True)
+        got = cpb(fc1, fc2, query, key, training=True, form='table')
+        cpb(fc1, fc2, query, key, training=True, form='table')  # no second warning
+    messages = [str(w.message) for w in caught]
+    assert messages == ([] if table else [DENSE_BIAS_WARNING]), messages
     assert isinstance(got, PoolBiasTable) == table
     got_dense = got.dense() if table else got
     torch.testing.assert_close(got_dense, dense)
@@ -330,10 +338,10 @@ def test_log_cpb_table_form_eval_cache():
         ('interpolate', 64, (93, 64)),  # H resized
         ('interpolate', 224, (67, 93)),  # both resized: the dense bias
     ])
-def test_backbone_table_form_matches_torch_path(mode, img_size, size):
+def test_backbone_table_form_matches_torch_path(mode, img_size, size, monkeypatch):
     """Training step of the backbone with the op (table form where the bias has one) against
     the PyTorch path (dense bias): outputs and every gradient, the log-CPB MLPs' included, at
-    batch 2."""
+    batch 2. The op's dense bias (both axes resized) warns once."""
     from transnext_mm.models.backbones import TransNeXt
     torch.manual_seed(0)
     cfg = dict(arch='micro', pos_bias_mode=mode, img_size=img_size)
@@ -341,7 +349,12 @@ def test_backbone_table_form_matches_torch_path(mode, img_size, size):
     model_op = TransNeXt(attn_impl='op', **cfg).train()
     model_op.load_state_dict(model_torch.state_dict())
     x = torch.randn(2, 3, *size)
-    outs_torch, outs_op = model_torch(x), model_op(x)
+    monkeypatch.setattr(dispatch, '_warned', set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        outs_torch, outs_op = model_torch(x), model_op(x)
+    both_resized = mode == 'interpolate' and img_size not in size
+    assert [str(w.message) for w in caught] == [DENSE_BIAS_WARNING] * both_resized
     for o_t, o_op in zip(outs_torch, outs_op):
         torch.testing.assert_close(o_op, o_t, rtol=1e-4, atol=1e-4)
     weights = [torch.randn_like(o) for o in outs_torch]

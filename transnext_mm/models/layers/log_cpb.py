@@ -43,11 +43,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from transnext_mm.ops.aggregated_attention import PoolBiasTable
-from transnext_mm.ops.dispatch import check_impl, log_cpb_mlp_impl
+from transnext_mm.ops.dispatch import check_impl, log_cpb_mlp_impl, warn_once
 from transnext_mm.ops.log_cpb_mlp import log_cpb_mlp_op
 from .adaptive_pool import adaptive_pool_bins
 
 POS_BIAS_MODES = ('interpolate', 'extrapolate')
+# Warned once per process where a table form is asked for but the bias has none.
+DENSE_BIAS_WARNING = (
+    "transnext_mm: pos_bias_mode='interpolate' with an input whose height and width both differ "
+    'from img_size: the pooled-path position bias is resized along both axes, so the attention '
+    'gets it materialised (heads x N x Np per layer) instead of in table form, which is slower '
+    'and in training takes several times the memory (docs/benchmarks.md, "Inputs resized along '
+    'both axes"). Inputs with their height or width at img_size keep the table form, as does '
+    "pos_bias_mode='extrapolate' at any size")
 BIAS_FORMS = ('dense', 'table')
 Size = Tuple[int, int]
 
@@ -517,12 +525,14 @@ class LogCPB:
                  training: bool,
                  form: str = 'dense'):
         """The bias (heads, H*W, Hk*Wk), or with ``form='table'`` its :class:`PoolBiasTable`
-        where it has one (:meth:`has_table_form`; elsewhere the dense bias). Eager eval mode
-        caches either."""
+        where it has one (:meth:`has_table_form`; elsewhere the dense bias, with a warning
+        once per process). Eager eval mode caches either."""
         if form not in BIAS_FORMS:
             raise ValueError(f'form must be one of {BIAS_FORMS}, got {form!r}')
         query_size, key_size = tuple(query_size), tuple(key_size)
         table = form == 'table' and self.has_table_form(query_size, key_size)
+        if form == 'table' and not table:
+            warn_once(DENSE_BIAS_WARNING)
         # Cache only in eager mode, on a device with data, and only what no gradient can flow
         # through: eval mode and no grad wanted by the MLP.
         cacheable = (
