@@ -64,6 +64,35 @@ def test_interpolation_is_the_resized_table(mlp, query_size, key_size):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    'query_size,key_size',
+    [
+        ((9, 7), (3, 4)),  # both axes up-sampled
+        ((4, 3), (1, 1)),  # both down-sampled
+        ((6, 11), (2, 4)),  # the width only
+        ((9, 6), (3, 2)),  # the height only
+        ((6, 6), (1, 3)),  # the key grid only
+        ((6, 6), (2, 2)),  # nothing
+        ((1, 13), (1, 2)),
+    ])
+def test_interpolated_bias_equals_resize_of_gathered_table(query_size, key_size):
+    """The eager interpolation (width folded into the table, then the height's query and key
+    resize as one image) equals the traced graphs' path (the gathered bias resized over the key
+    grid, then the query grid), forward and backward, in float64."""
+    (coords_h, index_h), (coords_w, index_w) = log_cpb.log_cpb_axes((6, 6), (2, 2), 56,
+                                                                    torch.device('cpu'))
+    table = torch.randn(
+        3, coords_h.numel(), coords_w.numel(), dtype=torch.float64, requires_grad=True)
+    ours = log_cpb.interpolated_bias(table, index_h, index_w, query_size, key_size)
+    expected = log_cpb.resize_bias(
+        log_cpb.gather_table(table, index_h, index_w), query_size, key_size)
+    assert ours.shape == expected.shape == (3, query_size[0] * query_size[1],
+                                            key_size[0] * key_size[1])
+    torch.testing.assert_close(ours, expected)
+    grad = torch.randn_like(expected)
+    torch.testing.assert_close(*(torch.autograd.grad(y, table, grad)[0] for y in (ours, expected)))
+
+
 @pytest.mark.parametrize('in_size,out_size', [((25, 25), (25, 42)), ((7, 5), (3, 11)),
                                               ((13, 4), (1, 4)), ((2, 9), (17, 6))])
 def test_bilinear_matrix_equals_interpolate(in_size, out_size):

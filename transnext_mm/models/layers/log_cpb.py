@@ -17,9 +17,10 @@ in the graph, so sizes stay symbolic and no Python-side cache is consulted. Both
 value at every pair (the MLP sees the same inputs).
 
 Interpolation mode tabulates the bias at fixed grids (``img_size``) and resizes it bilinearly
-(``align_corners=False``), first over the key grid, then over the query grid. In eager mode the
-key-grid resize is a product with :func:`bilinear_matrix` (the same weights as ``F.interpolate``,
-which traced graphs keep).
+(``align_corners=False``), first over the key grid, then over the query grid (as traced graphs
+do it, with ``F.interpolate``). The resizes are separable, so eager mode applies the same weights
+axis by axis (:func:`interpolated_bias`): the width's query and key resize on the small MLP table
+(products with :func:`bilinear_matrix`), then the height's on the gathered rows.
 
 The bias can also be handed over in table form (:class:`PoolBiasTable`: a table and per-axis
 indices) to attention kernels that gather it themselves, wherever at most one axis is resized:
@@ -319,6 +320,39 @@ def resize_bias(bias: torch.Tensor, query_size: Size, key_size: Size) -> torch.T
     return bias.reshape(heads, query_size[0] * query_size[1], num_keys)
 
 
+def interpolated_bias(table: torch.Tensor, index_h: torch.Tensor, index_w: torch.Tensor,
+                      query_size: Size, key_size: Size) -> torch.Tensor:
+    """The interpolation-mode bias (heads, Hq*Wq, Hk*Wk) from the (heads, U_h, U_w) MLP table
+    and the per-axis indices at the table's grids: ``resize_bias(gather_table(...))``.
+
+    In eager mode the same bilinear weights are applied axis by axis instead (they are
+    separable, so the query and key resizes of one axis can go together), in fewer and smaller
+    passes over the dense bias: the width is folded into the small table first
+    (:func:`fold_resized_axis`), then its rows are gathered at the table's (query row, key row)
+    pairs and resized over both at once, one bilinear image per column (channels last: no copy
+    before or after the resize), and a single copy puts the axes in order. Traced graphs keep
+    :func:`resize_bias` (``F.interpolate`` with symbolic sizes).
+    """
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or not all(isinstance(n, int) for n in tuple(query_size) + tuple(key_size))):
+        return resize_bias(gather_table(table, index_h, index_w), query_size, key_size)
+    heads = table.shape[0]
+    (query_h, query_w), (key_h, key_w) = query_size, key_size
+    table_qh, table_kh = index_h.shape
+    columns = query_w * key_w
+    folded = fold_resized_axis(table, index_w, 1, query_w, key_w).reshape(heads, -1, columns)
+    grid = folded.index_select(1, index_h.reshape(-1)).view(heads, table_qh, table_kh, columns)
+    if (table_qh, table_kh) != (query_h, key_h):
+        with _autocast_disabled(table.device):
+            grid = F.interpolate(
+                grid.permute(0, 3, 1, 2),
+                size=(query_h, key_h),
+                mode='bilinear',
+                align_corners=False).permute(0, 2, 3, 1)
+    bias = grid.reshape(heads, query_h, key_h, query_w, key_w).transpose(2, 3)
+    return bias.reshape(heads, query_h * query_w, key_h * key_w)
+
+
 def log_cpb_axes(query_size: Size, key_size: Size, pretrain_len: int, device: torch.device):
     """:func:`log_cpb_axis` of both axes: ``((coords_h, index_h), (coords_w, index_w))``."""
     return (log_cpb_axis(query_size[0], key_size[0], pretrain_len,
@@ -353,9 +387,10 @@ def log_cpb_bias(fc1: nn.Linear,
     interpolate = table_query is not None
     grids = (table_query, table_key) if interpolate else (query_size, key_size)
     (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(*grids, pretrain_len, fc1.weight.device)
-    bias = gather_table(log_cpb_table(fc1, fc2, coords_h, coords_w, impl), index_h, index_w)
+    table = log_cpb_table(fc1, fc2, coords_h, coords_w, impl)
     if interpolate:
-        return resize_bias(bias, query_size, key_size)
+        return interpolated_bias(table, index_h, index_w, query_size, key_size)
+    bias = gather_table(table, index_h, index_w)
     return bias.reshape(bias.shape[0], query_size[0] * query_size[1], key_size[0] * key_size[1])
 
 
@@ -503,7 +538,7 @@ class LogCPB:
         if hit is None or hit[0] != signature:
             hit = (signature, log_cpb_table(fc1, fc2, coords_h, coords_w, self.impl).detach())
             self._store(key, hit)
-        return resize_bias(gather_table(hit[1], index_h, index_w), query_size, key_size)
+        return interpolated_bias(hit[1], index_h, index_w, query_size, key_size)
 
     @staticmethod
     def _store(key: tuple, entry: tuple) -> None:
