@@ -278,39 +278,22 @@ def fold_resized_axis(table: torch.Tensor, index: torch.Tensor, axis: int, query
     return grid
 
 
-def _resize_key_grid(bias: torch.Tensor, key_size: Size) -> torch.Tensor:
-    """(R, Hk', Wk') -> (R, Hk*Wk): the bilinear resize as two small matrix products (in eager
-    mode several times faster than ``F.interpolate`` over R single-channel images), in the
-    bias's dtype also inside an autocast region."""
-    rows, table_kh, table_kw = bias.shape
-    device = bias.device
-    with _autocast_disabled(device):
-        if table_kw != key_size[1]:
-            bias = bias @ bilinear_matrix(key_size[1], table_kw, device, bias.dtype).T
-        if table_kh != key_size[0]:
-            bias = torch.einsum('Hh,rhw->rHw',
-                                bilinear_matrix(key_size[0], table_kh, device, bias.dtype), bias)
-    return bias.reshape(rows, key_size[0] * key_size[1])
-
-
 def resize_bias(bias: torch.Tensor, query_size: Size, key_size: Size) -> torch.Tensor:
     """Bilinearly resize a (heads, Hq', Wq', Hk', Wk') bias over the key grid, then over the
-    query grid (``align_corners=False``): (heads, Hq*Wq, Hk*Wk)."""
+    query grid (``align_corners=False``) with ``F.interpolate``: (heads, Hq*Wq, Hk*Wk). The path
+    of traced graphs (see :func:`interpolated_bias`)."""
     heads, table_qh, table_qw, table_kh, table_kw = bias.shape
     num_keys = key_size[0] * key_size[1]
-    # Traced sizes are symbolic: resize unconditionally (a resize to the same size is exact).
+    # Traced sizes are symbolic: resize unconditionally (a resize to the same size is exact), and
+    # compare the sizes only outside torch.compile / torch.export, where they would be
+    # specialised.
     tracing = torch.compiler.is_compiling()
-    # Traced graphs (also torch.jit's, e.g. FLOP counting) keep F.interpolate. Compare the sizes
-    # only outside torch.compile / torch.export: symbolic sizes would be specialised.
-    resize_keys = not tracing and (table_kh, table_kw) != tuple(key_size)
-    if tracing or (resize_keys and torch.jit.is_tracing()):
+    if tracing or (table_kh, table_kw) != tuple(key_size):
         bias = F.interpolate(
             bias.reshape(heads * table_qh * table_qw, 1, table_kh, table_kw),
             size=tuple(key_size),
             mode='bilinear',
             align_corners=False)
-    elif resize_keys:
-        bias = _resize_key_grid(bias.reshape(-1, table_kh, table_kw), key_size)
     bias = bias.reshape(heads, table_qh, table_qw, num_keys)
     if tracing or (table_qh, table_qw) != tuple(query_size):
         # Keys as channels (a channels-last view): no copy before or after the resize.
