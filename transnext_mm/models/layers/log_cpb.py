@@ -61,6 +61,12 @@ BIAS_FORMS = ('dense', 'table')
 Size = Tuple[int, int]
 
 
+def _concrete(*sizes) -> bool:
+    """Whether this runs eagerly on concrete sizes: not traced by ``torch.compile`` /
+    ``torch.export`` and every size a Python int (not symbolic)."""
+    return not torch.compiler.is_compiling() and all(isinstance(n, int) for n in sizes)
+
+
 def doubled_offsets(query_len, key_len, device=None) -> torch.Tensor:
     """``2 * (q - k_j)`` of one axis: (query_len, key_len) int64 in ``[-(2n-2), 2n-2]``."""
     start, end = adaptive_pool_bins(query_len, key_len, device)
@@ -90,7 +96,7 @@ def log_cpb_axis(query_len, key_len, pretrain_len: int,
     Eager: the offsets that occur, cached per sizes and device. Traced (or symbolic sizes): all
     ``4n - 3`` candidates, computed in the graph.
     """
-    if torch.compiler.is_compiling() or not isinstance(query_len + key_len, int):
+    if not _concrete(query_len, key_len):
         span = 2 * query_len - 2
         candidates = torch.arange(-span, span + 1, device=device)
         return (log_spaced_coords(candidates,
@@ -136,8 +142,7 @@ def table_form_indices(index_h: torch.Tensor, index_w: torch.Tensor, table_w: in
             return pairs * table_w, index_w
         return index_h * (query_len * key_len), pairs
 
-    if torch.compiler.is_compiling() or not all(
-            isinstance(n, int) for n in tuple(query_size) + tuple(key_size)):
+    if not _concrete(*query_size, *key_size):
         return build()
     key = (axes_key, resized, tuple(query_size), tuple(key_size))
     entry = _table_index_cache.get(key)
@@ -316,8 +321,7 @@ def interpolated_bias(table: torch.Tensor, index_h: torch.Tensor, index_w: torch
     before or after the resize), and a single copy puts the axes in order. Traced graphs keep
     :func:`resize_bias` (``F.interpolate`` with symbolic sizes).
     """
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or not all(isinstance(n, int) for n in tuple(query_size) + tuple(key_size))):
+    if torch.jit.is_tracing() or not _concrete(*query_size, *key_size):
         return resize_bias(gather_table(table, index_h, index_w), query_size, key_size)
     heads = table.shape[0]
     (query_h, query_w), (key_h, key_w) = query_size, key_size
