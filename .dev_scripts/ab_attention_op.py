@@ -8,7 +8,8 @@ name beside this checkout's build. Inputs are those of a backbone's aggregated-a
 (stages 1-3) at one input size, the pooled bias in table form with log-CPB indices (the
 training case); each round times every layer shape with both builds, alternating which goes
 first, and the report gives per stage the median over rounds of each build's best-of-3 time and
-the median of the per-round ratios, and the total over all layers of the arch.
+the median of the per-round ratios, and the total over all layers of the arch. Both builds
+must take the table op's ``row_weights`` argument (passed as None: one tap).
 
     cp transnext_mm/_ext*.so /tmp/base/basepkg/   # the baseline build (and an empty __init__.py)
     # ... change and rebuild: python setup.py build_ext --inplace
@@ -49,7 +50,7 @@ def layer_inputs(heads, d, height, width, pool_h, pool_w, seed):
                                                dim=-1), randn(1, heads, Np, d), randn(heads, 9),
             randn(heads,
                   coords_h.numel() * coords_w.numel()), (index_h * coords_w.numel()).contiguous(),
-            index_w.contiguous(), randn(1, heads, N, 9) * 0.5, height, width)
+            index_w.contiguous(), None, randn(1, heads, N, 9) * 0.5, height, width)
     return args, randn(1, heads, N, d)
 
 
@@ -59,7 +60,7 @@ def best_of(ext, args, grad, part, repeats=3):
         if part == 'backward':
             out, lse = ext.aggregated_attention_table_forward(*args)
             start = time.perf_counter()
-            ext.aggregated_attention_table_backward(grad, *args[:10], out, lse, *args[10:], True)
+            ext.aggregated_attention_table_backward(grad, *args[:11], out, lse, *args[11:], True)
         else:
             start = time.perf_counter()
             ext.aggregated_attention_table_forward(*args)
@@ -88,10 +89,10 @@ def main():
         out_new, lse_new = new.aggregated_attention_table_forward(*op_args)
         out_old, _ = old.aggregated_attention_table_forward(*op_args)
         torch.testing.assert_close(out_new, out_old)
-        grads_new = new.aggregated_attention_table_backward(grad, *op_args[:10], out_new, lse_new,
-                                                            *op_args[10:], True)
-        grads_old = old.aggregated_attention_table_backward(grad, *op_args[:10], out_new, lse_new,
-                                                            *op_args[10:], True)
+        grads_new = new.aggregated_attention_table_backward(grad, *op_args[:11], out_new, lse_new,
+                                                            *op_args[11:], True)
+        grads_old = old.aggregated_attention_table_backward(grad, *op_args[:11], out_new, lse_new,
+                                                            *op_args[11:], True)
         for a, b in zip(grads_new, grads_old):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     times = {}

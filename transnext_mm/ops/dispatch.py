@@ -240,20 +240,12 @@ def select(kernel: str,
 
 @torch.compiler.assume_constant_result  # runs once at trace time under torch.compile
 def _warn_once(reason: str) -> bool:
-    return warn_once(
-        f"transnext_mm: {reason}; impl='auto' is falling back to the slower "
-        'PyTorch path',
-        stacklevel=5)
-
-
-def warn_once(message: str, stacklevel: int = 3) -> bool:
-    """Warn with ``message`` (a UserWarning) the first time it occurs in the process: the one
-    record of the slower paths' warnings (the kernels' fallbacks above, and the materialised
-    position bias where the table form does not exist, see
-    :class:`transnext_mm.models.layers.log_cpb.LogCPB`)."""
+    """Warn (a UserWarning) that ``impl='auto'`` falls back to the PyTorch path for ``reason``,
+    the first time the message occurs in the process."""
+    message = f"transnext_mm: {reason}; impl='auto' is falling back to the slower PyTorch path"
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, stacklevel=stacklevel)
+        warnings.warn(message, stacklevel=4)
     return True
 
 
@@ -261,9 +253,8 @@ def attention_bias_form(impl: str,
                         x: Tensor,
                         params: Iterable[Tensor] = (),
                         build: Optional[Build] = None) -> str:
-    """How the aggregated-attention layers hand a pooled-path position bias that has a table
-    form (see :meth:`transnext_mm.models.layers.log_cpb.LogCPB.has_table_form`) to the attention
-    core.
+    """How the aggregated-attention layers hand the pooled-path position bias (see
+    :meth:`transnext_mm.models.layers.log_cpb.LogCPB.table_form`) to the attention core.
 
     ``'table'``: a table and per-axis indices
     (:class:`~transnext_mm.ops.aggregated_attention.PoolBiasTable`), which the compiled kernels

@@ -35,21 +35,25 @@ std::vector<at::Tensor> aggregated_attention_backward(
 // The same with the pooled bias in table form: entry (i, p) of head h, for query i at
 // (y, x) and pooled key p at (py, px) of the Hk x Wk pooled grid, is
 // bias_table[h, index_rows[y, py] + index_cols[x, px]]; bias_table is (heads, table_size),
-// index_rows (H, Hk) and index_cols (W, Wk) int64. The backward returns the gradient of
-// bias_table in place of bias_pool's (an empty (0, table_size) tensor when bias_grad is false).
+// index_rows (H, Hk) and index_cols (W, Wk) int64. With row_weights, a weighted sum over taps:
+// sum_k row_weights[k, y, py] * bias_table[h, index_rows[k, y, py] + index_cols[x, px]], with
+// index_rows and row_weights (taps, H, Hk), the weights in the accumulation type. The backward
+// returns the gradient of bias_table in place of bias_pool's (an empty (0, table_size) tensor
+// when bias_grad is false).
 std::vector<at::Tensor> aggregated_attention_table_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
     const at::Tensor& v_pool, const at::Tensor& rpb_local, const at::Tensor& bias_table,
-    const at::Tensor& index_rows, const at::Tensor& index_cols, const at::Tensor& token_weight,
-    int64_t height, int64_t width);
+    const at::Tensor& index_rows, const at::Tensor& index_cols,
+    const c10::optional<at::Tensor>& row_weights, const at::Tensor& token_weight, int64_t height,
+    int64_t width);
 std::vector<at::Tensor> aggregated_attention_table_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb_local,
     const at::Tensor& bias_table, const at::Tensor& index_rows, const at::Tensor& index_cols,
-    const at::Tensor& token_weight, const at::Tensor& out, const at::Tensor& lse, int64_t height,
-    int64_t width, bool bias_grad);
+    const c10::optional<at::Tensor>& row_weights, const at::Tensor& token_weight,
+    const at::Tensor& out, const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad);
 
-// Backends.
+// Backends (row_weights undefined: one tap of weight 1).
 std::vector<at::Tensor> aggregated_attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
     const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,
@@ -62,14 +66,14 @@ std::vector<at::Tensor> aggregated_attention_backward_cpu(
 std::vector<at::Tensor> aggregated_attention_table_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
     const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias_table,
-    const at::Tensor& index_rows, const at::Tensor& index_cols, const at::Tensor& token_weight,
-    int64_t height, int64_t width);
+    const at::Tensor& index_rows, const at::Tensor& index_cols, const at::Tensor& row_weights,
+    const at::Tensor& token_weight, int64_t height, int64_t width);
 std::vector<at::Tensor> aggregated_attention_table_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
     const at::Tensor& bias_table, const at::Tensor& index_rows, const at::Tensor& index_cols,
-    const at::Tensor& token_weight, const at::Tensor& out, const at::Tensor& lse, int64_t height,
-    int64_t width, bool bias_grad);
+    const at::Tensor& row_weights, const at::Tensor& token_weight, const at::Tensor& out,
+    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad);
 #ifdef WITH_CUDA
 std::vector<at::Tensor> aggregated_attention_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
@@ -83,14 +87,14 @@ std::vector<at::Tensor> aggregated_attention_backward_cuda(
 std::vector<at::Tensor> aggregated_attention_table_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
     const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias_table,
-    const at::Tensor& index_rows, const at::Tensor& index_cols, const at::Tensor& token_weight,
-    int64_t height, int64_t width);
+    const at::Tensor& index_rows, const at::Tensor& index_cols, const at::Tensor& row_weights,
+    const at::Tensor& token_weight, int64_t height, int64_t width);
 std::vector<at::Tensor> aggregated_attention_table_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
     const at::Tensor& bias_table, const at::Tensor& index_rows, const at::Tensor& index_cols,
-    const at::Tensor& token_weight, const at::Tensor& out, const at::Tensor& lse, int64_t height,
-    int64_t width, bool bias_grad);
+    const at::Tensor& row_weights, const at::Tensor& token_weight, const at::Tensor& out,
+    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad);
 #endif
 
 }  // namespace transnext_mm

@@ -74,26 +74,44 @@ inline VersionedTensorCache<2, bool>& checked_index_pairs() {
   return *pairs;
 }
 
-// The table form of the pooled bias: bias_table (heads, table_size) in q's dtype, index_rows
-// (height, Hk) and index_cols (width, Wk) int64 with Hk * Wk = Np and every
-// index_rows[y, py] + index_cols[x, px] in [0, table_size). Returns the index tensors contiguous.
-inline std::pair<at::Tensor, at::Tensor> checked_bias_index(
-    const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& bias_table,
-    const at::Tensor& index_rows, const at::Tensor& index_cols, int64_t height, int64_t width) {
+// The table form of the pooled bias: bias_table (heads, table_size) in q's dtype, index_cols
+// (width, Wk) int64 and either index_rows (height, Hk) int64 (one tap) or, with row_weights,
+// index_rows and row_weights (taps, height, Hk), int64 and q's accumulation type (see PoolBiasTable
+// in transnext_mm/ops/aggregated_attention/shapes.py), with Hk * Wk = Np and every
+// index_rows[..., y, py] + index_cols[x, px] in [0, table_size). Returns index_rows, index_cols and
+// row_weights (undefined: one tap of weight 1) contiguous.
+inline std::vector<at::Tensor> checked_bias_index(const at::Tensor& q, const at::Tensor& k_pool,
+                                                  const at::Tensor& bias_table,
+                                                  const at::Tensor& index_rows,
+                                                  const at::Tensor& index_cols,
+                                                  const c10::optional<at::Tensor>& row_weights,
+                                                  int64_t height, int64_t width) {
   TORCH_CHECK(bias_table.dim() == 2 && bias_table.size(0) == q.size(1),
               "aggregated_attention: bias_table must have shape (", q.size(1),
               ", table_size), got ", bias_table.sizes());
-  for (const auto& [name, t, rows] : {std::make_tuple("index_rows", index_rows, height),
-                                      std::make_tuple("index_cols", index_cols, width)}) {
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.scalar_type() == at::kLong &&
-                    t.device() == q.device(),
-                "aggregated_attention: ", name, " must be an int64 (", rows,
-                ", pooled size) tensor on ", q.device(), ", got ", t.scalar_type(), " ", t.sizes(),
-                " on ", t.device());
+  const bool taps = row_weights.has_value() && row_weights->defined();
+  TORCH_CHECK(index_rows.dim() == (taps ? 3 : 2) && index_rows.size(-2) == height &&
+                  index_rows.scalar_type() == at::kLong && index_rows.device() == q.device(),
+              "aggregated_attention: index_rows must be an int64 (", taps ? "taps, " : "", height,
+              ", pooled size) tensor on ", q.device(), ", got ", index_rows.scalar_type(), " ",
+              index_rows.sizes(), " on ", index_rows.device());
+  TORCH_CHECK(index_cols.dim() == 2 && index_cols.size(0) == width &&
+                  index_cols.scalar_type() == at::kLong && index_cols.device() == q.device(),
+              "aggregated_attention: index_cols must be an int64 (", width,
+              ", pooled size) tensor on ", q.device(), ", got ", index_cols.scalar_type(), " ",
+              index_cols.sizes(), " on ", index_cols.device());
+  if (taps) {
+    const auto acc = at::toOpMathType(q.scalar_type());
+    TORCH_CHECK(row_weights->sizes() == index_rows.sizes() && index_rows.size(0) > 0 &&
+                    row_weights->scalar_type() == acc && row_weights->device() == q.device(),
+                "aggregated_attention: row_weights must be a ", acc, " tensor on ", q.device(),
+                " of index_rows' shape ", index_rows.sizes(), " with at least one tap, got ",
+                row_weights->scalar_type(), " ", row_weights->sizes(), " on ",
+                row_weights->device());
   }
-  TORCH_CHECK(index_rows.size(1) * index_cols.size(1) == k_pool.size(2),
+  TORCH_CHECK(index_rows.size(-1) * index_cols.size(1) == k_pool.size(2),
               "aggregated_attention: index_rows and index_cols give a pooled grid of ",
-              index_rows.size(1), "x", index_cols.size(1), " but k_pool has ", k_pool.size(2),
+              index_rows.size(-1), "x", index_cols.size(1), " but k_pool has ", k_pool.size(2),
               " pooled keys");
   if (index_rows.numel() > 0 && index_cols.numel() > 0 &&
       !checked_index_pairs().find({index_rows, index_cols}, bias_table.size(1))) {
@@ -106,7 +124,8 @@ inline std::pair<at::Tensor, at::Tensor> checked_bias_index(
                 bias_table.size(1), "), got [", low, ", ", high, "]");
     checked_index_pairs().add({index_rows, index_cols}, bias_table.size(1), true);
   }
-  return {index_rows.contiguous(), index_cols.contiguous()};
+  return {index_rows.contiguous(), index_cols.contiguous(),
+          taps ? row_weights->contiguous() : at::Tensor()};
 }
 
 }  // namespace detail
@@ -128,12 +147,13 @@ inline std::vector<at::Tensor> checked_forward(
 }
 
 // The table-form forward's inputs, checked: q, k, v, k_pool, v_pool, rpb_local, bias_table,
-// token_weight, index_rows, index_cols.
+// token_weight, index_rows, index_cols, row_weights (undefined when not given).
 inline std::vector<at::Tensor> checked_table_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
     const at::Tensor& v_pool, const at::Tensor& rpb_local, const at::Tensor& bias_table,
-    const at::Tensor& index_rows, const at::Tensor& index_cols, const at::Tensor& token_weight,
-    int64_t height, int64_t width) {
+    const at::Tensor& index_rows, const at::Tensor& index_cols,
+    const c10::optional<at::Tensor>& row_weights, const at::Tensor& token_weight, int64_t height,
+    int64_t width) {
   auto t = detail::checked({{"q", q},
                             {"k", k},
                             {"v", v},
@@ -143,10 +163,9 @@ inline std::vector<at::Tensor> checked_table_forward(
                             {"bias_table", bias_table},
                             {"token_weight", token_weight}},
                            height, width);
-  auto [rows, cols] =
-      detail::checked_bias_index(q, t[3], t[6], index_rows, index_cols, height, width);
-  t.push_back(rows);
-  t.push_back(cols);
+  for (auto& index : detail::checked_bias_index(q, t[3], t[6], index_rows, index_cols, row_weights,
+                                                height, width))
+    t.push_back(index);
   return t;
 }
 
@@ -179,13 +198,14 @@ inline std::vector<at::Tensor> checked_backward(
 }
 
 // The table-form backward's inputs, checked, in the order q, k, v, k_pool, v_pool, rpb_local,
-// bias_table, token_weight, grad_out, out, lse, index_rows, index_cols.
+// bias_table, token_weight, grad_out, out, lse, index_rows, index_cols, row_weights (undefined when
+// not given).
 inline std::vector<at::Tensor> checked_table_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb_local,
     const at::Tensor& bias_table, const at::Tensor& index_rows, const at::Tensor& index_cols,
-    const at::Tensor& token_weight, const at::Tensor& out, const at::Tensor& lse, int64_t height,
-    int64_t width) {
+    const c10::optional<at::Tensor>& row_weights, const at::Tensor& token_weight,
+    const at::Tensor& out, const at::Tensor& lse, int64_t height, int64_t width) {
   auto t = detail::checked({{"q", q},
                             {"k", k},
                             {"v", v},
@@ -204,10 +224,9 @@ inline std::vector<at::Tensor> checked_table_backward(
               "aggregated_attention: lse must be ", at::toOpMathType(q.scalar_type()), " on ",
               q.device(), ", got ", lse.scalar_type(), " on ", lse.device());
   t.push_back(lse.contiguous());
-  auto [rows, cols] =
-      detail::checked_bias_index(q, t[3], t[6], index_rows, index_cols, height, width);
-  t.push_back(rows);
-  t.push_back(cols);
+  for (auto& index : detail::checked_bias_index(q, t[3], t[6], index_rows, index_cols, row_weights,
+                                                height, width))
+    t.push_back(index);
   return t;
 }
 

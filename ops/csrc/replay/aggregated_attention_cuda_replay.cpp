@@ -212,7 +212,7 @@ std::vector<at::Tensor> aggregated_attention_forward_replay(
   const auto t =
       checked_forward(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width);
   return kernel_forward<ReplayBackend>(t[0], t[1], t[2], t[3], t[4], t[5], t[6], at::Tensor(),
-                                       at::Tensor(), t[7], height, width,
+                                       at::Tensor(), at::Tensor(), t[7], height, width,
                                        static_cast<int>(query_split));
 }
 
@@ -226,34 +226,36 @@ std::vector<at::Tensor> aggregated_attention_backward_replay(
   const auto t = checked_backward(grad_out, q, k, v, k_pool, v_pool, rpb_local, bias_pool,
                                   token_weight, out, lse, height, width);
   return kernel_backward<ReplayBackend>(t[8], t[0], t[1], t[2], t[3], t[4], t[5], t[6],
-                                        at::Tensor(), at::Tensor(), t[7], t[9], t[10], height,
-                                        width, bias_grad, pool_target_blocks);
+                                        at::Tensor(), at::Tensor(), at::Tensor(), t[7], t[9], t[10],
+                                        height, width, bias_grad, pool_target_blocks);
 }
 
 std::vector<at::Tensor> aggregated_attention_table_forward_replay(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
     const at::Tensor& v_pool, const at::Tensor& rpb_local, const at::Tensor& bias_table,
-    const at::Tensor& index_rows, const at::Tensor& index_cols, const at::Tensor& token_weight,
-    int64_t height, int64_t width, int64_t query_split) {
+    const at::Tensor& index_rows, const at::Tensor& index_cols,
+    const c10::optional<at::Tensor>& row_weights, const at::Tensor& token_weight, int64_t height,
+    int64_t width, int64_t query_split) {
   TORCH_CHECK(q.device().is_cpu(), "aggregated_attention replay: expects CPU tensors");
   const auto t = checked_table_forward(q, k, v, k_pool, v_pool, rpb_local, bias_table, index_rows,
-                                       index_cols, token_weight, height, width);
-  return kernel_forward<ReplayBackend>(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[8], t[9], t[7],
-                                       height, width, static_cast<int>(query_split));
+                                       index_cols, row_weights, token_weight, height, width);
+  return kernel_forward<ReplayBackend>(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[8], t[9], t[10],
+                                       t[7], height, width, static_cast<int>(query_split));
 }
 
 std::vector<at::Tensor> aggregated_attention_table_backward_replay(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb_local,
     const at::Tensor& bias_table, const at::Tensor& index_rows, const at::Tensor& index_cols,
-    const at::Tensor& token_weight, const at::Tensor& out, const at::Tensor& lse, int64_t height,
-    int64_t width, bool bias_grad, int64_t pool_target_blocks) {
+    const c10::optional<at::Tensor>& row_weights, const at::Tensor& token_weight,
+    const at::Tensor& out, const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad,
+    int64_t pool_target_blocks) {
   TORCH_CHECK(q.device().is_cpu(), "aggregated_attention replay: expects CPU tensors");
   const auto t =
       checked_table_backward(grad_out, q, k, v, k_pool, v_pool, rpb_local, bias_table, index_rows,
-                             index_cols, token_weight, out, lse, height, width);
+                             index_cols, row_weights, token_weight, out, lse, height, width);
   return kernel_backward<ReplayBackend>(t[8], t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[11],
-                                        t[12], t[7], t[9], t[10], height, width, bias_grad,
+                                        t[12], t[13], t[7], t[9], t[10], height, width, bias_grad,
                                         pool_target_blocks);
 }
 

@@ -32,14 +32,16 @@ std::vector<at::Tensor> aggregated_attention_backward_replay(
 std::vector<at::Tensor> aggregated_attention_table_forward_replay(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
     const at::Tensor& v_pool, const at::Tensor& rpb_local, const at::Tensor& bias_table,
-    const at::Tensor& index_rows, const at::Tensor& index_cols, const at::Tensor& token_weight,
-    int64_t height, int64_t width, int64_t query_split);
+    const at::Tensor& index_rows, const at::Tensor& index_cols,
+    const c10::optional<at::Tensor>& row_weights, const at::Tensor& token_weight, int64_t height,
+    int64_t width, int64_t query_split);
 std::vector<at::Tensor> aggregated_attention_table_backward_replay(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb_local,
     const at::Tensor& bias_table, const at::Tensor& index_rows, const at::Tensor& index_cols,
-    const at::Tensor& token_weight, const at::Tensor& out, const at::Tensor& lse, int64_t height,
-    int64_t width, bool bias_grad, int64_t pool_target_blocks);
+    const c10::optional<at::Tensor>& row_weights, const at::Tensor& token_weight,
+    const at::Tensor& out, const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad,
+    int64_t pool_target_blocks);
 
 // The CUDA kernels' launch plans for these sizes, as the replay and the GPU use them:
 // {"forward": grid x, y, z, threads, query split}, {"backward_query": grid x, y, z, threads},

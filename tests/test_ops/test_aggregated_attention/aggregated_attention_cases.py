@@ -63,12 +63,48 @@ def make_table_inputs(B, heads, height, width, pool, d, dtype=torch.float64, q_s
     return tensors[:6] + [bias] + tensors[7:]
 
 
+def make_tap_inputs(B,
+                    heads,
+                    height,
+                    width,
+                    pool,
+                    d,
+                    taps,
+                    cols='folded',
+                    dtype=torch.float64,
+                    q_scale=4.0):
+    """The op's inputs with ``bias_pool`` in table form with row taps: random row indices and
+    weights (the weights in the op's accumulation type), a random table. ``cols``: 'folded'
+    (contiguous per query column, ``x * Wk + px``, as a folded width gives) or 'log-cpb' (the
+    offset indices of the grids)."""
+    pool_h, pool_w = pool
+    tensors = make_inputs(B, heads, height, width, pool_h * pool_w, d, dtype=dtype, q_scale=q_scale)
+    gen = torch.Generator().manual_seed(height * 100 + width + taps)
+    if cols == 'folded':
+        index_cols = torch.arange(width * pool_w).view(width, pool_w)
+        col_range = width * pool_w
+    else:
+        _, (coords_w, index_cols) = log_cpb_axes((height, width), pool, 7, torch.device('cpu'))
+        col_range = coords_w.numel()
+    table_rows = 2 * height + 3
+    rows = torch.randint(0, table_rows, (taps, height, pool_h), generator=gen) * col_range
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weights = torch.rand(taps, height, pool_h, generator=gen, dtype=torch.float64).to(acc)
+    table = torch.randn(
+        heads, table_rows * col_range, generator=gen,
+        dtype=torch.float64).to(dtype).requires_grad_()
+    bias = PoolBiasTable(table, rows, index_cols, weights)
+    return tensors[:6] + [bias] + tensors[7:]
+
+
 def table_oracle(tensors, height, width, grad_out):
     """Output and gradients (the table's in place of bias_pool's) of the reference on the
     materialised bias, in float64."""
     leaves = [t.detach().double().requires_grad_() for t in tensors[:6] + tensors[7:]]
     table = tensors[6].table.detach().double().requires_grad_()
-    bias = PoolBiasTable(table, tensors[6].index_rows, tensors[6].index_cols).dense()
+    weights = tensors[6].row_weights
+    bias = tensors[6]._replace(
+        table=table, row_weights=None if weights is None else weights.double()).dense()
     out = aggregated_attention_reference(*leaves[:6], bias, leaves[6], height, width)
     grads = torch.autograd.grad(out, leaves[:6] + [table] + leaves[6:], grad_out.double())
     return out, grads

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from aggregated_attention_cases import (NAMES, assert_close_scaled, make_inputs, make_table_inputs,
-                                        reference_with_grads, table_oracle)
+                                        make_tap_inputs, reference_with_grads, table_oracle)
 
 from transnext_mm.ops import dispatch
 from transnext_mm.ops.aggregated_attention import PoolBiasTable
@@ -277,6 +277,34 @@ def test_replayed_table_form_matches_reference(shape, dtype, rel):
         assert_close_scaled(g, g_ref, REPLAY_GRAD_REL[dtype], name)
 
 
+@pytest.mark.parametrize(
+    'dtype,rel', [(torch.float64, 1e-10), (torch.float32, 2e-5), (torch.float16, 3e-3),
+                  (torch.bfloat16, 2e-2)],
+    ids=['float64', 'float32', 'float16', 'bfloat16'])
+@pytest.mark.parametrize('target_blocks', [1, None], ids=['one-group', 'gpu-plan'])
+@pytest.mark.parametrize('shape,cols', [((2, 3, 5, 7, (2, 3), 24, 4), 'folded'),
+                                        ((3, 1, 13, 11, (3, 5), 5, 3), 'log-cpb'),
+                                        ((1, 2, 9, 8, (4, 4), 32, 2), 'folded')])
+def test_replayed_table_form_row_taps_match_reference(shape, cols, target_blocks, dtype, rel):
+    """Row taps (``row_weights``, float32 for the half types): the kernels sum the weighted taps
+    of each entry, and the table gradient kernel weights each tap's gathered sum; one batch
+    group and the GPU's plan."""
+    B, heads, height, width, pool, d, taps = shape
+    tensors = make_tap_inputs(*shape, cols=cols, dtype=dtype)
+    tensors = [
+        t.detach() if torch.is_tensor(t) else t._replace(table=t.table.detach()) for t in tensors
+    ]
+    grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64).to(dtype)
+    out, _, grads = aggregated_attention_cuda_replay(
+        *tensors, height, width, grad_out=grad_out, pool_target_blocks=target_blocks)
+    out_ref, grads_ref = table_oracle(tensors, height, width, grad_out)
+    assert out.dtype == dtype
+    assert_close_scaled(out, out_ref, rel, 'out')
+    for name, g, g_ref in zip(TABLE_NAMES, grads, grads_ref):
+        assert g.dtype == dtype and g.shape == g_ref.shape, name
+        assert_close_scaled(g, g_ref, REPLAY_GRAD_REL[dtype], name)
+
+
 @pytest.mark.parametrize('target_blocks', [1, 4, None], ids=['one-group', 'groups', 'gpu-plan'])
 @pytest.mark.parametrize('order', ['log-cpb', 'mixed'])
 def test_replayed_table_form_equals_dense(order, target_blocks):
@@ -383,7 +411,7 @@ def test_replayed_table_form_sparse_table_and_no_bias_grad():
     read = torch.zeros(table.shape[1], dtype=torch.bool)
     read[(rows[:, None, :, None] + cols[None, :, None, :]).flatten()] = True
     assert (~read).any() and (grads[6][:, ~read] == 0).all()
-    args = [grad_out, *tensors[:6], table, rows, cols, tensors[7], out, lse, height, width]
+    args = [grad_out, *tensors[:6], table, rows, cols, None, tensors[7], out, lse, height, width]
     no_bias = replay_ext().aggregated_attention_table_backward_replay(
         *args, False,
         replay_ext().pool_grad_target_blocks)

@@ -6,9 +6,10 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from aggregated_attention_cases import NAMES, assert_close_scaled, make_table_inputs, table_oracle
+from aggregated_attention_cases import (NAMES, assert_close_scaled, make_table_inputs,
+                                        make_tap_inputs, table_oracle)
 
-from transnext_mm.models.layers.log_cpb import DENSE_BIAS_WARNING, LogCPB
+from transnext_mm.models.layers.log_cpb import LogCPB
 from transnext_mm.ops import dispatch
 from transnext_mm.ops.aggregated_attention import (PoolBiasTable, aggregated_attention,
                                                    aggregated_attention_reference,
@@ -76,6 +77,40 @@ def test_table_form_column_index_orders(order, dtype, rel):
     assert_table_op_matches_oracle(tensors, height, width, dtype, rel)
 
 
+# (B, heads, height, width, pool, d, taps): row taps (a bias resized along both axes has up to
+# four bilinear taps per pooled row), odd grids, batch > 1, the fp32 register-tile head dims (24,
+# 8) and a generic one, 11 keys per pooled row, one tap.
+TAP_SHAPES = [(2, 3, 5, 7, (2, 3), 24, 4), (1, 2, 13, 29, (3, 11), 24, 2),
+              (3, 1, 9, 8, (4, 4), 5, 3), (2, 2, 20, 17, (5, 4), 8, 1)]
+
+
+@requires_op
+@pytest.mark.parametrize('dtype,rel', [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize('cols', ['folded', 'log-cpb'])
+@pytest.mark.parametrize('shape', TAP_SHAPES)
+def test_table_form_row_taps_match_reference(shape, cols, dtype, rel):
+    """Row taps (``row_weights``): each entry a weighted sum of table entries, with column
+    indices contiguous per query column (a folded width) or log-CPB's offsets."""
+    B, heads, height, width, pool, d, taps = shape
+    tensors = make_tap_inputs(*shape, cols=cols, dtype=dtype)
+    assert_table_op_matches_oracle(tensors, height, width, dtype, rel)
+
+
+@requires_op
+def test_table_form_one_tap_of_weight_one_is_the_plain_form():
+    """``row_weights`` of ones over one tap compute what the plain table form computes."""
+    height, width = 9, 8
+    tensors = make_table_inputs(2, 2, height, width, (4, 4), 24, dtype=torch.float32)
+    bias = tensors[6]
+    out, grad_out, grads = table_op_grads(tensors, height, width)
+    tensors[6] = bias._replace(
+        index_rows=bias.index_rows[None], row_weights=torch.ones(1, height, 4))
+    out_taps, _, grads_taps = table_op_grads(tensors, height, width, grad_out)
+    torch.testing.assert_close(out_taps, out, rtol=0, atol=0)
+    for name, g, g_taps in zip(NAMES, grads, grads_taps):
+        torch.testing.assert_close(g_taps, g, rtol=1e-6, atol=1e-6, msg=name)
+
+
 @requires_op
 def test_table_form_large_table():
     """A table of more than 2^24 entries over all heads (a resized axis folded in, as at detection
@@ -93,11 +128,16 @@ def test_table_form_large_table():
 
 
 @requires_op
-def test_table_form_equals_dense_op_and_is_deterministic():
-    """The table form computes what the dense op computes, and its table gradient (per-group
-    partial sums reduced in a fixed order) is the same bit for bit on every run."""
+@pytest.mark.parametrize('taps', [0, 4])
+def test_table_form_equals_dense_op_and_is_deterministic(taps):
+    """The table form (plain, and with row taps) computes what the dense op computes, and its
+    table gradient (per-group partial sums reduced in a fixed order) is the same bit for bit on
+    every run."""
     height, width = 23, 19
-    tensors = make_table_inputs(2, 2, height, width, (4, 3), 24, dtype=torch.float32)
+    if taps:
+        tensors = make_tap_inputs(2, 2, height, width, (4, 3), 24, taps, dtype=torch.float32)
+    else:
+        tensors = make_table_inputs(2, 2, height, width, (4, 3), 24, dtype=torch.float32)
     out, grad_out, grads = table_op_grads(tensors, height, width)
     dense = tensors[:6] + [tensors[6].dense()] + tensors[7:]
     out_dense = aggregated_attention(*dense, height, width, impl='op')
@@ -108,9 +148,13 @@ def test_table_form_equals_dense_op_and_is_deterministic():
 
 
 @requires_op
-@pytest.mark.parametrize('height,width,pool', [(5, 7, (2, 2)), (1, 1, (1, 1)), (4, 9, (2, 3))])
-def test_table_form_gradcheck_float64(height, width, pool):
-    tensors = make_table_inputs(2, 2, height, width, pool, 3, q_scale=1.0)
+@pytest.mark.parametrize('height,width,pool,taps', [(5, 7, (2, 2), 0), (1, 1, (1, 1), 0),
+                                                    (4, 9, (2, 3), 0), (5, 6, (2, 3), 3)])
+def test_table_form_gradcheck_float64(height, width, pool, taps):
+    if taps:
+        tensors = make_tap_inputs(2, 2, height, width, pool, 3, taps, q_scale=1.0)
+    else:
+        tensors = make_table_inputs(2, 2, height, width, pool, 3, q_scale=1.0)
     bias = tensors[6]
 
     def fn(q, k, v, k_pool, v_pool, rpb_local, table, token_weight):
@@ -140,16 +184,17 @@ def test_table_form_opcheck():
         for t in make_table_inputs(2, 2, height, width, (1, 2), 4, dtype=torch.float32)
     ]
     bias = tensors[6]._replace(table=tensors[6].table.detach())
-    args = (*tensors[:6], bias.table, bias.index_rows, bias.index_cols, tensors[7], height, width)
+    args = (*tensors[:6], bias.table, bias.index_rows, bias.index_cols, None, tensors[7], height,
+            width)
     grad_args = (*tensors[:6], bias.table.clone().requires_grad_(), bias.index_rows,
-                 bias.index_cols, tensors[7], height, width)
+                 bias.index_cols, None, tensors[7], height, width)
     torch.library.opcheck(torch.ops.transnext_mm.aggregated_attention_table_forward.default,
                           grad_args)
     out, lse = torch.ops.transnext_mm.aggregated_attention_table_forward(*args)
     for bias_grad in (True, False):
         torch.library.opcheck(
             torch.ops.transnext_mm.aggregated_attention_table_backward.default,
-            (torch.randn_like(out), *args[:10], out, lse, height, width, bias_grad))
+            (torch.randn_like(out), *args[:11], out, lse, height, width, bias_grad))
 
 
 @requires_op
@@ -165,13 +210,29 @@ def test_table_form_bad_inputs_name_the_argument():
     bad = bias._replace(table=bias.table[:1])
     with pytest.raises(ValueError, match=r'bias_pool.table must have shape \(2, table_size\)'):
         aggregated_attention_table_op(*tensors[:6], bad, tensors[7], 4, 5)
+    with pytest.raises(ValueError, match=r'bias_pool.index_rows must be an int64 \(taps, 4'):
+        aggregated_attention_table_op(*tensors[:6], bias._replace(row_weights=torch.ones(4, 2)),
+                                      tensors[7], 4, 5)
+    taps = bias._replace(
+        index_rows=bias.index_rows.expand(3, 4, 2), row_weights=torch.ones(2, 4, 2))
+    with pytest.raises(
+            ValueError,
+            match=r"bias_pool.row_weights must be a floating-point tensor "
+            r"of index_rows' shape \(3, 4, 2\)"):
+        aggregated_attention_table_op(*tensors[:6], taps, tensors[7], 4, 5)
     bad = bias._replace(index_rows=bias.index_rows + bias.table.shape[1])
     detached = [t.detach() for t in tensors[:6] + tensors[7:]]
+    # The op's own check: the weights in the accumulation type (float32 for float32 inputs).
+    with pytest.raises(RuntimeError, match=r'row_weights must be a Float tensor'):
+        torch.ops.transnext_mm.aggregated_attention_table_forward(
+            *detached[:6], bias.table.detach(),
+            bias.index_rows.expand(3, 4, 2).contiguous(), bias.index_cols,
+            torch.ones(3, 4, 2, dtype=torch.float64), detached[6], 4, 5)
     with pytest.raises(RuntimeError, match=r'index_rows \+ index_cols must lie in'):
         torch.ops.transnext_mm.aggregated_attention_table_forward(*detached[:6],
                                                                   bias.table.detach(),
                                                                   bad.index_rows, bad.index_cols,
-                                                                  detached[6], 4, 5)
+                                                                  None, detached[6], 4, 5)
 
 
 @requires_op
@@ -186,7 +247,7 @@ def test_table_form_index_bounds_rechecked_after_in_place_change():
 
     def forward(table):
         return torch.ops.transnext_mm.aggregated_attention_table_forward(
-            *detached[:6], table, rows, cols, detached[6], 4, 5)
+            *detached[:6], table, rows, cols, None, detached[6], 4, 5)
 
     out, _ = forward(table)
     torch.testing.assert_close(forward(table)[0], out, rtol=0, atol=0)
@@ -206,16 +267,18 @@ def test_layers_hand_over_the_same_index_tensors_every_step():
     then runs once), also where an axis is resized; the table itself is recomputed."""
     fc1, fc2 = nn.Linear(2, 16), nn.Linear(16, 2)
     # (mode, query grid, key grid); interpolation from an (8, 8) x (2, 2) table: unresized,
-    # columns resized, rows resized.
+    # columns resized, rows resized, both.
     cases = [('extrapolate', (9, 7), (3, 2)), ('interpolate', (8, 8), (2, 2)),
-             ('interpolate', (8, 6), (2, 2)), ('interpolate', (6, 8), (2, 2))]
+             ('interpolate', (8, 6), (2, 2)), ('interpolate', (6, 8), (2, 2)),
+             ('interpolate', (6, 10), (2, 3))]
     for mode, query, key in cases:
         log_cpb = LogCPB(mode, (8, 8), (2, 2), pretrain_len=7)
-        assert log_cpb.has_table_form(query, key)
         first = log_cpb.table_form(fc1, fc2, query, key)
         second = log_cpb.table_form(fc1, fc2, query, key)
         assert first.index_rows is second.index_rows, (mode, query)
         assert first.index_cols is second.index_cols, (mode, query)
+        assert first.row_weights is second.row_weights, (mode, query)
+        assert (first.row_weights is None) == (query != (6, 10)), (mode, query)
         assert first.table is not second.table
         torch.testing.assert_close(first.dense(), log_cpb.compute(fc1, fc2, query, key))
 
@@ -274,42 +337,43 @@ def test_bias_form_decided_in_dispatch():
         ('interpolate', (8, 5), (2, 1), (1, )),  # W down-sampled
         ('interpolate', (11, 8), (3, 2), (0, )),  # H up-sampled
         ('interpolate', (8, 8), (2, 3), (1, )),  # only the key grid resized
-        ('interpolate', (9, 7), (3, 4), (0, 1)),
+        ('interpolate', (9, 7), (3, 4), (0, 1)),  # H up, W down (a 768x1344 input)
+        ('interpolate', (5, 13), (1, 3), (0, 1)),  # H down, W up
+        ('interpolate', (8, 13), (3, 3), (0, 1)),  # H: only the key rows resized
+        ('interpolate', (11, 9), (2, 2), (0, 1)),  # H: only the query rows resized
     ])
-def test_log_cpb_table_form_equals_dense_bias(mode, query, key, resized, monkeypatch):
-    """The table form is the dense bias wherever at most one axis is resized; elsewhere
-    (interpolation at another size along both axes) the dense bias is returned, with a warning
-    once per process. Gradients reach the MLP alike."""
+def test_log_cpb_table_form_equals_dense_bias(mode, query, key, resized):
+    """The table form is the dense bias at any size: the MLP table where nothing is resized, a
+    folded axis where one is, the folded width and the height's bilinear row taps (up to four:
+    two query-row times two key-row taps, one where that grid is the table's) where both are.
+    No warning. Gradients reach the MLP alike."""
     torch.manual_seed(0)
     fc1, fc2 = nn.Linear(2, 32), nn.Linear(32, 3)
     cpb = LogCPB(mode, (8, 8), (2, 2), 56)
-    table = len(resized) < 2
     assert cpb.resized_axes(query, key) == resized
-    assert cpb.has_table_form(query, key) == table
-    monkeypatch.setattr(dispatch, '_warned', set())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
         dense = cpb(fc1, fc2, query, key, training=True)
         got = cpb(fc1, fc2, query, key, training=True, form='table')
-        cpb(fc1, fc2, query, key, training=True, form='table')  # no second warning
-    messages = [str(w.message) for w in caught]
-    assert messages == ([] if table else [DENSE_BIAS_WARNING]), messages
-    assert isinstance(got, PoolBiasTable) == table
-    got_dense = got.dense() if table else got
-    torch.testing.assert_close(got_dense, dense)
+    assert isinstance(got, PoolBiasTable)
+    torch.testing.assert_close(got.dense(), dense)
     weights = torch.randn_like(dense)
     params = list(fc1.parameters()) + list(fc2.parameters())
     grads = torch.autograd.grad((dense * weights).sum(), params)
-    grads_table = torch.autograd.grad((got_dense * weights).sum(), params)
+    grads_table = torch.autograd.grad((got.dense() * weights).sum(), params)
     for g, g_table in zip(grads, grads_table):
         torch.testing.assert_close(g_table, g)
-    if len(resized) == 1:
+    if resized:
         # A resized axis is folded into the table: it holds (U x Q x K) entries per head.
-        axis = resized[0]
+        axis = resized[-1]
         assert got.table.shape[1] % (query[axis] * key[axis]) == 0
-    if not table:
-        with pytest.raises(ValueError, match='resized along both axes'):
-            cpb.table_form(fc1, fc2, query, key)
+    if len(resized) == 2:
+        taps = (1 if query[0] == 8 else 2) * (1 if key[0] == 2 else 2)
+        assert got.row_weights.shape == got.index_rows.shape == (taps, query[0], key[0])
+        assert got.row_weights.dtype == torch.float32
+        torch.testing.assert_close(got.row_weights.sum(0), torch.ones(query[0], key[0]))
+    else:
+        assert got.row_weights is None
     with pytest.raises(ValueError, match="form must be one of"):
         cpb(fc1, fc2, query, key, training=True, form='sparse')
 
@@ -336,12 +400,12 @@ def test_log_cpb_table_form_eval_cache():
         ('interpolate', 96, (96, 96)),
         ('interpolate', 64, (64, 93)),  # W resized in every stage: its table form
         ('interpolate', 64, (93, 64)),  # H resized
-        ('interpolate', 224, (67, 93)),  # both resized: the dense bias
+        ('interpolate', 224, (67, 93)),  # both resized: row taps
     ])
-def test_backbone_table_form_matches_torch_path(mode, img_size, size, monkeypatch):
-    """Training step of the backbone with the op (table form where the bias has one) against
-    the PyTorch path (dense bias): outputs and every gradient, the log-CPB MLPs' included, at
-    batch 2. The op's dense bias (both axes resized) warns once."""
+def test_backbone_table_form_matches_torch_path(mode, img_size, size):
+    """Training step of the backbone with the op (table form) against the PyTorch path (dense
+    bias): outputs and every gradient, the log-CPB MLPs' included, at batch 2, without a
+    warning."""
     from transnext_mm.models.backbones import TransNeXt
     torch.manual_seed(0)
     cfg = dict(arch='micro', pos_bias_mode=mode, img_size=img_size)
@@ -349,12 +413,9 @@ def test_backbone_table_form_matches_torch_path(mode, img_size, size, monkeypatc
     model_op = TransNeXt(attn_impl='op', **cfg).train()
     model_op.load_state_dict(model_torch.state_dict())
     x = torch.randn(2, 3, *size)
-    monkeypatch.setattr(dispatch, '_warned', set())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
         outs_torch, outs_op = model_torch(x), model_op(x)
-    both_resized = mode == 'interpolate' and img_size not in size
-    assert [str(w.message) for w in caught] == [DENSE_BIAS_WARNING] * both_resized
     for o_t, o_op in zip(outs_torch, outs_op):
         torch.testing.assert_close(o_op, o_t, rtol=1e-4, atol=1e-4)
     weights = [torch.randn_like(o) for o in outs_torch]

@@ -86,8 +86,8 @@ class AggregatedAttention(nn.Module):
         """The arguments of the attention core (see ``transnext_mm.ops.aggregated_attention``):
         ``(q, k, v, k_pool, v_pool, rpb_local, bias_pool, token_weight, height, width)``.
 
-        ``bias_form='table'`` gives ``bias_pool`` as a :class:`PoolBiasTable` where the bias has
-        one (see :meth:`LogCPB.has_table_form`); 'dense' (the default) always materialises it.
+        ``bias_form='table'`` gives ``bias_pool`` as a :class:`PoolBiasTable` (see
+        :meth:`LogCPB.table_form`); 'dense' (the default) materialises it.
         """
         B, N, C = x.shape
         q = self._heads(self.q(x), 1)

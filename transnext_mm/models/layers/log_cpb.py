@@ -23,14 +23,17 @@ axis by axis (:func:`interpolated_bias`): the width's query and key resize on th
 (products with :func:`bilinear_matrix`), then the height's on the gathered rows.
 
 The bias can also be handed over in table form (:class:`PoolBiasTable`: a table and per-axis
-indices) to attention kernels that gather it themselves, wherever at most one axis is resized:
+indices) to attention kernels that gather it themselves, at any size:
 
 - a function of the offset (extrapolation at any size, interpolation at the table's own grids):
   the MLP table and the per-axis indices;
 - interpolation where one axis keeps the table's grids and the other is resized (e.g. a
   detector's 800x1344 input with ``img_size`` 800): the MLP table gathered and resized along the
   resized axis only (:func:`fold_resized_axis`), a table of ``U x Hq*Hk`` (or ``U x Wq*Wk``)
-  entries per head instead of the ``Hq*Wq x Hk*Wk`` dense bias.
+  entries per head instead of the ``Hq*Wq x Hk*Wk`` dense bias;
+- interpolation with both axes resized (e.g. 768x1344 with ``img_size`` 800): the width folded
+  in as above, and the height's bilinear resize as row taps (:func:`resized_row_taps`): each
+  entry the weighted sum of up to four table entries, two query-row taps times two key-row taps.
 """
 import contextlib
 import functools
@@ -44,19 +47,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from transnext_mm.ops.aggregated_attention import PoolBiasTable
-from transnext_mm.ops.dispatch import check_impl, log_cpb_mlp_impl, warn_once
+from transnext_mm.ops.dispatch import check_impl, log_cpb_mlp_impl
 from transnext_mm.ops.log_cpb_mlp import log_cpb_mlp_op
 from .adaptive_pool import adaptive_pool_bins
 
 POS_BIAS_MODES = ('interpolate', 'extrapolate')
-# Warned once per process where a table form is asked for but the bias has none.
-DENSE_BIAS_WARNING = (
-    "transnext_mm: pos_bias_mode='interpolate' with an input whose height and width both differ "
-    'from img_size: the pooled-path position bias is resized along both axes, so the attention '
-    'gets it materialised (heads x N x Np per layer) instead of in table form, which is slower '
-    'and in training takes several times the memory (docs/benchmarks.md, "Inputs resized along '
-    'both axes"). Inputs with their height or width at img_size keep the table form, as does '
-    "pos_bias_mode='extrapolate' at any size")
 BIAS_FORMS = ('dense', 'table')
 Size = Tuple[int, int]
 
@@ -118,13 +113,15 @@ _table_index_cache: 'OrderedDict[tuple, Tuple[torch.Tensor, torch.Tensor]]' = Or
 
 def table_form_indices(index_h: torch.Tensor, index_w: torch.Tensor, table_w: int,
                        resized: Tuple[int, ...], query_size: Size, key_size: Size,
-                       axes_key: tuple) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(index_rows, index_cols)`` of :meth:`LogCPB.table_form` from the axes' indices into
-    the MLP table (U_h, U_w); ``resized``: the axis resized, if any, whose (query, key) pairs
-    then index the folded table.
+                       axes_key: tuple) -> tuple:
+    """``(index_rows, index_cols, row_weights)`` of :meth:`LogCPB.table_form` from the axes'
+    indices into the MLP table (U_h, U_w); ``resized``: the axes resized, whose (query, key)
+    pairs then index the folded table.
 
     Unresized: rows step over U_w entries. Rows resized, table (Hq * Hk, U_w): the row pairs
-    step over U_w entries. Columns resized, table (U_h, Wq * Wk): rows step over Wq * Wk.
+    step over U_w entries. Columns resized, table (U_h, Wq * Wk): rows step over Wq * Wk. Both
+    resized, the same table: the rows' bilinear taps (:func:`resized_row_taps`). ``row_weights``
+    is None except with taps.
 
     Eager: cached per grids (``axes_key``: what decides ``index_h`` / ``index_w``; the
     :data:`TABLE_INDEX_CACHE_SIZE` most recently used), so that every step hands the op the
@@ -132,15 +129,20 @@ def table_form_indices(index_h: torch.Tensor, index_w: torch.Tensor, table_w: in
     input checks).
     """
 
+    def pairs(axis):
+        query_len, key_len = query_size[axis], key_size[axis]
+        return torch.arange(query_len * key_len, device=index_h.device).view(query_len, key_len)
+
     def build():
         if not resized:
-            return index_h * table_w, index_w
-        axis = resized[0]
-        query_len, key_len = query_size[axis], key_size[axis]
-        pairs = torch.arange(query_len * key_len, device=index_h.device).view(query_len, key_len)
-        if axis == 0:
-            return pairs * table_w, index_w
-        return index_h * (query_len * key_len), pairs
+            return index_h * table_w, index_w, None
+        if resized == (0, ):
+            return pairs(0) * table_w, index_w, None
+        columns = query_size[1] * key_size[1]
+        if resized == (1, ):
+            return index_h * columns, pairs(1), None
+        rows, weights = resized_row_taps(index_h, query_size[0], key_size[0], columns)
+        return rows, pairs(1), weights
 
     if not _concrete(*query_size, *key_size):
         return build()
@@ -238,19 +240,47 @@ def gather_table(table: torch.Tensor, index_h: torch.Tensor, index_w: torch.Tens
     return rows.view(heads, query_h, key_h, query_w, key_w).permute(0, 1, 3, 2, 4)
 
 
-def bilinear_matrix(out_len: int, in_len: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(out_len, in_len) weights of ``F.interpolate(mode='bilinear', align_corners=False)``
-    along one axis (no antialiasing): row ``i`` holds the two taps of output ``i``."""
+def bilinear_taps(out_len: int, in_len: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The two taps of each output of ``F.interpolate(mode='bilinear', align_corners=False)``
+    along one axis (no antialiasing): input indices (2, out_len) int64 and their weights
+    (2, out_len) float64 (at the edges both taps may be the same input)."""
     out = torch.arange(out_len, device=device, dtype=torch.float64)
     src = ((out + 0.5) * (in_len / out_len) - 0.5).clamp_min(0)
     low = src.floor().long().clamp_max(in_len - 1)
-    high = (low + 1).clamp_max(in_len - 1)
     frac = src - low
-    rows = torch.arange(out_len, device=device)
+    return torch.stack([low, (low + 1).clamp_max(in_len - 1)]), torch.stack([1 - frac, frac])
+
+
+def bilinear_matrix(out_len: int, in_len: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(out_len, in_len) weights of ``F.interpolate(mode='bilinear', align_corners=False)``
+    along one axis (no antialiasing): row ``i`` holds the two taps of output ``i``
+    (:func:`bilinear_taps`)."""
+    index, weight = bilinear_taps(out_len, in_len, device)
+    rows = torch.arange(out_len, device=device).expand(2, -1)
     matrix = torch.zeros(out_len, in_len, device=device, dtype=torch.float64)
-    matrix.index_put_((rows, low), 1 - frac, accumulate=True)
-    matrix.index_put_((rows, high), frac, accumulate=True)
+    matrix.index_put_((rows, index), weight, accumulate=True)
     return matrix.to(dtype)
+
+
+def resized_row_taps(index_h: torch.Tensor, query_len: int, key_len: int,
+                     row_step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The height's bilinear resize (``align_corners=False``, query rows and key rows alike) as
+    row taps of a table form: ``index_rows`` (taps, query_len, key_len) int64 and
+    ``row_weights`` (taps, query_len, key_len) float32, for the height's (Q', K') indices at the
+    table grids whose rows step over ``row_step`` table entries. Two taps along each of the
+    query and key rows where resized, one of weight 1 where not: up to four."""
+
+    def taps(out_len, in_len):
+        if out_len == in_len:
+            return (torch.arange(out_len, device=index_h.device)[None],
+                    torch.ones(1, out_len, device=index_h.device, dtype=torch.float64))
+        return bilinear_taps(out_len, in_len, index_h.device)
+
+    (query_index, query_weight), (key_index, key_weight) = (taps(query_len, index_h.shape[0]),
+                                                            taps(key_len, index_h.shape[1]))
+    rows = index_h[query_index[:, None, :, None], key_index[None, :, None, :]] * row_step
+    weights = query_weight[:, None, :, None] * key_weight[None, :, None, :]
+    return rows.reshape(-1, query_len, key_len), weights.reshape(-1, query_len, key_len).float()
 
 
 def _autocast_disabled(device: torch.device):
@@ -463,42 +493,34 @@ class LogCPB:
         return tuple(axis for axis, (q, k, table_q, table_k) in enumerate(grids)
                      if (q, k) != (table_q, table_k))
 
-    def has_table_form(self, query_size: Size, key_size: Size) -> bool:
-        """Whether the bias at these grids has a table form (:meth:`table_form`): where it is
-        resized along at most one axis."""
-        return len(self.resized_axes(query_size, key_size)) < 2
-
     def table_form(self, fc1: nn.Linear, fc2: nn.Linear, query_size: Size,
                    key_size: Size) -> PoolBiasTable:
-        """The bias in table form (see :meth:`has_table_form`), computed without any cache:
-        float32 table (heads, table_size) and the offsets of each (query, key) pair into it.
+        """The bias in table form, computed without any cache: float32 table (heads, table_size)
+        and the offsets of each (query, key) pair into it.
 
         Unresized (a function of the offset): the MLP table (heads, U_h * U_w). One axis resized:
         the MLP table gathered and resized along that axis (:func:`fold_resized_axis`), indexed
-        along the other axis by its offset, e.g. (heads, U_h * Wq * Wk) where W is resized.
+        along the other axis by its offset, e.g. (heads, U_h * Wq * Wk) where W is resized. Both
+        resized: that same W-folded table, and the height's resize as row taps with weights
+        (:func:`resized_row_taps`).
         """
         resized = self.resized_axes(query_size, key_size)
-        if len(resized) > 1:
-            raise ValueError(f'the {self.mode} bias at query grid {tuple(query_size)} and key '
-                             f'grid {tuple(key_size)} is resized along both axes from the table '
-                             f'grids {self.table_query} and {self.table_key}, so it has no '
-                             'table form; use the dense bias')
         device = fc1.weight.device
         # Along an unresized axis the actual grids are the table's.
         grids = (self.table_query, self.table_key) if resized else (query_size, key_size)
         (coords_h, index_h), (coords_w, index_w) = log_cpb_axes(*grids, self.pretrain_len, device)
         table = log_cpb_table(fc1, fc2, coords_h, coords_w, self.impl)
-        index_rows, index_cols = table_form_indices(index_h, index_w, coords_w.numel(), resized,
-                                                    query_size, key_size,
-                                                    (grids, self.pretrain_len, str(device)))
+        index_rows, index_cols, row_weights = table_form_indices(
+            index_h, index_w, coords_w.numel(), resized, query_size, key_size,
+            (grids, self.pretrain_len, str(device)))
         if not resized:
             return PoolBiasTable(table.flatten(1), index_rows, index_cols)
-        axis = resized[0]
-        folded = fold_resized_axis(table, (index_h, index_w)[axis], axis, query_size[axis],
-                                   key_size[axis])
-        if axis == 0:  # (heads, Hq, Hk, U_w)
+        if resized == (0, ):  # (heads, Hq, Hk, U_w)
+            folded = fold_resized_axis(table, index_h, 0, query_size[0], key_size[0])
             folded = folded.permute(0, 2, 3, 1)
-        return PoolBiasTable(folded.flatten(1), index_rows, index_cols)
+        else:  # (heads, U_h, Wq, Wk)
+            folded = fold_resized_axis(table, index_w, 1, query_size[1], key_size[1])
+        return PoolBiasTable(folded.flatten(1), index_rows, index_cols, row_weights)
 
     @staticmethod
     def _weights_signature(fc1: nn.Linear, fc2: nn.Linear) -> tuple:
@@ -547,14 +569,11 @@ class LogCPB:
                  training: bool,
                  form: str = 'dense'):
         """The bias (heads, H*W, Hk*Wk), or with ``form='table'`` its :class:`PoolBiasTable`
-        where it has one (:meth:`has_table_form`; elsewhere the dense bias, with a warning
-        once per process). Eager eval mode caches either."""
+        (:meth:`table_form`). Eager eval mode caches either."""
         if form not in BIAS_FORMS:
             raise ValueError(f'form must be one of {BIAS_FORMS}, got {form!r}')
         query_size, key_size = tuple(query_size), tuple(key_size)
-        table = form == 'table' and self.has_table_form(query_size, key_size)
-        if form == 'table' and not table:
-            warn_once(DENSE_BIAS_WARNING)
+        table = form == 'table'
         # Cache only in eager mode, on a device with data, and only what no gradient can flow
         # through: eval mode and no grad wanted by the MLP.
         cacheable = (
@@ -586,7 +605,7 @@ class LogCPB:
         hit = _bias_cache.get(key)
         if hit is None or hit[0] != signature:
             bias = self.table_form(fc1, fc2, query_size, key_size)
-            hit = (signature, bias.table.detach(), bias.index_rows, bias.index_cols)
+            hit = (signature, bias.table.detach(), *bias[1:])
             self._store(key, hit)
         else:
             _bias_cache.move_to_end(key)

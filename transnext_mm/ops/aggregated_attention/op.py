@@ -16,7 +16,7 @@ fp32 accumulation when the extension was built with CUDA. Forward and backward a
 with ``torch.library`` (fake kernels and autograd formula), so ``torch.compile`` keeps them as
 single graph nodes instead of breaking the graph.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -104,16 +104,18 @@ _forward.register_autograd(_backward_formula, setup_context=_setup_context)
 @torch.library.custom_op('transnext_mm::aggregated_attention_table_forward', mutates_args=())
 def _table_forward(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor,
                    rpb_local: Tensor, bias_table: Tensor, index_rows: Tensor, index_cols: Tensor,
-                   token_weight: Tensor, height: int, width: int) -> Tuple[Tensor, Tensor]:
+                   row_weights: Optional[Tensor], token_weight: Tensor, height: int,
+                   width: int) -> Tuple[Tensor, Tensor]:
     out, lse = compiled_ext().aggregated_attention_table_forward(q, k, v, k_pool, v_pool, rpb_local,
                                                                  bias_table, index_rows, index_cols,
-                                                                 token_weight, height, width)
+                                                                 row_weights, token_weight, height,
+                                                                 width)
     return out, lse
 
 
 @_table_forward.register_fake
 def _table_forward_fake(q, k, v, k_pool, v_pool, rpb_local, bias_table, index_rows, index_cols,
-                        token_weight, height, width):
+                        row_weights, token_weight, height, width):
     return _empty_rows_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
 
 
@@ -121,18 +123,20 @@ def _table_forward_fake(q, k, v, k_pool, v_pool, rpb_local, bias_table, index_ro
 def _table_backward(
         grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor,
         rpb_local: Tensor, bias_table: Tensor, index_rows: Tensor, index_cols: Tensor,
-        token_weight: Tensor, out: Tensor, lse: Tensor, height: int, width: int,
+        row_weights: Optional[Tensor], token_weight: Tensor, out: Tensor, lse: Tensor, height: int,
+        width: int,
         bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = compiled_ext().aggregated_attention_table_backward(grad_out, q, k, v, k_pool, v_pool,
                                                                rpb_local, bias_table, index_rows,
-                                                               index_cols, token_weight, out, lse,
-                                                               height, width, bias_grad)
+                                                               index_cols, row_weights,
+                                                               token_weight, out, lse, height,
+                                                               width, bias_grad)
     return tuple(grads)
 
 
 @_table_backward.register_fake
 def _table_backward_fake(grad_out, q, k, v, k_pool, v_pool, rpb_local, bias_table, index_rows,
-                         index_cols, token_weight, out, lse, height, width, bias_grad):
+                         index_cols, row_weights, token_weight, out, lse, height, width, bias_grad):
     heads, table_size = bias_table.shape
     return (_empty_rows_like(q), _empty_rows_like(k), _empty_rows_like(v),
             k_pool.new_empty(k_pool.shape), v_pool.new_empty(v_pool.shape),
@@ -155,7 +159,7 @@ def _table_backward_formula(ctx, grad_out, grad_lse):
     if not bias_grad:
         grads[6] = None
     dq, dk, dv, dk_pool, dv_pool, drpb, dtable, dtoken_weight = grads
-    return (dq, dk, dv, dk_pool, dv_pool, drpb, dtable, None, None, dtoken_weight, None, None)
+    return (dq, dk, dv, dk_pool, dv_pool, drpb, dtable, None, None, None, dtoken_weight, None, None)
 
 
 _table_forward.register_autograd(_table_backward_formula, setup_context=_table_setup_context)
@@ -197,8 +201,9 @@ def aggregated_attention_table_op(q: Tensor, k: Tensor, v: Tensor, k_pool: Tenso
     """:func:`aggregated_attention_op` with the pooled bias in table form.
 
     Args:
-        bias (PoolBiasTable): ``(table, index_rows, index_cols)``, see :class:`PoolBiasTable`.
-            Gradients flow to ``bias.table`` (and the seven other tensors).
+        bias (PoolBiasTable): ``(table, index_rows, index_cols, row_weights)``, see
+            :class:`PoolBiasTable`. Gradients flow to ``bias.table`` (and the seven other
+            tensors), not to the row weights.
 
     Returns:
         Tensor: as :func:`aggregated_attention_op`.
@@ -209,7 +214,10 @@ def aggregated_attention_table_op(q: Tensor, k: Tensor, v: Tensor, k_pool: Tenso
     tensors = (q, k, v, k_pool, v_pool, rpb_local, bias.table, token_weight)
     dtype = common_dtype(tensors, q.device.type)
     q, k, v, k_pool, v_pool, rpb_local, table, token_weight = [t.to(dtype) for t in tensors]
+    row_weights = bias.row_weights
+    if row_weights is not None:  # in the kernels' accumulation type, without a gradient
+        row_weights = row_weights.detach().to(_lse_dtype(dtype))
     out, _ = torch.ops.transnext_mm.aggregated_attention_table_forward(
-        q, k, v, k_pool, v_pool, rpb_local, table, bias.index_rows, bias.index_cols, token_weight,
-        height, width)
+        q, k, v, k_pool, v_pool, rpb_local, table, bias.index_rows, bias.index_cols, row_weights,
+        token_weight, height, width)
     return out

@@ -67,7 +67,7 @@ def aggregated_attention_cuda_replay(q: Tensor,
     ext = replay_ext()
     if isinstance(bias_pool, PoolBiasTable):
         args = (q, k, v, k_pool, v_pool, rpb_local, bias_pool.table, bias_pool.index_rows,
-                bias_pool.index_cols, token_weight)
+                bias_pool.index_cols, bias_pool.row_weights, token_weight)
         forward = ext.aggregated_attention_table_forward_replay
         backward = ext.aggregated_attention_table_backward_replay
     else:

@@ -369,9 +369,9 @@ C10_HOST_DEVICE void window_grad_block(const Ctx& ctx, const BackwardParams<scal
 
 // Table form, backward: the table gradient from the pooled-key kernel's d bias_pool partial sums
 // (grid: run_table_grad_kernel, grid-stride; no shared memory). One thread per (head, table
-// entry e) gathers every (query, pooled key) pair whose entry is e (index_rows[y, py] +
-// index_cols[x, px] = e) through the index groups below, in a fixed order: no atomics, the same
-// result on every run.
+// entry e) gathers every (query, pooled key) pair and tap whose entry is e (index_rows[k, y, py] +
+// index_cols[x, px] = e), weighted by the tap's row weight, through the index groups below, in a
+// fixed order: no atomics, the same result on every run.
 //
 // An index tensor grouped by value, as the host glue builds it on the device without reading
 // anything back (no synchronisation): `values` holds the distinct values ascending, then
@@ -405,9 +405,11 @@ struct TableGradParams {
   const acc_t* dbias_partial;  // (groups, heads, N, Np)
   int64_t groups, table_size;
   int pool_h, pool_w;
-  // index_rows (flat positions y * pool_h + py) and index_cols (x * pool_w + px) by value.
+  // index_rows (flat positions (k * H + y) * pool_h + py) and index_cols (x * pool_w + px) by
+  // value.
   IndexGroupsView rows, cols;
-  acc_t* dtable;  // (heads, table_size)
+  const acc_t* row_weights;  // (taps, H, pool_h), flat as index_rows; null: one tap of weight 1
+  acc_t* dtable;             // (heads, table_size)
 };
 
 template <typename acc_t, typename Ctx>
@@ -416,6 +418,7 @@ C10_HOST_DEVICE void table_grad_block(const Ctx& ctx, const TableGradParams<acc_
   const int64_t total = s.heads * p.table_size;
   const int64_t slab = s.tokens * s.pool;  // one head's (N, Np) entries
   const int64_t col_min = p.cols.values[0], col_max = *p.cols.max;
+  const int64_t tap_stride = s.height * p.pool_h;
   for (int64_t idx = ctx.block(0) * ctx.threads() + ctx.thread(); idx < total;
        idx += static_cast<int64_t>(ctx.threads()) * ctx.grid(0)) {
     const int64_t h = idx / p.table_size, e = idx - h * p.table_size;
@@ -430,13 +433,16 @@ C10_HOST_DEVICE void table_grad_block(const Ctx& ctx, const TableGradParams<acc_
       const int64_t slot = lower_bound_slot(p.cols, c);  // c <= col_max: slot < cols.slots
       if (p.cols.values[slot] != c) continue;
       for (int64_t a = p.rows.offsets[r]; a < p.rows.offsets[r + 1]; ++a) {
-        const int64_t y = p.rows.members[a] / p.pool_h, py = p.rows.members[a] % p.pool_h;
+        const int64_t member = p.rows.members[a], position = member % tap_stride;
+        const int64_t y = position / p.pool_h, py = position % p.pool_h;
+        acc_t tap_sum = 0;
         for (int64_t b = p.cols.offsets[slot]; b < p.cols.offsets[slot + 1]; ++b) {
           const int64_t x = p.cols.members[b] / p.pool_w, px = p.cols.members[b] % p.pool_w;
           const acc_t* entry =
               p.dbias_partial + h * slab + (y * s.width + x) * s.pool + py * p.pool_w + px;
-          for (int64_t g = 0; g < p.groups; ++g) sum += entry[g * s.heads * slab];
+          for (int64_t g = 0; g < p.groups; ++g) tap_sum += entry[g * s.heads * slab];
         }
+        sum += p.row_weights == nullptr ? tap_sum : p.row_weights[member] * tap_sum;
       }
     }
     p.dtable[idx] = sum;

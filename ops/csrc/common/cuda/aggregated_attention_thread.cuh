@@ -184,27 +184,36 @@ C10_HOST_DEVICE inline void load_tile(acc_t* dst, int dst_stride, const scalar_t
 
 // The pooled-path bias as the kernels read it. Dense: (heads, N, Np). Table form (see
 // PoolBiasTable in transnext_mm/ops/aggregated_attention/shapes.py): entry (i, p) of head h, for
-// query i = (y, x) and pooled key p = (py, px) of the pool_h x pool_w grid, is
-// table[h * table_size + index_rows[y * pool_h + py] + index_cols[x * pool_w + px]], so the
-// (heads, N, Np) bias is never materialised.
+// query i = (y, x) and pooled key p = (py, px) of the pool_h x pool_w grid, is the sum over taps k
+// of row_weights[k, y, py] * table[h * table_size + index_rows[k, y, py] + index_cols[x, px]]
+// (one tap of weight 1 without row_weights), so the (heads, N, Np) bias is never materialised.
 template <typename scalar_t>
 struct PoolBiasView {
+  using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* dense;  // null in the table form
   const scalar_t* table;
   const int64_t *index_rows, *index_cols;
+  const acc_t* row_weights;  // (taps, H, pool_h); null: one tap of weight 1
   int64_t table_size;
-  int pool_h, pool_w;
+  int pool_h, pool_w, taps;
 
   // Entry (i, p) of head h. Grid coordinates in 32 bits (N and Np fit; 64-bit divisions are
   // calls on the GPU).
-  C10_HOST_DEVICE scalar_t at(int64_t h, int64_t i, int64_t p, const AttentionSizes& s) const {
-    if (dense != nullptr) return dense[(h * s.tokens + i) * s.pool + p];
+  C10_HOST_DEVICE acc_t at(int64_t h, int64_t i, int64_t p, const AttentionSizes& s) const {
+    if (dense != nullptr) return static_cast<acc_t>(dense[(h * s.tokens + i) * s.pool + p]);
     const uint32_t query = static_cast<uint32_t>(i), key = static_cast<uint32_t>(p);
     const uint32_t width = static_cast<uint32_t>(s.width), pw = static_cast<uint32_t>(pool_w);
     const uint32_t y = query / width, x = query - y * width;
     const uint32_t py = key / pw, px = key - py * pw;
-    return table[h * table_size + index_rows[static_cast<int64_t>(y) * pool_h + py] +
-                 index_cols[static_cast<int64_t>(x) * pool_w + px]];
+    const scalar_t* head = table + h * table_size;
+    const int64_t col = index_cols[static_cast<int64_t>(x) * pool_w + px];
+    // One loop for both: a single tap of weight 1 adds its entry to 0 exactly.
+    const int64_t tap_stride = s.height * static_cast<int64_t>(pool_h);
+    acc_t sum = 0;
+    for (int64_t r = static_cast<int64_t>(y) * pool_h + py, k = 0; k < taps; ++k, r += tap_stride)
+      sum += (row_weights == nullptr ? acc_t(1) : row_weights[r]) *
+             static_cast<acc_t>(head[index_rows[r] + col]);
+    return sum;
   }
 };
 

@@ -81,17 +81,21 @@ Shape shape_of(const at::Tensor& q, const at::Tensor& k_pool, int64_t height, in
 
 // The pooled-path bias of all heads, in one of two forms:
 // - materialised: dense (heads, N, Np);
-// - the table form, for a bias that is a function of the query-key offset: entry (i, p) of head
-//   h, with i = (y, x) and p = (py, px) on the Hk x Wk pooled grid, is
-//   table[h * table_size + index_rows[y * Hk + py] + index_cols[x * Wk + px]]. Forward gathers
-//   each query's row from the table; backward accumulates the table's gradient directly.
+// - the table form (e.g. a function of the query-key offset): entry (i, p) of head h, with
+//   i = (y, x) and p = (py, px) on the Hk x Wk pooled grid, is the sum over taps k of
+//   row_weights[k, y, py] * table[h * table_size + index_rows[k, y, py] + index_cols[x, px]]
+//   (one tap of weight 1 when row_weights is null; index_rows / row_weights (taps, H, Hk)).
+//   Forward gathers each query's row from the table; backward accumulates the table's gradient
+//   directly.
 template <typename T>
 struct PoolBias {
   const T* dense;  // nullptr in the table form
   const T* table;
   const int64_t *index_rows, *index_cols;
-  int64_t table_size, pool_h, pool_w;
-  bool cols_unit_step;  // index_cols[x + 1, px] = index_cols[x, px] + 1 (see gather_bias_8)
+  const T* row_weights;  // nullptr: one tap of weight 1
+  int64_t table_size, pool_h, pool_w, taps, tap_stride;
+  bool cols_unit_step;   // one tap, index_cols[x + 1, px] = index_cols[x, px] + 1 (gather_bias_8)
+  bool cols_contiguous;  // index_cols[x, px + 1] = index_cols[x, px] + 1 (a folded axis)
 };
 
 // One chunk of rows [i0, i0 + rows) of one (batch, head): that (batch, head)'s rows, the head's
@@ -103,23 +107,49 @@ struct Chunk {
   const T *bias, *rpb, *token_weight;
   const T* table;
   const int64_t *index_rows, *index_cols;
-  int64_t pool_h, pool_w;
-  bool cols_unit_step;
+  const T* row_weights;
+  int64_t pool_h, pool_w, taps, tap_stride;
+  bool cols_unit_step, cols_contiguous;
   T* bias_buf;
   int64_t i0, rows, tokens, pool, d, height, width;
 };
 
+// The weight of tap k of pooled row py in a query row's weights (1 without row_weights).
+template <typename T>
+TNX_ALWAYS_INLINE T tap_weight(const Chunk<T>& c, const T* weights, int64_t k, int64_t py) {
+  return weights == nullptr ? T(1) : weights[k * c.tap_stride + py];
+}
+
 // The pooled bias row of query i at (y, x): the dense row, or gathered from the table into
-// c.bias_buf.
+// c.bias_buf (the taps' weighted sum; a contiguous run of entries per tap and pooled row where
+// the columns are contiguous).
 template <typename T>
 TNX_ALWAYS_INLINE const T* bias_row(const Chunk<T>& c, int64_t i, int64_t y, int64_t x) {
   if (c.table == nullptr) return c.bias + i * c.pool;
   const int64_t* rows = c.index_rows + y * c.pool_h;
   const int64_t* cols = c.index_cols + x * c.pool_w;
+  const T* weights = c.row_weights == nullptr ? nullptr : c.row_weights + y * c.pool_h;
   T* out = c.bias_buf;
   for (int64_t py = 0; py < c.pool_h; ++py, out += c.pool_w) {
-    const T* table_row = c.table + rows[py];
-    for (int64_t px = 0; px < c.pool_w; ++px) out[px] = table_row[cols[px]];
+    for (int64_t k = 0; k < c.taps; ++k) {
+      const T w = tap_weight(c, weights, k, py);
+      const T* __restrict__ table_row = c.table + rows[k * c.tap_stride + py];
+      T* __restrict__ o = out;
+      if (c.cols_contiguous) {
+        const T* __restrict__ src = table_row + cols[0];
+        if (k == 0) {
+#pragma omp simd
+          for (int64_t px = 0; px < c.pool_w; ++px) o[px] = w * src[px];
+        } else {
+#pragma omp simd
+          for (int64_t px = 0; px < c.pool_w; ++px) o[px] += w * src[px];
+        }
+      } else if (k == 0) {
+        for (int64_t px = 0; px < c.pool_w; ++px) o[px] = w * table_row[cols[px]];
+      } else {
+        for (int64_t px = 0; px < c.pool_w; ++px) o[px] += w * table_row[cols[px]];
+      }
+    }
   }
   return c.bias_buf;
 }
@@ -192,15 +222,27 @@ struct BiasRows {
 };
 
 // Adds the pooled score gradient row `ds` (Np,) of query (y, x) to the table gradient `dtable`
-// of its head. The entries of one row are distinct (distinct pooled bins have distinct offsets).
+// of its head, weighted per tap. The entries of one tap and row are distinct (distinct pooled
+// bins have distinct offsets); the taps are added one after the other.
 template <typename T>
 TNX_ALWAYS_INLINE void add_table_grad(const Chunk<T>& c, int64_t y, int64_t x, const T* ds,
                                       T* dtable) {
   const int64_t* rows = c.index_rows + y * c.pool_h;
   const int64_t* cols = c.index_cols + x * c.pool_w;
+  const T* weights = c.row_weights == nullptr ? nullptr : c.row_weights + y * c.pool_h;
   for (int64_t py = 0; py < c.pool_h; ++py, ds += c.pool_w) {
-    T* table_row = dtable + rows[py];
-    for (int64_t px = 0; px < c.pool_w; ++px) table_row[cols[px]] += ds[px];
+    for (int64_t k = 0; k < c.taps; ++k) {
+      const T w = tap_weight(c, weights, k, py);
+      T* table_row = dtable + rows[k * c.tap_stride + py];
+      if (c.cols_contiguous) {
+        T* __restrict__ dst = table_row + cols[0];
+        const T* __restrict__ src = ds;
+#pragma omp simd
+        for (int64_t px = 0; px < c.pool_w; ++px) dst[px] += w * src[px];
+      } else {
+        for (int64_t px = 0; px < c.pool_w; ++px) table_row[cols[px]] += w * ds[px];
+      }
+    }
   }
 }
 
@@ -703,9 +745,13 @@ Chunk<T> chunk_of(const Shape& s, const Layouts& l, int64_t bh, const T* q, cons
   c.table = bias.dense == nullptr ? bias.table + h * bias.table_size : nullptr;
   c.index_rows = bias.index_rows;
   c.index_cols = bias.index_cols;
+  c.row_weights = bias.row_weights;
   c.pool_h = bias.pool_h;
   c.pool_w = bias.pool_w;
+  c.taps = bias.taps;
+  c.tap_stride = bias.tap_stride;
   c.cols_unit_step = bias.cols_unit_step;
+  c.cols_contiguous = bias.cols_contiguous;
   c.bias_buf = bias_buf;
   c.rpb = rpb + h * kWindowArea;
   c.token_weight = token_weight + bh * s.tokens * kWindowArea;
@@ -880,26 +926,43 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
   });
 }
 
-// The bias of the kernels: dense when index_rows is undefined, else the table form.
+// The bias of the kernels: dense when index_rows is undefined, else the table form (one tap when
+// row_weights is undefined).
 template <typename T>
 PoolBias<T> pool_bias_of(const at::Tensor& bias, const at::Tensor& index_rows,
-                         const at::Tensor& index_cols) {
-  if (!index_rows.defined()) return {bias.data_ptr<T>(), nullptr, nullptr, nullptr, 0, 0, 0, false};
+                         const at::Tensor& index_cols, const at::Tensor& row_weights) {
+  PoolBias<T> b{};
+  if (!index_rows.defined()) {
+    b.dense = bias.data_ptr<T>();
+    return b;
+  }
   const int64_t width = index_cols.size(0), pool_w = index_cols.size(1);
   const int64_t* cols = index_cols.data_ptr<int64_t>();
-  bool unit_step = true;
+  bool unit_step = true, contiguous = true;
   for (int64_t e = 0; e + pool_w < width * pool_w && unit_step; ++e)
     unit_step = cols[e + pool_w] == cols[e] + 1;
-  return {nullptr, bias.data_ptr<T>(), index_rows.data_ptr<int64_t>(),
-          cols,    bias.size(1),       index_rows.size(1),
-          pool_w,  unit_step};
+  for (int64_t e = 0; e < width * pool_w && contiguous; ++e)
+    contiguous = e % pool_w == 0 || cols[e] == cols[e - 1] + 1;
+  b.table = bias.data_ptr<T>();
+  b.index_rows = index_rows.data_ptr<int64_t>();
+  b.index_cols = cols;
+  b.row_weights = row_weights.defined() ? row_weights.data_ptr<T>() : nullptr;
+  b.table_size = bias.size(1);
+  b.pool_h = index_rows.size(-1);
+  b.pool_w = pool_w;
+  b.taps = row_weights.defined() ? index_rows.size(0) : 1;
+  b.tap_stride = index_rows.size(-2) * b.pool_h;
+  b.cols_unit_step = unit_step && !row_weights.defined();
+  b.cols_contiguous = contiguous;
+  return b;
 }
 
 std::vector<at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& k_pool, const at::Tensor& v_pool,
                                     const at::Tensor& rpb, const at::Tensor& bias,
                                     const at::Tensor& index_rows, const at::Tensor& index_cols,
-                                    const at::Tensor& token_weight, int64_t height, int64_t width) {
+                                    const at::Tensor& row_weights, const at::Tensor& token_weight,
+                                    int64_t height, int64_t width) {
   const Shape s = shape_of(q, k_pool, height, width);
   auto out = empty_rows_like(q);
   auto lse = at::empty({s.batch, s.heads, s.tokens}, q.options());
@@ -910,11 +973,12 @@ std::vector<at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, co
   l.v = row_layout(v);
   l.out = row_layout(out);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "aggregated_attention_forward_cpu", [&] {
-    forward_impl<scalar_t>(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-        k_pool.data_ptr<scalar_t>(), v_pool.data_ptr<scalar_t>(), rpb.data_ptr<scalar_t>(),
-        pool_bias_of<scalar_t>(bias, index_rows, index_cols), token_weight.data_ptr<scalar_t>(),
-        out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), s, l);
+    forward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                           k_pool.data_ptr<scalar_t>(), v_pool.data_ptr<scalar_t>(),
+                           rpb.data_ptr<scalar_t>(),
+                           pool_bias_of<scalar_t>(bias, index_rows, index_cols, row_weights),
+                           token_weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                           lse.data_ptr<scalar_t>(), s, l);
   });
   return {out, lse};
 }
@@ -924,9 +988,9 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tenso
                                      const at::Tensor& k_pool, const at::Tensor& v_pool,
                                      const at::Tensor& rpb, const at::Tensor& bias,
                                      const at::Tensor& index_rows, const at::Tensor& index_cols,
-                                     const at::Tensor& token_weight, const at::Tensor& out,
-                                     const at::Tensor& lse, int64_t height, int64_t width,
-                                     bool bias_grad) {
+                                     const at::Tensor& row_weights, const at::Tensor& token_weight,
+                                     const at::Tensor& out, const at::Tensor& lse, int64_t height,
+                                     int64_t width, bool bias_grad) {
   const Shape s = shape_of(q, k_pool, height, width);
   const bool table = index_rows.defined();
   const int64_t chunks = (s.tokens + kRows - 1) / kRows;
@@ -966,7 +1030,7 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tenso
     backward_impl<scalar_t>(
         grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
         v.data_ptr<scalar_t>(), k_pool.data_ptr<scalar_t>(), v_pool.data_ptr<scalar_t>(),
-        rpb.data_ptr<scalar_t>(), pool_bias_of<scalar_t>(bias, index_rows, index_cols),
+        rpb.data_ptr<scalar_t>(), pool_bias_of<scalar_t>(bias, index_rows, index_cols, row_weights),
         token_weight.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
         dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), dtoken_weight.data_ptr<scalar_t>(),
         bias_grad ? dbias.data_ptr<scalar_t>() : nullptr, ds_local.data_ptr<scalar_t>(),
@@ -989,8 +1053,8 @@ std::vector<at::Tensor> aggregated_attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
     const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias,
     const at::Tensor& token_weight, int64_t height, int64_t width) {
-  return forward_cpu(q, k, v, k_pool, v_pool, rpb, bias, at::Tensor(), at::Tensor(), token_weight,
-                     height, width);
+  return forward_cpu(q, k, v, k_pool, v_pool, rpb, bias, at::Tensor(), at::Tensor(), at::Tensor(),
+                     token_weight, height, width);
 }
 
 std::vector<at::Tensor> aggregated_attention_backward_cpu(
@@ -999,26 +1063,26 @@ std::vector<at::Tensor> aggregated_attention_backward_cpu(
     const at::Tensor& bias, const at::Tensor& token_weight, const at::Tensor& out,
     const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad) {
   return backward_cpu(grad_out, q, k, v, k_pool, v_pool, rpb, bias, at::Tensor(), at::Tensor(),
-                      token_weight, out, lse, height, width, bias_grad);
+                      at::Tensor(), token_weight, out, lse, height, width, bias_grad);
 }
 
 std::vector<at::Tensor> aggregated_attention_table_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
     const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias_table,
-    const at::Tensor& index_rows, const at::Tensor& index_cols, const at::Tensor& token_weight,
-    int64_t height, int64_t width) {
-  return forward_cpu(q, k, v, k_pool, v_pool, rpb, bias_table, index_rows, index_cols, token_weight,
-                     height, width);
+    const at::Tensor& index_rows, const at::Tensor& index_cols, const at::Tensor& row_weights,
+    const at::Tensor& token_weight, int64_t height, int64_t width) {
+  return forward_cpu(q, k, v, k_pool, v_pool, rpb, bias_table, index_rows, index_cols, row_weights,
+                     token_weight, height, width);
 }
 
 std::vector<at::Tensor> aggregated_attention_table_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
     const at::Tensor& bias_table, const at::Tensor& index_rows, const at::Tensor& index_cols,
-    const at::Tensor& token_weight, const at::Tensor& out, const at::Tensor& lse, int64_t height,
-    int64_t width, bool bias_grad) {
+    const at::Tensor& row_weights, const at::Tensor& token_weight, const at::Tensor& out,
+    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad) {
   return backward_cpu(grad_out, q, k, v, k_pool, v_pool, rpb, bias_table, index_rows, index_cols,
-                      token_weight, out, lse, height, width, bias_grad);
+                      row_weights, token_weight, out, lse, height, width, bias_grad);
 }
 
 }  // namespace transnext_mm

@@ -51,7 +51,7 @@ std::vector<at::Tensor> aggregated_attention_forward_cuda(
     const at::Tensor& token_weight, int64_t height, int64_t width) {
   const c10::cuda::CUDAGuard device_guard(q.device());
   return kernel_forward<CudaBackend>(q, k, v, k_pool, v_pool, rpb, bias, at::Tensor(), at::Tensor(),
-                                     token_weight, height, width);
+                                     at::Tensor(), token_weight, height, width);
 }
 
 std::vector<at::Tensor> aggregated_attention_backward_cuda(
@@ -61,30 +61,30 @@ std::vector<at::Tensor> aggregated_attention_backward_cuda(
     const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad) {
   const c10::cuda::CUDAGuard device_guard(q.device());
   return kernel_backward<CudaBackend>(grad_out, q, k, v, k_pool, v_pool, rpb, bias, at::Tensor(),
-                                      at::Tensor(), token_weight, out, lse, height, width,
-                                      bias_grad);
+                                      at::Tensor(), at::Tensor(), token_weight, out, lse, height,
+                                      width, bias_grad);
 }
 
 std::vector<at::Tensor> aggregated_attention_table_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_pool,
     const at::Tensor& v_pool, const at::Tensor& rpb, const at::Tensor& bias_table,
-    const at::Tensor& index_rows, const at::Tensor& index_cols, const at::Tensor& token_weight,
-    int64_t height, int64_t width) {
+    const at::Tensor& index_rows, const at::Tensor& index_cols, const at::Tensor& row_weights,
+    const at::Tensor& token_weight, int64_t height, int64_t width) {
   const c10::cuda::CUDAGuard device_guard(q.device());
   return kernel_forward<CudaBackend>(q, k, v, k_pool, v_pool, rpb, bias_table, index_rows,
-                                     index_cols, token_weight, height, width);
+                                     index_cols, row_weights, token_weight, height, width);
 }
 
 std::vector<at::Tensor> aggregated_attention_table_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
     const at::Tensor& bias_table, const at::Tensor& index_rows, const at::Tensor& index_cols,
-    const at::Tensor& token_weight, const at::Tensor& out, const at::Tensor& lse, int64_t height,
-    int64_t width, bool bias_grad) {
+    const at::Tensor& row_weights, const at::Tensor& token_weight, const at::Tensor& out,
+    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad) {
   const c10::cuda::CUDAGuard device_guard(q.device());
   return kernel_backward<CudaBackend>(grad_out, q, k, v, k_pool, v_pool, rpb, bias_table,
-                                      index_rows, index_cols, token_weight, out, lse, height, width,
-                                      bias_grad);
+                                      index_rows, index_cols, row_weights, token_weight, out, lse,
+                                      height, width, bias_grad);
 }
 
 }  // namespace transnext_mm

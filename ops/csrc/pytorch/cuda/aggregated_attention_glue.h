@@ -42,18 +42,24 @@ inline at::Tensor sum_partials(const at::Tensor& partial) {
   return partial.size(0) == 1 ? partial.select(0, 0) : partial.sum(0);
 }
 
-// The kernels' view of the pooled bias: dense when index_rows is undefined, else the table form.
+// The kernels' view of the pooled bias: dense when index_rows is undefined, else the table form
+// (one tap when row_weights is undefined).
 template <typename scalar_t>
 PoolBiasView<scalar_t> pool_bias_view(const at::Tensor& bias, const at::Tensor& index_rows,
-                                      const at::Tensor& index_cols) {
-  if (!index_rows.defined()) return {bias.data_ptr<scalar_t>(), nullptr, nullptr, nullptr, 0, 0, 0};
+                                      const at::Tensor& index_cols, const at::Tensor& row_weights) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (!index_rows.defined())
+    return {bias.data_ptr<scalar_t>(), nullptr, nullptr, nullptr, nullptr, 0, 0, 0, 0};
+  const bool taps = row_weights.defined();
   return {nullptr,
           bias.data_ptr<scalar_t>(),
           index_rows.data_ptr<int64_t>(),
           index_cols.data_ptr<int64_t>(),
+          taps ? row_weights.data_ptr<acc_t>() : nullptr,
           bias.size(1),
-          static_cast<int>(index_rows.size(1)),
-          static_cast<int>(index_cols.size(1))};
+          static_cast<int>(index_rows.size(-1)),
+          static_cast<int>(index_cols.size(1)),
+          taps ? static_cast<int>(index_rows.size(0)) : 1};
 }
 
 // An index tensor's flat positions grouped by value, as TableGradParams reads them
@@ -105,7 +111,7 @@ inline IndexGroups cached_groups(const at::Tensor& index) {
 template <typename Backend>
 at::Tensor table_grad(const at::Tensor& dbias_partial, const at::Tensor& bias_table,
                       const at::Tensor& index_rows, const at::Tensor& index_cols,
-                      const AttentionSizes& sizes) {
+                      const at::Tensor& row_weights, const AttentionSizes& sizes) {
   auto dtable = at::zeros({sizes.heads, bias_table.size(1)}, dbias_partial.options());
   if (dtable.numel() == 0 || dbias_partial.numel() == 0) return dtable;
   const IndexGroups rows = cached_groups(index_rows), cols = cached_groups(index_cols);
@@ -115,10 +121,11 @@ at::Tensor table_grad(const at::Tensor& dbias_partial, const at::Tensor& bias_ta
     p.dbias_partial = dbias_partial.data_ptr<scalar_t>();
     p.groups = dbias_partial.size(0);
     p.table_size = bias_table.size(1);
-    p.pool_h = static_cast<int>(index_rows.size(1));
+    p.pool_h = static_cast<int>(index_rows.size(-1));
     p.pool_w = static_cast<int>(index_cols.size(1));
     p.rows = rows.view();
     p.cols = cols.view();
+    p.row_weights = row_weights.defined() ? row_weights.data_ptr<scalar_t>() : nullptr;
     p.dtable = dtable.data_ptr<scalar_t>();
     Backend::template table_grad<scalar_t>(p);
   });
@@ -130,8 +137,9 @@ std::vector<at::Tensor> kernel_forward(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& v, const at::Tensor& k_pool,
                                        const at::Tensor& v_pool, const at::Tensor& rpb,
                                        const at::Tensor& bias, const at::Tensor& index_rows,
-                                       const at::Tensor& index_cols, const at::Tensor& token_weight,
-                                       int64_t height, int64_t width, int query_split = 0) {
+                                       const at::Tensor& index_cols, const at::Tensor& row_weights,
+                                       const at::Tensor& token_weight, int64_t height,
+                                       int64_t width, int query_split = 0) {
   auto out = empty_rows_like(q);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)},
                        q.options().dtype(at::toOpMathType(q.scalar_type())));
@@ -139,22 +147,23 @@ std::vector<at::Tensor> kernel_forward(const at::Tensor& q, const at::Tensor& k,
   const AttentionSizes sizes = attention_sizes(q, k_pool, height, width);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, q.scalar_type(), "aggregated_attention", [&] {
-        ForwardParams<scalar_t> p{sizes,
-                                  q.data_ptr<scalar_t>(),
-                                  k.data_ptr<scalar_t>(),
-                                  v.data_ptr<scalar_t>(),
-                                  k_pool.data_ptr<scalar_t>(),
-                                  v_pool.data_ptr<scalar_t>(),
-                                  rpb.data_ptr<scalar_t>(),
-                                  pool_bias_view<scalar_t>(bias, index_rows, index_cols),
-                                  token_weight.data_ptr<scalar_t>(),
-                                  out.data_ptr<scalar_t>(),
-                                  lse.data_ptr<at::opmath_type<scalar_t>>(),
-                                  row_layout(q),
-                                  row_layout(k),
-                                  row_layout(v),
-                                  row_layout(out),
-                                  query_split};
+        ForwardParams<scalar_t> p{
+            sizes,
+            q.data_ptr<scalar_t>(),
+            k.data_ptr<scalar_t>(),
+            v.data_ptr<scalar_t>(),
+            k_pool.data_ptr<scalar_t>(),
+            v_pool.data_ptr<scalar_t>(),
+            rpb.data_ptr<scalar_t>(),
+            pool_bias_view<scalar_t>(bias, index_rows, index_cols, row_weights),
+            token_weight.data_ptr<scalar_t>(),
+            out.data_ptr<scalar_t>(),
+            lse.data_ptr<at::opmath_type<scalar_t>>(),
+            row_layout(q),
+            row_layout(k),
+            row_layout(v),
+            row_layout(out),
+            query_split};
         Backend::template forward<scalar_t>(p);
       });
   return {out, lse};
@@ -165,8 +174,9 @@ std::vector<at::Tensor> kernel_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& rpb,
     const at::Tensor& bias, const at::Tensor& index_rows, const at::Tensor& index_cols,
-    const at::Tensor& token_weight, const at::Tensor& out, const at::Tensor& lse, int64_t height,
-    int64_t width, bool bias_grad, int64_t target_blocks = kPoolGradTargetBlocks) {
+    const at::Tensor& row_weights, const at::Tensor& token_weight, const at::Tensor& out,
+    const at::Tensor& lse, int64_t height, int64_t width, bool bias_grad,
+    int64_t target_blocks = kPoolGradTargetBlocks) {
   const int64_t batch = q.size(0), heads = q.size(1), N = q.size(2), d = q.size(3);
   const int64_t Np = k_pool.size(2);
   const bool table = index_rows.defined();
@@ -210,7 +220,7 @@ std::vector<at::Tensor> kernel_backward(
         p.k_pool = k_pool.data_ptr<scalar_t>();
         p.v_pool = v_pool.data_ptr<scalar_t>();
         p.rpb = rpb.data_ptr<scalar_t>();
-        p.bias = pool_bias_view<scalar_t>(bias, index_rows, index_cols);
+        p.bias = pool_bias_view<scalar_t>(bias, index_rows, index_cols, row_weights);
         p.token_weight = token_weight.data_ptr<scalar_t>();
         p.out = out.data_ptr<scalar_t>();
         p.lse = lse.data_ptr<acc_t>();
@@ -241,7 +251,7 @@ std::vector<at::Tensor> kernel_backward(
   if (!bias_grad)
     dbias = no_bias_grad();
   else if (table)
-    dbias = table_grad<Backend>(dbias_partial, bias, index_rows, index_cols, sizes);
+    dbias = table_grad<Backend>(dbias_partial, bias, index_rows, index_cols, row_weights, sizes);
   else
     dbias = sum_partials(dbias_partial);
   return {dq,
