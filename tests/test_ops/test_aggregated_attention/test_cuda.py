@@ -8,7 +8,7 @@ they run on the CPU too."""
 import pytest
 import torch
 from aggregated_attention_cases import (NAMES, assert_close_scaled, make_inputs, make_table_inputs,
-                                        reference_with_grads, table_oracle)
+                                        make_tap_inputs, reference_with_grads, table_oracle)
 
 from transnext_mm.models.backbones import TransNeXt
 from transnext_mm.models.layers.aggregated_attention import FullAttention
@@ -61,22 +61,24 @@ def table_op_with_grads(tensors, height, width, grad_out):
     """The table-form op's output and the gradients of its 8 inputs (the table's 7th)."""
     bias = tensors[6]
     leaves = [t.detach().requires_grad_() for t in (*tensors[:6], bias.table, tensors[7])]
-    table_bias = PoolBiasTable(leaves[6], bias.index_rows, bias.index_cols)
-    out = aggregated_attention_table_op(*leaves[:6], table_bias, leaves[7], height, width)
+    out = aggregated_attention_table_op(*leaves[:6], bias._replace(table=leaves[6]), leaves[7],
+                                        height, width)
     return (out, *torch.autograd.grad(out, leaves, grad_out))
 
 
-def check_table_form_against_reference(shape, dtype, device):
-    """The op with the pooled bias in table form against the float64 reference on the
-    materialised bias, and two runs bit for bit equal (the table gradient is gathered in a fixed
-    order)."""
+def check_table_form_against_reference(shape, dtype, device, taps=0):
+    """The op with the pooled bias in table form (with ``taps`` row taps, folded columns)
+    against the float64 reference on the materialised bias, and two runs bit for bit equal (the
+    table gradient is gathered in a fixed order)."""
     B, heads, height, width, pool, d = shape
-    tensors = make_table_inputs(*shape, dtype=dtype)
+    if taps:
+        tensors = make_tap_inputs(*shape, taps, dtype=dtype)
+    else:
+        tensors = make_table_inputs(*shape, dtype=dtype)
     bias = tensors[6]
-    tensors = [t.detach().to(device) for t in tensors[:6]] + [
-        PoolBiasTable(bias.table.detach().to(device), bias.index_rows.to(device),
-                      bias.index_cols.to(device))
-    ] + [tensors[7].detach().to(device)]
+    tensors = [t.detach().to(device) for t in tensors[:6]
+               ] + [PoolBiasTable(*(None if t is None else t.detach().to(device)
+                                    for t in bias))] + [tensors[7].detach().to(device)]
     grad_out = torch.randn(B, heads, height * width, d, dtype=F64).to(device, dtype)
     out, *grads = table_op_with_grads(tensors, height, width, grad_out)
     out_ref, grads_ref = table_oracle(tensors, height, width, grad_out)
@@ -97,6 +99,16 @@ def check_table_form_against_reference(shape, dtype, device):
     ids=lambda s: 'x'.join(map(str, s)))
 def test_table_form(shape, dtype):
     check_table_form_against_reference(shape, dtype, 'cuda')
+
+
+@pytest.mark.parametrize('dtype', [F32, BF16], ids=['float32', 'bfloat16'])
+@pytest.mark.parametrize(
+    'shape,taps', [((2, 3, 5, 7, (2, 3), 24), 4), ((1, 2, 20, 17, (5, 4), 24), 2),
+                   ((2, 2, 32, 32, (16, 16), 24), 4)],
+    ids=lambda s: 'x'.join(map(str, s)) if isinstance(s, tuple) else str(s))
+def test_table_form_row_taps(shape, taps, dtype):
+    """Row taps (an input resized along both axes in interpolation mode)."""
+    check_table_form_against_reference(shape, dtype, 'cuda', taps)
 
 
 def test_table_form_steady_state_does_not_synchronise():

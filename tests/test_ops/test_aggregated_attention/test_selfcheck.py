@@ -304,6 +304,32 @@ def test_table_form_inputs():
     assert all(len(row.unique()) == selfcheck.NUM_POOL for row in per_query)  # distinct entries
 
 
+def test_row_taps_inputs():
+    tensors, _ = selfcheck.self_check_inputs(CPU, F32, 24)
+    plain = selfcheck.table_form_inputs(tensors)[6]
+    bias = selfcheck.row_taps_inputs(tensors)[6]
+    assert bias.index_rows.shape == bias.row_weights.shape == (3, selfcheck.HEIGHT, 7)
+    assert bias.row_weights.dtype == F32 and torch.equal(bias.index_rows[0], plain.index_rows)
+    assert not torch.equal(bias.index_rows[1], plain.index_rows)
+    assert selfcheck.row_taps_inputs(selfcheck.self_check_inputs(CPU, F64,
+                                                                 24)[0])[6].row_weights.dtype == F64
+
+
+def ignores_row_weights(tensors, height, width, grad_out):
+    """The replayed kernels with every row tap of weight 1 (a kernel that drops the weights)."""
+    bias = tensors[6]
+    if bias.row_weights is not None:
+        bias = bias._replace(row_weights=torch.ones_like(bias.row_weights))
+    return replay_table_kernel([*tensors[:6], bias, *tensors[7:]], height, width, grad_out)
+
+
+def test_wrong_row_taps_are_named():
+    """The third part, row taps, runs after the plain table form passed."""
+    failure = selfcheck.run_self_check(
+        CPU, F32, 24, kernel=replay_kernel, table_kernel=ignores_row_weights)
+    assert failure.startswith('bias in table form with row taps: output: relative error'), failure
+
+
 def test_wrong_table_gradient_is_named():
     failure = selfcheck.run_self_check(
         CPU, F32, 24, kernel=replay_kernel, table_kernel=wrong_table_gradient)

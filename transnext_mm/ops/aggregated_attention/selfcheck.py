@@ -12,8 +12,9 @@ the pooled-key gradient kernel's 64 keys, the second ragged), ``v`` a strided vi
 projection and the output gradient a view of (B, N, C) as in the backbone, and the gradients of
 all 8 inputs, ``rpb_local`` and ``bias_pool`` included. Then the same with ``bias_pool`` in table
 form (:class:`PoolBiasTable`, offset indices of the 11x13 grid and a 7x10 pooled grid), which the
-layers hand the op wherever their bias has one: the kernels read the bias from the table and the
-backward gathers the table's gradient. The tolerances are the test suite's for the dtype
+layers hand the op: the kernels read the bias from the table and the backward gathers the table's
+gradient; and once more with three weighted row taps per entry, the form of an input resized
+along both axes in interpolation mode. The tolerances are the test suite's for the dtype
 (:data:`TOLERANCES`).
 
 On a mismatch, a NaN / Inf or a launch error, ``impl='auto'`` (``attn_impl='auto'`` in the
@@ -129,6 +130,22 @@ def table_form_inputs(tensors: Sequence[Tensor]) -> list:
     return list(tensors[:6]) + [bias] + list(tensors[7:])
 
 
+def row_taps_inputs(tensors: Sequence[Tensor]) -> list:
+    """:func:`table_form_inputs` with three weighted row taps per entry (``row_weights``): the
+    offset rows, flipped and rolled over the query rows, with random weights in [0, 1) (fixed
+    seed) in the kernels' accumulation type."""
+    tensors = table_form_inputs(tensors)
+    bias = tensors[6]
+    rows = bias.index_rows
+    gen = torch.Generator().manual_seed(8)
+    weights = torch.rand(3, *rows.shape, generator=gen, dtype=torch.float64)
+    acc = torch.float64 if bias.table.dtype == torch.float64 else torch.float32
+    tensors[6] = bias._replace(
+        index_rows=torch.stack([rows, rows.flip(0), rows.roll(1, 0)]),
+        row_weights=weights.to(rows.device, acc))
+    return tensors
+
+
 def _device_error(device: torch.device) -> str:
     """The error a CUDA device raises after a failure (a sticky error), or ''."""
     if device.type != 'cuda':
@@ -180,7 +197,7 @@ def run_self_check(device,
                    kernel: Optional[Kernel] = None,
                    table_kernel: Optional[Kernel] = None) -> str:
     """Run ``kernel`` once on the check's inputs, then ``table_kernel`` on them with the bias in
-    table form, against the reference in float64.
+    table form (without, then with row taps), against the reference in float64.
 
     Args:
         device (torch.device | str): Device of the inputs.
@@ -195,7 +212,8 @@ def run_self_check(device,
 
     Returns:
         str: What failed, with the figures (``'; '``-separated; failures of the table form
-        prefixed with ``'bias in table form: '``); ``''`` when the check passed.
+        prefixed with ``'bias in table form: '``, or ``'bias in table form with row taps: '``);
+        ``''`` when the check passed.
 
     Raises:
         RuntimeError: If the device is unusable after the kernel failed (a sticky CUDA error:
@@ -214,9 +232,12 @@ def run_self_check(device,
         failure = _check_form(kernel, tensors, grad_out, device, dtype, head_dim)
         if failure or table_kernel is None:
             return failure
-        failure = _check_form(table_kernel, table_form_inputs(tensors), grad_out, device, dtype,
-                              head_dim)
-    return f'bias in table form: {failure}' if failure else ''
+        for form, make in (('bias in table form', table_form_inputs),
+                           ('bias in table form with row taps', row_taps_inputs)):
+            failure = _check_form(table_kernel, make(tensors), grad_out, device, dtype, head_dim)
+            if failure:
+                return f'{form}: {failure}'
+    return ''
 
 
 def _check_form(kernel: Kernel, tensors: Sequence, grad_out: Tensor, device: torch.device,
