@@ -40,7 +40,7 @@ import functools
 import math
 import os
 from collections import OrderedDict
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -108,12 +108,13 @@ def log_cpb_axis(query_len, key_len, pretrain_len: int,
 
 # The least recently used grids go first when full: multi-scale training meets many grid pairs.
 TABLE_INDEX_CACHE_SIZE = 256
-_table_index_cache: 'OrderedDict[tuple, Tuple[torch.Tensor, torch.Tensor]]' = OrderedDict()
+TableIndices = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
+_table_index_cache: 'OrderedDict[tuple, TableIndices]' = OrderedDict()
 
 
 def table_form_indices(index_h: torch.Tensor, index_w: torch.Tensor, table_w: int,
                        resized: Tuple[int, ...], query_size: Size, key_size: Size,
-                       axes_key: tuple) -> tuple:
+                       axes_key: tuple) -> TableIndices:
     """``(index_rows, index_cols, row_weights)`` of :meth:`LogCPB.table_form` from the axes'
     indices into the MLP table (U_h, U_w); ``resized``: the axes resized, whose (query, key)
     pairs then index the folded table.
