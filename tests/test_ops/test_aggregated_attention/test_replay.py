@@ -250,50 +250,20 @@ def test_strided_views_are_read_in_place(dtype):
 # the table's gradient per entry.
 TABLE_NAMES = NAMES[:6] + ('bias_table', ) + NAMES[7:]
 
-
-@pytest.mark.parametrize(
+# Every dtype of the CUDA kernels (float64 only on the replay), with the output's tolerance.
+TABLE_DTYPES = pytest.mark.parametrize(
     'dtype,rel', [(torch.float64, 1e-10), (torch.float32, 2e-5), (torch.float16, 3e-3),
                   (torch.bfloat16, 2e-2)],
     ids=['float64', 'float32', 'float16', 'bfloat16'])
-@pytest.mark.parametrize('shape', [(2, 3, 5, 7, (2, 3), 24), (1, 2, 20, 17, (5, 4), 24),
-                                   (3, 1, 13, 11, (3, 5), 5), (1, 2, 1, 6, (1, 2), 32),
-                                   (2, 1, 7, 9, (1, 1), 40)])
-def test_replayed_table_form_matches_reference(shape, dtype, rel):
-    """The CUDA kernels with the table form against the reference on the materialised bias:
-    odd grids, one row, batch > 1, exact (24, 32) and generic (5, 40) head dims, a 1x1 pooled
-    grid."""
-    B, heads, height, width, pool, d = shape
-    tensors = make_table_inputs(*shape, dtype=dtype)
+
+
+def check_replayed_table_form(tensors, height, width, dtype, rel, target_blocks=None):
+    """The replayed kernels on table-form inputs (the table detached) against the reference on
+    the materialised bias, forward and backward."""
     tensors = [
         t.detach() if torch.is_tensor(t) else t._replace(table=t.table.detach()) for t in tensors
     ]
-    grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64).to(dtype)
-    out, _, grads = aggregated_attention_cuda_replay(*tensors, height, width, grad_out=grad_out)
-    out_ref, grads_ref = table_oracle(tensors, height, width, grad_out)
-    assert out.dtype == dtype
-    assert_close_scaled(out, out_ref, rel, 'out')
-    for name, g, g_ref in zip(TABLE_NAMES, grads, grads_ref):
-        assert g.dtype == dtype and g.shape == g_ref.shape, name
-        assert_close_scaled(g, g_ref, REPLAY_GRAD_REL[dtype], name)
-
-
-@pytest.mark.parametrize(
-    'dtype,rel', [(torch.float64, 1e-10), (torch.float32, 2e-5), (torch.float16, 3e-3),
-                  (torch.bfloat16, 2e-2)],
-    ids=['float64', 'float32', 'float16', 'bfloat16'])
-@pytest.mark.parametrize('target_blocks', [1, None], ids=['one-group', 'gpu-plan'])
-@pytest.mark.parametrize('shape,cols', [((2, 3, 5, 7, (2, 3), 24, 4), 'folded'),
-                                        ((3, 1, 13, 11, (3, 5), 5, 3), 'log-cpb'),
-                                        ((1, 2, 9, 8, (4, 4), 32, 2), 'folded')])
-def test_replayed_table_form_row_taps_match_reference(shape, cols, target_blocks, dtype, rel):
-    """Row taps (``row_weights``, float32 for the half types): the kernels sum the weighted taps
-    of each entry, and the table gradient kernel weights each tap's gathered sum; one batch
-    group and the GPU's plan."""
-    B, heads, height, width, pool, d, taps = shape
-    tensors = make_tap_inputs(*shape, cols=cols, dtype=dtype)
-    tensors = [
-        t.detach() if torch.is_tensor(t) else t._replace(table=t.table.detach()) for t in tensors
-    ]
+    B, heads, _, d = tensors[0].shape
     grad_out = torch.randn(B, heads, height * width, d, dtype=torch.float64).to(dtype)
     out, _, grads = aggregated_attention_cuda_replay(
         *tensors, height, width, grad_out=grad_out, pool_target_blocks=target_blocks)
@@ -303,6 +273,32 @@ def test_replayed_table_form_row_taps_match_reference(shape, cols, target_blocks
     for name, g, g_ref in zip(TABLE_NAMES, grads, grads_ref):
         assert g.dtype == dtype and g.shape == g_ref.shape, name
         assert_close_scaled(g, g_ref, REPLAY_GRAD_REL[dtype], name)
+
+
+@TABLE_DTYPES
+@pytest.mark.parametrize('shape', [(2, 3, 5, 7, (2, 3), 24), (1, 2, 20, 17, (5, 4), 24),
+                                   (3, 1, 13, 11, (3, 5), 5), (1, 2, 1, 6, (1, 2), 32),
+                                   (2, 1, 7, 9, (1, 1), 40)])
+def test_replayed_table_form_matches_reference(shape, dtype, rel):
+    """The CUDA kernels with the table form against the reference on the materialised bias:
+    odd grids, one row, batch > 1, exact (24, 32) and generic (5, 40) head dims, a 1x1 pooled
+    grid."""
+    B, heads, height, width, pool, d = shape
+    check_replayed_table_form(make_table_inputs(*shape, dtype=dtype), height, width, dtype, rel)
+
+
+@TABLE_DTYPES
+@pytest.mark.parametrize('target_blocks', [1, None], ids=['one-group', 'gpu-plan'])
+@pytest.mark.parametrize('shape,cols', [((2, 3, 5, 7, (2, 3), 24, 4), 'folded'),
+                                        ((3, 1, 13, 11, (3, 5), 5, 3), 'log-cpb'),
+                                        ((1, 2, 9, 8, (4, 4), 32, 2), 'folded')])
+def test_replayed_table_form_row_taps_match_reference(shape, cols, target_blocks, dtype, rel):
+    """Row taps (``row_weights``, float32 for the half types): the kernels sum the weighted taps
+    of each entry, and the table gradient kernel weights each tap's gathered sum; one batch
+    group and the GPU's plan."""
+    B, heads, height, width, pool, d, taps = shape
+    check_replayed_table_form(
+        make_tap_inputs(*shape, cols=cols, dtype=dtype), height, width, dtype, rel, target_blocks)
 
 
 @pytest.mark.parametrize('target_blocks', [1, 4, None], ids=['one-group', 'groups', 'gpu-plan'])
