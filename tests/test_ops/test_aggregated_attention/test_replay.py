@@ -288,14 +288,14 @@ def test_replayed_table_form_matches_reference(shape, dtype, rel):
 
 
 @TABLE_DTYPES
-@pytest.mark.parametrize('target_blocks', [1, None], ids=['one-group', 'gpu-plan'])
+@pytest.mark.parametrize('target_blocks', [1, 4, None], ids=['one-group', 'groups', 'gpu-plan'])
 @pytest.mark.parametrize('shape,cols', [((2, 3, 5, 7, (2, 3), 24, 4), 'folded'),
                                         ((3, 1, 13, 11, (3, 5), 5, 3), 'log-cpb'),
                                         ((1, 2, 9, 8, (4, 4), 32, 2), 'folded')])
 def test_replayed_table_form_row_taps_match_reference(shape, cols, target_blocks, dtype, rel):
     """Row taps (``row_weights``, float32 for the half types): the kernels sum the weighted taps
     of each entry, and the table gradient kernel weights each tap's gathered sum; one batch
-    group and the GPU's plan."""
+    group, several (per-group partial sums of the bias gradient), the GPU's plan."""
     B, heads, height, width, pool, d, taps = shape
     check_replayed_table_form(
         make_tap_inputs(*shape, cols=cols, dtype=dtype), height, width, dtype, rel, target_blocks)
