@@ -57,12 +57,9 @@ def _check_bias_table(bias: PoolBiasTable, heads: int, height: int, width: int,
         raise ValueError(f'bias_pool.table must have shape ({heads}, table_size), '
                          f'got {tuple(bias.table.shape)}')
     taps = bias.row_weights is not None
-    rank = 3 if taps else 2
-    for name, index, rows in (('index_rows', bias.index_rows, height), ('index_cols',
-                                                                        bias.index_cols, width)):
-        dim = rank if name == 'index_rows' else 2
-        if index.dim() != dim or index.shape[-2] != rows or index.dtype != torch.int64:
-            lead = 'taps, ' if dim == 3 else ''
+    for name, index, rows, lead in (('index_rows', bias.index_rows, height, 'taps, ' * taps),
+                                    ('index_cols', bias.index_cols, width, '')):
+        if index.dim() != 2 + bool(lead) or index.shape[-2] != rows or index.dtype != torch.int64:
             raise ValueError(f'bias_pool.{name} must be an int64 ({lead}{rows}, pooled size) '
                              f'tensor, got {index.dtype} {tuple(index.shape)}')
     if taps and (bias.row_weights.shape != bias.index_rows.shape
