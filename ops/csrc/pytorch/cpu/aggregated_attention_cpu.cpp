@@ -34,20 +34,6 @@ constexpr int64_t kMaxGroups = 16;
 // resized axis folded in) gets fewer groups: their partials hold about 2^24 entries at most.
 constexpr int64_t kMaxPartialEntries = int64_t(1) << 24;
 
-template <typename T>
-TNX_ALWAYS_INLINE T dot_row(const T* a, const T* b, int64_t d) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < d; ++c) sum += a[c] * b[c];
-  return sum;
-}
-
-template <typename T>
-TNX_ALWAYS_INLINE void axpy_row(T* y, T alpha, const T* x, int64_t d) {
-#pragma omp simd
-  for (int64_t c = 0; c < d; ++c) y[c] += alpha * x[c];
-}
-
 // 8-float vectors (GCC vector extensions): AVX / AVX-512 in the target clones, SSE pairs in the
 // baseline. They never cross a non-inlined call, so the AVX argument-passing ABI note does not
 // apply.
@@ -62,6 +48,50 @@ TNX_ALWAYS_INLINE v8f load8(const float* p) {
 TNX_ALWAYS_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
 TNX_ALWAYS_INLINE float hsum8(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// Row products of length d. D > 0: fp32 rows of the compile-time length D (a multiple of 8),
+// whole 8-float vectors; D = 0: any d (a vectorised loop whose remainder and reduction cost
+// several times the arithmetic at TransNeXt's head dim).
+template <int D = 0, typename T>
+TNX_ALWAYS_INLINE T dot_row(const T* a, const T* b, int64_t d) {
+  if constexpr (D > 0) {
+    static_assert(std::is_same_v<T, float> && D % 8 == 0);
+    v8f acc = load8(a) * load8(b);
+    for (int c = 8; c < D; c += 8) acc += load8(a + c) * load8(b + c);
+    return hsum8(acc);
+  } else {
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < d; ++c) sum += a[c] * b[c];
+    return sum;
+  }
+}
+
+template <typename T>
+TNX_ALWAYS_INLINE void axpy_row(T* y, T alpha, const T* x, int64_t d) {
+#pragma omp simd
+  for (int64_t c = 0; c < d; ++c) y[c] += alpha * x[c];
+}
+
+// out = sum over the window's j of weights[j] * x.row(rows[j]), rows[j] < 0 skipped (D as for
+// dot_row: the sum stays in registers).
+template <int D = 0, typename T>
+TNX_ALWAYS_INLINE void window_sum(T* out, const T* weights, const int64_t* rows, Rows<const T> x,
+                                  int64_t d) {
+  if constexpr (D > 0) {
+    v8f acc[D / 8] = {};
+    for (int j = 0; j < kWindowArea; ++j) {
+      if (rows[j] < 0) continue;
+      const float* x_row = x.row(rows[j]);
+      for (int b = 0; b < D / 8; ++b) acc[b] += weights[j] * load8(x_row + 8 * b);
+    }
+    for (int b = 0; b < D / 8; ++b) store8(out + 8 * b, acc[b]);
+  } else {
+    std::fill(out, out + d, T(0));
+    for (int j = 0; j < kWindowArea; ++j)
+      if (rows[j] >= 0) axpy_row(out, weights[j], x.row(rows[j]), d);
+  }
 }
 
 // Matrix views of raw buffers for at::mm_out / addmm_ (MKL / oneDNN underneath).
@@ -328,11 +358,10 @@ TNX_ALWAYS_INLINE void forward_rows_impl(const Chunk<T>& c, T* scores, T* window
     const T inv = T(1) / sum;
     inv_sum[r] = inv;
     lse[r] = row_max + std::log(sum);
-    T* wrow = window + r * d;
-    std::fill(wrow, wrow + d, T(0));
     const T* tw = c.token_weight + i * kWindowArea;
-    for (int j = 0; j < kWindowArea; ++j)
-      if (nbr[j] >= 0) axpy_row(wrow, local[j] * inv + tw[j], c.v.row(nbr[j]), d);
+    T weights[kWindowArea];
+    for (int j = 0; j < kWindowArea; ++j) weights[j] = local[j] * inv + tw[j];
+    window_sum(window + r * d, weights, nbr, c.v, d);
   }
 }
 
@@ -353,7 +382,7 @@ TNX_ALWAYS_INLINE void combine_rows_impl(T* out, int64_t out_stride, const T* po
 // entry, d scores (ds) on exit; both with row stride `stride` (>= Np). Writes the window's ds /
 // weights / d token_weight, accumulates d bias_pool (dense: over the batch, the first batch element
 // writes; table form: added to the head's table gradient `dbias`) and the window part of dq.
-template <typename T>
+template <int D = 0, typename T>
 TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* probs, T* dprobs,
                                           int64_t stride, T* ds_local, T* weight_local,
                                           T* dtoken_weight, T* dbias, bool first_batch,
@@ -379,8 +408,8 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* pr
       nbr[j] = window_neighbor(y, x, j, c.height, c.width);
       attn[j] = grad_dot_v[j] = 0;
       if (nbr[j] < 0) continue;
-      attn[j] = dot_row(q_i, c.k.row(nbr[j]), d) + c.rpb[j] - lse_i;
-      grad_dot_v[j] = dot_row(g_i, c.v.row(nbr[j]), d);
+      attn[j] = dot_row<D>(q_i, c.k.row(nbr[j]), d) + c.rpb[j] - lse_i;
+      grad_dot_v[j] = dot_row<D>(g_i, c.v.row(nbr[j]), d);
     }
     // The nine exponentials in one vector loop (outside the image: probability 0).
 #pragma omp simd reduction(+ : delta)
@@ -409,38 +438,36 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* pr
         for (int64_t p = 0; p < Np; ++p) dbrow[p] += dprow[p];
       }
     }
-    T* dqw = dq_window + r * d;
-    std::fill(dqw, dqw + d, T(0));
     const T* tw = c.token_weight + i * kWindowArea;
+    T ds[kWindowArea];
     for (int j = 0; j < kWindowArea; ++j) {
-      const T ds = attn[j] * (grad_dot_v[j] - delta);
-      ds_local[i * kWindowArea + j] = ds;
+      ds[j] = attn[j] * (grad_dot_v[j] - delta);
+      ds_local[i * kWindowArea + j] = ds[j];
       weight_local[i * kWindowArea + j] = nbr[j] >= 0 ? attn[j] + tw[j] : T(0);
       dtoken_weight[i * kWindowArea + j] = grad_dot_v[j];
-      if (nbr[j] >= 0) axpy_row(dqw, ds, c.k.row(nbr[j]), d);
     }
+    window_sum<D>(dq_window + r * d, ds, nbr, c.k, d);
   }
 }
 
 // d k and d v of the window path for key rows [n0, n1) of one (batch, head), gathered from the
-// queries that saw them (no scatter, no atomics).
-template <typename T>
+// queries that saw them (no scatter, no atomics). D as for dot_row.
+template <int D = 0, typename T>
 TNX_ALWAYS_INLINE void window_grad_rows_impl(const Chunk<T>& c, const T* ds_local,
                                              const T* weight_local, int64_t n0, int64_t n1,
                                              Rows<T> dk, Rows<T> dv) {
-  const int64_t d = c.d;
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t y = n / c.width, x = n % c.width;
-    T* dk_row = dk.row(n);
-    T* dv_row = dv.row(n);
-    std::fill(dk_row, dk_row + d, T(0));
-    std::fill(dv_row, dv_row + d, T(0));
+    int64_t queries[kWindowArea];  // the query that sees key n as its neighbour j
+    T ds[kWindowArea], weights[kWindowArea];
     for (int j = 0; j < kWindowArea; ++j) {
       const int64_t i = window_neighbor(y, x, kWindowArea - 1 - j, c.height, c.width);
-      if (i < 0) continue;
-      axpy_row(dk_row, ds_local[i * kWindowArea + j], c.q.row(i), d);
-      axpy_row(dv_row, weight_local[i * kWindowArea + j], c.grad.row(i), d);
+      queries[j] = i;
+      ds[j] = i < 0 ? T(0) : ds_local[i * kWindowArea + j];
+      weights[j] = i < 0 ? T(0) : weight_local[i * kWindowArea + j];
     }
+    window_sum<D>(dk.row(n), ds, queries, c.q, c.d);
+    window_sum<D>(dv.row(n), weights, queries, c.grad, c.d);
   }
 }
 
@@ -476,13 +503,6 @@ TNX_DEFINE_ROW_KERNELS(double)
 // rows, and the pooled values are accumulated in registers (8-float vectors, see v8f).
 constexpr int64_t kTile = 4;         // queries per register tile
 constexpr int64_t kScoreBlock = 32;  // pooled keys per register tile (4 vectors)
-
-template <int D>
-TNX_ALWAYS_INLINE float dot_d(const float* a, const float* b) {
-  v8f acc = load8(a) * load8(b);
-  for (int c = 8; c < D; c += 8) acc += load8(a + c) * load8(b + c);
-  return hsum8(acc);
-}
 
 // scores (R x np_pad) = q rows (R x D) @ kpT (D x np_pad); np_pad is a multiple of kScoreBlock
 // and kpT's padding columns are zero. (Adding the bias here, while the block is in registers, was
@@ -542,7 +562,7 @@ TNX_ALWAYS_INLINE void forward_tile(const Chunk<float>& c, BiasRows<float>& bias
     const float* __restrict__ brow = bias_rows.row(i, y, x);
     for (int j = 0; j < kWindowArea; ++j) {
       nbr[r][j] = window_neighbor(y, x, j, c.height, c.width);
-      local[r][j] = nbr[r][j] >= 0 ? dot_d<D>(q[r], c.k.row(nbr[r][j])) + c.rpb[j] : 0.f;
+      local[r][j] = nbr[r][j] >= 0 ? dot_row<D>(q[r], c.k.row(nbr[r][j]), D) + c.rpb[j] : 0.f;
     }
     float row_max;
     const float sum = softmax_row(srow, brow, Np, local[r], nbr[r], row_max);
@@ -694,17 +714,22 @@ TNX_ALWAYS_INLINE void backward_tiles_impl(const Chunk<float>& c, const TileBack
   int64_t i = c.i0;
   for (; i + kTile <= end; i += kTile) backward_tile_scores<D, kTile>(c, i, a);
   for (; i < end; ++i) backward_tile_scores<D, 1>(c, i, a);
-  backward_rows_impl(c, a.lse, a.probs, a.dprobs, a.np_pad, a.ds_local, a.weight_local,
-                     a.dtoken_weight, a.dbias, a.first_batch, a.dq_window);
+  backward_rows_impl<D>(c, a.lse, a.probs, a.dprobs, a.np_pad, a.ds_local, a.weight_local,
+                        a.dtoken_weight, a.dbias, a.first_batch, a.dq_window);
   for (i = c.i0; i + kTile <= end; i += kTile) backward_tile_dq<D, kTile>(c, i, a);
   for (; i < end; ++i) backward_tile_dq<D, 1>(c, i, a);
   rank_update<D>(a.dprobs, a.np_pad, c.pool, c.q, c.i0, c.rows, a.dkp);
   rank_update<D>(a.probs, a.np_pad, c.pool, c.grad, c.i0, c.rows, a.dvp);
 }
 
-#define TNX_DEFINE_BACKWARD_TILE_KERNEL(D)                                                \
-  TNX_CPU_CLONES void backward_tiles_d##D(const Chunk<float>& c, const TileBackward& a) { \
-    backward_tiles_impl<D>(c, a);                                                         \
+#define TNX_DEFINE_BACKWARD_TILE_KERNEL(D)                                                     \
+  TNX_CPU_CLONES void backward_tiles_d##D(const Chunk<float>& c, const TileBackward& a) {      \
+    backward_tiles_impl<D>(c, a);                                                              \
+  }                                                                                            \
+  TNX_CPU_CLONES void window_grad_rows_d##D(const Chunk<float>& c, const float* ds_local,      \
+                                            const float* weight_local, int64_t n0, int64_t n1, \
+                                            Rows<float> dk, Rows<float> dv) {                  \
+    window_grad_rows_impl<D>(c, ds_local, weight_local, n0, n1, dk, dv);                       \
   }
 TNX_DEFINE_BACKWARD_TILE_KERNEL(8)
 TNX_DEFINE_BACKWARD_TILE_KERNEL(16)
@@ -713,6 +738,8 @@ TNX_DEFINE_BACKWARD_TILE_KERNEL(32)
 #undef TNX_DEFINE_BACKWARD_TILE_KERNEL
 
 using BackwardTileKernel = void (*)(const Chunk<float>&, const TileBackward&);
+using WindowGradKernel = void (*)(const Chunk<float>&, const float*, const float*, int64_t, int64_t,
+                                  Rows<float>, Rows<float>);
 
 // x (B * heads, Np, d) -> (B * heads, d, np_pad) with zero padding columns.
 std::vector<float> transpose_pooled(const float* x, int64_t bh_count, int64_t Np, int64_t d,
@@ -916,12 +943,21 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
   const int64_t blocks = (N + kRows - 1) / kRows;
   at::parallel_for(0, B * heads * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / blocks, n0 = (task % blocks) * kRows;
+      const int64_t bh = task / blocks, n0 = (task % blocks) * kRows, n1 = std::min(N, n0 + kRows);
       const Chunk<T> c =
           chunk_of(s, l, bh, q, k, v, grad, bias, rpb, token_weight, static_cast<T*>(nullptr));
-      window_grad_rows(c, ds_local + bh * N * kWindowArea, weight_local + bh * N * kWindowArea, n0,
-                       std::min(N, n0 + kRows), l.dk.rows(dk, bh, s.heads),
-                       l.dv.rows(dv, bh, s.heads));
+      const T *ds_bh = ds_local + bh * N * kWindowArea,
+              *weight_bh = weight_local + bh * N * kWindowArea;
+      const Rows<T> dk_bh = l.dk.rows(dk, bh, s.heads), dv_bh = l.dv.rows(dv, bh, s.heads);
+      if constexpr (std::is_same_v<T, float>) {
+        if (const WindowGradKernel kernel =
+                kernel_for_head_dim<WindowGradKernel>(d, window_grad_rows_d8, window_grad_rows_d16,
+                                                      window_grad_rows_d24, window_grad_rows_d32)) {
+          kernel(c, ds_bh, weight_bh, n0, n1, dk_bh, dv_bh);
+          continue;
+        }
+      }
+      window_grad_rows(c, ds_bh, weight_bh, n0, n1, dk_bh, dv_bh);
     }
   });
 }
