@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -33,22 +32,6 @@ constexpr int64_t kMaxGroups = 16;
 // In the table form each group also owns a partial table gradient, so a large table (one with a
 // resized axis folded in) gets fewer groups: their partials hold about 2^24 entries at most.
 constexpr int64_t kMaxPartialEntries = int64_t(1) << 24;
-
-// 8-float vectors (GCC vector extensions): AVX / AVX-512 in the target clones, SSE pairs in the
-// baseline. They never cross a non-inlined call, so the AVX argument-passing ABI note does not
-// apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-typedef float v8f __attribute__((vector_size(32)));
-
-TNX_ALWAYS_INLINE v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-TNX_ALWAYS_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
-TNX_ALWAYS_INLINE float hsum8(v8f v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
 
 // Row products of length d. D > 0: fp32 rows of the compile-time length D (a multiple of 8),
 // whole 8-float vectors; D = 0: any d (a vectorised loop whose remainder and reduction cost

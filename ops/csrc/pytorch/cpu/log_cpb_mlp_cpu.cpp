@@ -6,13 +6,15 @@
 // hidden gradient, three weight-gradient GEMMs, a column sum). Here a tile of kTile points keeps
 // its hidden rows in L1: the forward reduces them against fc2's rows, the backward recomputes
 // them and accumulates every weight gradient from the same rows, vectorised over the hidden
-// units. The weight gradients are summed per block of kBlockPoints points and the blocks' partials
-// added in block order, so the result does not depend on the number of threads.
+// units (in fp32, 8 hidden units at a time in registers: backward_points_vec). The weight gradients
+// are summed per block of kBlockPoints points and the blocks' partials added in block order, so the
+// result does not depend on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "pytorch/cpu/vector_math.h"
@@ -115,6 +117,77 @@ TNX_ALWAYS_INLINE void backward_points_impl(const T* grad, const T* points, int6
   }
 }
 
+// backward_points_impl for fp32 with hidden % 8 == 0, in registers: for each 8 hidden units the
+// tile's hidden values and their gradients stay in registers while the heads go by, so per head
+// only fc2's row and its gradient row pass through memory (instead of the tile's hidden and
+// hidden-gradient rows as well). gbuf: heads x kTile values.
+TNX_ALWAYS_INLINE void backward_points_vec(const float* grad, const float* points, int64_t p0,
+                                           int64_t p1, const float* w1x, const float* w1y,
+                                           const float* b1, const float* w2, float* partial,
+                                           float* gbuf, int64_t hidden, int64_t heads) {
+  float *dw1x = partial, *dw1y = partial + hidden, *db1 = partial + 2 * hidden;
+  float *dw2 = partial + 3 * hidden, *db2 = partial + (3 + heads) * hidden;
+  const v8f zero = {};
+  for (int64_t i0 = p0; i0 < p1; i0 += kTile) {
+    const int64_t rows = std::min(kTile, p1 - i0);
+    float px[kTile] = {}, py[kTile] = {};  // rows past the end: gradient 0, so they add nothing
+    for (int64_t r = 0; r < rows; ++r) {
+      px[r] = points[2 * (i0 + r)];
+      py[r] = points[2 * (i0 + r) + 1];
+    }
+    for (int64_t hd = 0; hd < heads; ++hd) {
+      float* g = gbuf + hd * kTile;
+      for (int64_t r = 0; r < kTile; ++r) g[r] = r < rows ? grad[(i0 + r) * heads + hd] : 0.f;
+      db2[hd] += (g[0] + g[1]) + (g[2] + g[3]);
+    }
+    for (int64_t j = 0; j < hidden; j += 8) {
+      const v8f wx = load8(w1x + j), wy = load8(w1y + j), bias = load8(b1 + j);
+      v8f h[kTile], gh[kTile];
+      for (int r = 0; r < kTile; ++r) {
+        const v8f pre = wx * px[r] + wy * py[r] + bias;
+        h[r] = pre > zero ? pre : zero;
+        gh[r] = zero;
+      }
+      for (int64_t hd = 0; hd < heads; ++hd) {
+        const float* g = gbuf + hd * kTile;
+        const v8f w = load8(w2 + hd * hidden + j);
+        float* dw = dw2 + hd * hidden + j;
+        v8f dw_acc = load8(dw);
+        for (int r = 0; r < kTile; ++r) {
+          gh[r] += g[r] * w;
+          dw_acc += g[r] * h[r];
+        }
+        store8(dw, dw_acc);
+      }
+      // Through the ReLU (the gradient passes where the hidden unit is positive) into fc1.
+      v8f dx = load8(dw1x + j), dy = load8(dw1y + j), db = load8(db1 + j);
+      for (int r = 0; r < kTile; ++r) {
+        const v8f m = h[r] > zero ? gh[r] : zero;
+        dx += px[r] * m;
+        dy += py[r] * m;
+        db += m;
+      }
+      store8(dw1x + j, dx);
+      store8(dw1y + j, dy);
+      store8(db1 + j, db);
+    }
+  }
+}
+
+// The backward of points [p0, p1): backward_points_vec where it applies.
+template <typename T>
+TNX_ALWAYS_INLINE void backward_points_any(const T* grad, const T* points, int64_t p0, int64_t p1,
+                                           const T* w1x, const T* w1y, const T* b1, const T* w2,
+                                           T* partial, T* hbuf, T* gbuf, int64_t hidden,
+                                           int64_t heads) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (hidden % 8 == 0)
+      return backward_points_vec(grad, points, p0, p1, w1x, w1y, b1, w2, partial, gbuf, hidden,
+                                 heads);
+  }
+  backward_points_impl(grad, points, p0, p1, w1x, w1y, b1, w2, partial, hbuf, gbuf, hidden, heads);
+}
+
 // Multi-versioned entry points (one per dtype; templates cannot be cloned).
 #define TNX_DEFINE_MLP_KERNELS(T)                                                                 \
   TNX_CPU_CLONES void forward_points(const T* points, int64_t p0, int64_t p1, const T* w1x,       \
@@ -125,8 +198,8 @@ TNX_ALWAYS_INLINE void backward_points_impl(const T* grad, const T* points, int6
   TNX_CPU_CLONES void backward_points(                                                            \
       const T* grad, const T* points, int64_t p0, int64_t p1, const T* w1x, const T* w1y,         \
       const T* b1, const T* w2, T* partial, T* hbuf, T* gbuf, int64_t hidden, int64_t heads) {    \
-    backward_points_impl(grad, points, p0, p1, w1x, w1y, b1, w2, partial, hbuf, gbuf, hidden,     \
-                         heads);                                                                  \
+    backward_points_any(grad, points, p0, p1, w1x, w1y, b1, w2, partial, hbuf, gbuf, hidden,      \
+                        heads);                                                                   \
   }
 TNX_DEFINE_MLP_KERNELS(float)
 TNX_DEFINE_MLP_KERNELS(double)
@@ -169,7 +242,7 @@ std::vector<at::Tensor> log_cpb_mlp_backward_cpu(const at::Tensor& grad, const a
                    *w2 = weight2.data_ptr<scalar_t>();
     scalar_t *part = partials.data_ptr<scalar_t>(), *t = total.data_ptr<scalar_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> hbuf(kTile * hidden), gbuf(kTile * hidden);
+      std::vector<scalar_t> hbuf(kTile * hidden), gbuf(kTile * std::max(hidden, heads));
       for (int64_t block = begin; block < end; ++block) {
         const int64_t p0 = block * kBlockPoints, p1 = std::min(P, p0 + kBlockPoints);
         backward_points(g, p, p0, p1, w1x, w1x + hidden, b1, w2, part + block * width, hbuf.data(),

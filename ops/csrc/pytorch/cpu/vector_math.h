@@ -8,6 +8,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
 #define TNX_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -21,6 +22,22 @@
 #endif
 
 namespace transnext_mm {
+
+// 8-float vectors (GCC vector extensions): AVX / AVX-512 in the target clones, SSE pairs in the
+// baseline. They never cross a non-inlined call, so the AVX argument-passing ABI note does not
+// apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float v8f __attribute__((vector_size(32)));
+
+TNX_ALWAYS_INLINE v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+TNX_ALWAYS_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+TNX_ALWAYS_INLINE float hsum8(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
 
 // exp: Cody-Waite range reduction and a degree-6 polynomial (~1e-7 relative error).
 TNX_ALWAYS_INLINE float exp_approx(float x) {
