@@ -93,8 +93,8 @@ def main():
                                                             *op_args[11:], True)
         grads_old = old.aggregated_attention_table_backward(grad, *op_args[:11], out_new, lse_new,
                                                             *op_args[11:], True)
-        for a, b in zip(grads_new, grads_old):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for a, b in zip(grads_new, grads_old):  # up to the order of fp32 sums
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
     times = {}
     for r in range(args.rounds):
         for stage, (_, op_args, grad) in enumerate(cases):

@@ -82,9 +82,9 @@ weights, same task, input size and batch) with each ``--attn-impl``.
 ``batch``, and per timing (``eval``, ``cold_eval``, ``train``) ``median_s``, ``min_s``,
 ``rounds`` (each round's median) and, for eval and train, ``peak_mem_mib``; with ``--profile``
 ``train`` also has ``profile``: ``matmul_gflop``, ``matmul_ms``, ``other_ms`` and
-``costliest_other`` (a list of ``op`` and ``ms``); then
-``ratio_to_fastest_peer`` and ``fastest_peer`` per timing. A backbone that fails (e.g. out of
-memory) has ``error`` instead of its figures.
+``costliest_other`` (the 12 costliest other ops: a list of ``op`` and ``ms``; the table
+prints 4); then ``ratio_to_fastest_peer`` and ``fastest_peer`` per timing. A backbone that
+fails (e.g. out of memory) has ``error`` instead of its figures.
 """
 import argparse
 import contextlib
@@ -463,7 +463,7 @@ def cpu_allocator_peak(step) -> int:
 MATMUL_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm')
 
 
-def profile_train_step(train_step, top: int = 4) -> dict:
+def profile_train_step(train_step, top: int = 12) -> dict:
     """One training step under ``torch.profiler`` (CPU, self times; the profiler adds some
     overhead): the FLOPs (2 per multiply-add) and self time of the matrix products
     (:data:`MATMUL_OPS`), the self time of every other op, and the ``top`` costliest others."""
@@ -977,7 +977,7 @@ def _format_profiles(rows: list) -> list:
         table.append([
             r['model'], f'{p["matmul_gflop"]:.1f}', f'{p["matmul_ms"]:.0f}', f'{rate:.0f}',
             f'{p["other_ms"]:.0f}',
-            ', '.join(f'{o["op"]} {o["ms"]:.0f}' for o in p['costliest_other'])
+            ', '.join(f'{o["op"]} {o["ms"]:.0f}' for o in p['costliest_other'][:4])
         ])
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     text = [
