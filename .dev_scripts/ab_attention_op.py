@@ -35,8 +35,10 @@ from transnext_mm.models.backbones import TransNeXt  # noqa: E402
 from transnext_mm.models.layers.log_cpb import log_cpb_axes  # noqa: E402
 
 
-def layer_inputs(heads, d, height, width, pool_h, pool_w, seed):
-    """One layer's op inputs (batch 1, table-form bias) and an output gradient."""
+def layer_inputs(heads, d, height, width, pool_h, pool_w, seed, layout='heads'):
+    """One layer's op inputs (batch 1, table-form bias) and an output gradient; with layout
+    'rows' q, k, v and the gradient are (B, heads, N, d) views of (B, N, heads, d) tensors, as
+    the backbone's layers pass them."""
     gen = torch.Generator().manual_seed(seed)
     N, Np = height * width, pool_h * pool_w
 
@@ -45,13 +47,17 @@ def layer_inputs(heads, d, height, width, pool_h, pool_w, seed):
 
     (coords_h, index_h), (coords_w, index_w) = log_cpb_axes((height, width), (pool_h, pool_w), 16,
                                                             torch.device('cpu'))
-    args = (randn(1, heads, N, d) * 4, F.normalize(randn(1, heads, N, d), dim=-1),
-            randn(1, heads, N, d), F.normalize(randn(1, heads, Np, d),
-                                               dim=-1), randn(1, heads, Np, d), randn(heads, 9),
+
+    def rows(t):
+        return t.transpose(1, 2).contiguous().transpose(1, 2) if layout == 'rows' else t
+
+    args = (rows(randn(1, heads, N, d) * 4), rows(F.normalize(randn(1, heads, N, d),
+                                                              dim=-1)), rows(randn(1, heads, N, d)),
+            F.normalize(randn(1, heads, Np, d), dim=-1), randn(1, heads, Np, d), randn(heads, 9),
             randn(heads,
                   coords_h.numel() * coords_w.numel()), (index_h * coords_w.numel()).contiguous(),
             index_w.contiguous(), None, randn(1, heads, N, 9) * 0.5, height, width)
-    return args, randn(1, heads, N, d)
+    return args, rows(randn(1, heads, N, d))
 
 
 def best_of(ext, args, grad, part, repeats=3):
@@ -76,6 +82,12 @@ def main():
     parser.add_argument('--size', type=int, default=512, help='square input size')
     parser.add_argument('--rounds', type=int, default=11)
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument(
+        '--layout',
+        default='heads',
+        choices=('heads', 'rows'),
+        help="q, k, v and the output gradient contiguous per head ('heads') or as the "
+        "backbone's layers pass them, (B, N, heads, d) tensors viewed per head ('rows')")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     new = importlib.import_module('transnext_mm._ext')
@@ -83,7 +95,7 @@ def main():
     old = importlib.import_module(f'{args.base_package}._ext')
     arch = TransNeXt(arch=args.arch, img_size=args.size).arch  # with the pooled-grid ratios
     shapes = layer_shapes(arch, args.size, args.size)
-    cases = [(count, *layer_inputs(heads, d, h, w, ph, pw, seed=h))
+    cases = [(count, *layer_inputs(heads, d, h, w, ph, pw, seed=h, layout=args.layout))
              for count, heads, d, h, w, ph, pw in shapes]
     for _, op_args, grad in cases:  # the builds compute the same
         out_new, lse_new = new.aggregated_attention_table_forward(*op_args)
@@ -105,6 +117,7 @@ def main():
                     times.setdefault((name, stage, part),
                                      []).append(best_of(ext, op_args, grad, part))
     print(f'{args.arch} at {args.size}x{args.size}, batch 1, {args.threads} threads, '
+          f'layout {args.layout}, '
           f'{args.rounds} rounds (ms: median over rounds of the best of 3)')
     for part in ('forward', 'backward'):
         total = {'base': 0.0, 'new': 0.0}

@@ -786,13 +786,15 @@ void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* 
       // k_pool^T per (batch, head), padded with zero columns to whole score blocks.
       const int64_t np_pad = padded_pool(Np);
       const std::vector<float> kpT = transpose_pooled(k_pool, s.batch * s.heads, Np, d, np_pad);
+      // Tasks go chunk by chunk through every (batch, head): the backbone's q, k, v rows hold
+      // all heads, so consecutive tasks share their cache lines.
       at::parallel_for(0, s.batch * s.heads * chunks, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> scores(kTile * std::max<int64_t>(np_pad, 1)), bias_buf(8 * Np);
         for (int64_t task = begin; task < end; ++task) {
-          const int64_t bh = task / chunks;
+          const int64_t bh = task % (s.batch * s.heads);
           Chunk<float> c = chunk_of(s, l, bh, q, k, v, static_cast<const float*>(nullptr), bias,
                                     rpb, token_weight, bias_buf.data());
-          c.i0 = (task % chunks) * kRows;
+          c.i0 = task / (s.batch * s.heads) * kRows;
           c.rows = std::min(kRows, N - c.i0);
           kernel(c, kpT.data() + bh * d * np_pad, np_pad, v_pool + bh * Np * d, scores.data(),
                  l.out.rows(out, bh, s.heads), lse + bh * N);
@@ -805,10 +807,10 @@ void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* 
     std::vector<T> scores(kRows * std::max<int64_t>(Np, 1)), pooled(kRows * d), window(kRows * d),
         inv_sum(kRows), bias_buf(8 * Np);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / chunks;
+      const int64_t bh = task % (s.batch * s.heads);
       Chunk<T> c = chunk_of(s, l, bh, q, k, v, static_cast<const T*>(nullptr), bias, rpb,
                             token_weight, bias_buf.data());
-      c.i0 = (task % chunks) * kRows;
+      c.i0 = task / (s.batch * s.heads) * kRows;
       c.rows = std::min(kRows, N - c.i0);
       const T *kp_bh = k_pool + bh * Np * d, *vp_bh = v_pool + bh * Np * d;
       auto score_view = matrix(scores.data(), c.rows, Np);
