@@ -123,6 +123,35 @@ def test_non_contiguous_inputs_and_mixed_dtypes():
 
 
 @requires_op
+@pytest.mark.parametrize('d', [24, 5])
+def test_backward_of_per_head_views(d):
+    """q, k, v and the output gradient as the backbone passes them (per-head views of
+    (B, N, heads, d) tensors): the same gradients as from contiguous inputs, in the inputs'
+    layouts (fp32: the register-tiled kernels at d = 24, the generic ones at d = 5)."""
+    B, heads, height, width, Np = 2, 3, 5, 7, 6
+    tensors = [t.detach().float() for t in make_inputs(B, heads, height, width, Np, d)]
+    grad_out = torch.randn(B, heads, height * width, d)
+
+    def as_views(t):
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+    def grads(qkv, grad):
+        inputs = [t.clone().requires_grad_() for t in tensors]
+        inputs[:3] = [t.clone().requires_grad_() for t in qkv]
+        out = aggregated_attention_op(*inputs, height, width)
+        return torch.autograd.grad(out, inputs, grad)
+
+    views = [as_views(t) for t in tensors[:3]]
+    assert not views[0].is_contiguous()
+    expected = grads(tensors[:3], grad_out)
+    actual = grads(views, as_views(grad_out))
+    for name, g, g_ref in zip(NAMES, actual, expected):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5, msg=name)
+    for g, view in zip(actual[:3], views):
+        assert g.stride() == view.stride()
+
+
+@requires_op
 def test_cpu_autocast_bfloat16():
     if not torch.amp.is_autocast_available('cpu'):
         pytest.skip('CPU autocast is not available in this torch build')

@@ -1004,14 +1004,19 @@ std::vector<at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, co
   return {out, lse};
 }
 
-std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
-                                     const at::Tensor& k, const at::Tensor& v,
+std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& q_in,
+                                     const at::Tensor& k_in, const at::Tensor& v_in,
                                      const at::Tensor& k_pool, const at::Tensor& v_pool,
                                      const at::Tensor& rpb, const at::Tensor& bias,
                                      const at::Tensor& index_rows, const at::Tensor& index_cols,
                                      const at::Tensor& row_weights, const at::Tensor& token_weight,
                                      const at::Tensor& out, const at::Tensor& lse, int64_t height,
                                      int64_t width, bool bias_grad) {
+  // The backward reads q, k, v and grad_out head by head, several times: per-head copies of
+  // (B, N, heads, d) layouts (the backbone's views) cost less than reading those rows strided.
+  // The input gradients keep the inputs' layouts.
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(),
+                   grad_out = grad_out_in.contiguous();
   const Shape s = shape_of(q, k_pool, height, width);
   const bool table = index_rows.defined();
   const int64_t chunks = (s.tokens + kRows - 1) / kRows;
@@ -1020,7 +1025,7 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tenso
     const int64_t entries = std::max<int64_t>(1, s.heads * bias.size(1));
     groups = std::min(groups, std::max<int64_t>(2, kMaxPartialEntries / entries));
   }
-  auto dq = empty_rows_like(q), dk = empty_rows_like(k), dv = empty_rows_like(v);
+  auto dq = empty_rows_like(q_in), dk = empty_rows_like(k_in), dv = empty_rows_like(v_in);
   auto dtoken_weight = at::empty_like(token_weight);
   auto ds_local = at::empty_like(token_weight), weight_local = at::empty_like(token_weight);
   // Dense: (heads, N, Np), written in full. Table form: per-group partial sums, reduced below.
