@@ -847,13 +847,17 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
     if (bias.dense != nullptr) return dbias + h * N * Np;
     return dbias + (group * heads + h) * bias.table_size;
   };
-  // fp32 with head dim 8/16/24/32: the register-tiled chunks, on padded k_pool^T / v_pool^T.
+  // fp32 with head dim 8/16/24/32: the register-tiled chunks, on padded k_pool^T / v_pool^T, and
+  // the window gradient pass in whole vectors.
   BackwardTileKernel tiled = nullptr;
+  WindowGradKernel window_grad = nullptr;
   int64_t np_pad = Np;
   std::vector<float> kpT, vpT;
   if constexpr (std::is_same_v<T, float>) {
     tiled = kernel_for_head_dim<BackwardTileKernel>(d, backward_tiles_d8, backward_tiles_d16,
                                                     backward_tiles_d24, backward_tiles_d32);
+    window_grad = kernel_for_head_dim<WindowGradKernel>(
+        d, window_grad_rows_d8, window_grad_rows_d16, window_grad_rows_d24, window_grad_rows_d32);
     if (tiled != nullptr) {
       np_pad = padded_pool(Np);
       kpT = transpose_pooled(k_pool, B * heads, Np, d, np_pad);
@@ -935,10 +939,8 @@ void backward_impl(const T* grad, const T* q, const T* k, const T* v, const T* k
               *weight_bh = weight_local + bh * N * kWindowArea;
       const Rows<T> dk_bh = l.dk.rows(dk, bh, s.heads), dv_bh = l.dv.rows(dv, bh, s.heads);
       if constexpr (std::is_same_v<T, float>) {
-        if (const WindowGradKernel kernel =
-                kernel_for_head_dim<WindowGradKernel>(d, window_grad_rows_d8, window_grad_rows_d16,
-                                                      window_grad_rows_d24, window_grad_rows_d32)) {
-          kernel(c, ds_bh, weight_bh, n0, n1, dk_bh, dv_bh);
+        if (window_grad != nullptr) {
+          window_grad(c, ds_bh, weight_bh, n0, n1, dk_bh, dv_bh);
           continue;
         }
       }
