@@ -62,6 +62,36 @@ def test_compiled_gate_backward_returns_the_output_it_recomputes(dtype):
 
 
 @requires_ext
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize('B,height,width,channels,out_channels', [(2, 6, 5, 19, 7), (1, 1, 9, 8, 3),
+                                                                  (3, 4, 1, 5, 12)])
+def test_compiled_gate_backward_multiplies_fc2_in(B, height, width, channels, out_channels, dtype,
+                                                  tol, check_thread_independence):
+    """With ``fc2_weight``, ``grad`` is fc2's output gradient: the gradients equal those for
+    ``grad @ fc2_weight`` (which the kernel computes image row by image row), the output too."""
+    from transnext_mm.ops.dispatch import compiled_ext
+    ext = compiled_ext()
+    hidden, weight, bias = gate_inputs(B, height, width, channels, dtype)
+    fc2_weight = torch.randn(out_channels, channels, dtype=dtype, requires_grad=True)
+    grad = torch.randn(B, height * width, out_channels, dtype=dtype)
+    fused = ext.conv_glu_gate_backward(
+        grad, hidden, weight, bias, height, width, with_output=True, fc2_weight=fc2_weight)
+    ref = ext.conv_glu_gate_backward(
+        grad @ fc2_weight.detach(), hidden, weight, bias, height, width, with_output=True)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+    check_thread_independence(lambda: ext.conv_glu_gate_backward(
+        grad, hidden, weight, bias, height, width, fc2_weight=fc2_weight.detach())[:3])
+    with pytest.raises(RuntimeError, match=rf'fc2_weight must have shape \(C, {channels}\)'):
+        ext.conv_glu_gate_backward(
+            grad, hidden, weight, bias, height, width, fc2_weight=fc2_weight[:, 1:])
+    with pytest.raises(
+            RuntimeError, match=r"grad must have shape \(.*\) \(fc2's output gradient\)"):
+        ext.conv_glu_gate_backward(
+            grad[..., 1:], hidden, weight, bias, height, width, fc2_weight=fc2_weight)
+
+
+@requires_ext
 def test_compiled_gate_gradcheck_and_thread_independence(check_thread_independence):
     args = gate_inputs(2, 5, 4, 6, torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda h, w, b: gate_ops.conv_glu_gate_op(h, w, b, 5, 4), args)

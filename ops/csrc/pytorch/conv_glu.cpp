@@ -42,17 +42,31 @@ at::Tensor conv_glu_gate_forward(const at::Tensor& hidden, const at::Tensor& wei
 
 std::vector<at::Tensor> conv_glu_gate_backward(const at::Tensor& grad, const at::Tensor& hidden,
                                                const at::Tensor& weight, const at::Tensor& bias,
-                                               int64_t height, int64_t width, bool with_output) {
+                                               int64_t height, int64_t width, bool with_output,
+                                               const c10::optional<at::Tensor>& fc2_weight) {
   check_gate_inputs(hidden, weight, bias, height, width);
+  const int64_t h = hidden.size(2) / 2;
+  at::Tensor fc2;
+  if (fc2_weight.has_value()) {
+    fc2 = *fc2_weight;
+    TORCH_CHECK(fc2.dim() == 2 && fc2.size(1) == h,
+                "conv_glu_gate: fc2_weight must have shape (C, ", h, "), got ", fc2.sizes());
+    TORCH_CHECK(fc2.device() == hidden.device() && fc2.scalar_type() == hidden.scalar_type(),
+                "conv_glu_gate: fc2_weight must match hidden's device and dtype (", hidden.device(),
+                ", ", hidden.scalar_type(), ")");
+  }
+  const int64_t grad_channels = fc2.defined() ? fc2.size(0) : h;
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == hidden.size(0) && grad.size(1) == hidden.size(1) &&
-                  grad.size(2) == hidden.size(2) / 2,
+                  grad.size(2) == grad_channels,
               "conv_glu_gate: grad must have shape (", hidden.size(0), ", ", hidden.size(1), ", ",
-              hidden.size(2) / 2, "), got ", grad.sizes());
+              grad_channels, ")", fc2.defined() ? " (fc2's output gradient)" : "", ", got ",
+              grad.sizes());
   TORCH_CHECK(grad.device() == hidden.device() && grad.scalar_type() == hidden.scalar_type(),
               "conv_glu_gate: grad must match hidden's device and dtype (", hidden.device(), ", ",
               hidden.scalar_type(), ")");
   return conv_glu_gate_backward_cpu(grad.contiguous(), hidden.contiguous(), weight.contiguous(),
-                                    bias.contiguous(), height, width, with_output);
+                                    bias.contiguous(), fc2.defined() ? fc2.contiguous() : fc2,
+                                    height, width, with_output);
 }
 
 }  // namespace transnext_mm

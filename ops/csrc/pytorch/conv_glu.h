@@ -18,13 +18,16 @@ at::Tensor conv_glu_gate_forward(const at::Tensor& hidden, const at::Tensor& wei
 // (recomputed on the way) : an empty (0, H*W, h) tensor.
 std::vector<at::Tensor> conv_glu_gate_backward(const at::Tensor& grad, const at::Tensor& hidden,
                                                const at::Tensor& weight, const at::Tensor& bias,
-                                               int64_t height, int64_t width, bool with_output);
+                                               int64_t height, int64_t width, bool with_output,
+                                               const c10::optional<at::Tensor>& fc2_weight);
 
 at::Tensor conv_glu_gate_forward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                      const at::Tensor& bias, int64_t height, int64_t width);
 
+// fc2_weight: undefined, or fc2's (C, h) weight when grad is fc2's output gradient (B, H*W, C).
 std::vector<at::Tensor> conv_glu_gate_backward_cpu(const at::Tensor& grad, const at::Tensor& hidden,
                                                    const at::Tensor& weight, const at::Tensor& bias,
-                                                   int64_t height, int64_t width, bool with_output);
+                                                   const at::Tensor& fc2_weight, int64_t height,
+                                                   int64_t width, bool with_output);
 
 }  // namespace transnext_mm

@@ -23,9 +23,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "GELU(depthwise_conv3x3(gate) + bias) * value from the fc1 output [gate | value]");
   m.def("conv_glu_gate_backward", &transnext_mm::conv_glu_gate_backward,
         "ConvGLU gate backward; returns the gradients of hidden, weight and bias, and with_output "
-        "? the forward's output : an empty tensor",
+        "? the forward's output : an empty tensor. With fc2_weight (C, h), grad is the gradient "
+        "of fc2's output (B, H*W, C)",
         py::arg("grad"), py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("height"),
-        py::arg("width"), py::arg("with_output") = false);
+        py::arg("width"), py::arg("with_output") = false, py::arg("fc2_weight") = py::none());
   m.def("log_cpb_mlp_forward", &transnext_mm::log_cpb_mlp_forward,
         "The log-CPB MLP fc2(relu(fc1(points))) for 2-d points");
   m.def("log_cpb_mlp_backward", &transnext_mm::log_cpb_mlp_backward,

@@ -16,6 +16,11 @@
 // into the gate half. grad_hidden comes out as one (B, H*W, 2h) tensor, ready for fc1's backward.
 // Pass 1 can also write the forward's output (for fc2's weight gradient when the output was not
 // saved), which costs one store per value instead of another pass over the fc1 output.
+//
+// Given fc2's weight, grad is the gradient of fc2's output instead, and pass 1 computes each image
+// row's output gradient grad_row @ fc2_weight itself, into a per-thread buffer that stays in cache
+// (one small product per row; on a large map the (B, H*W, h) product written to memory and read
+// back costs several times its arithmetic).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -80,12 +85,13 @@ TNX_ALWAYS_INLINE void gate_row_impl(const T* hidden, const T* taps, const T* bi
   }
 }
 
-// Pass 1 of the backward for image row y (see the top of the file). grad: the element's (H*W, h)
-// output gradient; grad_hidden: its (H*W, 2h) input gradient (the value half is written here);
+// Pass 1 of the backward for image row y (see the top of the file). grad_row: the row's (W, h)
+// output gradient; grad_hidden: the element's (H*W, 2h) input gradient (the value half is written
+// here);
 // grad_pre: its (H*W, h) buffer; wpart (9, h) and bpart (h): this row's partials (zeroed here);
 // acc: h scratch values; out: the element's (H*W, h) forward output, or null.
 template <typename T>
-TNX_ALWAYS_INLINE void gate_row_backward_impl(const T* hidden, const T* grad, const T* taps,
+TNX_ALWAYS_INLINE void gate_row_backward_impl(const T* hidden, const T* grad_row, const T* taps,
                                               const T* bias, T* grad_hidden, T* grad_pre, T* wpart,
                                               T* bpart, T* acc, T* out, int64_t y, int64_t height,
                                               int64_t width, int64_t h) {
@@ -97,7 +103,7 @@ TNX_ALWAYS_INLINE void gate_row_backward_impl(const T* hidden, const T* grad, co
     pre_activation(hidden, taps, bias, acc, y, x, height, width, h);
     const int64_t token = y * width + x;
     const T* __restrict__ value = hidden + token * row_stride + h;
-    const T* __restrict__ g = grad + token * h;
+    const T* __restrict__ g = grad_row + x * h;
     T* __restrict__ gv = grad_hidden + token * row_stride + h;
     T* __restrict__ gp = grad_pre + token * h;
     // The output row, or acc itself when it is not wanted (element c is read before it is
@@ -146,16 +152,17 @@ TNX_DEFINE_GATE_ROW(float)
 TNX_DEFINE_GATE_ROW(double)
 #undef TNX_DEFINE_GATE_ROW
 
-#define TNX_DEFINE_GATE_ROW_BACKWARD(T)                                                          \
-  TNX_CPU_CLONES void gate_row_backward(                                                         \
-      const T* hidden, const T* grad, const T* taps, const T* bias, T* grad_hidden, T* grad_pre, \
-      T* wpart, T* bpart, T* acc, T* out, int64_t y, int64_t height, int64_t width, int64_t h) { \
-    gate_row_backward_impl(hidden, grad, taps, bias, grad_hidden, grad_pre, wpart, bpart, acc,   \
-                           out, y, height, width, h);                                            \
-  }                                                                                              \
-  TNX_CPU_CLONES void gate_row_input_grad(const T* grad_pre, const T* taps, T* grad_hidden,      \
-                                          int64_t y, int64_t height, int64_t width, int64_t h) { \
-    gate_row_input_grad_impl(grad_pre, taps, grad_hidden, y, height, width, h);                  \
+#define TNX_DEFINE_GATE_ROW_BACKWARD(T)                                                            \
+  TNX_CPU_CLONES void gate_row_backward(const T* hidden, const T* grad_row, const T* taps,         \
+                                        const T* bias, T* grad_hidden, T* grad_pre, T* wpart,      \
+                                        T* bpart, T* acc, T* out, int64_t y, int64_t height,       \
+                                        int64_t width, int64_t h) {                                \
+    gate_row_backward_impl(hidden, grad_row, taps, bias, grad_hidden, grad_pre, wpart, bpart, acc, \
+                           out, y, height, width, h);                                              \
+  }                                                                                                \
+  TNX_CPU_CLONES void gate_row_input_grad(const T* grad_pre, const T* taps, T* grad_hidden,        \
+                                          int64_t y, int64_t height, int64_t width, int64_t h) {   \
+    gate_row_input_grad_impl(grad_pre, taps, grad_hidden, y, height, width, h);                    \
   }
 TNX_DEFINE_GATE_ROW_BACKWARD(float)
 TNX_DEFINE_GATE_ROW_BACKWARD(double)
@@ -188,9 +195,11 @@ at::Tensor conv_glu_gate_forward_cpu(const at::Tensor& hidden, const at::Tensor&
 
 std::vector<at::Tensor> conv_glu_gate_backward_cpu(const at::Tensor& grad, const at::Tensor& hidden,
                                                    const at::Tensor& weight, const at::Tensor& bias,
-                                                   int64_t height, int64_t width,
-                                                   bool with_output) {
+                                                   const at::Tensor& fc2_weight, int64_t height,
+                                                   int64_t width, bool with_output) {
   const int64_t B = hidden.size(0), h = hidden.size(2) / 2, tokens = height * width;
+  const bool project = fc2_weight.defined();  // grad is fc2's output gradient (B, H*W, C)
+  const int64_t grad_channels = grad.size(2);
   auto grad_hidden = at::empty_like(hidden);
   auto out = at::empty({with_output ? B : 0, tokens, h}, hidden.options());
   auto grad_pre = at::empty({B, tokens, h}, hidden.options());
@@ -204,11 +213,28 @@ std::vector<at::Tensor> conv_glu_gate_backward_cpu(const at::Tensor& grad, const
              *part = partials.data_ptr<scalar_t>();
     scalar_t* o = with_output ? out.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, B * height, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> acc(h);
+      std::vector<scalar_t> acc(h), row_grad(project ? width * h : 0);
+      const auto options = at::TensorOptions().dtype(hidden.scalar_type());
+      // Views of raw buffers (not fc2_weight itself: these threads do not share the caller's
+      // grad mode, and at::mm_out refuses an output for an input that requires grad).
+      at::Tensor row_grad_view, fc2_view;
+      if (project) {
+        row_grad_view = at::from_blob(row_grad.data(), {width, h}, options);
+        fc2_view = at::from_blob(fc2_weight.data_ptr(), {grad_channels, h}, options);
+      }
       for (int64_t task = begin; task < end; ++task) {
         const int64_t batch = task / height, y = task % height;
+        const int64_t row_token = batch * tokens + y * width;
+        const scalar_t* grad_row = g + row_token * grad_channels;
+        if (project) {
+          at::mm_out(
+              row_grad_view,
+              at::from_blob(const_cast<scalar_t*>(grad_row), {width, grad_channels}, options),
+              fc2_view);
+          grad_row = row_grad.data();
+        }
         scalar_t* row_part = part + task * 10 * h;
-        gate_row_backward(hid + batch * tokens * 2 * h, g + batch * tokens * h, tap, b,
+        gate_row_backward(hid + batch * tokens * 2 * h, grad_row, tap, b,
                           gh + batch * tokens * 2 * h, gp + batch * tokens * h, row_part,
                           row_part + 9 * h, acc.data(), o == nullptr ? o : o + batch * tokens * h,
                           y, height, width, h);
