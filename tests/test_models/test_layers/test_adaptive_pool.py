@@ -24,3 +24,30 @@ def test_export_pooling_equals_adaptive_avg_pool(size, pool, monkeypatch):
                               pool).flatten(2).transpose(1, 2))
     monkeypatch.setattr(torch.compiler, 'is_exporting', lambda: True)  # the prefix-sum path
     torch.testing.assert_close(adaptive_avg_pool_tokens(x, *size, pool), expected)
+
+
+@pytest.mark.parametrize('B,size,pool,uniform', [(2, (16, 12), (4, 3), True),
+                                                 (1, (15, 21), (5, 7), True),
+                                                 (3, (7, 7), (7, 7), True),
+                                                 (2, (13, 17), (4, 5), False)])
+def test_pooling_gradient_equals_adaptive_avg_pool(B, size, pool, uniform):
+    """The pooled tokens and their gradient (uniform bins: the broadcast backward; other sizes:
+    PyTorch's) equal ``F.adaptive_avg_pool2d``'s on the (B, C, H, W) image, and the broadcast
+    backward is itself differentiable."""
+    x = torch.randn(B, size[0] * size[1], 6, dtype=torch.float64, requires_grad=True)
+    out = adaptive_avg_pool_tokens(x, *size, pool)
+    assert (type(out.grad_fn).__name__ == '_UniformBinPoolBackward') == uniform
+    image = x.transpose(1, 2).reshape(B, 6, *size)
+    ref = F.adaptive_avg_pool2d(image, pool).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, x, grad)[0],
+        torch.autograd.grad(ref, x, grad)[0],
+        rtol=1e-12,
+        atol=1e-12)
+    if uniform:
+        assert torch.autograd.gradgradcheck(lambda t: adaptive_avg_pool_tokens(t, *size, pool),
+                                            (x, ))
+    with torch.no_grad():
+        torch.testing.assert_close(adaptive_avg_pool_tokens(x, *size, pool), ref)

@@ -43,18 +43,48 @@ def adaptive_avg_pool2d_prefix(x: torch.Tensor, output_size) -> torch.Tensor:
     return _pool_axis(_pool_axis(x, 2, out_h), 3, out_w)
 
 
+def _pool_grid(x: torch.Tensor, height: int, width: int, pool_size) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d`` of (B, H*W, C) tokens, viewed channels-last: (B, Hp*Wp, C)."""
+    grid = x.reshape(x.shape[0], height, width, x.shape[2]).permute(0, 3, 1, 2)
+    return F.adaptive_avg_pool2d(grid, pool_size).flatten(2).transpose(1, 2)
+
+
+class _UniformBinPool(torch.autograd.Function):
+    """:func:`_pool_grid` where every bin is a (H / Hp) x (W / Wp) block: the same forward, and
+    the backward as that block's broadcast of ``grad / area`` in the tokens' layout (PyTorch's
+    adaptive-pooling backward makes three copies of the full-size gradient on the way)."""
+
+    @staticmethod
+    def forward(ctx, x, height, width, pool_size):
+        ctx.grid = (height, width, *pool_size)
+        return _pool_grid(x, height, width, pool_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        height, width, pool_h, pool_w = ctx.grid
+        B, _, C = grad.shape
+        rows, cols = height // pool_h, width // pool_w
+        blocks = (grad / (rows * cols)).reshape(B, pool_h, 1, pool_w, 1, C)
+        return (blocks.expand(B, pool_h, rows, pool_w, cols, C).reshape(B, height * width,
+                                                                        C), None, None, None)
+
+
 def adaptive_avg_pool_tokens(x: torch.Tensor, height, width, pool_size) -> torch.Tensor:
     """Average-pool (B, H*W, C) tokens of a row-major grid as ``F.adaptive_avg_pool2d``:
     (B, Hp*Wp, C).
 
-    Eager and ``torch.compile`` run ``F.adaptive_avg_pool2d``. Under ``torch.export`` each axis
-    is pooled from its prefix sum at the bin bounds instead (equal up to rounding): exporters
-    decompose adaptive pooling into gathers whose bins are fixed at the example size, wrong at
-    any other size.
+    Eager and ``torch.compile`` run ``F.adaptive_avg_pool2d``; where the pooled grid divides the
+    grid (uniform bins, e.g. every stage at 512x512) and a gradient is needed, the backward is the
+    bins' broadcast (:class:`_UniformBinPool`). Under ``torch.export`` each axis is pooled from
+    its prefix sum at the bin bounds instead (equal up to rounding): exporters decompose adaptive
+    pooling into gathers whose bins are fixed at the example size, wrong at any other size.
     """
-    B, _, C = x.shape
-    grid = x.reshape(B, height, width, C)
     if torch.compiler.is_exporting():
+        grid = x.reshape(x.shape[0], height, width, x.shape[2])
         pooled = _pool_axis(_pool_axis(grid, 1, pool_size[0]), 2, pool_size[1])
         return pooled.flatten(1, 2)
-    return F.adaptive_avg_pool2d(grid.permute(0, 3, 1, 2), pool_size).flatten(2).transpose(1, 2)
+    pool_h, pool_w = pool_size
+    if (x.requires_grad and torch.is_grad_enabled() and isinstance(height, int)
+            and isinstance(width, int) and height % pool_h == 0 and width % pool_w == 0):
+        return _UniformBinPool.apply(x, height, width, (pool_h, pool_w))
+    return _pool_grid(x, height, width, pool_size)
