@@ -17,9 +17,9 @@
 // Pass 1 can also write the forward's output (for fc2's weight gradient when the output was not
 // saved), which costs one store per value instead of another pass over the fc1 output.
 //
-// Given fc2's weight, grad is the gradient of fc2's output instead, and pass 1 computes each image
-// row's output gradient grad_row @ fc2_weight itself, into a per-thread buffer that stays in cache
-// (one small product per row; on a large map the (B, H*W, h) product written to memory and read
+// Given fc2's weight, grad is the gradient of fc2's output instead, and pass 1 computes the image
+// rows' output gradients grad_rows @ fc2_weight itself, a few rows at a time, into a per-thread
+// buffer that stays in cache (on a large map the (B, H*W, h) product written to memory and read
 // back costs several times its arithmetic).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -33,6 +33,9 @@
 
 namespace transnext_mm {
 namespace {
+
+// Tokens per product of the backward's fc2 weight with the output gradient (see below).
+constexpr int64_t kProductTokens = 128;
 
 // visit(tap, token) for each 3x3 tap of token (y, x) whose neighbour lies inside the image: the
 // neighbour (y + dy, x + dx) with Sign = 1 (the conv), (y - dy, x - dx) with Sign = -1 (its
@@ -212,26 +215,36 @@ std::vector<at::Tensor> conv_glu_gate_backward_cpu(const at::Tensor& grad, const
     scalar_t *gh = grad_hidden.data_ptr<scalar_t>(), *gp = grad_pre.data_ptr<scalar_t>(),
              *part = partials.data_ptr<scalar_t>();
     scalar_t* o = with_output ? out.data_ptr<scalar_t>() : nullptr;
+    // The products cover a few image rows at once where rows are short (at least
+    // kProductTokens tokens: one product per 16- or 32-token row runs far below peak).
+    const int64_t product_rows = std::max<int64_t>(1, kProductTokens / std::max<int64_t>(width, 1));
     at::parallel_for(0, B * height, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> acc(h), row_grad(project ? width * h : 0);
+      std::vector<scalar_t> acc(h), rows_grad(project ? product_rows * width * h : 0);
       const auto options = at::TensorOptions().dtype(hidden.scalar_type());
       // Views of raw buffers (not fc2_weight itself: these threads do not share the caller's
       // grad mode, and at::mm_out refuses an output for an input that requires grad).
-      at::Tensor row_grad_view, fc2_view;
-      if (project) {
-        row_grad_view = at::from_blob(row_grad.data(), {width, h}, options);
-        fc2_view = at::from_blob(fc2_weight.data_ptr(), {grad_channels, h}, options);
-      }
+      const at::Tensor fc2_view =
+          project ? at::from_blob(fc2_weight.data_ptr(), {grad_channels, h}, options)
+                  : at::Tensor();
+      int64_t rows_begin = 0, rows_end = 0;  // the tasks whose products rows_grad holds
       for (int64_t task = begin; task < end; ++task) {
         const int64_t batch = task / height, y = task % height;
-        const int64_t row_token = batch * tokens + y * width;
-        const scalar_t* grad_row = g + row_token * grad_channels;
+        const scalar_t* grad_row = g + (batch * tokens + y * width) * grad_channels;
         if (project) {
-          at::mm_out(
-              row_grad_view,
-              at::from_blob(const_cast<scalar_t*>(grad_row), {width, grad_channels}, options),
-              fc2_view);
-          grad_row = row_grad.data();
+          if (task >= rows_end) {
+            // The block of product_rows rows (of this element) that holds this row: fixed
+            // blocks, so that a row's product does not depend on the thread count (a block
+            // split between two threads' ranges is computed by both).
+            rows_begin = batch * height + y / product_rows * product_rows;
+            rows_end = std::min(rows_begin + product_rows, (batch + 1) * height);
+            const int64_t n = (rows_end - rows_begin) * width;
+            at::Tensor products = at::from_blob(rows_grad.data(), {n, h}, options);
+            at::mm_out(products,
+                       at::from_blob(const_cast<scalar_t*>(g + rows_begin * width * grad_channels),
+                                     {n, grad_channels}, options),
+                       fc2_view);
+          }
+          grad_row = rows_grad.data() + (task - rows_begin) * width * h;
         }
         scalar_t* row_part = part + task * 10 * h;
         gate_row_backward(hid + batch * tokens * 2 * h, grad_row, tap, b,
