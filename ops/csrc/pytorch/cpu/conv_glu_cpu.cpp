@@ -14,13 +14,18 @@
 // partial per image row (summed afterwards in row order: the result does not depend on the
 // number of threads). Pass 2 writes the gate's gradient, the transposed 3x3 conv of grad_pre,
 // into the gate half. grad_hidden comes out as one (B, H*W, 2h) tensor, ready for fc1's backward.
+// The passes interleave: pass 2 of row y follows pass 1 of row y + 1, so grad_pre lives in a
+// per-thread ring of three rows that stays in cache; the rows just outside a thread's range are
+// recomputed for their grad_pre only (halo rows, whose other results go to scratch buffers).
 // Pass 1 can also write the forward's output (for fc2's weight gradient when the output was not
 // saved), which costs one store per value instead of another pass over the fc1 output.
 //
-// Given fc2's weight, grad is the gradient of fc2's output instead, and pass 1 computes the image
-// rows' output gradients grad_rows @ fc2_weight itself, a few rows at a time, into a per-thread
-// buffer that stays in cache (on a large map the (B, H*W, h) product written to memory and read
-// back costs several times its arithmetic).
+// Given fc2's weight, grad is the gradient of fc2's output instead. On maps with long rows (at
+// least kProductTokens tokens) pass 1 computes each row's output gradient grad_row @ fc2_weight
+// itself, into a per-thread buffer that stays in cache: there the (B, H*W, h) product written to
+// memory and read back costs several times its arithmetic. Shorter rows would make products far
+// below peak, and their maps' products stay in cache anyway: one product of the whole gradient
+// comes first.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -34,7 +39,7 @@
 namespace transnext_mm {
 namespace {
 
-// Tokens per product of the backward's fc2 weight with the output gradient (see below).
+// Rows of at least this many tokens get their own product with fc2's weight in the backward.
 constexpr int64_t kProductTokens = 128;
 
 // visit(tap, token) for each 3x3 tap of token (y, x) whose neighbour lies inside the image: the
@@ -89,29 +94,27 @@ TNX_ALWAYS_INLINE void gate_row_impl(const T* hidden, const T* taps, const T* bi
 }
 
 // Pass 1 of the backward for image row y (see the top of the file). grad_row: the row's (W, h)
-// output gradient; grad_hidden: the element's (H*W, 2h) input gradient (the value half is written
-// here);
-// grad_pre: its (H*W, h) buffer; wpart (9, h) and bpart (h): this row's partials (zeroed here);
-// acc: h scratch values; out: the element's (H*W, h) forward output, or null.
+// output gradient; value_grad_row: the value half of the row's (W, 2h) slice of grad_hidden;
+// grad_pre_row: the row's (W, h) grad_pre; wpart (9, h) and bpart (h): this row's partials
+// (zeroed here); acc: h scratch values; out_row: the row's (W, h) forward output, or null.
 template <typename T>
 TNX_ALWAYS_INLINE void gate_row_backward_impl(const T* hidden, const T* grad_row, const T* taps,
-                                              const T* bias, T* grad_hidden, T* grad_pre, T* wpart,
-                                              T* bpart, T* acc, T* out, int64_t y, int64_t height,
-                                              int64_t width, int64_t h) {
+                                              const T* bias, T* value_grad_row, T* grad_pre_row,
+                                              T* wpart, T* bpart, T* acc, T* out_row, int64_t y,
+                                              int64_t height, int64_t width, int64_t h) {
   const int64_t row_stride = 2 * h;
   const T inv_sqrt2 = T(0.70710678118654752440), inv_sqrt_2pi = T(0.39894228040143267794);
   std::fill(wpart, wpart + 9 * h, T(0));
   std::fill(bpart, bpart + h, T(0));
   for (int64_t x = 0; x < width; ++x) {
     pre_activation(hidden, taps, bias, acc, y, x, height, width, h);
-    const int64_t token = y * width + x;
-    const T* __restrict__ value = hidden + token * row_stride + h;
+    const T* __restrict__ value = hidden + (y * width + x) * row_stride + h;
     const T* __restrict__ g = grad_row + x * h;
-    T* __restrict__ gv = grad_hidden + token * row_stride + h;
-    T* __restrict__ gp = grad_pre + token * h;
+    T* __restrict__ gv = value_grad_row + x * row_stride;
+    T* __restrict__ gp = grad_pre_row + x * h;
     // The output row, or acc itself when it is not wanted (element c is read before it is
     // written, in the same iteration).
-    T* o = out == nullptr ? acc : out + token * h;
+    T* o = out_row == nullptr ? acc : out_row + x * h;
 #pragma omp simd
     for (int64_t c = 0; c < h; ++c) {
       const T pre = acc[c];
@@ -131,18 +134,26 @@ TNX_ALWAYS_INLINE void gate_row_backward_impl(const T* hidden, const T* grad_row
   }
 }
 
-// Pass 2 for image row y: the gate half of grad_hidden, sum over taps of w[tap] * grad_pre at the
-// token the tap reaches from the opposite side.
+// Pass 2 for one image row: its gate gradients (the gate half of its (W, 2h) slice of
+// grad_hidden, gate_grad_row), the sum over taps of w[tap] * grad_pre at the token the tap
+// reaches from the opposite side. grad_pre_rows: the (W, h) grad_pre of the rows above, at and
+// below this one (null outside the image).
 template <typename T>
-TNX_ALWAYS_INLINE void gate_row_input_grad_impl(const T* grad_pre, const T* taps, T* grad_hidden,
-                                                int64_t y, int64_t height, int64_t width,
-                                                int64_t h) {
+TNX_ALWAYS_INLINE void gate_row_input_grad_impl(const T* const* grad_pre_rows, const T* taps,
+                                                T* gate_grad_row, int64_t width, int64_t h) {
   for (int64_t x = 0; x < width; ++x) {
-    T* o = grad_hidden + (y * width + x) * 2 * h;
+    T* o = gate_grad_row + x * 2 * h;
     std::fill(o, o + h, T(0));
-    for_each_tap<-1>(y, x, height, width, [&](int64_t tap, int64_t nb) {
-      mul_add_row(o, taps + tap * h, grad_pre + nb * h, h);
-    });
+    // The taps in the order of for_each_tap<-1>: tap (dy, dx) reads (y - dy, x - dx).
+    for (int64_t dy = -1; dy <= 1; ++dy) {
+      const T* source = grad_pre_rows[1 - dy];
+      if (source == nullptr) continue;
+      for (int64_t dx = -1; dx <= 1; ++dx) {
+        const int64_t xx = x - dx;
+        if (xx < 0 || xx >= width) continue;
+        mul_add_row(o, taps + ((dy + 1) * 3 + (dx + 1)) * h, source + xx * h, h);
+      }
+    }
   }
 }
 
@@ -155,17 +166,17 @@ TNX_DEFINE_GATE_ROW(float)
 TNX_DEFINE_GATE_ROW(double)
 #undef TNX_DEFINE_GATE_ROW
 
-#define TNX_DEFINE_GATE_ROW_BACKWARD(T)                                                            \
-  TNX_CPU_CLONES void gate_row_backward(const T* hidden, const T* grad_row, const T* taps,         \
-                                        const T* bias, T* grad_hidden, T* grad_pre, T* wpart,      \
-                                        T* bpart, T* acc, T* out, int64_t y, int64_t height,       \
-                                        int64_t width, int64_t h) {                                \
-    gate_row_backward_impl(hidden, grad_row, taps, bias, grad_hidden, grad_pre, wpart, bpart, acc, \
-                           out, y, height, width, h);                                              \
-  }                                                                                                \
-  TNX_CPU_CLONES void gate_row_input_grad(const T* grad_pre, const T* taps, T* grad_hidden,        \
-                                          int64_t y, int64_t height, int64_t width, int64_t h) {   \
-    gate_row_input_grad_impl(grad_pre, taps, grad_hidden, y, height, width, h);                    \
+#define TNX_DEFINE_GATE_ROW_BACKWARD(T)                                                       \
+  TNX_CPU_CLONES void gate_row_backward(const T* hidden, const T* grad_row, const T* taps,    \
+                                        const T* bias, T* value_grad_row, T* grad_pre_row,    \
+                                        T* wpart, T* bpart, T* acc, T* out_row, int64_t y,    \
+                                        int64_t height, int64_t width, int64_t h) {           \
+    gate_row_backward_impl(hidden, grad_row, taps, bias, value_grad_row, grad_pre_row, wpart, \
+                           bpart, acc, out_row, y, height, width, h);                         \
+  }                                                                                           \
+  TNX_CPU_CLONES void gate_row_input_grad(const T* const* grad_pre_rows, const T* taps,       \
+                                          T* gate_grad_row, int64_t width, int64_t h) {       \
+    gate_row_input_grad_impl(grad_pre_rows, taps, gate_grad_row, width, h);                   \
   }
 TNX_DEFINE_GATE_ROW_BACKWARD(float)
 TNX_DEFINE_GATE_ROW_BACKWARD(double)
@@ -201,63 +212,74 @@ std::vector<at::Tensor> conv_glu_gate_backward_cpu(const at::Tensor& grad, const
                                                    const at::Tensor& fc2_weight, int64_t height,
                                                    int64_t width, bool with_output) {
   const int64_t B = hidden.size(0), h = hidden.size(2) / 2, tokens = height * width;
-  const bool project = fc2_weight.defined();  // grad is fc2's output gradient (B, H*W, C)
-  const int64_t grad_channels = grad.size(2);
+  // fc2's weight: multiplied into each row's gradient in pass 1 (project), or into the whole
+  // gradient here (see the top of the file).
+  const bool project = fc2_weight.defined() && width >= kProductTokens;
+  const int64_t grad_channels = project ? grad.size(2) : h;
+  const at::Tensor output_grad =
+      fc2_weight.defined() && !project
+          ? at::mm(grad.reshape({-1, grad.size(2)}), fc2_weight.detach()).view({B, tokens, h})
+          : grad;
   auto grad_hidden = at::empty_like(hidden);
   auto out = at::empty({with_output ? B : 0, tokens, h}, hidden.options());
-  auto grad_pre = at::empty({B, tokens, h}, hidden.options());
   // One (9 taps + bias) x h partial per image row of each element.
   auto partials = at::empty({B * height, 10, h}, hidden.options());
   const auto taps = weight.reshape({h, 9}).t().contiguous();
   AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "conv_glu_gate_backward_cpu", [&] {
-    const scalar_t *hid = hidden.data_ptr<scalar_t>(), *g = grad.data_ptr<scalar_t>(),
+    const scalar_t *hid = hidden.data_ptr<scalar_t>(), *g = output_grad.data_ptr<scalar_t>(),
                    *tap = taps.data_ptr<scalar_t>(), *b = bias.data_ptr<scalar_t>();
-    scalar_t *gh = grad_hidden.data_ptr<scalar_t>(), *gp = grad_pre.data_ptr<scalar_t>(),
-             *part = partials.data_ptr<scalar_t>();
+    scalar_t *gh = grad_hidden.data_ptr<scalar_t>(), *part = partials.data_ptr<scalar_t>();
     scalar_t* o = with_output ? out.data_ptr<scalar_t>() : nullptr;
-    // The products cover a few image rows at once where rows are short (at least
-    // kProductTokens tokens: one product per 16- or 32-token row runs far below peak).
-    const int64_t product_rows = std::max<int64_t>(1, kProductTokens / std::max<int64_t>(width, 1));
+    // Tasks are image rows (batch * height + y), in one range per thread.
     at::parallel_for(0, B * height, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> acc(h), rows_grad(project ? product_rows * width * h : 0);
+      const int64_t row_values = width * h;
+      std::vector<scalar_t> acc(h), ring(3 * row_values), halo_value_grad(2 * row_values),
+          halo_part(10 * h), row_grad(project ? row_values : 0);
       const auto options = at::TensorOptions().dtype(hidden.scalar_type());
       // Views of raw buffers (not fc2_weight itself: these threads do not share the caller's
       // grad mode, and at::mm_out refuses an output for an input that requires grad).
-      const at::Tensor fc2_view =
-          project ? at::from_blob(fc2_weight.data_ptr(), {grad_channels, h}, options)
-                  : at::Tensor();
-      int64_t rows_begin = 0, rows_end = 0;  // the tasks whose products rows_grad holds
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t batch = task / height, y = task % height;
-        const scalar_t* grad_row = g + (batch * tokens + y * width) * grad_channels;
-        if (project) {
-          if (task >= rows_end) {
-            // The block of product_rows rows (of this element) that holds this row: fixed
-            // blocks, so that a row's product does not depend on the thread count (a block
-            // split between two threads' ranges is computed by both).
-            rows_begin = batch * height + y / product_rows * product_rows;
-            rows_end = std::min(rows_begin + product_rows, (batch + 1) * height);
-            const int64_t n = (rows_end - rows_begin) * width;
-            at::Tensor products = at::from_blob(rows_grad.data(), {n, h}, options);
-            at::mm_out(products,
-                       at::from_blob(const_cast<scalar_t*>(g + rows_begin * width * grad_channels),
-                                     {n, grad_channels}, options),
-                       fc2_view);
-          }
-          grad_row = rows_grad.data() + (task - rows_begin) * width * h;
-        }
-        scalar_t* row_part = part + task * 10 * h;
-        gate_row_backward(hid + batch * tokens * 2 * h, grad_row, tap, b,
-                          gh + batch * tokens * 2 * h, gp + batch * tokens * h, row_part,
-                          row_part + 9 * h, acc.data(), o == nullptr ? o : o + batch * tokens * h,
-                          y, height, width, h);
+      at::Tensor row_grad_view, fc2_view;
+      if (project) {
+        row_grad_view = at::from_blob(row_grad.data(), {width, h}, options);
+        fc2_view = at::from_blob(fc2_weight.data_ptr(), {grad_channels, h}, options);
       }
-    });
-    at::parallel_for(0, B * height, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
+      auto grad_row_of = [&](int64_t task) -> const scalar_t* {
+        const scalar_t* grad_row = g + task * width * grad_channels;
+        if (!project) return grad_row;
+        at::mm_out(row_grad_view,
+                   at::from_blob(const_cast<scalar_t*>(grad_row), {width, grad_channels}, options),
+                   fc2_view);
+        return row_grad.data();
+      };
+      auto ring_row = [&](int64_t y) { return ring.data() + y % 3 * row_values; };
+      // Pass 1 of one row; a halo row's results other than grad_pre go to scratch.
+      auto pass1 = [&](int64_t task, bool halo) {
         const int64_t batch = task / height, y = task % height;
-        gate_row_input_grad(gp + batch * tokens * h, tap, gh + batch * tokens * 2 * h, y, height,
-                            width, h);
+        scalar_t* row_part = halo ? halo_part.data() : part + task * 10 * h;
+        gate_row_backward(hid + batch * tokens * 2 * h, grad_row_of(task), tap, b,
+                          halo ? halo_value_grad.data() + h : gh + task * width * 2 * h + h,
+                          ring_row(y), row_part, row_part + 9 * h, acc.data(),
+                          halo || o == nullptr ? nullptr : o + task * row_values, y, height, width,
+                          h);
+      };
+      auto pass2 = [&](int64_t task) {
+        const int64_t y = task % height;
+        const scalar_t* rows[3] = {y > 0 ? ring_row(y - 1) : nullptr, ring_row(y),
+                                   y + 1 < height ? ring_row(y + 1) : nullptr};
+        gate_row_input_grad(rows, tap, gh + task * width * 2 * h, width, h);
+      };
+      // Each element's rows in this range, [first, last): the halo row above, then pass 1 of
+      // each row followed by pass 2 of the row above it, the halo row below, the last pass 2.
+      for (int64_t first = begin; first < end;) {
+        const int64_t last = std::min(end, (first / height + 1) * height);
+        if (first % height > 0) pass1(first - 1, true);
+        for (int64_t task = first; task < last; ++task) {
+          pass1(task, false);
+          if (task > first) pass2(task - 1);
+        }
+        if (last % height > 0) pass1(last, true);
+        pass2(last - 1);
+        first = last;
       }
     });
   });
