@@ -94,8 +94,9 @@ class _GateLinear(torch.autograd.Function):
     """``F.linear(gate(hidden), fc2_weight, fc2_bias)`` with the compiled kernels, saving only
     ``hidden`` (and the weights): the backward recomputes the gate's output for fc2's weight
     gradient, in the same pass as the gate's gradients, and multiplies fc2's weight into the
-    output gradient image row by image row, in cache, instead of writing that (B, H*W, h) product
-    to memory (eager mode only; see :func:`conv_glu_gate_linear`)."""
+    output gradient itself: on maps with long rows image row by image row, in cache, instead of
+    writing that (B, H*W, h) product to memory (eager mode only; see
+    :func:`conv_glu_gate_linear`)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, fc2_weight, fc2_bias, height, width):
@@ -115,7 +116,7 @@ class _GateLinear(torch.autograd.Function):
         if need[4] and ctx.fc2_bias:
             grad_fc2_bias = rows.sum(0)
         if any(need[:3]):
-            # The kernel multiplies fc2's weight in, image row by image row.
+            # The kernel multiplies fc2's weight in (row by row on long rows).
             grad_hidden, grad_weight, grad_bias, out = compiled_ext().conv_glu_gate_backward(
                 grad, hidden, weight, bias, *ctx.grid, with_output=need[3], fc2_weight=fc2_weight)
         elif need[3]:
