@@ -194,10 +194,11 @@ def test_conv_glu_strips_match_whole_map(monkeypatch, strip_rows):
 
 @requires_ext
 @pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-@pytest.mark.parametrize('B,height,width', [(2, 7, 5), (1, 1, 9), (3, 4, 4)])
+@pytest.mark.parametrize('B,height,width', [(2, 7, 5), (1, 1, 9), (3, 4, 4), (2, 3, 130)])
 def test_training_recomputes_the_gate_output(B, height, width, dtype, tol):
     """Eager training: gate and fc2 are one autograd step that saves only the fc1 output; its
-    gradients (input and all parameters) equal the PyTorch path's, also with a frozen conv."""
+    gradients (input and all parameters) equal the PyTorch path's, also with a frozen conv (the
+    last grid has rows of 130 tokens: fc2's weight multiplied in row by row)."""
     torch.manual_seed(0)
     glu = ConvGLU(12, 4).to(dtype)
     x = torch.randn(B, height * width, 12, dtype=dtype, requires_grad=True)
