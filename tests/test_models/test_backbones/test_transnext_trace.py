@@ -59,9 +59,10 @@ def test_compile_fullgraph_eval(attn_impl, pos_bias_mode):
 
 
 @pytest.mark.parametrize('attn_impl', ['torch', pytest.param('op', marks=needs_op)])
-def test_compile_fullgraph_train_step(attn_impl):
+@pytest.mark.parametrize('size', [(45, 67), (64, 64)])  # (64, 64): uniform pooling bins
+def test_compile_fullgraph_train_step(attn_impl, size):
     model = make_backbone(attn_impl=attn_impl, pos_bias_mode='extrapolate').train()
-    x = torch.randn(2, 3, 45, 67)
+    x = torch.randn(2, 3, *size)
     sum(o.square().mean() for o in model(x)).backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
