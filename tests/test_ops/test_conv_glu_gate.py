@@ -97,6 +97,45 @@ def test_compiled_gate_backward_multiplies_fc2_in(B, height, width, channels, ou
 
 
 @requires_ext
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize('B,height,width,with_bias', [(2, 6, 5, True), (1, 3, 130, True),
+                                                      (2, 2, 129, False)])
+def test_compiled_gate_forward_applies_fc2(B, height, width, with_bias, dtype, tol,
+                                           check_thread_independence):
+    """With ``fc2_weight`` (and ``fc2_bias``) the forward returns fc2's output (row by row on
+    rows of 128 tokens or more); bad fc2 arguments are named."""
+    from transnext_mm.ops.dispatch import compiled_ext
+    ext = compiled_ext()
+    hidden, weight, bias = gate_inputs(B, height, width, 7, dtype)
+    fc2_weight = torch.randn(5, 7, dtype=dtype, requires_grad=True)
+    fc2_bias = torch.randn(5, dtype=dtype) if with_bias else None
+    out = ext.conv_glu_gate_forward(
+        hidden, weight, bias, height, width, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
+    ref = torch.nn.functional.linear(
+        conv_glu_gate_torch(hidden, weight, bias, height, width), fc2_weight.detach(), fc2_bias)
+    assert out.shape == (B, height * width, 5)
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol * ref.abs().max().item())
+    check_thread_independence(lambda: [
+        ext.conv_glu_gate_forward(
+            hidden, weight, bias, height, width, fc2_weight=fc2_weight.detach(), fc2_bias=fc2_bias)
+    ])
+    with pytest.raises(RuntimeError, match=r'fc2_weight must have shape \(C, 7\)'):
+        ext.conv_glu_gate_forward(hidden, weight, bias, height, width, fc2_weight=fc2_weight.t())
+    with pytest.raises(RuntimeError, match=r'fc2_bias must have shape \(5\)'):
+        ext.conv_glu_gate_forward(
+            hidden,
+            weight,
+            bias,
+            height,
+            width,
+            fc2_weight=fc2_weight,
+            fc2_bias=torch.zeros(4, dtype=dtype))
+    with pytest.raises(RuntimeError, match='fc2_bias needs fc2_weight'):
+        ext.conv_glu_gate_forward(
+            hidden, weight, bias, height, width, fc2_bias=torch.zeros(5, dtype=dtype))
+
+
+@requires_ext
 def test_compiled_gate_gradcheck_and_thread_independence(check_thread_independence):
     args = gate_inputs(2, 5, 4, 6, torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda h, w, b: gate_ops.conv_glu_gate_op(h, w, b, 5, 4), args)

@@ -100,11 +100,12 @@ class _GateLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, fc2_weight, fc2_bias, height, width):
-        out = compiled_ext().conv_glu_gate_forward(hidden, weight, bias, height, width)
         ctx.save_for_backward(hidden, weight, bias, fc2_weight)
         ctx.grid = (height, width)
         ctx.fc2_bias = fc2_bias is not None
-        return F.linear(out, fc2_weight, fc2_bias)
+        # fc2 in the kernel too (row by row on long rows: the gate's output stays in cache).
+        return compiled_ext().conv_glu_gate_forward(
+            hidden, weight, bias, height, width, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
 
     @staticmethod
     @once_differentiable

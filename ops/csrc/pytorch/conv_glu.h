@@ -11,7 +11,9 @@ namespace transnext_mm {
 // hidden = [gate | value] of shape (B, H*W, 2h) (tokens of a row-major H x W grid); weight
 // (h, 1, 3, 3), bias (h). Returns (B, H*W, h). CPU, fp32 / fp64.
 at::Tensor conv_glu_gate_forward(const at::Tensor& hidden, const at::Tensor& weight,
-                                 const at::Tensor& bias, int64_t height, int64_t width);
+                                 const at::Tensor& bias, int64_t height, int64_t width,
+                                 const c10::optional<at::Tensor>& fc2_weight,
+                                 const c10::optional<at::Tensor>& fc2_bias);
 
 // Its backward: from the output gradient grad (B, H*W, h) and the forward's inputs, the
 // gradients of hidden (B, H*W, 2h), weight and bias, and with_output ? the forward's output
@@ -21,8 +23,11 @@ std::vector<at::Tensor> conv_glu_gate_backward(const at::Tensor& grad, const at:
                                                int64_t height, int64_t width, bool with_output,
                                                const c10::optional<at::Tensor>& fc2_weight);
 
+// fc2_weight / fc2_bias: undefined, or fc2's (C, h) weight (and (C) bias, or undefined) to
+// return fc2's output (B, H*W, C) instead of the gate's.
 at::Tensor conv_glu_gate_forward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                     const at::Tensor& bias, int64_t height, int64_t width);
+                                     const at::Tensor& bias, const at::Tensor& fc2_weight,
+                                     const at::Tensor& fc2_bias, int64_t height, int64_t width);
 
 // fc2_weight: undefined, or fc2's (C, h) weight when grad is fc2's output gradient (B, H*W, C).
 std::vector<at::Tensor> conv_glu_gate_backward_cpu(const at::Tensor& grad, const at::Tensor& hidden,

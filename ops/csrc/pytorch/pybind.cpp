@@ -20,7 +20,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Aggregated attention backward with the pooled bias in table form; returns the 8 input "
         "gradients, the table's in place of bias_pool's");
   m.def("conv_glu_gate_forward", &transnext_mm::conv_glu_gate_forward,
-        "GELU(depthwise_conv3x3(gate) + bias) * value from the fc1 output [gate | value]");
+        "GELU(depthwise_conv3x3(gate) + bias) * value from the fc1 output [gate | value]; with "
+        "fc2_weight (C, h) (and fc2_bias), fc2's output (B, H*W, C) instead",
+        py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("height"), py::arg("width"),
+        py::arg("fc2_weight") = py::none(), py::arg("fc2_bias") = py::none());
   m.def("conv_glu_gate_backward", &transnext_mm::conv_glu_gate_backward,
         "ConvGLU gate backward; returns the gradients of hidden, weight and bias, and with_output "
         "? the forward's output : an empty tensor. With fc2_weight (C, h), grad is the gradient "

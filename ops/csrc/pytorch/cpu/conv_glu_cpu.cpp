@@ -79,15 +79,15 @@ TNX_ALWAYS_INLINE void pre_activation(const T* hidden, const T* taps, const T* b
   });
 }
 
-// One image row y of one batch element: out, the element's (H*W, h) output; acc: h scratch
+// One image row y of one batch element: out_row, the row's (W, h) output; acc: h scratch
 // values.
 template <typename T>
-TNX_ALWAYS_INLINE void gate_row_impl(const T* hidden, const T* taps, const T* bias, T* out, T* acc,
-                                     int64_t y, int64_t height, int64_t width, int64_t h) {
+TNX_ALWAYS_INLINE void gate_row_impl(const T* hidden, const T* taps, const T* bias, T* out_row,
+                                     T* acc, int64_t y, int64_t height, int64_t width, int64_t h) {
   for (int64_t x = 0; x < width; ++x) {
     pre_activation(hidden, taps, bias, acc, y, x, height, width, h);
     const T* __restrict__ value = hidden + (y * width + x) * 2 * h + h;
-    T* __restrict__ o = out + (y * width + x) * h;
+    T* __restrict__ o = out_row + x * h;
 #pragma omp simd
     for (int64_t c = 0; c < h; ++c) o[c] = gelu(acc[c]) * value[c];
   }
@@ -157,10 +157,10 @@ TNX_ALWAYS_INLINE void gate_row_input_grad_impl(const T* const* grad_pre_rows, c
   }
 }
 
-#define TNX_DEFINE_GATE_ROW(T)                                                                \
-  TNX_CPU_CLONES void gate_row(const T* hidden, const T* taps, const T* bias, T* out, T* acc, \
-                               int64_t y, int64_t height, int64_t width, int64_t h) {         \
-    gate_row_impl(hidden, taps, bias, out, acc, y, height, width, h);                         \
+#define TNX_DEFINE_GATE_ROW(T)                                                                    \
+  TNX_CPU_CLONES void gate_row(const T* hidden, const T* taps, const T* bias, T* out_row, T* acc, \
+                               int64_t y, int64_t height, int64_t width, int64_t h) {             \
+    gate_row_impl(hidden, taps, bias, out_row, acc, y, height, width, h);                         \
   }
 TNX_DEFINE_GATE_ROW(float)
 TNX_DEFINE_GATE_ROW(double)
@@ -185,26 +185,50 @@ TNX_DEFINE_GATE_ROW_BACKWARD(double)
 }  // namespace
 
 at::Tensor conv_glu_gate_forward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                     const at::Tensor& bias, int64_t height, int64_t width) {
-  const int64_t B = hidden.size(0), h = hidden.size(2) / 2;
-  auto out = at::empty({B, height * width, h}, hidden.options());
-  if (out.numel() == 0) return out;
+                                     const at::Tensor& bias, const at::Tensor& fc2_weight,
+                                     const at::Tensor& fc2_bias, int64_t height, int64_t width) {
+  const int64_t B = hidden.size(0), h = hidden.size(2) / 2, tokens = height * width;
+  // fc2: applied to each row's gate output in cache (project) where rows are long, else to the
+  // whole gate output at the end (as in the backward, see the top of the file).
+  const bool project = fc2_weight.defined() && width >= kProductTokens;
+  const int64_t channels = project ? fc2_weight.size(0) : h;
+  auto out = at::empty({B, tokens, channels}, hidden.options());
   const auto taps = weight.reshape({h, 9}).t().contiguous();  // (9, h): one vector per tap
-  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "conv_glu_gate_forward_cpu", [&] {
-    const scalar_t *hid = hidden.data_ptr<scalar_t>(), *tap = taps.data_ptr<scalar_t>(),
-                   *b = bias.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const int64_t tokens = height * width;
-    at::parallel_for(0, B * height, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> acc(h);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t batch = task / height, y = task % height;
-        gate_row(hid + batch * tokens * 2 * h, tap, b, o + batch * tokens * h, acc.data(), y,
-                 height, width, h);
-      }
+  if (out.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "conv_glu_gate_forward_cpu", [&] {
+      const scalar_t *hid = hidden.data_ptr<scalar_t>(), *tap = taps.data_ptr<scalar_t>(),
+                     *b = bias.data_ptr<scalar_t>();
+      scalar_t* o = out.data_ptr<scalar_t>();
+      at::parallel_for(0, B * height, 1, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> acc(h), row_out(project ? width * h : 0);
+        const auto options = at::TensorOptions().dtype(hidden.scalar_type());
+        // Views of raw buffers (these threads do not share the caller's grad mode).
+        at::Tensor row_view, fc2_t, fc2_b;
+        if (project) {
+          row_view = at::from_blob(row_out.data(), {width, h}, options);
+          fc2_t = at::from_blob(fc2_weight.data_ptr(), {channels, h}, options).t();
+          if (fc2_bias.defined()) fc2_b = at::from_blob(fc2_bias.data_ptr(), {channels}, options);
+        }
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t batch = task / height, y = task % height;
+          gate_row(hid + batch * tokens * 2 * h, tap, b,
+                   project ? row_out.data() : o + task * width * h, acc.data(), y, height, width,
+                   h);
+          if (!project) continue;
+          at::Tensor rows = at::from_blob(o + task * width * channels, {width, channels}, options);
+          if (fc2_b.defined())
+            at::addmm_out(rows, fc2_b, row_view, fc2_t);
+          else
+            at::mm_out(rows, row_view, fc2_t);
+        }
+      });
     });
-  });
-  return out;
+  }
+  if (!fc2_weight.defined() || project) return out;
+  const auto gate = out.view({B * tokens, h});
+  const auto fc2_t = fc2_weight.detach().t();
+  return (fc2_bias.defined() ? at::addmm(fc2_bias.detach(), gate, fc2_t) : at::mm(gate, fc2_t))
+      .view({B, tokens, fc2_weight.size(0)});
 }
 
 std::vector<at::Tensor> conv_glu_gate_backward_cpu(const at::Tensor& grad, const at::Tensor& hidden,
