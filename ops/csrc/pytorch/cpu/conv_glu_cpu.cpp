@@ -20,12 +20,13 @@
 // Pass 1 can also write the forward's output (for fc2's weight gradient when the output was not
 // saved), which costs one store per value instead of another pass over the fc1 output.
 //
-// Given fc2's weight, grad is the gradient of fc2's output instead. On maps with long rows (at
-// least kProductTokens tokens) pass 1 computes each row's output gradient grad_row @ fc2_weight
-// itself, into a per-thread buffer that stays in cache: there the (B, H*W, h) product written to
-// memory and read back costs several times its arithmetic. Shorter rows would make products far
-// below peak, and their maps' products stay in cache anyway: one product of the whole gradient
-// comes first.
+// Given fc2's weight, the forward returns fc2's output, and the backward takes the gradient of
+// fc2's output as grad. On maps with long rows (at least kProductTokens tokens) each row's gate
+// output goes through fc2 from a per-thread buffer, and pass 1 computes each row's output
+// gradient grad_row @ fc2_weight itself, into another: there the (B, H*W, h) tensors written to
+// memory and read back cost several times their arithmetic. Shorter rows would make products far
+// below peak, and their maps stay in cache anyway: one product of the whole tensor follows the
+// forward / precedes the backward.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
