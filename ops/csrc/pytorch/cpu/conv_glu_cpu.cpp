@@ -40,8 +40,14 @@
 namespace transnext_mm {
 namespace {
 
-// Rows of at least this many tokens get their own product with fc2's weight in the backward.
+// Rows of at least this many tokens get their own products with fc2's weight (see the top of the
+// file).
 constexpr int64_t kProductTokens = 128;
+
+// Whether fc2 (given) goes through each row's own product, in the forward and the backward.
+bool fc2_per_row(const at::Tensor& fc2_weight, int64_t width) {
+  return fc2_weight.defined() && width >= kProductTokens;
+}
 
 // visit(tap, token) for each 3x3 tap of token (y, x) whose neighbour lies inside the image: the
 // neighbour (y + dy, x + dx) with Sign = 1 (the conv), (y - dy, x - dx) with Sign = -1 (its
@@ -189,9 +195,9 @@ at::Tensor conv_glu_gate_forward_cpu(const at::Tensor& hidden, const at::Tensor&
                                      const at::Tensor& bias, const at::Tensor& fc2_weight,
                                      const at::Tensor& fc2_bias, int64_t height, int64_t width) {
   const int64_t B = hidden.size(0), h = hidden.size(2) / 2, tokens = height * width;
-  // fc2: applied to each row's gate output in cache (project) where rows are long, else to the
-  // whole gate output at the end (as in the backward, see the top of the file).
-  const bool project = fc2_weight.defined() && width >= kProductTokens;
+  // fc2: applied to each row's gate output in cache (project), or to the whole gate output at
+  // the end.
+  const bool project = fc2_per_row(fc2_weight, width);
   const int64_t channels = project ? fc2_weight.size(0) : h;
   auto out = at::empty({B, tokens, channels}, hidden.options());
   const auto taps = weight.reshape({h, 9}).t().contiguous();  // (9, h): one vector per tap
@@ -238,8 +244,8 @@ std::vector<at::Tensor> conv_glu_gate_backward_cpu(const at::Tensor& grad, const
                                                    int64_t width, bool with_output) {
   const int64_t B = hidden.size(0), h = hidden.size(2) / 2, tokens = height * width;
   // fc2's weight: multiplied into each row's gradient in pass 1 (project), or into the whole
-  // gradient here (see the top of the file).
-  const bool project = fc2_weight.defined() && width >= kProductTokens;
+  // gradient here.
+  const bool project = fc2_per_row(fc2_weight, width);
   const int64_t grad_channels = project ? grad.size(2) : h;
   const at::Tensor output_grad =
       fc2_weight.defined() && !project
