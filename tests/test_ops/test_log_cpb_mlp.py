@@ -11,7 +11,7 @@ requires_ext = pytest.mark.skipif(not BUILD.built, reason='transnext_mm._ext is 
 @requires_ext
 @pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-12), (torch.float32, 2e-6)])
 @pytest.mark.parametrize('points,hidden,heads', [(1, 512, 3), (7, 512, 24), (1031, 512, 12),
-                                                 (2500, 64, 5), (3, 5, 1)])
+                                                 (2500, 64, 5), (33, 512, 6), (3, 5, 1)])
 def test_compiled_mlp_matches_pytorch(points, hidden, heads, dtype, tol):
     """The compiled MLP against F.linear -> ReLU -> F.linear: values and the gradients of the
     four weights (a ragged last tile and block of points; odd widths)."""
@@ -45,10 +45,11 @@ def test_compiled_mlp_gradcheck_opcheck_determinism_and_errors(check_thread_inde
     torch.library.opcheck(
         torch.ops.transnext_mm.log_cpb_mlp_backward.default,
         (torch.randn(9, 2, dtype=torch.float64), coords, *[w.detach() for w in weights[:3]]))
-    # Per-block partials summed in block order.
+    # Per-block partials summed in block order; each point's forward in one thread.
     coords = torch.randn(5000, 2)
     weights = [torch.randn(512, 2), torch.randn(512), torch.randn(3, 512), torch.randn(3)]
     grad = torch.randn(5000, 3)
+    check_thread_independence(lambda: [log_cpb_mlp_op(coords, *weights)])
     check_thread_independence(
         lambda: torch.ops.transnext_mm.log_cpb_mlp_backward(grad, coords, *weights[:3]))
     with pytest.raises(RuntimeError, match='points must be'):

@@ -3,10 +3,11 @@
 // CPU kernels of the log-CPB MLP, out = fc2(relu(fc1(p))) for 2-d points p, with a wide hidden
 // layer (512) and few outputs (the heads). PyTorch runs it as two GEMMs whose (points, hidden)
 // activations go through memory several times more in the backward (recompute, ReLU mask, the
-// hidden gradient, three weight-gradient GEMMs, a column sum). Here a tile of kTile points keeps
-// its hidden rows in L1: the forward reduces them against fc2's rows, the backward recomputes
-// them and accumulates every weight gradient from the same rows, vectorised over the hidden
-// units (in fp32, 8 hidden units at a time in registers: backward_points_vec). The weight gradients
+// hidden gradient, three weight-gradient GEMMs, a column sum). Here nothing of the hidden layer
+// leaves the core: in fp32 the forward computes each hidden unit for 16 points in registers and
+// adds it into their heads' sums (forward_points_vec), and the backward recomputes a tile of kTile
+// points' hidden values 8 units at a time in registers and accumulates every weight gradient from
+// them (backward_points_vec); fp64 keeps a tile's hidden rows in L1. The weight gradients
 // are summed per block of kBlockPoints points and the blocks' partials added in block order, so the
 // result does not depend on the number of threads.
 #include <ATen/ATen.h>
@@ -67,6 +68,83 @@ TNX_ALWAYS_INLINE void forward_points_impl(const T* points, int64_t p0, int64_t 
       const T sums[kTile] = {s0, s1, s2, s3};
       for (int64_t r = 0; r < rows; ++r) out[(i0 + r) * heads + hd] = b2[hd] + sums[r];
     }
+  }
+}
+
+// forward_points_impl for fp32, vectorised over the points instead of the hidden units: a tile of
+// 16 points (two 8-float vectors) computes each hidden unit in registers and adds it, times fc2's
+// weight, to the sums of up to kHeadChunk heads, also in registers. Nothing goes through memory but
+// the weights, and no sum needs a horizontal add. Each point's sum runs over the hidden units in
+// order, so its value does not depend on the tile or the thread it falls in.
+constexpr int kHeadChunk = 4;  // heads per pass: 8 sums, 2 hidden vectors, 4 point vectors
+
+template <int kHeads>
+TNX_ALWAYS_INLINE void forward_tile_vec(const v8f (&px)[2], const v8f (&py)[2], const float* w1x,
+                                        const float* w1y, const float* b1, const float* w2,
+                                        int64_t hidden, v8f (&sums)[2][kHeadChunk]) {
+  const v8f zero = {};
+  for (int v = 0; v < 2; ++v)
+    for (int c = 0; c < kHeads; ++c) sums[v][c] = zero;
+  for (int64_t j = 0; j < hidden; ++j) {
+    const float wx = w1x[j], wy = w1y[j], b = b1[j];
+    v8f h0 = (b + py[0] * wy) + px[0] * wx, h1 = (b + py[1] * wy) + px[1] * wx;  // two FMAs
+    h0 = h0 > zero ? h0 : zero;
+    h1 = h1 > zero ? h1 : zero;
+    for (int c = 0; c < kHeads; ++c) {
+      const float w = w2[c * hidden + j];
+      sums[0][c] += h0 * w;
+      sums[1][c] += h1 * w;
+    }
+  }
+}
+
+TNX_ALWAYS_INLINE void forward_points_vec(const float* points, int64_t p0, int64_t p1,
+                                          const float* w1x, const float* w1y, const float* b1,
+                                          const float* w2, const float* b2, float* out,
+                                          int64_t hidden, int64_t heads) {
+  constexpr int64_t kVecTile = 16;
+  for (int64_t i0 = p0; i0 < p1; i0 += kVecTile) {
+    const int64_t rows = std::min(kVecTile, p1 - i0);
+    float xs[kVecTile] = {}, ys[kVecTile] = {};  // points past the end: zero, not stored
+    for (int64_t r = 0; r < rows; ++r) {
+      xs[r] = points[2 * (i0 + r)];
+      ys[r] = points[2 * (i0 + r) + 1];
+    }
+    const v8f px[2] = {load8(xs), load8(xs + 8)}, py[2] = {load8(ys), load8(ys + 8)};
+    for (int64_t hd0 = 0; hd0 < heads; hd0 += kHeadChunk) {
+      const int64_t chunk = std::min<int64_t>(kHeadChunk, heads - hd0);
+      const float* w = w2 + hd0 * hidden;
+      v8f sums[2][kHeadChunk];
+      switch (chunk) {
+        case 4:
+          forward_tile_vec<4>(px, py, w1x, w1y, b1, w, hidden, sums);
+          break;
+        case 3:
+          forward_tile_vec<3>(px, py, w1x, w1y, b1, w, hidden, sums);
+          break;
+        case 2:
+          forward_tile_vec<2>(px, py, w1x, w1y, b1, w, hidden, sums);
+          break;
+        default:
+          forward_tile_vec<1>(px, py, w1x, w1y, b1, w, hidden, sums);
+          break;
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < chunk; ++c)
+          out[(i0 + r) * heads + hd0 + c] = b2[hd0 + c] + sums[r / 8][c][r % 8];
+    }
+  }
+}
+
+// The forward of points [p0, p1): forward_points_vec where it applies.
+template <typename T>
+TNX_ALWAYS_INLINE void forward_points_any(const T* points, int64_t p0, int64_t p1, const T* w1x,
+                                          const T* w1y, const T* b1, const T* w2, const T* b2,
+                                          T* out, T* hbuf, int64_t hidden, int64_t heads) {
+  if constexpr (std::is_same_v<T, float>) {
+    return forward_points_vec(points, p0, p1, w1x, w1y, b1, w2, b2, out, hidden, heads);
+  } else {
+    forward_points_impl(points, p0, p1, w1x, w1y, b1, w2, b2, out, hbuf, hidden, heads);
   }
 }
 
@@ -193,7 +271,7 @@ TNX_ALWAYS_INLINE void backward_points_any(const T* grad, const T* points, int64
   TNX_CPU_CLONES void forward_points(const T* points, int64_t p0, int64_t p1, const T* w1x,       \
                                      const T* w1y, const T* b1, const T* w2, const T* b2, T* out, \
                                      T* hbuf, int64_t hidden, int64_t heads) {                    \
-    forward_points_impl(points, p0, p1, w1x, w1y, b1, w2, b2, out, hbuf, hidden, heads);          \
+    forward_points_any(points, p0, p1, w1x, w1y, b1, w2, b2, out, hbuf, hidden, heads);           \
   }                                                                                               \
   TNX_CPU_CLONES void backward_points(                                                            \
       const T* grad, const T* points, int64_t p0, int64_t p1, const T* w1x, const T* w1y,         \
