@@ -1,0 +1,109 @@
+# Copyright (c) transnext-mm contributors. All rights reserved.
+"""Compare the log-CPB MLP CPU kernels of two builds in one process, interleaved.
+
+As ``ab_attention_op.py``: the baseline build's ``transnext_mm/_ext*.so`` copied into a package
+directory of its own and imported under another name beside this checkout's build. The inputs
+are the log-CPB tables of a backbone's aggregated-attention layers (stages 1-3) at one input
+size (the points of the table over the offsets between each stage's query grid and its pooled
+grid; the MLP's 512 hidden units; the stage's heads). Each round times every stage's forward and
+backward with both builds, alternating which goes first; the report gives per stage the median
+over rounds of each build's best-of-3 time, and the total over all layers of the arch.
+
+    cp transnext_mm/_ext*.so /tmp/base/basepkg/   # the baseline build (and an empty __init__.py)
+    # ... change and rebuild: python setup.py build_ext --inplace
+    python .dev_scripts/ab_log_cpb_mlp.py /tmp/base basepkg --arch tiny --size 512 --rounds 11
+"""
+import argparse
+import importlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'tools'))
+
+from benchmark import layer_shapes  # noqa: E402
+
+from transnext_mm.models.backbones import TransNeXt  # noqa: E402
+from transnext_mm.models.layers.log_cpb import log_cpb_axes  # noqa: E402
+
+HIDDEN = 512
+
+
+def stage_inputs(heads, height, width, pool_h, pool_w, seed):
+    """The MLP's points, weights (as ``nn.Linear`` initialises them, roughly) and an output
+    gradient for one stage's table."""
+    gen = torch.Generator().manual_seed(seed)
+    (coords_h, _), (coords_w, _) = log_cpb_axes((height, width), (pool_h, pool_w), 16,
+                                                torch.device('cpu'))
+    points = torch.stack(torch.meshgrid(coords_h, coords_w, indexing='ij'), -1).reshape(-1, 2)
+    weights = (torch.randn(HIDDEN, 2, generator=gen), torch.randn(HIDDEN, generator=gen) * 0.5,
+               torch.randn(heads, HIDDEN, generator=gen) / HIDDEN**0.5,
+               torch.randn(heads, generator=gen) * 0.02)
+    return (points.contiguous(), *weights), torch.randn(points.shape[0], heads, generator=gen)
+
+
+def best_of(ext, args, grad, part, repeats=3):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        if part == 'backward':
+            ext.log_cpb_mlp_backward(grad, *args[:4])
+        else:
+            ext.log_cpb_mlp_forward(*args)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('base_dir', help='directory that holds the baseline package')
+    parser.add_argument('base_package', help='the baseline package (holds the copied _ext*.so)')
+    parser.add_argument('--arch', default='tiny', choices=sorted(TransNeXt.arch_settings))
+    parser.add_argument('--size', type=int, default=512, help='square input size')
+    parser.add_argument('--rounds', type=int, default=11)
+    parser.add_argument('--threads', type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    new = importlib.import_module('transnext_mm._ext')
+    sys.path.insert(0, args.base_dir)
+    old = importlib.import_module(f'{args.base_package}._ext')
+    arch = TransNeXt(arch=args.arch, img_size=args.size).arch
+    cases = [(count, heads, *stage_inputs(heads, h, w, ph, pw, seed=h))
+             for count, heads, _, h, w, ph, pw in layer_shapes(arch, args.size, args.size)]
+    for _, _, mlp_args, grad in cases:  # the builds compute the same, up to fp32 sum order
+        out_new, out_old = new.log_cpb_mlp_forward(*mlp_args), old.log_cpb_mlp_forward(*mlp_args)
+        torch.testing.assert_close(out_new, out_old, rtol=1e-4, atol=1e-5)
+        for a, b in zip(
+                new.log_cpb_mlp_backward(grad, *mlp_args[:4]),
+                old.log_cpb_mlp_backward(grad, *mlp_args[:4])):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+    times = {}
+    for r in range(args.rounds):
+        for stage, (_, _, mlp_args, grad) in enumerate(cases):
+            for part in ('forward', 'backward'):
+                builds = (('base', old), ('new', new))
+                for name, ext in (builds if r % 2 == 0 else builds[::-1]):
+                    times.setdefault((name, stage, part),
+                                     []).append(best_of(ext, mlp_args, grad, part))
+    print(f'{args.arch} at {args.size}x{args.size}, {args.threads} threads, {args.rounds} rounds '
+          '(ms: median over rounds of the best of 3)')
+    for part in ('forward', 'backward'):
+        total = {'base': 0.0, 'new': 0.0}
+        for stage, (count, heads, mlp_args, _) in enumerate(cases):
+            base, new_t = times[('base', stage, part)], times[('new', stage, part)]
+            for name, series in (('base', base), ('new', new_t)):
+                total[name] += count * statistics.median(series)
+            print(f'{part:8s} stage {stage + 1} ({count} layers, {mlp_args[0].shape[0]} points x '
+                  f'{heads} heads): base {statistics.median(base) * 1e3:6.2f}  new '
+                  f'{statistics.median(new_t) * 1e3:6.2f}')
+        print(f'{part:8s} all stage 1-3 layers: base {total["base"] * 1e3:6.1f}  new '
+              f'{total["new"] * 1e3:6.1f}  ratio {total["new"] / total["base"]:.3f}')
+
+
+if __name__ == '__main__':
+    main()
