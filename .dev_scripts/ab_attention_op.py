@@ -15,9 +15,6 @@ must take the table op's ``row_weights`` argument (passed as None: one tap).
     # ... change and rebuild: python setup.py build_ext --inplace
     python .dev_scripts/ab_attention_op.py /tmp/base basepkg --arch tiny --size 512 --rounds 11
 """
-import argparse
-import importlib
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'tools'))
 
+from ab_builds import ab_parser, load_builds, report, time_rounds  # noqa: E402
 from benchmark import layer_shapes  # noqa: E402
 
 from transnext_mm.models.backbones import TransNeXt  # noqa: E402
@@ -75,13 +73,7 @@ def best_of(ext, args, grad, part, repeats=3):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('base_dir', help='directory that holds the baseline package')
-    parser.add_argument('base_package', help='the baseline package (holds the copied _ext*.so)')
-    parser.add_argument('--arch', default='tiny', choices=sorted(TransNeXt.arch_settings))
-    parser.add_argument('--size', type=int, default=512, help='square input size')
-    parser.add_argument('--rounds', type=int, default=11)
-    parser.add_argument('--threads', type=int, default=2)
+    parser = ab_parser(__doc__.split('\n\n')[0])
     parser.add_argument(
         '--layout',
         default='heads',
@@ -89,10 +81,7 @@ def main():
         help="q, k, v and the output gradient contiguous per head ('heads') or as the "
         "backbone's layers pass them, (B, N, heads, d) tensors viewed per head ('rows')")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    new = importlib.import_module('transnext_mm._ext')
-    sys.path.insert(0, args.base_dir)
-    old = importlib.import_module(f'{args.base_package}._ext')
+    new, old = load_builds(args)
     arch = TransNeXt(arch=args.arch, img_size=args.size).arch  # with the pooled-grid ratios
     shapes = layer_shapes(arch, args.size, args.size)
     cases = [(count, *layer_inputs(heads, d, h, w, ph, pw, seed=h, layout=args.layout))
@@ -107,30 +96,14 @@ def main():
                                                             *op_args[11:], True)
         for a, b in zip(grads_new, grads_old):  # up to the order of fp32 sums
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
-    times = {}
-    for r in range(args.rounds):
-        for stage, (_, op_args, grad) in enumerate(cases):
-            for part in ('forward', 'backward'):
-                builds = (('base', old), ('new', new)) if r % 2 == 0 else (('new', new), ('base',
-                                                                                          old))
-                for name, ext in builds:
-                    times.setdefault((name, stage, part),
-                                     []).append(best_of(ext, op_args, grad, part))
+    times = time_rounds({
+        'base': old,
+        'new': new
+    }, [(op_args, grad) for _, op_args, grad in cases], best_of, args.rounds)
     print(f'{args.arch} at {args.size}x{args.size}, batch 1, {args.threads} threads, '
           f'layout {args.layout}, '
           f'{args.rounds} rounds (ms: median over rounds of the best of 3)')
-    for part in ('forward', 'backward'):
-        total = {'base': 0.0, 'new': 0.0}
-        for stage, (count, _, _) in enumerate(cases):
-            base, new_t = times[('base', stage, part)], times[('new', stage, part)]
-            ratio = statistics.median(b / a for a, b in zip(base, new_t))
-            for name, series in (('base', base), ('new', new_t)):
-                total[name] += count * statistics.median(series)
-            print(f'{part:8s} stage {stage + 1} ({count} layers): base '
-                  f'{statistics.median(base) * 1e3:7.2f}  new {statistics.median(new_t) * 1e3:7.2f}'
-                  f'  per-round ratio {ratio:.3f}')
-        print(f'{part:8s} all layers: base {total["base"] * 1e3:7.1f}  new '
-              f'{total["new"] * 1e3:7.1f}  ratio {total["new"] / total["base"]:.3f}')
+    report(times, [(count, f'{count} layers') for count, _, _ in cases])
 
 
 if __name__ == '__main__':

@@ -13,9 +13,6 @@ over rounds of each build's best-of-3 time, and the total over all layers of the
     # ... change and rebuild: python setup.py build_ext --inplace
     python .dev_scripts/ab_log_cpb_mlp.py /tmp/base basepkg --arch tiny --size 512 --rounds 11
 """
-import argparse
-import importlib
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'tools'))
 
+from ab_builds import ab_parser, load_builds, report, time_rounds  # noqa: E402
 from benchmark import layer_shapes  # noqa: E402
 
 from transnext_mm.models.backbones import TransNeXt  # noqa: E402
@@ -60,18 +58,9 @@ def best_of(ext, args, grad, part, repeats=3):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('base_dir', help='directory that holds the baseline package')
-    parser.add_argument('base_package', help='the baseline package (holds the copied _ext*.so)')
-    parser.add_argument('--arch', default='tiny', choices=sorted(TransNeXt.arch_settings))
-    parser.add_argument('--size', type=int, default=512, help='square input size')
-    parser.add_argument('--rounds', type=int, default=11)
-    parser.add_argument('--threads', type=int, default=2)
+    parser = ab_parser(__doc__.split('\n\n')[0])
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    new = importlib.import_module('transnext_mm._ext')
-    sys.path.insert(0, args.base_dir)
-    old = importlib.import_module(f'{args.base_package}._ext')
+    new, old = load_builds(args)
     arch = TransNeXt(arch=args.arch, img_size=args.size).arch
     cases = [(count, heads, *stage_inputs(heads, h, w, ph, pw, seed=h))
              for count, heads, _, h, w, ph, pw in layer_shapes(arch, args.size, args.size)]
@@ -82,27 +71,14 @@ def main():
                 new.log_cpb_mlp_backward(grad, *mlp_args[:4]),
                 old.log_cpb_mlp_backward(grad, *mlp_args[:4])):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
-    times = {}
-    for r in range(args.rounds):
-        for stage, (_, _, mlp_args, grad) in enumerate(cases):
-            for part in ('forward', 'backward'):
-                builds = (('base', old), ('new', new))
-                for name, ext in (builds if r % 2 == 0 else builds[::-1]):
-                    times.setdefault((name, stage, part),
-                                     []).append(best_of(ext, mlp_args, grad, part))
+    times = time_rounds({
+        'base': old,
+        'new': new
+    }, [(mlp_args, grad) for _, _, mlp_args, grad in cases], best_of, args.rounds)
     print(f'{args.arch} at {args.size}x{args.size}, {args.threads} threads, {args.rounds} rounds '
           '(ms: median over rounds of the best of 3)')
-    for part in ('forward', 'backward'):
-        total = {'base': 0.0, 'new': 0.0}
-        for stage, (count, heads, mlp_args, _) in enumerate(cases):
-            base, new_t = times[('base', stage, part)], times[('new', stage, part)]
-            for name, series in (('base', base), ('new', new_t)):
-                total[name] += count * statistics.median(series)
-            print(f'{part:8s} stage {stage + 1} ({count} layers, {mlp_args[0].shape[0]} points x '
-                  f'{heads} heads): base {statistics.median(base) * 1e3:6.2f}  new '
-                  f'{statistics.median(new_t) * 1e3:6.2f}')
-        print(f'{part:8s} all stage 1-3 layers: base {total["base"] * 1e3:6.1f}  new '
-              f'{total["new"] * 1e3:6.1f}  ratio {total["new"] / total["base"]:.3f}')
+    report(times, [(count, f'{count} layers, {mlp_args[0].shape[0]} points x {heads} heads')
+                   for count, heads, mlp_args, _ in cases])
 
 
 if __name__ == '__main__':
