@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tools'))
 
-from benchmark import build_backbone  # noqa: E402
+from benchmark import backbone_steps, build_backbone  # noqa: E402
 
 from transnext_mm.models.layers.aggregated_attention import FullAttention  # noqa: E402
 
@@ -52,15 +52,15 @@ def main(argv=None):
     layers = [m for m in model.modules() if isinstance(m, FullAttention)]
     x = torch.randn(1, 3, height, width)
 
+    eval_forward, train_forward = backbone_steps(model, x, x.device, torch.float32, False)
+
     def train_step():
         model.train()
-        sum(o.mean() for o in model(x)).backward()
-        model.zero_grad(set_to_none=True)
+        train_forward()
 
     def eval_step():
         model.eval()
-        with torch.no_grad():
-            model(x)
+        eval_forward()
 
     times = {(kind, way): [] for kind in ('train', 'eval') for way in WAYS}
     for rnd in range(args.rounds + 1):  # round 0 warms up
