@@ -22,10 +22,12 @@ requires_op = pytest.mark.skipif(
 requires_cuda = pytest.mark.cuda  # skipped without a GPU (tests/conftest.py)
 
 # (B, heads, height, width, Np, d): odd grids, 1x1, single rows, more queries than a CUDA block
-# (128), more pooled keys than a tile (32), ragged 4-query tiles, the head dims with fixed-size
-# kernels (fp32 CPU: 8, 16, 24, 32; CUDA: 24) and generic ones, Np = 0.
+# (128), more pooled keys than a tile (fp32 CPU: 24 keys, with tails of 8 and 16; CUDA: 32), ragged
+# 4-query tiles, the head dims with fixed-size kernels (fp32 CPU: 8, 16, 24, 32; CUDA: 24) and
+# generic ones, Np = 0.
 SHAPES = [(2, 3, 5, 7, 4, 24), (1, 2, 1, 1, 1, 5), (2, 1, 1, 6, 3, 7), (2, 2, 9, 13, 5, 32),
-          (1, 2, 20, 17, 70, 24), (3, 1, 13, 11, 33, 3), (2, 1, 3, 4, 0, 8), (2, 2, 6, 11, 64, 16)]
+          (1, 2, 20, 17, 70, 24), (2, 2, 7, 9, 40, 24), (3, 1, 13, 11, 33, 3), (2, 1, 3, 4, 0, 8),
+          (2, 2, 6, 11, 64, 16)]
 
 
 def test_extension_is_built_when_a_compiler_exists():

@@ -484,32 +484,46 @@ TNX_DEFINE_ROW_KERNELS(double)
 // This path keeps everything of a tile of kTile queries in registers / L1 instead: the pooled
 // scores come from register-blocked FMAs against k_pool^T, the softmax runs on the tile's score
 // rows, and the pooled values are accumulated in registers (8-float vectors, see v8f).
-constexpr int64_t kTile = 4;         // queries per register tile
-constexpr int64_t kScoreBlock = 32;  // pooled keys per register tile (4 vectors)
+constexpr int64_t kTile = 4;  // queries per register tile
+// Pooled keys per register tile: 3 vectors. With kTile queries that is 12 accumulators, the 3
+// vectors of k_pool^T and the broadcast query entry: the 16 vector registers of AVX2. A tile of 4
+// vectors (32 keys) spilt two accumulators to the stack on AVX2 and folded every k_pool^T load
+// into its FMA (4x the loads), so the loop waited on loads, not on FMAs.
+constexpr int64_t kScoreVectors = 3;
+constexpr int64_t kPadKeys = 8;  // np_pad: Np rounded up to whole vectors
 
-// scores (R x np_pad) = q rows (R x D) @ kpT (D x np_pad); np_pad is a multiple of kScoreBlock
-// and kpT's padding columns are zero. (Adding the bias here, while the block is in registers, was
+// scores (R x 8V) at columns [p0, p0 + 8V) = q rows (R x D) @ kpT (D x np_pad).
+template <int D, int R, int V>
+TNX_ALWAYS_INLINE void score_block(const float* const* q, const float* kpT, int64_t np_pad,
+                                   int64_t p0, float* scores) {
+  v8f acc[R][V] = {};
+  for (int c = 0; c < D; ++c) {
+    const float* k_row = kpT + c * np_pad + p0;
+    v8f k[V];
+    for (int b = 0; b < V; ++b) k[b] = load8(k_row + 8 * b);
+    for (int r = 0; r < R; ++r) {
+      const float qc = q[r][c];
+      for (int b = 0; b < V; ++b) acc[r][b] += qc * k[b];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < V; ++b) store8(scores + r * np_pad + p0 + 8 * b, acc[r][b]);
+}
+
+// scores (R x np_pad) = q rows (R x D) @ kpT (D x np_pad); np_pad is a multiple of kPadKeys and
+// kpT's padding columns are zero. (Adding the bias here, while the block is in registers, was
 // measured slower: the bias rows stream from memory and stall the FMA loop.)
 template <int D, int R>
 TNX_ALWAYS_INLINE void tile_scores(const float* const* q, const float* kpT, int64_t np_pad,
                                    float* scores) {
-  for (int64_t p0 = 0; p0 < np_pad; p0 += kScoreBlock) {
-    v8f acc[R][4] = {};
-    for (int c = 0; c < D; ++c) {
-      const float* k_row = kpT + c * np_pad + p0;
-      const v8f k0 = load8(k_row), k1 = load8(k_row + 8), k2 = load8(k_row + 16),
-                k3 = load8(k_row + 24);
-      for (int r = 0; r < R; ++r) {
-        const float qc = q[r][c];
-        acc[r][0] += qc * k0;
-        acc[r][1] += qc * k1;
-        acc[r][2] += qc * k2;
-        acc[r][3] += qc * k3;
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < 4; ++b) store8(scores + r * np_pad + p0 + 8 * b, acc[r][b]);
-  }
+  constexpr int64_t block = 8 * kScoreVectors;
+  int64_t p0 = 0;
+  for (; p0 + block <= np_pad; p0 += block)
+    score_block<D, R, kScoreVectors>(q, kpT, np_pad, p0, scores);
+  if (np_pad - p0 == 16)
+    score_block<D, R, 2>(q, kpT, np_pad, p0, scores);
+  else if (np_pad - p0 == 8)
+    score_block<D, R, 1>(q, kpT, np_pad, p0, scores);
 }
 
 // acc (R x D) = probs rows (R x Np, row stride np_pad) @ v_pool (Np x D).
@@ -734,7 +748,7 @@ std::vector<float> transpose_pooled(const float* x, int64_t bh_count, int64_t Np
   return xT;
 }
 
-int64_t padded_pool(int64_t Np) { return (Np + kScoreBlock - 1) / kScoreBlock * kScoreBlock; }
+int64_t padded_pool(int64_t Np) { return (Np + kPadKeys - 1) / kPadKeys * kPadKeys; }
 
 // Raw pointers and layouts of the op's (B, heads, N, d) tensors.
 struct Layouts {
@@ -783,7 +797,7 @@ void forward_impl(const T* q, const T* k, const T* v, const T* k_pool, const T* 
   if constexpr (std::is_same_v<T, float>) {
     if (const TileKernel kernel = kernel_for_head_dim<TileKernel>(
             d, forward_tiles_d8, forward_tiles_d16, forward_tiles_d24, forward_tiles_d32)) {
-      // k_pool^T per (batch, head), padded with zero columns to whole score blocks.
+      // k_pool^T per (batch, head), padded with zero columns to whole vectors.
       const int64_t np_pad = padded_pool(Np);
       const std::vector<float> kpT = transpose_pooled(k_pool, s.batch * s.heads, Np, d, np_pad);
       // Tasks go chunk by chunk through every (batch, head): the backbone's q, k, v rows hold
