@@ -187,6 +187,27 @@ TNX_ALWAYS_INLINE void transpose8x8(v8f (&m)[8]) {
   }
 }
 
+// out[j] = a . x.row(rows[j]) for the window's 9 neighbours j (0 where rows[j] < 0), fp32 rows of
+// D floats (a multiple of 8): the products of neighbours 0-7 are summed across lanes together,
+// with one 8 x 8 transpose instead of 8 horizontal sums.
+template <int D>
+TNX_ALWAYS_INLINE void window_dots(const float* a, Rows<const float> x, const int64_t* rows,
+                                   float* out) {
+  static_assert(D % 8 == 0 && kWindowArea == 9);
+  v8f a_vec[D / 8];
+  for (int b = 0; b < D / 8; ++b) a_vec[b] = load8(a + 8 * b);
+  v8f m[8];
+  for (int j = 0; j < 8; ++j) {
+    m[j] = v8f{};
+    if (rows[j] < 0) continue;
+    const float* x_row = x.row(rows[j]);
+    for (int b = 0; b < D / 8; ++b) m[j] += a_vec[b] * load8(x_row + 8 * b);
+  }
+  transpose8x8(m);
+  store8(out, ((m[0] + m[1]) + (m[2] + m[3])) + ((m[4] + m[5]) + (m[6] + m[7])));
+  out[8] = rows[8] < 0 ? 0.f : dot_row<D>(a, x.row(rows[8]), D);
+}
+
 // Table form, fp32, column indices stepping by one (c.cols_unit_step, as log-CPB's offsets): the
 // pooled bias rows of the 8 queries (y, x0) .. (y, x0 + 7) into block (8 x Np). For one pooled
 // key the 8 queries' entries are 8 consecutive table entries: one vector load per key and an 8 x 8
@@ -387,13 +408,17 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* pr
     }
     T attn[kWindowArea], grad_dot_v[kWindowArea];
     int64_t nbr[kWindowArea];
-    for (int j = 0; j < kWindowArea; ++j) {
-      nbr[j] = window_neighbor(y, x, j, c.height, c.width);
-      attn[j] = grad_dot_v[j] = 0;
-      if (nbr[j] < 0) continue;
-      attn[j] = dot_row<D>(q_i, c.k.row(nbr[j]), d) + c.rpb[j] - lse_i;
-      grad_dot_v[j] = dot_row<D>(g_i, c.v.row(nbr[j]), d);
+    for (int j = 0; j < kWindowArea; ++j) nbr[j] = window_neighbor(y, x, j, c.height, c.width);
+    if constexpr (D > 0) {
+      window_dots<D>(q_i, c.k, nbr, attn);
+      window_dots<D>(g_i, c.v, nbr, grad_dot_v);
+    } else {
+      for (int j = 0; j < kWindowArea; ++j) {
+        attn[j] = nbr[j] < 0 ? T(0) : dot_row(q_i, c.k.row(nbr[j]), d);
+        grad_dot_v[j] = nbr[j] < 0 ? T(0) : dot_row(g_i, c.v.row(nbr[j]), d);
+      }
     }
+    for (int j = 0; j < kWindowArea; ++j) attn[j] += c.rpb[j] - lse_i;
     // The nine exponentials in one vector loop (outside the image: probability 0).
 #pragma omp simd reduction(+ : delta)
     for (int j = 0; j < kWindowArea; ++j) {
