@@ -1,11 +1,15 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
-"""What the two-build A/B scripts (``ab_attention_op.py``, ``ab_log_cpb_mlp.py``) share: the
-command line and the two builds' extension modules, this checkout's and a baseline's copied
-into a package of its own (see either script's docstring)."""
+"""What the A/B scripts share: for the two-build ones (``ab_attention_op.py``,
+``ab_log_cpb_mlp.py``, ``ab_step.py``) the command line and the two builds' extension modules,
+this checkout's and a baseline's copied into a package of its own (see any of their
+docstrings); for those that time the whole backbone two ways (``ab_step.py``,
+``ab_full_attention.py``) the backbone and the interleaved timing of its training step and
+eval. Run them from the repository root; they put ``tools/`` on the path."""
 import argparse
 import importlib
 import statistics
 import sys
+import time
 
 import torch
 
@@ -47,6 +51,77 @@ def time_rounds(builds: dict, cases: list, best_of, rounds: int) -> dict:
                     times.setdefault((name, stage, part),
                                      []).append(best_of(builds[name], args, grad, part))
     return times
+
+
+def transnext_backbone(arch: str, height: int, width: int):
+    """A TransNeXt backbone as the benchmarks build it (``img_size`` the input's shorter side,
+    drop path 0.3, ``attn_impl='auto'``) and a 1 x 3 x height x width input."""
+    from benchmark import build_backbone
+
+    torch.manual_seed(0)
+    model = build_backbone(
+        'transnext_mm',
+        dict(
+            type='TransNeXt',
+            arch=arch,
+            img_size=min(height, width),
+            drop_path_rate=0.3,
+            attn_impl='auto'))
+    return model, torch.randn(1, 3, height, width)
+
+
+def time_backbone_ways(model, x, ways: dict, rounds: int, steps: int):
+    """Times ``steps`` training steps (train mode, forward, backward of the sum of the feature
+    maps' means) and ``steps`` warm eval forwards of ``model`` on ``x`` for each of two ways
+    (``{name: setup}``, ``setup()`` switches the model to that way), in ``rounds`` rounds after
+    one warm-up round, alternating which way goes first. Returns ``(times, ratios)``: seconds per
+    ``(kind, name)`` and, per kind, each round's ratio of the second way's mean timing to the
+    first's."""
+    from benchmark import backbone_steps
+
+    eval_forward, train_forward = backbone_steps(model, x, x.device, torch.float32, False)
+
+    def train_step():
+        model.train()
+        train_forward()
+
+    def eval_step():
+        model.eval()
+        eval_forward()
+
+    first, second = ways
+    times = {(kind, name): [] for kind in ('train', 'eval') for name in ways}
+    ratios = {'train': [], 'eval': []}
+    for rnd in range(rounds + 1):  # round 0 warms up
+        means = {}
+        for name in ((first, second) if rnd % 2 else (second, first)):
+            ways[name]()
+            for kind, step in (('train', train_step), ('eval', eval_step)):
+                if kind == 'eval':
+                    eval_step()  # the eval caches, rebuilt after train()
+                timings = []
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    step()
+                    timings.append(time.perf_counter() - start)
+                if rnd:
+                    times[(kind, name)] += timings
+                means[(kind, name)] = statistics.mean(timings)
+        if rnd:
+            for kind in ratios:
+                ratios[kind].append(means[(kind, second)] / means[(kind, first)])
+    return times, ratios
+
+
+def report_ways(times: dict, ratios: dict) -> None:
+    """Prints :func:`time_backbone_ways`'s results: per kind each way's median over all its
+    timings, the median over rounds of the ratio second / first and each round's ratio."""
+    first, second = dict.fromkeys(name for _, name in times)
+    for kind in ('train', 'eval'):
+        medians = {name: statistics.median(times[(kind, name)]) * 1000 for name in (first, second)}
+        print(f'{kind}: {first} {medians[first]:.1f} ms, {second} {medians[second]:.1f} ms, '
+              f'per-round ratio {second} / {first} {statistics.median(ratios[kind]):.3f} '
+              f'(rounds: {" ".join(f"{r:.3f}" for r in ratios[kind])})')
 
 
 def report(times: dict, stages: list) -> None:
