@@ -541,6 +541,7 @@ TNX_ALWAYS_INLINE void score_block(const float* const* q, const float* kpT, int6
 template <int D, int R>
 TNX_ALWAYS_INLINE void tile_scores(const float* const* q, const float* kpT, int64_t np_pad,
                                    float* scores) {
+  static_assert(kScoreVectors == 3, "the tails below are blocks of 1 and 2 vectors");
   constexpr int64_t block = 8 * kScoreVectors;
   int64_t p0 = 0;
   for (; p0 + block <= np_pad; p0 += block)
