@@ -142,7 +142,8 @@ def build_from_config(cfg: Config, height: int, width: int, backbone_only: bool)
     model_cfg = cfg.model.get('backbone') if backbone_only else cfg.model
     if model_cfg is None:
         raise ValueError('--backbone-only: the config has no model.backbone')
-    model = MODELS.build(model_cfg).eval()
+    model = MODELS.build(model_cfg)
+    model.eval()  # not chained: some backbones' train() returns None (mmdet's SwinTransformer)
     if not backbone_only:
         model.forward = functools.partial(
             model.forward, data_samples=_data_samples(scope, height, width), mode='tensor')

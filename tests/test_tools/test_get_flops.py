@@ -76,3 +76,24 @@ def test_bad_arguments():
         main(['--arch', 'micro', '--shape', '16'])
     with pytest.raises(SystemExit):
         main(['--arch', 'huge'])
+
+
+def test_a_peer_backbone_from_a_toolbox_config():
+    """Another toolbox's backbone is counted too: mmdet's SwinTransformer (whose ``train()``
+    returns None), with its window attention's two matmuls and softmax per window and head."""
+    import mmdet
+    config = osp.join(
+        osp.dirname(mmdet.__file__), '.mim', 'configs', 'swin',
+        'mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py')
+    result = main([
+        config, '--backbone-only', '--shape', '56', '--cfg-options',
+        'model.backbone.depths=[2,2,2,2]'
+    ])
+    # 56x56 -> 14x14, 7x7, 4x4 and 2x2 tokens; windows of 7x7 = 49 tokens (smaller maps padded
+    # to one window): 4, 1, 1, 1 windows of 96, 192, 384, 768 channels in 3, 6, 12, 24 heads.
+    windows, channels, heads = (4, 1, 1, 1), (96, 192, 384, 768), (3, 6, 12, 24)
+    blocks = 2
+    assert result['by_operator']['matmul'] == blocks * sum(2 * n * 49 * 49 * c
+                                                           for n, c in zip(windows, channels))
+    assert result['by_operator']['softmax'] == blocks * sum(n * h * 49 * 49
+                                                            for n, h in zip(windows, heads))
