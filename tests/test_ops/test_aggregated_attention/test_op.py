@@ -13,6 +13,7 @@ from aggregated_attention_cases import NAMES, assert_close_scaled, make_inputs, 
 from transnext_mm.ops import dispatch
 from transnext_mm.ops.aggregated_attention import (aggregated_attention, aggregated_attention_op,
                                                    aggregated_attention_reference, op_available)
+from transnext_mm.ops.aggregated_attention.reference import aggregated_attention_probs
 from transnext_mm.ops.aggregated_attention.selfcheck import GRAD_TOLERANCE_FACTOR, TOLERANCES
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
@@ -64,6 +65,27 @@ def test_cpu_op_matches_reference(shape, dtype, rel):
     for name, g, g_ref in zip(NAMES, grads, grads_ref):
         assert g.dtype == dtype and g.shape == g_ref.shape
         assert_close_scaled(g, g_ref, rel, name)
+
+
+@requires_op
+@pytest.mark.parametrize('shape', [(2, 2, 5, 7, 30, 24), (1, 2, 6, 5, 9, 7)])
+def test_cpu_op_float32_with_scores_spread_past_underflow(shape):
+    """Scores that span hundreds (sharp queries): a third or more of the probabilities underflow
+    float32 (the fp32 kernels clamp the exponential's argument at -87); outputs and gradients
+    still match a float64 reference."""
+    B, heads, height, width, Np, d = shape
+    tensors = make_inputs(*shape, dtype=torch.float32, q_scale=40.0)
+    out = aggregated_attention(*tensors, height, width, impl='op')
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, tensors, grad_out)
+    out_ref, grads_ref = reference_with_grads(tensors, height, width, grad_out)
+    q, k, _, k_pool, _, rpb_local, bias_pool, _ = (t.detach().double() for t in tensors)
+    probs = torch.cat(
+        aggregated_attention_probs(q, k, k_pool, rpb_local, bias_pool, height, width), dim=-1)
+    assert (probs < 1e-38).float().mean() > 0.3  # the case this test is for
+    assert_close_scaled(out, out_ref, 1e-4, 'out')
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert_close_scaled(g, g_ref, 1e-4, name)
 
 
 @requires_op

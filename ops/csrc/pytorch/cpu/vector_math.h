@@ -58,6 +58,28 @@ TNX_ALWAYS_INLINE float exp_approx(float x) {
 }
 TNX_ALWAYS_INLINE double exp_approx(double x) { return std::exp(x); }
 
+// exp(x) for a softmax's arguments: x <= 0 up to rounding (a score minus its row's maximum or
+// log-sum-exp). exp_approx's range reduction and polynomial, with fewer instructions per vector:
+// one clamp (below -87 the result is exp(-87), as exp_approx's), and 2^n taken from the bits of
+// the rounding sum itself (t + 1.5 * 2^23 + 127 holds n + 127 in its low mantissa bits, which
+// shifted up by 23 are 2^n's exponent field; valid for -127 < n < 128).
+TNX_ALWAYS_INLINE float exp_softmax(float x) {
+  x = x > -87.0f ? x : -87.0f;
+  const float rounded = x * 1.44269504088896341f + 12583039.0f;  // 1.5 * 2^23 + 127
+  const float n = rounded - 12583039.0f;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * std::bit_cast<float>(std::bit_cast<uint32_t>(rounded) << 23);
+}
+TNX_ALWAYS_INLINE double exp_softmax(double x) { return std::exp(x); }
+
 // erf: Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7, below float rounding of GELU's
 // 0.5 * (1 + erf)).
 TNX_ALWAYS_INLINE float erf_approx(float x) {
