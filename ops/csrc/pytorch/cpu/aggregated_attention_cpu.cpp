@@ -329,12 +329,12 @@ TNX_ALWAYS_INLINE T softmax_row(T* __restrict__ srow, const T* __restrict__ brow
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t p = 0; p < Np; ++p) {
-    srow[p] = exp_softmax(srow[p] - m);
+    srow[p] = exp_nonpositive(srow[p] - m);
     sum += srow[p];
   }
 #pragma omp simd reduction(+ : sum)
   for (int j = 0; j < kWindowArea; ++j) {
-    local[j] = nbr[j] >= 0 ? exp_softmax(local[j] - m) : T(0);
+    local[j] = nbr[j] >= 0 ? exp_nonpositive(local[j] - m) : T(0);
     sum += local[j];
   }
   row_max = m;
@@ -405,7 +405,7 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* pr
     T delta = 0;
 #pragma omp simd reduction(+ : delta)
     for (int64_t p = 0; p < Np; ++p) {
-      prow[p] = exp_softmax(prow[p] + brow[p] - lse_i);
+      prow[p] = exp_nonpositive(prow[p] + brow[p] - lse_i);
       delta += prow[p] * dprow[p];
     }
     T attn[kWindowArea], grad_dot_v[kWindowArea];
@@ -424,7 +424,7 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const Chunk<T>& c, const T* lse, T* pr
     // The nine exponentials in one vector loop (outside the image: probability 0).
 #pragma omp simd reduction(+ : delta)
     for (int j = 0; j < kWindowArea; ++j) {
-      attn[j] = nbr[j] >= 0 ? exp_softmax(attn[j]) : T(0);
+      attn[j] = nbr[j] >= 0 ? exp_nonpositive(attn[j]) : T(0);
       delta += attn[j] * grad_dot_v[j];
     }
 #pragma omp simd

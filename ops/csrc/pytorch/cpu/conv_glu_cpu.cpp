@@ -126,7 +126,7 @@ TNX_ALWAYS_INLINE void gate_row_backward_impl(const T* hidden, const T* grad_row
     for (int64_t c = 0; c < h; ++c) {
       const T pre = acc[c];
       const T cdf = T(0.5) * (T(1) + erf_approx(pre * inv_sqrt2));
-      const T pdf = inv_sqrt_2pi * exp_approx(T(-0.5) * pre * pre);
+      const T pdf = inv_sqrt_2pi * exp_nonpositive(T(-0.5) * pre * pre);
       const T activation = pre * cdf;
       gv[c] = g[c] * activation;
       o[c] = activation * value[c];

@@ -39,11 +39,15 @@ TNX_ALWAYS_INLINE float hsum8(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-// exp: Cody-Waite range reduction and a degree-6 polynomial (~1e-7 relative error).
-TNX_ALWAYS_INLINE float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
+// exp(x) for x <= 0 up to rounding (a softmax's score minus its row's maximum or log-sum-exp,
+// the -x^2 of erf and of the normal density): Cody-Waite range reduction x = n ln 2 + r and a
+// degree-6 polynomial in r (~1e-7 relative error). One clamp: below -87 the result is exp(-87).
+// 2^n comes from the bits of the rounding sum itself: t + 1.5 * 2^23 + 127 holds n + 127 in its
+// low mantissa bits, which shifted up by 23 are 2^n's exponent field (valid for -127 < n < 128).
+TNX_ALWAYS_INLINE float exp_nonpositive(float x) {
+  x = x > -87.0f ? x : -87.0f;
+  const float rounded = x * 1.44269504088896341f + 12583039.0f;  // 1.5 * 2^23 + 127
+  const float n = rounded - 12583039.0f;
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;  // ln 2 = 0.693359375 - 2.12194440e-4, split for accuracy
   float p = 1.9875691500e-4f;
@@ -53,32 +57,9 @@ TNX_ALWAYS_INLINE float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * std::bit_cast<float>(bits);
-}
-TNX_ALWAYS_INLINE double exp_approx(double x) { return std::exp(x); }
-
-// exp(x) for a softmax's arguments: x <= 0 up to rounding (a score minus its row's maximum or
-// log-sum-exp). exp_approx's range reduction and polynomial, with fewer instructions per vector:
-// one clamp (below -87 the result is exp(-87), as exp_approx's), and 2^n taken from the bits of
-// the rounding sum itself (t + 1.5 * 2^23 + 127 holds n + 127 in its low mantissa bits, which
-// shifted up by 23 are 2^n's exponent field; valid for -127 < n < 128).
-TNX_ALWAYS_INLINE float exp_softmax(float x) {
-  x = x > -87.0f ? x : -87.0f;
-  const float rounded = x * 1.44269504088896341f + 12583039.0f;  // 1.5 * 2^23 + 127
-  const float n = rounded - 12583039.0f;
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
   return p * std::bit_cast<float>(std::bit_cast<uint32_t>(rounded) << 23);
 }
-TNX_ALWAYS_INLINE double exp_softmax(double x) { return std::exp(x); }
+TNX_ALWAYS_INLINE double exp_nonpositive(double x) { return std::exp(x); }
 
 // erf: Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7, below float rounding of GELU's
 // 0.5 * (1 + erf)).
@@ -90,7 +71,7 @@ TNX_ALWAYS_INLINE float erf_approx(float x) {
   p = p * t + 1.421413741f;
   p = p * t - 0.284496736f;
   p = p * t + 0.254829592f;
-  return std::copysign(1.0f - p * t * exp_approx(-a * a), x);
+  return std::copysign(1.0f - p * t * exp_nonpositive(-a * a), x);
 }
 TNX_ALWAYS_INLINE double erf_approx(double x) { return std::erf(x); }
 
