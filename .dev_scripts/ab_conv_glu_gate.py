@@ -1,0 +1,94 @@
+# Copyright (c) transnext-mm contributors. All rights reserved.
+"""Compare the ConvGLU gate's CPU kernels of two builds in one process, interleaved.
+
+As ``ab_attention_op.py``: the baseline build's ``transnext_mm/_ext*.so`` copied into a package
+directory of its own and imported under another name beside this checkout's build. The inputs
+are those of a backbone's ConvGLU layers (all four stages) at one input size: the fc1 output
+(B = 1, H*W tokens, 2 x hidden channels), the depthwise conv's weight and bias, fc2's weight and
+an output gradient. "forward" is the gate alone, as eval runs it; "backward" is the training
+step's backward, fc2's weight multiplied in and the gate's output recomputed for fc2's weight
+gradient. Each round times every stage with both builds, alternating which goes first; the report
+gives per stage the median over rounds of each build's best-of-3 time, and the total over all
+layers of the arch.
+
+    cp transnext_mm/_ext*.so /tmp/base/basepkg/   # the baseline build (and an empty __init__.py)
+    # ... change and rebuild: python setup.py build_ext --inplace
+    python .dev_scripts/ab_conv_glu_gate.py /tmp/base basepkg --arch tiny --size 512 --rounds 11
+"""
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'tools'))
+
+from ab_builds import ab_parser, load_builds, report, time_rounds  # noqa: E402
+from benchmark import stage_sizes  # noqa: E402
+
+from transnext_mm.models.backbones import TransNeXt  # noqa: E402
+
+
+def stage_inputs(channels, mlp_ratio, height, width, seed):
+    """One stage's gate inputs ``(hidden, weight, bias, fc2_weight, height, width)`` and output
+    gradient, with the layer's channel counts."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = int(2 * int(channels * mlp_ratio) / 3)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen) * scale
+
+    args = (randn(1, height * width, 2 * hidden), randn(hidden, 1, 3, 3, scale=0.3),
+            randn(hidden, scale=0.1), randn(channels, hidden, scale=hidden**-0.5), height, width)
+    return args, randn(1, height * width, channels)
+
+
+def best_of(ext, args, grad, part, repeats=3):
+    hidden, weight, bias, fc2_weight, height, width = args
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        if part == 'backward':
+            ext.conv_glu_gate_backward(
+                grad, hidden, weight, bias, height, width, with_output=True, fc2_weight=fc2_weight)
+        else:
+            ext.conv_glu_gate_forward(hidden, weight, bias, height, width)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main():
+    parser = ab_parser(__doc__.split('\n\n')[0])
+    args = parser.parse_args()
+    new, old = load_builds(args)
+    arch = TransNeXt(arch=args.arch, img_size=args.size).arch
+    cases = []
+    for stage, (h, w) in enumerate(stage_sizes(args.size, args.size)):
+        gate_args, grad = stage_inputs(arch['embed_dims'][stage], arch['mlp_ratios'][stage], h, w,
+                                       seed=stage)
+        cases.append((arch['depths'][stage], gate_args, grad))
+    for _, gate_args, grad in cases:  # the builds compute the same, up to fp32 rounding
+        hidden, weight, bias, fc2_weight, h, w = gate_args
+        torch.testing.assert_close(
+            new.conv_glu_gate_forward(hidden, weight, bias, h, w),
+            old.conv_glu_gate_forward(hidden, weight, bias, h, w))
+        for a, b in zip(
+                new.conv_glu_gate_backward(
+                    grad, hidden, weight, bias, h, w, with_output=True, fc2_weight=fc2_weight),
+                old.conv_glu_gate_backward(
+                    grad, hidden, weight, bias, h, w, with_output=True, fc2_weight=fc2_weight)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+    times = time_rounds({
+        'base': old,
+        'new': new
+    }, [(gate_args, grad) for _, gate_args, grad in cases], best_of, args.rounds)
+    print(f'{args.arch} at {args.size}x{args.size}, batch 1, {args.threads} threads, '
+          f'{args.rounds} rounds (ms: median over rounds of the best of 3)')
+    report(times, [(count, f'{count} layers, {gate_args[0].shape[1]} tokens x '
+                    f'{gate_args[0].shape[2] // 2} channels') for count, gate_args, _ in cases])
+
+
+if __name__ == '__main__':
+    main()
