@@ -66,8 +66,8 @@ def main():
     arch = TransNeXt(arch=args.arch, img_size=args.size).arch
     cases = []
     for stage, (h, w) in enumerate(stage_sizes(args.size, args.size)):
-        gate_args, grad = stage_inputs(arch['embed_dims'][stage], arch['mlp_ratios'][stage], h, w,
-                                       seed=stage)
+        gate_args, grad = stage_inputs(
+            arch['embed_dims'][stage], arch['mlp_ratios'][stage], h, w, seed=stage)
         cases.append((arch['depths'][stage], gate_args, grad))
     for _, gate_args, grad in cases:  # the builds compute the same, up to fp32 rounding
         hidden, weight, bias, fc2_weight, h, w = gate_args
