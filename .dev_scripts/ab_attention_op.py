@@ -16,7 +16,6 @@ must take the table op's ``row_weights`` argument (passed as None: one tap).
     python .dev_scripts/ab_attention_op.py /tmp/base basepkg --arch tiny --size 512 --rounds 11
 """
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,10 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'tools'))
 
-from ab_builds import ab_parser, load_builds, report, time_rounds  # noqa: E402
+from ab_builds import ab_parser, report, setup_builds, time_rounds  # noqa: E402
 from benchmark import layer_shapes  # noqa: E402
 
-from transnext_mm.models.backbones import TransNeXt  # noqa: E402
 from transnext_mm.models.layers.log_cpb import log_cpb_axes  # noqa: E402
 
 
@@ -58,18 +56,12 @@ def layer_inputs(heads, d, height, width, pool_h, pool_w, seed, layout='heads'):
     return args, rows(randn(1, heads, N, d))
 
 
-def best_of(ext, args, grad, part, repeats=3):
-    times = []
-    for _ in range(repeats):
-        if part == 'backward':
-            out, lse = ext.aggregated_attention_table_forward(*args)
-            start = time.perf_counter()
-            ext.aggregated_attention_table_backward(grad, *args[:11], out, lse, *args[11:], True)
-        else:
-            start = time.perf_counter()
-            ext.aggregated_attention_table_forward(*args)
-        times.append(time.perf_counter() - start)
-    return min(times)
+def prepare(ext, args, grad, part):
+    if part == 'backward':  # the forward it needs is not timed
+        out, lse = ext.aggregated_attention_table_forward(*args)
+        return lambda: ext.aggregated_attention_table_backward(grad, *args[:11], out, lse, *args[
+            11:], True)
+    return lambda: ext.aggregated_attention_table_forward(*args)
 
 
 def main():
@@ -80,9 +72,7 @@ def main():
         choices=('heads', 'rows'),
         help="q, k, v and the output gradient contiguous per head ('heads') or as the "
         "backbone's layers pass them, (B, N, heads, d) tensors viewed per head ('rows')")
-    args = parser.parse_args()
-    new, old = load_builds(args)
-    arch = TransNeXt(arch=args.arch, img_size=args.size).arch  # with the pooled-grid ratios
+    args, new, old, arch = setup_builds(parser)  # arch: with the pooled-grid ratios
     shapes = layer_shapes(arch, args.size, args.size)
     cases = [(count, *layer_inputs(heads, d, h, w, ph, pw, seed=h, layout=args.layout))
              for count, heads, d, h, w, ph, pw in shapes]
@@ -99,7 +89,7 @@ def main():
     times = time_rounds({
         'base': old,
         'new': new
-    }, [(op_args, grad) for _, op_args, grad in cases], best_of, args.rounds)
+    }, [(op_args, grad) for _, op_args, grad in cases], prepare, args.rounds)
     print(f'{args.arch} at {args.size}x{args.size}, batch 1, {args.threads} threads, '
           f'layout {args.layout}, '
           f'{args.rounds} rounds (ms: median over rounds of the best of 3)')

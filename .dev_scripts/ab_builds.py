@@ -39,18 +39,33 @@ def load_builds(args: argparse.Namespace):
     return new, importlib.import_module(f'{args.base_package}._ext')
 
 
-def time_rounds(builds: dict, cases: list, best_of, rounds: int) -> dict:
+def setup_builds(parser: argparse.ArgumentParser):
+    """The two-build scripts' start: parses the arguments of ``parser`` (an :func:`ab_parser`,
+    perhaps with more), loads the builds and returns ``(args, new, base, arch)``, ``arch`` the
+    arch's settings as the backbone completes them for the input size."""
+    args = parser.parse_args()
+    new, base = load_builds(args)
+    return args, new, base, TransNeXt(arch=args.arch, img_size=args.size).arch
+
+
+def time_rounds(builds: dict, cases: list, prepare, rounds: int, repeats: int = 3) -> dict:
     """Each round times every case's forward and backward with both builds (``{'base': module,
-    'new': module}``), alternating which goes first. ``cases``: ``(args, grad)`` per stage;
-    ``best_of(ext, args, grad, part)`` returns seconds. Returns the times per
-    ``(build, stage, part)``."""
+    'new': module}``), alternating which goes first, each timing the best of ``repeats`` calls.
+    ``cases``: ``(args, grad)`` per stage; ``prepare(ext, args, grad, part)`` does what must not
+    be timed (e.g. the forward a backward needs) and returns the call to time. Returns the times
+    (seconds) per ``(build, stage, part)``."""
     times = {}
     for r in range(rounds):
         for stage, (args, grad) in enumerate(cases):
             for part in ('forward', 'backward'):
                 for name in (('base', 'new') if r % 2 == 0 else ('new', 'base')):
-                    times.setdefault((name, stage, part),
-                                     []).append(best_of(builds[name], args, grad, part))
+                    best = float('inf')
+                    for _ in range(repeats):
+                        call = prepare(builds[name], args, grad, part)
+                        start = time.perf_counter()
+                        call()
+                        best = min(best, time.perf_counter() - start)
+                    times.setdefault((name, stage, part), []).append(best)
     return times
 
 

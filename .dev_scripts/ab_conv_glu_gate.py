@@ -16,7 +16,6 @@ layers of the arch.
     python .dev_scripts/ab_conv_glu_gate.py /tmp/base basepkg --arch tiny --size 512 --rounds 11
 """
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,10 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'tools'))
 
-from ab_builds import ab_parser, load_builds, report, time_rounds  # noqa: E402
+from ab_builds import ab_parser, report, setup_builds, time_rounds  # noqa: E402
 from benchmark import stage_sizes  # noqa: E402
-
-from transnext_mm.models.backbones import TransNeXt  # noqa: E402
 
 
 def stage_inputs(channels, mlp_ratio, height, width, seed):
@@ -45,25 +42,16 @@ def stage_inputs(channels, mlp_ratio, height, width, seed):
     return args, randn(1, height * width, channels)
 
 
-def best_of(ext, args, grad, part, repeats=3):
+def prepare(ext, args, grad, part):
     hidden, weight, bias, fc2_weight, height, width = args
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        if part == 'backward':
-            ext.conv_glu_gate_backward(
-                grad, hidden, weight, bias, height, width, with_output=True, fc2_weight=fc2_weight)
-        else:
-            ext.conv_glu_gate_forward(hidden, weight, bias, height, width)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    if part == 'backward':
+        return lambda: ext.conv_glu_gate_backward(
+            grad, hidden, weight, bias, height, width, with_output=True, fc2_weight=fc2_weight)
+    return lambda: ext.conv_glu_gate_forward(hidden, weight, bias, height, width)
 
 
 def main():
-    parser = ab_parser(__doc__.split('\n\n')[0])
-    args = parser.parse_args()
-    new, old = load_builds(args)
-    arch = TransNeXt(arch=args.arch, img_size=args.size).arch
+    args, new, old, arch = setup_builds(ab_parser(__doc__.split('\n\n')[0]))
     cases = []
     for stage, (h, w) in enumerate(stage_sizes(args.size, args.size)):
         gate_args, grad = stage_inputs(
@@ -83,7 +71,7 @@ def main():
     times = time_rounds({
         'base': old,
         'new': new
-    }, [(gate_args, grad) for _, gate_args, grad in cases], best_of, args.rounds)
+    }, [(gate_args, grad) for _, gate_args, grad in cases], prepare, args.rounds)
     print(f'{args.arch} at {args.size}x{args.size}, batch 1, {args.threads} threads, '
           f'{args.rounds} rounds (ms: median over rounds of the best of 3)')
     report(times, [(count, f'{count} layers, {gate_args[0].shape[1]} tokens x '

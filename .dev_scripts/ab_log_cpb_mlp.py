@@ -14,7 +14,6 @@ over rounds of each build's best-of-3 time, and the total over all layers of the
     python .dev_scripts/ab_log_cpb_mlp.py /tmp/base basepkg --arch tiny --size 512 --rounds 11
 """
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,10 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'tools'))
 
-from ab_builds import ab_parser, load_builds, report, time_rounds  # noqa: E402
+from ab_builds import ab_parser, report, setup_builds, time_rounds  # noqa: E402
 from benchmark import layer_shapes  # noqa: E402
 
-from transnext_mm.models.backbones import TransNeXt  # noqa: E402
 from transnext_mm.models.layers.log_cpb import log_cpb_axes  # noqa: E402
 
 HIDDEN = 512
@@ -45,23 +43,14 @@ def stage_inputs(heads, height, width, pool_h, pool_w, seed):
     return (points.contiguous(), *weights), torch.randn(points.shape[0], heads, generator=gen)
 
 
-def best_of(ext, args, grad, part, repeats=3):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        if part == 'backward':
-            ext.log_cpb_mlp_backward(grad, *args[:4])
-        else:
-            ext.log_cpb_mlp_forward(*args)
-        times.append(time.perf_counter() - start)
-    return min(times)
+def prepare(ext, args, grad, part):
+    if part == 'backward':
+        return lambda: ext.log_cpb_mlp_backward(grad, *args[:4])
+    return lambda: ext.log_cpb_mlp_forward(*args)
 
 
 def main():
-    parser = ab_parser(__doc__.split('\n\n')[0])
-    args = parser.parse_args()
-    new, old = load_builds(args)
-    arch = TransNeXt(arch=args.arch, img_size=args.size).arch
+    args, new, old, arch = setup_builds(ab_parser(__doc__.split('\n\n')[0]))
     cases = [(count, heads, *stage_inputs(heads, h, w, ph, pw, seed=h))
              for count, heads, _, h, w, ph, pw in layer_shapes(arch, args.size, args.size)]
     for _, _, mlp_args, grad in cases:  # the builds compute the same, up to fp32 sum order
@@ -74,7 +63,7 @@ def main():
     times = time_rounds({
         'base': old,
         'new': new
-    }, [(mlp_args, grad) for _, _, mlp_args, grad in cases], best_of, args.rounds)
+    }, [(mlp_args, grad) for _, _, mlp_args, grad in cases], prepare, args.rounds)
     print(f'{args.arch} at {args.size}x{args.size}, {args.threads} threads, {args.rounds} rounds '
           '(ms: median over rounds of the best of 3)')
     report(times, [(count, f'{count} layers, {mlp_args[0].shape[0]} points x {heads} heads')
