@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'tools'))
 
-from ab_builds import ab_parser, report, setup_builds, time_rounds  # noqa: E402
+import ab_builds  # noqa: E402
 from benchmark import layer_shapes  # noqa: E402
 
 from transnext_mm.models.layers.log_cpb import log_cpb_axes  # noqa: E402
@@ -57,22 +57,22 @@ def layer_inputs(heads, d, height, width, pool_h, pool_w, seed, layout='heads'):
 
 
 def prepare(ext, args, grad, part):
-    if part == 'backward':  # the forward it needs is not timed
-        out, lse = ext.aggregated_attention_table_forward(*args)
-        return lambda: ext.aggregated_attention_table_backward(grad, *args[:11], out, lse, *args[
-            11:], True)
-    return lambda: ext.aggregated_attention_table_forward(*args)
+    if part == 'forward':
+        return lambda: ext.aggregated_attention_table_forward(*args)
+    out, lse = ext.aggregated_attention_table_forward(*args)  # what the backward needs, untimed
+    tensors, grid = args[:11], args[11:]
+    return lambda: ext.aggregated_attention_table_backward(grad, *tensors, out, lse, *grid, True)
 
 
 def main():
-    parser = ab_parser(__doc__.split('\n\n')[0])
+    parser = ab_builds.ab_parser(__doc__.split('\n\n')[0])
     parser.add_argument(
         '--layout',
         default='heads',
         choices=('heads', 'rows'),
         help="q, k, v and the output gradient contiguous per head ('heads') or as the "
         "backbone's layers pass them, (B, N, heads, d) tensors viewed per head ('rows')")
-    args, new, old, arch = setup_builds(parser)  # arch: with the pooled-grid ratios
+    args, new, old, arch = ab_builds.setup_builds(parser)  # arch: with the pooled-grid ratios
     shapes = layer_shapes(arch, args.size, args.size)
     cases = [(count, *layer_inputs(heads, d, h, w, ph, pw, seed=h, layout=args.layout))
              for count, heads, d, h, w, ph, pw in shapes]
@@ -84,16 +84,15 @@ def main():
                                                             *op_args[11:], True)
         grads_old = old.aggregated_attention_table_backward(grad, *op_args[:11], out_new, lse_new,
                                                             *op_args[11:], True)
-        for a, b in zip(grads_new, grads_old):  # up to the order of fp32 sums
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
-    times = time_rounds({
+        ab_builds.assert_gradients_agree(grads_new, grads_old)
+    times = ab_builds.time_rounds({
         'base': old,
         'new': new
     }, [(op_args, grad) for _, op_args, grad in cases], prepare, args.rounds)
     print(f'{args.arch} at {args.size}x{args.size}, batch 1, {args.threads} threads, '
           f'layout {args.layout}, '
           f'{args.rounds} rounds (ms: median over rounds of the best of 3)')
-    report(times, [(count, f'{count} layers') for count, _, _ in cases])
+    ab_builds.report(times, [(count, f'{count} layers') for count, _, _ in cases])
 
 
 if __name__ == '__main__':

@@ -2,8 +2,7 @@
 """What the A/B scripts share: for the two-build ones (``ab_attention_op.py``,
 ``ab_conv_glu_gate.py``, ``ab_log_cpb_mlp.py``, ``ab_step.py``) the command line and the two
 builds' extension modules, this checkout's and a baseline's copied into a package of its own
-(see any of their
-docstrings); for those that time the whole backbone two ways (``ab_step.py``,
+(see any of their docstrings); for those that time the whole backbone two ways (``ab_step.py``,
 ``ab_full_attention.py``) the backbone and the interleaved timing of its training step and
 eval. Run them from the repository root; they put ``tools/`` on the path."""
 import argparse
@@ -46,6 +45,13 @@ def setup_builds(parser: argparse.ArgumentParser):
     args = parser.parse_args()
     new, base = load_builds(args)
     return args, new, base, TransNeXt(arch=args.arch, img_size=args.size).arch
+
+
+def assert_gradients_agree(new_grads, base_grads) -> None:
+    """The two builds' gradients agree up to the order of fp32 sums: each within 1e-4 relative
+    and 1e-5 of the baseline gradient's largest entry."""
+    for a, b in zip(new_grads, base_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
 def time_rounds(builds: dict, cases: list, prepare, rounds: int, repeats: int = 3) -> dict:

@@ -3,13 +3,13 @@
 
 As ``ab_attention_op.py``: the baseline build's ``transnext_mm/_ext*.so`` copied into a package
 directory of its own and imported under another name beside this checkout's build. The inputs
-are those of a backbone's ConvGLU layers (all four stages) at one input size: the fc1 output
-(B = 1, H*W tokens, 2 x hidden channels), the depthwise conv's weight and bias, fc2's weight and
-an output gradient. "forward" is the gate alone, as eval runs it; "backward" is the training
-step's backward, fc2's weight multiplied in and the gate's output recomputed for fc2's weight
-gradient. Each round times every stage with both builds, alternating which goes first; the report
-gives per stage the median over rounds of each build's best-of-3 time, and the total over all
-layers of the arch.
+are those of a backbone's ConvGLU layers (all four stages) at one input size: random fc1 outputs
+(B = 1, H*W tokens, 2 x hidden channels), the depthwise conv's weight and bias and fc2's weight
+of a freshly initialised ConvGLU, and an output gradient. "forward" is the gate alone, as eval
+runs it; "backward" is the training step's backward, fc2's weight multiplied in and the gate's
+output recomputed for fc2's weight gradient. Each round times every stage with both builds,
+alternating which goes first; the report gives per stage the median over rounds of each build's
+best-of-3 time, and the total over all layers of the arch.
 
     cp transnext_mm/_ext*.so /tmp/base/basepkg/   # the baseline build (and an empty __init__.py)
     # ... change and rebuild: python setup.py build_ext --inplace
@@ -24,22 +24,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'tools'))
 
-from ab_builds import ab_parser, report, setup_builds, time_rounds  # noqa: E402
+import ab_builds  # noqa: E402
 from benchmark import stage_sizes  # noqa: E402
+
+from transnext_mm.models.layers import ConvGLU  # noqa: E402
 
 
 def stage_inputs(channels, mlp_ratio, height, width, seed):
     """One stage's gate inputs ``(hidden, weight, bias, fc2_weight, height, width)`` and output
-    gradient, with the layer's channel counts."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = int(2 * int(channels * mlp_ratio) / 3)
-
-    def randn(*shape, scale=1.0):
-        return torch.randn(*shape, generator=gen) * scale
-
-    args = (randn(1, height * width, 2 * hidden), randn(hidden, 1, 3, 3, scale=0.3),
-            randn(hidden, scale=0.1), randn(channels, hidden, scale=hidden**-0.5), height, width)
-    return args, randn(1, height * width, channels)
+    gradient: a ConvGLU layer's own conv and fc2 weights (its channel counts and
+    initialisation) and random fc1 outputs."""
+    torch.manual_seed(seed)
+    layer = ConvGLU(channels, mlp_ratio)
+    conv = layer.dwconv.dwconv
+    tokens = height * width
+    args = (torch.randn(1, tokens,
+                        layer.fc1.out_features), conv.weight.detach(), conv.bias.detach(),
+            layer.fc2.weight.detach(), height, width)
+    return args, torch.randn(1, tokens, channels)
 
 
 def prepare(ext, args, grad, part):
@@ -51,7 +53,7 @@ def prepare(ext, args, grad, part):
 
 
 def main():
-    args, new, old, arch = setup_builds(ab_parser(__doc__.split('\n\n')[0]))
+    args, new, old, arch = ab_builds.setup_builds(ab_builds.ab_parser(__doc__.split('\n\n')[0]))
     cases = []
     for stage, (h, w) in enumerate(stage_sizes(args.size, args.size)):
         gate_args, grad = stage_inputs(
@@ -62,20 +64,19 @@ def main():
         torch.testing.assert_close(
             new.conv_glu_gate_forward(hidden, weight, bias, h, w),
             old.conv_glu_gate_forward(hidden, weight, bias, h, w))
-        for a, b in zip(
-                new.conv_glu_gate_backward(
-                    grad, hidden, weight, bias, h, w, with_output=True, fc2_weight=fc2_weight),
-                old.conv_glu_gate_backward(
-                    grad, hidden, weight, bias, h, w, with_output=True, fc2_weight=fc2_weight)):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
-    times = time_rounds({
+        backward = dict(with_output=True, fc2_weight=fc2_weight)
+        ab_builds.assert_gradients_agree(
+            new.conv_glu_gate_backward(grad, hidden, weight, bias, h, w, **backward),
+            old.conv_glu_gate_backward(grad, hidden, weight, bias, h, w, **backward))
+    times = ab_builds.time_rounds({
         'base': old,
         'new': new
     }, [(gate_args, grad) for _, gate_args, grad in cases], prepare, args.rounds)
     print(f'{args.arch} at {args.size}x{args.size}, batch 1, {args.threads} threads, '
           f'{args.rounds} rounds (ms: median over rounds of the best of 3)')
-    report(times, [(count, f'{count} layers, {gate_args[0].shape[1]} tokens x '
-                    f'{gate_args[0].shape[2] // 2} channels') for count, gate_args, _ in cases])
+    ab_builds.report(times, [(count, f'{count} layers, {gate_args[0].shape[1]} tokens x '
+                              f'{gate_args[0].shape[2] // 2} channels')
+                             for count, gate_args, _ in cases])
 
 
 if __name__ == '__main__':
