@@ -44,6 +44,8 @@ TNX_ALWAYS_INLINE float hsum8(v8f v) {
 // degree-6 polynomial in r (~1e-7 relative error). One clamp: below -87 the result is exp(-87).
 // 2^n comes from the bits of the rounding sum itself: t + 1.5 * 2^23 + 127 holds n + 127 in its
 // low mantissa bits, which shifted up by 23 are 2^n's exponent field (valid for -127 < n < 128).
+// Larger arguments give meaningless values; the softmax loops compute them only for the lanes of
+// out-of-image window entries, which they replace by 0.
 TNX_ALWAYS_INLINE float exp_nonpositive(float x) {
   x = x > -87.0f ? x : -87.0f;
   const float rounded = x * 1.44269504088896341f + 12583039.0f;  // 1.5 * 2^23 + 127
