@@ -40,12 +40,13 @@ constexpr int64_t kTokenLanes = 16;  // token weights per row, padded (TransNeXt
 // the outputs, so the row is read once). qe: (heads, d); scale: (heads, N); tokens: (heads, d,
 // kTokenLanes), zero-padded; tbias: (heads, T); q_hat: d scratch values; token_weight: the
 // element's (heads, N, T).
-template <typename T>
+template <int64_t D, typename T>
 TNX_ALWAYS_INLINE void prepare_rows_impl(const T* q, int64_t q_stride, const T* k, int64_t k_stride,
                                          const T* qe, const T* scale, const T* tokens,
                                          const T* tbias, T* q_out, T* k_out, T* token_weight,
                                          T* q_hat, int64_t n0, int64_t n1, int64_t N, int64_t heads,
-                                         int64_t d, int64_t T_) {
+                                         int64_t head_dim, int64_t T_) {
+  const int64_t d = D > 0 ? D : head_dim;
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t h = 0; h < heads; ++h) {
       const T* __restrict__ q_row = q + n * q_stride + h * d;
@@ -73,13 +74,20 @@ TNX_ALWAYS_INLINE void prepare_rows_impl(const T* q, int64_t q_stride, const T* 
   }
 }
 
+// The kernels' loops over a row's channels unroll into whole vectors for TransNeXt's head dim.
+constexpr int64_t kHeadDim = 24;
+
 #define TNX_DEFINE_PREPARE_ROWS(T)                                                                \
   TNX_CPU_CLONES void prepare_rows(const T* q, int64_t q_stride, const T* k, int64_t k_stride,    \
                                    const T* qe, const T* scale, const T* tokens, const T* tbias,  \
                                    T* q_out, T* k_out, T* token_weight, T* q_hat, int64_t n0,     \
                                    int64_t n1, int64_t N, int64_t heads, int64_t d, int64_t T_) { \
-    prepare_rows_impl(q, q_stride, k, k_stride, qe, scale, tokens, tbias, q_out, k_out,           \
-                      token_weight, q_hat, n0, n1, N, heads, d, T_);                              \
+    if (d == kHeadDim)                                                                            \
+      prepare_rows_impl<kHeadDim>(q, q_stride, k, k_stride, qe, scale, tokens, tbias, q_out,      \
+                                  k_out, token_weight, q_hat, n0, n1, N, heads, d, T_);           \
+    else                                                                                          \
+      prepare_rows_impl<0>(q, q_stride, k, k_stride, qe, scale, tokens, tbias, q_out, k_out,      \
+                           token_weight, q_hat, n0, n1, N, heads, d, T_);                         \
   }
 TNX_DEFINE_PREPARE_ROWS(float)
 TNX_DEFINE_PREPARE_ROWS(double)
@@ -105,27 +113,30 @@ TNX_ALWAYS_INLINE void normalize_backward(const T* __restrict__ x, T den, const 
 
 // Rows [n0, n1) of every batch element and head. g_q / g_k: the output gradients, rows of heads
 // with the given strides; g_tw: (B, heads, N, T); dq / dk: (B, N, heads, d); dscale: (heads, N)
-// (owned: summed over the batch here); partial: this block's d qe (heads, d), d tokens (heads, d,
-// kTokenLanes) and d token bias (heads, T), zero on entry; scratch: 2 d values.
-template <typename T>
+// (owned: summed over the batch here); tokens_t: the learnable tokens transposed, (heads, T, d);
+// partial: this block's d qe (heads, d), d tokens transposed (heads, T, d) and d token bias
+// (heads, T), zero on entry; scratch: 2 d values. Every loop over the d channels of a row runs
+// along its lanes: the tokens' terms are T broadcasts each (no sum across lanes per channel).
+template <int64_t D, typename T>
 TNX_ALWAYS_INLINE void backward_rows_impl(const T* q, const int64_t* q_st, const T* k,
                                           const int64_t* k_st, const T* gq, const int64_t* gq_st,
                                           const T* gk, const int64_t* gk_st, const T* g_tw,
-                                          const T* qe, const T* scale, const T* tokens, T* dq,
+                                          const T* qe, const T* scale, const T* tokens_t, T* dq,
                                           T* dk, T* dscale, T* partial, T* scratch, int64_t n0,
                                           int64_t n1, int64_t B, int64_t N, int64_t heads,
-                                          int64_t d, int64_t T_) {
+                                          int64_t head_dim, int64_t T_) {
+  const int64_t d = D > 0 ? D : head_dim;
   T* dqe = partial;
-  T* dtokens = partial + heads * d;
-  T* dtbias = dtokens + heads * d * kTokenLanes;
+  T* dtokens_t = partial + heads * d;
+  T* dtbias = dtokens_t + heads * T_ * d;
   T *q_hat = scratch, *g_hat = scratch + d;
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t h = 0; h < heads; ++h) {
       const T s = scale[h * N + n];
       const T* __restrict__ qe_h = qe + h * d;
-      const T* __restrict__ tok = tokens + h * d * kTokenLanes;
+      const T* __restrict__ tok = tokens_t + h * T_ * d;
       T* __restrict__ dqe_h = dqe + h * d;
-      T* __restrict__ dtok = dtokens + h * d * kTokenLanes;
+      T* __restrict__ dtok = dtokens_t + h * T_ * d;
       T ds = 0;
       for (int64_t b = 0; b < B; ++b) {
         const T* __restrict__ q_row = q + b * q_st[0] + h * q_st[1] + n * q_st[2];
@@ -133,25 +144,26 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const T* q, const int64_t* q_st, const
         const T* __restrict__ gq_row = gq + b * gq_st[0] + h * gq_st[1] + n * gq_st[2];
         const T* __restrict__ gk_row = gk + b * gk_st[0] + h * gk_st[1] + n * gk_st[2];
         const T* __restrict__ gt = g_tw + ((b * heads + h) * N + n) * T_;
-        T gt_pad[kTokenLanes] = {};
-        for (int64_t t = 0; t < T_; ++t) gt_pad[t] = gt[t];
         const T q_den = norm_divisor(q_row, d), k_den = norm_divisor(k_row, d);
 #pragma omp simd reduction(+ : ds)
         for (int64_t c = 0; c < d; ++c) {
           q_hat[c] = q_row[c] / q_den;
           ds += gq_row[c] * (q_hat[c] + qe_h[c]);
           dqe_h[c] += gq_row[c] * s;
+          g_hat[c] = gq_row[c] * s;
         }
-        for (int64_t c = 0; c < d; ++c) {
-          T acc = 0;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t t = 0; t < kTokenLanes; ++t) {
-            acc += gt_pad[t] * tok[c * kTokenLanes + t];
-            dtok[c * kTokenLanes + t] += q_hat[c] * gt_pad[t];
+        // q_hat's gradient through the token weights, and the tokens' gradient.
+        for (int64_t t = 0; t < T_; ++t) {
+          const T g = gt[t];
+          const T* __restrict__ tok_t = tok + t * d;
+          T* __restrict__ dtok_t = dtok + t * d;
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) {
+            g_hat[c] += g * tok_t[c];
+            dtok_t[c] += g * q_hat[c];
           }
-          g_hat[c] = gq_row[c] * s + acc;
+          dtbias[h * T_ + t] += g;
         }
-        for (int64_t t = 0; t < T_; ++t) dtbias[h * T_ + t] += gt_pad[t];
         normalize_backward(q_row, q_den, g_hat, dq + ((b * N + n) * heads + h) * d, d);
         normalize_backward(k_row, k_den, gk_row, dk + ((b * N + n) * heads + h) * d, d);
       }
@@ -160,14 +172,19 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const T* q, const int64_t* q_st, const
   }
 }
 
-#define TNX_DEFINE_BACKWARD_ROWS(T)                                                             \
-  TNX_CPU_CLONES void backward_rows(                                                            \
-      const T* q, const int64_t* q_st, const T* k, const int64_t* k_st, const T* gq,            \
-      const int64_t* gq_st, const T* gk, const int64_t* gk_st, const T* g_tw, const T* qe,      \
-      const T* scale, const T* tokens, T* dq, T* dk, T* dscale, T* partial, T* scratch,         \
-      int64_t n0, int64_t n1, int64_t B, int64_t N, int64_t heads, int64_t d, int64_t T_) {     \
-    backward_rows_impl(q, q_st, k, k_st, gq, gq_st, gk, gk_st, g_tw, qe, scale, tokens, dq, dk, \
-                       dscale, partial, scratch, n0, n1, B, N, heads, d, T_);                   \
+#define TNX_DEFINE_BACKWARD_ROWS(T)                                                                \
+  TNX_CPU_CLONES void backward_rows(                                                               \
+      const T* q, const int64_t* q_st, const T* k, const int64_t* k_st, const T* gq,               \
+      const int64_t* gq_st, const T* gk, const int64_t* gk_st, const T* g_tw, const T* qe,         \
+      const T* scale, const T* tokens_t, T* dq, T* dk, T* dscale, T* partial, T* scratch,          \
+      int64_t n0, int64_t n1, int64_t B, int64_t N, int64_t heads, int64_t d, int64_t T_) {        \
+    if (d == kHeadDim)                                                                             \
+      backward_rows_impl<kHeadDim>(q, q_st, k, k_st, gq, gq_st, gk, gk_st, g_tw, qe, scale,        \
+                                   tokens_t, dq, dk, dscale, partial, scratch, n0, n1, B, N,       \
+                                   heads, d, T_);                                                  \
+    else                                                                                           \
+      backward_rows_impl<0>(q, q_st, k, k_st, gq, gq_st, gk, gk_st, g_tw, qe, scale, tokens_t, dq, \
+                            dk, dscale, partial, scratch, n0, n1, B, N, heads, d, T_);             \
   }
 TNX_DEFINE_BACKWARD_ROWS(float)
 TNX_DEFINE_BACKWARD_ROWS(double)
@@ -232,14 +249,14 @@ std::vector<at::Tensor> cosine_queries_keys_backward_cpu(
   auto dk = at::empty({B, N, heads, d}, q.options());
   auto dscale = at::zeros({heads, N, 1}, q.options());
   const int64_t blocks = (N + kRowsPerTask - 1) / kRowsPerTask;
-  const int64_t width = heads * d + heads * d * kTokenLanes + heads * T_;
+  const int64_t width = heads * d + heads * T_ * d + heads * T_;
   auto partials = at::zeros({std::max<int64_t>(blocks, 1), width}, q.options());
   auto total = at::zeros({width}, q.options());
   // Row strides: the channels of each (q, k and output-gradient) row must be contiguous.
   const auto rows = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
   const auto qq = rows(q), kk = rows(k), gq = rows(grad_q), gk = rows(grad_k);
   const auto gtw = grad_token_weight.contiguous();
-  const auto tokens = at::constant_pad_nd(learnable_tokens, {0, kTokenLanes - T_}).contiguous();
+  const auto tokens_t = learnable_tokens.transpose(1, 2).contiguous();  // (heads, T, d)
   if (q.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cosine_queries_keys_backward_cpu", [&] {
       const int64_t q_st[3] = {qq.stride(0), qq.stride(1), qq.stride(2)};
@@ -249,7 +266,7 @@ std::vector<at::Tensor> cosine_queries_keys_backward_cpu(
       const scalar_t *q_ptr = qq.data_ptr<scalar_t>(), *k_ptr = kk.data_ptr<scalar_t>();
       const scalar_t *gq_ptr = gq.data_ptr<scalar_t>(), *gk_ptr = gk.data_ptr<scalar_t>();
       const scalar_t *gt = gtw.data_ptr<scalar_t>(), *qe = query_embedding.data_ptr<scalar_t>();
-      const scalar_t *sc = scale.data_ptr<scalar_t>(), *tok = tokens.data_ptr<scalar_t>();
+      const scalar_t *sc = scale.data_ptr<scalar_t>(), *tok = tokens_t.data_ptr<scalar_t>();
       scalar_t *dq_ptr = dq.data_ptr<scalar_t>(), *dk_ptr = dk.data_ptr<scalar_t>();
       scalar_t *dsc = dscale.data_ptr<scalar_t>(), *part = partials.data_ptr<scalar_t>();
       scalar_t* tot = total.data_ptr<scalar_t>();
@@ -275,12 +292,10 @@ std::vector<at::Tensor> cosine_queries_keys_backward_cpu(
     dk.zero_();
   }
   auto dqe = total.narrow(0, 0, heads * d).view({heads, 1, d}).clone();
-  auto dtokens = total.narrow(0, heads * d, heads * d * kTokenLanes)
-                     .view({heads, d, kTokenLanes})
-                     .narrow(2, 0, T_)
-                     .contiguous();
+  auto dtokens =
+      total.narrow(0, heads * d, heads * T_ * d).view({heads, T_, d}).transpose(1, 2).contiguous();
   auto dtbias =
-      total.narrow(0, heads * d * (1 + kTokenLanes), heads * T_).view({heads, 1, T_}).clone();
+      total.narrow(0, heads * d + heads * T_ * d, heads * T_).view({heads, 1, T_}).clone();
   return {dq.permute({0, 2, 1, 3}), dk.permute({0, 2, 1, 3}), dqe, dscale, dtokens, dtbias};
 }
 
