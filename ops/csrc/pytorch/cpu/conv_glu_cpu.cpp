@@ -4,8 +4,9 @@
 //   out = GELU(bias + depthwise_conv3x3(gate)) * value,   [gate | value] = the fc1 output row,
 // in one pass. PyTorch runs this as a depthwise conv on a strided channels-last view (oneDNN
 // reorders it), a GELU and a product, three round trips through memory of tensors that do not
-// fit in cache at stage 1; here each output row reads its 3x3 neighbourhood from cache and the
-// 9 taps accumulate in an L1-resident buffer, vectorised over channels.
+// fit in cache at stage 1; here each output row reads its 3x3 neighbourhood from cache, and each
+// block of 8 channels sums its 9 taps and goes through the GELU in registers. The fp32 GELU's erf
+// is a rational function (vector_math.h), which needs no exponential.
 //
 // The backward works the same way in two passes over image rows. Pass 1 recomputes each token's
 // pre-activation from its 3x3 neighbourhood, writes the value's gradient GELU(pre) * grad into
@@ -32,6 +33,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "pytorch/conv_glu.h"
@@ -66,77 +68,125 @@ TNX_ALWAYS_INLINE void for_each_tap(int64_t y, int64_t x, int64_t height, int64_
   }
 }
 
-// acc += a * b over h channels.
+// The in-image taps of one token: the value each reads (a row of h channels: the gate half of
+// an fc1 output row, or a row of grad_pre) and its weight row, in the order they are summed.
 template <typename T>
-TNX_ALWAYS_INLINE void mul_add_row(T* __restrict__ acc, const T* __restrict__ a,
-                                   const T* __restrict__ b, int64_t h) {
-#pragma omp simd
-  for (int64_t c = 0; c < h; ++c) acc[c] += a[c] * b[c];
-}
+struct TokenTaps {
+  const T* source[9];
+  const T* weight[9];
+  int count = 0;
+  TNX_ALWAYS_INLINE void add(const T* source_row, const T* weight_row) {
+    source[count] = source_row;
+    weight[count++] = weight_row;
+  }
+};
 
-// acc (h) = bias + depthwise_conv3x3(gate) at token (y, x): the gate pre-activation. hidden: the
-// element's (H*W, 2h) fc1 output (gate half first); taps: (9, h) weights, tap-major.
+// The conv's taps of token (y, x) over hidden (the element's (H*W, 2h) fc1 output); taps: (9, h)
+// weights, tap-major.
 template <typename T>
-TNX_ALWAYS_INLINE void pre_activation(const T* hidden, const T* taps, const T* bias, T* acc,
-                                      int64_t y, int64_t x, int64_t height, int64_t width,
-                                      int64_t h) {
-  std::copy(bias, bias + h, acc);
-  for_each_tap<1>(y, x, height, width, [&](int64_t tap, int64_t token) {
-    mul_add_row(acc, taps + tap * h, hidden + token * 2 * h, h);
+TNX_ALWAYS_INLINE TokenTaps<T> conv_taps(const T* hidden, const T* taps, int64_t y, int64_t x,
+                                         int64_t height, int64_t width, int64_t h) {
+  TokenTaps<T> nb;
+  for_each_tap<1>(y, x, height, width, [&](int64_t tap, int64_t token) TNX_INLINE_LAMBDA {
+    nb.add(hidden + token * 2 * h, taps + tap * h);
   });
+  return nb;
 }
 
-// One image row y of one batch element: out_row, the row's (W, h) output; acc: h scratch
-// values.
+// f(count) with count a compile-time 9 for a token with all its taps (the loops over them
+// unroll), else 0 (nb.count taps).
+template <typename T, typename F>
+TNX_ALWAYS_INLINE void with_tap_count(const TokenTaps<T>& nb, F&& f) {
+  if (nb.count == 9)
+    f(std::integral_constant<int, 9>{});
+  else
+    f(std::integral_constant<int, 0>{});
+}
+
+// acc + the sum over the taps of weight * source, at channels [c, c + lanes).
+template <int Count, typename L, typename T>
+TNX_ALWAYS_INLINE L tap_sum(L acc, const TokenTaps<T>& nb, int64_t c) {
+  const int n = Count > 0 ? Count : nb.count;
+  for (int t = 0; t < n; ++t)
+    acc += load_lanes<L>(nb.weight[t] + c) * load_lanes<L>(nb.source[t] + c);
+  return acc;
+}
+
+// f(lane, c) over the channels [0, h) in blocks of lanes: 8-float vectors then single floats for
+// fp32, single doubles for fp64 (lane: a value of the lane type). Each block keeps its sums in
+// registers from the first tap to the output.
+template <typename T, typename F>
+TNX_ALWAYS_INLINE void for_lanes(int64_t h, F&& f) {
+  int64_t c = 0;
+  if constexpr (std::is_same_v<T, float>)
+    for (; c + 8 <= h; c += 8) f(v8f{}, c);
+  for (; c < h; ++c) f(T{}, c);
+}
+
+// Exact (erf) GELU, as torch.nn.GELU(), and its factors Phi(x) (the normal cdf) and phi(x).
+template <typename L>
+TNX_ALWAYS_INLINE L normal_cdf(L x) {
+  return splat<L>(0.5) + splat<L>(0.5) * erf_rational(x * splat<L>(0.70710678118654752440));
+}
+template <typename L>
+TNX_ALWAYS_INLINE L normal_pdf(L x) {
+  return splat<L>(0.39894228040143267794) * exp_nonpositive(splat<L>(-0.5) * x * x);
+}
+
+// One image row y of one batch element: out_row, the row's (W, h) output.
 template <typename T>
 TNX_ALWAYS_INLINE void gate_row_impl(const T* hidden, const T* taps, const T* bias, T* out_row,
-                                     T* acc, int64_t y, int64_t height, int64_t width, int64_t h) {
+                                     int64_t y, int64_t height, int64_t width, int64_t h) {
   for (int64_t x = 0; x < width; ++x) {
-    pre_activation(hidden, taps, bias, acc, y, x, height, width, h);
-    const T* __restrict__ value = hidden + (y * width + x) * 2 * h + h;
-    T* __restrict__ o = out_row + x * h;
-#pragma omp simd
-    for (int64_t c = 0; c < h; ++c) o[c] = gelu(acc[c]) * value[c];
+    const auto nb = conv_taps(hidden, taps, y, x, height, width, h);
+    const T* value = hidden + (y * width + x) * 2 * h + h;
+    T* o = out_row + x * h;
+    with_tap_count(nb, [&](auto count) TNX_INLINE_LAMBDA {
+      for_lanes<T>(h, [&](auto lane, int64_t c) TNX_INLINE_LAMBDA {
+        using L = decltype(lane);
+        const L pre = tap_sum<count()>(load_lanes<L>(bias + c), nb, c);
+        store_lanes(o + c, pre * normal_cdf(pre) * load_lanes<L>(value + c));
+      });
+    });
   }
 }
 
 // Pass 1 of the backward for image row y (see the top of the file). grad_row: the row's (W, h)
 // output gradient; value_grad_row: the value half of the row's (W, 2h) slice of grad_hidden;
 // grad_pre_row: the row's (W, h) grad_pre; wpart (9, h) and bpart (h): this row's partials
-// (zeroed here); acc: h scratch values; out_row: the row's (W, h) forward output, or null.
+// (zeroed here); out_row: the row's (W, h) forward output, or null.
 template <typename T>
 TNX_ALWAYS_INLINE void gate_row_backward_impl(const T* hidden, const T* grad_row, const T* taps,
                                               const T* bias, T* value_grad_row, T* grad_pre_row,
-                                              T* wpart, T* bpart, T* acc, T* out_row, int64_t y,
+                                              T* wpart, T* bpart, T* out_row, int64_t y,
                                               int64_t height, int64_t width, int64_t h) {
-  const int64_t row_stride = 2 * h;
-  const T inv_sqrt2 = T(0.70710678118654752440), inv_sqrt_2pi = T(0.39894228040143267794);
   std::fill(wpart, wpart + 9 * h, T(0));
   std::fill(bpart, bpart + h, T(0));
   for (int64_t x = 0; x < width; ++x) {
-    pre_activation(hidden, taps, bias, acc, y, x, height, width, h);
-    const T* __restrict__ value = hidden + (y * width + x) * row_stride + h;
-    const T* __restrict__ g = grad_row + x * h;
-    T* __restrict__ gv = value_grad_row + x * row_stride;
-    T* __restrict__ gp = grad_pre_row + x * h;
-    // The output row, or acc itself when it is not wanted (element c is read before it is
-    // written, in the same iteration).
-    T* o = out_row == nullptr ? acc : out_row + x * h;
-#pragma omp simd
-    for (int64_t c = 0; c < h; ++c) {
-      const T pre = acc[c];
-      const T cdf = T(0.5) * (T(1) + erf_approx(pre * inv_sqrt2));
-      const T pdf = inv_sqrt_2pi * exp_nonpositive(T(-0.5) * pre * pre);
-      const T activation = pre * cdf;
-      gv[c] = g[c] * activation;
-      o[c] = activation * value[c];
-      const T d = g[c] * value[c] * (cdf + pre * pdf);
-      gp[c] = d;
-      bpart[c] += d;
-    }
-    // The tap weights' gradient: grad_pre times the gate value each tap read.
-    for_each_tap<1>(y, x, height, width, [&](int64_t tap, int64_t nb) {
-      mul_add_row(wpart + tap * h, gp, hidden + nb * row_stride, h);
+    const auto nb = conv_taps(hidden, taps, y, x, height, width, h);
+    const T* value = hidden + (y * width + x) * 2 * h + h;
+    const T* g = grad_row + x * h;
+    T* gv = value_grad_row + x * 2 * h;
+    T* gp = grad_pre_row + x * h;
+    T* o = out_row == nullptr ? nullptr : out_row + x * h;
+    with_tap_count(nb, [&](auto count) TNX_INLINE_LAMBDA {
+      for_lanes<T>(h, [&](auto lane, int64_t c) TNX_INLINE_LAMBDA {
+        using L = decltype(lane);
+        const L pre = tap_sum<count()>(load_lanes<L>(bias + c), nb, c);
+        const L cdf = normal_cdf(pre), activation = pre * cdf;
+        const L grad = load_lanes<L>(g + c), val = load_lanes<L>(value + c);
+        store_lanes(gv + c, grad * activation);
+        if (o != nullptr) store_lanes(o + c, activation * val);
+        const L d = grad * val * (cdf + pre * normal_pdf(pre));
+        store_lanes(gp + c, d);
+        store_lanes(bpart + c, load_lanes<L>(bpart + c) + d);
+        // The tap weights' gradient: grad_pre times the gate value each tap read.
+        const int n = count() > 0 ? count() : nb.count;
+        for (int t = 0; t < n; ++t) {
+          T* w = wpart + (nb.weight[t] - taps) + c;
+          store_lanes(w, load_lanes<L>(w) + d * load_lanes<L>(nb.source[t] + c));
+        }
+      });
     });
   }
 }
@@ -149,41 +199,47 @@ template <typename T>
 TNX_ALWAYS_INLINE void gate_row_input_grad_impl(const T* const* grad_pre_rows, const T* taps,
                                                 T* gate_grad_row, int64_t width, int64_t h) {
   for (int64_t x = 0; x < width; ++x) {
-    T* o = gate_grad_row + x * 2 * h;
-    std::fill(o, o + h, T(0));
     // The taps in the order of for_each_tap<-1>: tap (dy, dx) reads (y - dy, x - dx).
+    TokenTaps<T> nb;
     for (int64_t dy = -1; dy <= 1; ++dy) {
       const T* source = grad_pre_rows[1 - dy];
       if (source == nullptr) continue;
       for (int64_t dx = -1; dx <= 1; ++dx) {
         const int64_t xx = x - dx;
         if (xx < 0 || xx >= width) continue;
-        mul_add_row(o, taps + ((dy + 1) * 3 + (dx + 1)) * h, source + xx * h, h);
+        nb.add(source + xx * h, taps + ((dy + 1) * 3 + (dx + 1)) * h);
       }
     }
+    T* o = gate_grad_row + x * 2 * h;
+    with_tap_count(nb, [&](auto count) TNX_INLINE_LAMBDA {
+      for_lanes<T>(h, [&](auto lane, int64_t c) TNX_INLINE_LAMBDA {
+        using L = decltype(lane);
+        store_lanes(o + c, tap_sum<count()>(splat<L>(0), nb, c));
+      });
+    });
   }
 }
 
-#define TNX_DEFINE_GATE_ROW(T)                                                                    \
-  TNX_CPU_CLONES void gate_row(const T* hidden, const T* taps, const T* bias, T* out_row, T* acc, \
-                               int64_t y, int64_t height, int64_t width, int64_t h) {             \
-    gate_row_impl(hidden, taps, bias, out_row, acc, y, height, width, h);                         \
+#define TNX_DEFINE_GATE_ROW(T)                                                            \
+  TNX_CPU_CLONES void gate_row(const T* hidden, const T* taps, const T* bias, T* out_row, \
+                               int64_t y, int64_t height, int64_t width, int64_t h) {     \
+    gate_row_impl(hidden, taps, bias, out_row, y, height, width, h);                      \
   }
 TNX_DEFINE_GATE_ROW(float)
 TNX_DEFINE_GATE_ROW(double)
 #undef TNX_DEFINE_GATE_ROW
 
-#define TNX_DEFINE_GATE_ROW_BACKWARD(T)                                                       \
-  TNX_CPU_CLONES void gate_row_backward(const T* hidden, const T* grad_row, const T* taps,    \
-                                        const T* bias, T* value_grad_row, T* grad_pre_row,    \
-                                        T* wpart, T* bpart, T* acc, T* out_row, int64_t y,    \
-                                        int64_t height, int64_t width, int64_t h) {           \
-    gate_row_backward_impl(hidden, grad_row, taps, bias, value_grad_row, grad_pre_row, wpart, \
-                           bpart, acc, out_row, y, height, width, h);                         \
-  }                                                                                           \
-  TNX_CPU_CLONES void gate_row_input_grad(const T* const* grad_pre_rows, const T* taps,       \
-                                          T* gate_grad_row, int64_t width, int64_t h) {       \
-    gate_row_input_grad_impl(grad_pre_rows, taps, gate_grad_row, width, h);                   \
+#define TNX_DEFINE_GATE_ROW_BACKWARD(T)                                                            \
+  TNX_CPU_CLONES void gate_row_backward(const T* hidden, const T* grad_row, const T* taps,         \
+                                        const T* bias, T* value_grad_row, T* grad_pre_row,         \
+                                        T* wpart, T* bpart, T* out_row, int64_t y, int64_t height, \
+                                        int64_t width, int64_t h) {                                \
+    gate_row_backward_impl(hidden, grad_row, taps, bias, value_grad_row, grad_pre_row, wpart,      \
+                           bpart, out_row, y, height, width, h);                                   \
+  }                                                                                                \
+  TNX_CPU_CLONES void gate_row_input_grad(const T* const* grad_pre_rows, const T* taps,            \
+                                          T* gate_grad_row, int64_t width, int64_t h) {            \
+    gate_row_input_grad_impl(grad_pre_rows, taps, gate_grad_row, width, h);                        \
   }
 TNX_DEFINE_GATE_ROW_BACKWARD(float)
 TNX_DEFINE_GATE_ROW_BACKWARD(double)
@@ -207,7 +263,7 @@ at::Tensor conv_glu_gate_forward_cpu(const at::Tensor& hidden, const at::Tensor&
                      *b = bias.data_ptr<scalar_t>();
       scalar_t* o = out.data_ptr<scalar_t>();
       at::parallel_for(0, B * height, 1, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> acc(h), row_out(project ? width * h : 0);
+        std::vector<scalar_t> row_out(project ? width * h : 0);
         const auto options = at::TensorOptions().dtype(hidden.scalar_type());
         // Views of raw buffers (these threads do not share the caller's grad mode).
         at::Tensor row_view, fc2_t, fc2_b;
@@ -219,8 +275,7 @@ at::Tensor conv_glu_gate_forward_cpu(const at::Tensor& hidden, const at::Tensor&
         for (int64_t task = begin; task < end; ++task) {
           const int64_t batch = task / height, y = task % height;
           gate_row(hid + batch * tokens * 2 * h, tap, b,
-                   project ? row_out.data() : o + task * width * h, acc.data(), y, height, width,
-                   h);
+                   project ? row_out.data() : o + task * width * h, y, height, width, h);
           if (!project) continue;
           at::Tensor rows = at::from_blob(o + task * width * channels, {width, channels}, options);
           if (fc2_b.defined())
@@ -264,7 +319,7 @@ std::vector<at::Tensor> conv_glu_gate_backward_cpu(const at::Tensor& grad, const
     // Tasks are image rows (batch * height + y), in one range per thread.
     at::parallel_for(0, B * height, 1, [&](int64_t begin, int64_t end) {
       const int64_t row_values = width * h;
-      std::vector<scalar_t> acc(h), ring(3 * row_values), halo_value_grad(2 * row_values),
+      std::vector<scalar_t> ring(3 * row_values), halo_value_grad(2 * row_values),
           halo_part(10 * h), row_grad(project ? row_values : 0);
       const auto options = at::TensorOptions().dtype(hidden.scalar_type());
       // Views of raw buffers (not fc2_weight itself: these threads do not share the caller's
@@ -289,7 +344,7 @@ std::vector<at::Tensor> conv_glu_gate_backward_cpu(const at::Tensor& grad, const
         scalar_t* row_part = halo ? halo_part.data() : part + task * 10 * h;
         gate_row_backward(hid + batch * tokens * 2 * h, grad_row_of(task), tap, b,
                           halo ? halo_value_grad.data() + h : gh + task * width * 2 * h + h,
-                          ring_row(y), row_part, row_part + 9 * h, acc.data(),
+                          ring_row(y), row_part, row_part + 9 * h,
                           halo || o == nullptr ? nullptr : o + task * row_values, y, height, width,
                           h);
       };
