@@ -123,6 +123,24 @@ TNX_ALWAYS_INLINE void for_lanes(int64_t h, F&& f) {
   for (; c < h; ++c) f(T{}, c);
 }
 
+// The fc1 output row of token (y + 1, x + kAhead), which the row after this one reads first
+// (the current token's own row where that lies outside the image): prefetched while the current
+// token is computed, channel block by channel block, since a map at stage 1 does not fit in cache.
+constexpr int64_t kAhead = 2;
+template <typename T>
+TNX_ALWAYS_INLINE const T* row_ahead(const T* hidden, int64_t y, int64_t x, int64_t height,
+                                     int64_t width, int64_t h) {
+  const bool inside = y + 1 < height && x + kAhead < width;
+  return hidden + (inside ? (y + 1) * width + x + kAhead : y * width + x) * 2 * h;
+}
+template <typename L, typename T>
+TNX_ALWAYS_INLINE void prefetch_lanes(const T* ahead, int64_t c, int64_t h) {
+  if constexpr (sizeof(L) > sizeof(T)) {
+    __builtin_prefetch(ahead + c);
+    __builtin_prefetch(ahead + h + c);
+  }
+}
+
 // Exact (erf) GELU, as torch.nn.GELU(), and its factors Phi(x) (the normal cdf) and phi(x).
 template <typename L>
 TNX_ALWAYS_INLINE L normal_cdf(L x) {
@@ -140,10 +158,12 @@ TNX_ALWAYS_INLINE void gate_row_impl(const T* hidden, const T* taps, const T* bi
   for (int64_t x = 0; x < width; ++x) {
     const auto nb = conv_taps(hidden, taps, y, x, height, width, h);
     const T* value = hidden + (y * width + x) * 2 * h + h;
+    const T* ahead = row_ahead(hidden, y, x, height, width, h);
     T* o = out_row + x * h;
     with_tap_count(nb, [&](auto count) TNX_INLINE_LAMBDA {
       for_lanes<T>(h, [&](auto lane, int64_t c) TNX_INLINE_LAMBDA {
         using L = decltype(lane);
+        prefetch_lanes<L>(ahead, c, h);
         const L pre = tap_sum<count()>(load_lanes<L>(bias + c), nb, c);
         store_lanes(o + c, pre * normal_cdf(pre) * load_lanes<L>(value + c));
       });
@@ -165,6 +185,7 @@ TNX_ALWAYS_INLINE void gate_row_backward_impl(const T* hidden, const T* grad_row
   for (int64_t x = 0; x < width; ++x) {
     const auto nb = conv_taps(hidden, taps, y, x, height, width, h);
     const T* value = hidden + (y * width + x) * 2 * h + h;
+    const T* ahead = row_ahead(hidden, y, x, height, width, h);
     const T* g = grad_row + x * h;
     T* gv = value_grad_row + x * 2 * h;
     T* gp = grad_pre_row + x * h;
@@ -172,6 +193,7 @@ TNX_ALWAYS_INLINE void gate_row_backward_impl(const T* hidden, const T* grad_row
     with_tap_count(nb, [&](auto count) TNX_INLINE_LAMBDA {
       for_lanes<T>(h, [&](auto lane, int64_t c) TNX_INLINE_LAMBDA {
         using L = decltype(lane);
+        prefetch_lanes<L>(ahead, c, h);
         const L pre = tap_sum<count()>(load_lanes<L>(bias + c), nb, c);
         const L cdf = normal_cdf(pre), activation = pre * cdf;
         const L grad = load_lanes<L>(g + c), val = load_lanes<L>(value + c);
