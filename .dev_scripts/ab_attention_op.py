@@ -15,20 +15,13 @@ must take the table op's ``row_weights`` argument (passed as None: one tap).
     # ... change and rebuild: python setup.py build_ext --inplace
     python .dev_scripts/ab_attention_op.py /tmp/base basepkg --arch tiny --size 512 --rounds 11
 """
-import sys
-from pathlib import Path
 
+import ab_builds
 import torch
 import torch.nn.functional as F
+from benchmark import layer_shapes
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'tools'))
-
-import ab_builds  # noqa: E402
-from benchmark import layer_shapes  # noqa: E402
-
-from transnext_mm.models.layers.log_cpb import log_cpb_axes  # noqa: E402
+from transnext_mm.models.layers.log_cpb import log_cpb_axes
 
 
 def layer_inputs(heads, d, height, width, pool_h, pool_w, seed, layout='heads'):

@@ -1,19 +1,24 @@
 # Copyright (c) transnext-mm contributors. All rights reserved.
 """What the A/B scripts share: for the two-build ones (``ab_attention_op.py``,
-``ab_conv_glu_gate.py``, ``ab_log_cpb_mlp.py``, ``ab_step.py``) the command line and the two
-builds' extension modules, this checkout's and a baseline's copied into a package of its own
-(see any of their docstrings); for those that time the whole backbone two ways (``ab_step.py``,
-``ab_full_attention.py``) the backbone and the interleaved timing of its training step and
-eval. Run them from the repository root; they put ``tools/`` on the path."""
+``ab_conv_glu_gate.py``, ``ab_cosine_qk.py``, ``ab_log_cpb_mlp.py``, ``ab_step.py``) the command
+line and the two builds' extension modules, this checkout's and a baseline's copied into a
+package of its own (see any of their docstrings); for those that time the whole backbone two ways
+(``ab_step.py``, ``ab_full_attention.py``) the backbone and the interleaved timing of its
+training step and eval. Importing this module puts the repository root and ``tools/`` on the
+path."""
 import argparse
 import importlib
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from transnext_mm.models.backbones import TransNeXt
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / 'tools')]
+
+from transnext_mm.models.backbones import TransNeXt  # noqa: E402
 
 
 def ab_parser(description: str) -> argparse.ArgumentParser:

@@ -15,19 +15,12 @@ best-of-3 time, and the total over all layers of the arch.
     # ... change and rebuild: python setup.py build_ext --inplace
     python .dev_scripts/ab_conv_glu_gate.py /tmp/base basepkg --arch tiny --size 512 --rounds 11
 """
-import sys
-from pathlib import Path
 
+import ab_builds
 import torch
+from benchmark import stage_sizes
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'tools'))
-
-import ab_builds  # noqa: E402
-from benchmark import stage_sizes  # noqa: E402
-
-from transnext_mm.models.layers import ConvGLU  # noqa: E402
+from transnext_mm.models.layers import ConvGLU
 
 
 def stage_inputs(channels, mlp_ratio, height, width, seed):

@@ -14,17 +14,10 @@ best-of-3 time, and the total over all layers of the arch.
     # ... change and rebuild: python setup.py build_ext --inplace
     python .dev_scripts/ab_cosine_qk.py /tmp/base basepkg --arch tiny --size 512 --rounds 11
 """
-import sys
-from pathlib import Path
 
+import ab_builds
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'tools'))
-
-import ab_builds  # noqa: E402
-from benchmark import layer_shapes  # noqa: E402
+from benchmark import layer_shapes
 
 TOKENS = 9  # TransNeXt's learnable tokens per head
 

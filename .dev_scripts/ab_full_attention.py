@@ -13,18 +13,11 @@ median over all timings and the median over rounds of the ratio explicit / SDPA.
     python .dev_scripts/ab_full_attention.py --arch tiny --size 512 512 --rounds 6 --steps 3
 """
 import argparse
-import sys
-from pathlib import Path
 
 import torch
+from ab_builds import report_ways, time_backbone_ways, transnext_backbone
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'tools'))
-
-from ab_builds import report_ways, time_backbone_ways, transnext_backbone  # noqa: E402
-
-from transnext_mm.models.layers.aggregated_attention import FullAttention  # noqa: E402
+from transnext_mm.models.layers.aggregated_attention import FullAttention
 
 WAYS = {'sdpa': 'torch', 'explicit': 'reference'}  # the ratio: explicit / sdpa
 

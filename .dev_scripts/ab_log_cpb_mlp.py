@@ -13,19 +13,12 @@ over rounds of each build's best-of-3 time, and the total over all layers of the
     # ... change and rebuild: python setup.py build_ext --inplace
     python .dev_scripts/ab_log_cpb_mlp.py /tmp/base basepkg --arch tiny --size 512 --rounds 11
 """
-import sys
-from pathlib import Path
 
+import ab_builds
 import torch
+from benchmark import layer_shapes
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'tools'))
-
-import ab_builds  # noqa: E402
-from benchmark import layer_shapes  # noqa: E402
-
-from transnext_mm.models.layers.log_cpb import log_cpb_axes  # noqa: E402
+from transnext_mm.models.layers.log_cpb import log_cpb_axes
 
 HIDDEN = 512
 

@@ -16,16 +16,10 @@ shared machine cancel).
     # ... change and rebuild: python setup.py build_ext --inplace
     python .dev_scripts/ab_step.py /tmp/base basepkg --arch tiny --size 512 --rounds 8
 """
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'tools'))
+import ab_builds
 
-import ab_builds  # noqa: E402
-
-from transnext_mm.ops import dispatch  # noqa: E402
+from transnext_mm.ops import dispatch
 
 
 def main(argv=None):
