@@ -113,20 +113,18 @@ TNX_ALWAYS_INLINE double exp_nonpositive(double x) { return std::exp(x); }
 // division.
 template <typename L>
 TNX_ALWAYS_INLINE L erf_rational(L x) {
+  // Coefficients from the highest power down (Horner's scheme).
+  constexpr float kP[] = {2.03472564e-06f, 2.87475763e-04f, 3.86824459e-03f,
+                          5.30602224e-02f, 1.92762375e-01f, 1.12837899f};
+  constexpr float kQ[] = {3.80703532e-05f, 1.18809170e-03f, 1.51721332e-02f,
+                          1.15083896e-01f, 5.04162908e-01f, 1.0f};
   const L z = lanes_max(lanes_min(x, splat<L>(3.92f)), splat<L>(-3.92f));
   const L u = z * z;
-  L p = splat<L>(2.03472564e-06f);
-  p = p * u + 2.87475763e-04f;
-  p = p * u + 3.86824459e-03f;
-  p = p * u + 5.30602224e-02f;
-  p = p * u + 1.92762375e-01f;
-  p = p * u + 1.12837899f;
-  L q = splat<L>(3.80703532e-05f);
-  q = q * u + 1.18809170e-03f;
-  q = q * u + 1.51721332e-02f;
-  q = q * u + 1.15083896e-01f;
-  q = q * u + 5.04162908e-01f;
-  q = q * u + 1.0f;
+  L p = splat<L>(kP[0]), q = splat<L>(kQ[0]);
+  for (int i = 1; i < 6; ++i) {
+    p = p * u + kP[i];
+    q = q * u + kQ[i];
+  }
   return z * p / q;
 }
 TNX_ALWAYS_INLINE double erf_rational(double x) { return std::erf(x); }
