@@ -44,6 +44,33 @@ def test_compiled_gate_backward_matches_pytorch(B, height, width, channels, dtyp
 
 
 @requires_ext
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-12), (torch.float32, 2e-7)])
+def test_compiled_gate_gelu_over_the_whole_float_range(dtype, tol):
+    """The GELU and its derivative at pre-activations from -1e4 to 1e4, far tails included (in
+    whole vectors of channels and the tail after them): within ``tol`` of the float64 values,
+    relative and absolute, however large the input (a 1x1 map whose conv weights are zero, so
+    the pre-activation is the bias; value 1 and output gradient 1, so the bias gradient is
+    GELU'(pre))."""
+    from transnext_mm.ops.dispatch import compiled_ext
+    ext = compiled_ext()
+    pre = torch.cat(
+        [-torch.logspace(-3, 4, 12),
+         torch.linspace(-6, 6, 13),
+         torch.logspace(-3, 4, 12)])
+    channels = pre.numel()
+    hidden = torch.cat([torch.zeros(1, 1, channels), torch.ones(1, 1, channels)], -1).to(dtype)
+    weight = torch.zeros(channels, 1, 3, 3, dtype=dtype)
+    out = ext.conv_glu_gate_forward(hidden, weight, pre.to(dtype), 1, 1)
+    grad_bias = ext.conv_glu_gate_backward(
+        torch.ones(1, 1, channels, dtype=dtype), hidden, weight, pre.to(dtype), 1, 1)[2]
+    exact = pre.double().requires_grad_()
+    gelu = torch.nn.functional.gelu(exact)
+    slope, = torch.autograd.grad(gelu.sum(), exact)
+    torch.testing.assert_close(out.reshape(-1).double(), gelu.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(grad_bias.double(), slope, rtol=tol, atol=tol)
+
+
+@requires_ext
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
 def test_compiled_gate_backward_returns_the_output_it_recomputes(dtype):
     """``with_output=True`` adds the forward's output, recomputed in the backward's first pass,

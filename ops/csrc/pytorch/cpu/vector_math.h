@@ -107,9 +107,10 @@ TNX_ALWAYS_INLINE L exp_nonpositive(L x) {
 }
 TNX_ALWAYS_INLINE double exp_nonpositive(double x) { return std::exp(x); }
 
-// erf as z P(z^2) / Q(z^2) with z clamped to [-3.92, 3.92] (beyond, erf rounds to +-1 in float):
-// a rational fit of degree 5 / 5 in z^2 (fitted for this file by Lawson-weighted least squares on
-// Chebyshev nodes; 1.6e-8 in exact arithmetic, below 4e-7 absolute in float). No exponential, one
+// erf as z P(z^2) / Q(z^2) on [-3.92, 3.92]: a rational fit of degree 5 / 5 in z^2 (fitted for
+// this file by Lawson-weighted least squares on Chebyshev nodes; 1.6e-8 in exact arithmetic,
+// below 4e-7 absolute in float). Beyond, exactly +-1 (erf is within 6e-8 of it there), so that
+// GELU's x * Phi(x) is exactly 0 for every x below -5.55, however large |x|. No exponential, one
 // division.
 template <typename L>
 TNX_ALWAYS_INLINE L erf_rational(L x) {
@@ -118,14 +119,14 @@ TNX_ALWAYS_INLINE L erf_rational(L x) {
                           5.30602224e-02f, 1.92762375e-01f, 1.12837899f};
   constexpr float kQ[] = {3.80703532e-05f, 1.18809170e-03f, 1.51721332e-02f,
                           1.15083896e-01f, 5.04162908e-01f, 1.0f};
-  const L z = lanes_max(lanes_min(x, splat<L>(3.92f)), splat<L>(-3.92f));
-  const L u = z * z;
+  const L u = x * x;
   L p = splat<L>(kP[0]), q = splat<L>(kQ[0]);
   for (int i = 1; i < 6; ++i) {
     p = p * u + kP[i];
     q = q * u + kQ[i];
   }
-  return z * p / q;
+  // Beyond the fit the ratio is discarded (for huge |x| it is inf / inf).
+  return x >= 3.92f ? splat<L>(1) : (x <= -3.92f ? splat<L>(-1) : x * p / q);
 }
 TNX_ALWAYS_INLINE double erf_rational(double x) { return std::erf(x); }
 
