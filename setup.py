@@ -160,9 +160,9 @@ def get_extensions():
     if not sources or (with_replay and not replay_sources):
         raise FileNotFoundError(f'transnext-mm: C++ sources missing under {osp.join(ROOT, csrc)}')
     # -fno-trapping-math lets GCC vectorise the softmax loops' min/max (torch builds with it too).
-    # -falign-loops=64: every loop starts a cache line, so a short hot loop (the conv taps' is 30
-    # bytes) never straddles two; where it did, an unrelated change elsewhere in the extension
-    # made the ConvGLU gate ~10% slower or faster, depending on where the code landed.
+    # -falign-loops=64: every loop starts a cache line, so a short hot loop never straddles two;
+    # where one did (the ConvGLU gate's 30-byte conv-tap loop, before the gate kept its sums in
+    # registers), an unrelated change elsewhere in the extension made it ~10% slower or faster.
     cxx_flags = [
         '-O3', '-std=c++20', '-fopenmp', '-fno-math-errno', '-fno-trapping-math', '-falign-loops=64'
     ]

@@ -79,6 +79,11 @@ struct TokenTaps {
     source[count] = source_row;
     weight[count++] = weight_row;
   }
+  // The number of taps: Count where the caller knows it at compile time (9), else count.
+  template <int Count>
+  TNX_ALWAYS_INLINE int size() const {
+    return Count > 0 ? Count : count;
+  }
 };
 
 // The conv's taps of token (y, x) over hidden (the element's (H*W, 2h) fc1 output); taps: (9, h)
@@ -97,17 +102,13 @@ TNX_ALWAYS_INLINE TokenTaps<T> conv_taps(const T* hidden, const T* taps, int64_t
 // unroll), else 0 (nb.count taps).
 template <typename T, typename F>
 TNX_ALWAYS_INLINE void with_tap_count(const TokenTaps<T>& nb, F&& f) {
-  if (nb.count == 9)
-    f(std::integral_constant<int, 9>{});
-  else
-    f(std::integral_constant<int, 0>{});
+  specialize_for<9>(nb.count == 9, f);
 }
 
 // acc + the sum over the taps of weight * source, at channels [c, c + lanes).
 template <int Count, typename L, typename T>
 TNX_ALWAYS_INLINE L tap_sum(L acc, const TokenTaps<T>& nb, int64_t c) {
-  const int n = Count > 0 ? Count : nb.count;
-  for (int t = 0; t < n; ++t)
+  for (int t = 0; t < nb.template size<Count>(); ++t)
     acc += load_lanes<L>(nb.weight[t] + c) * load_lanes<L>(nb.source[t] + c);
   return acc;
 }
@@ -203,8 +204,7 @@ TNX_ALWAYS_INLINE void gate_row_backward_impl(const T* hidden, const T* grad_row
         store_lanes(gp + c, d);
         store_lanes(bpart + c, load_lanes<L>(bpart + c) + d);
         // The tap weights' gradient: grad_pre times the gate value each tap read.
-        const int n = count() > 0 ? count() : nb.count;
-        for (int t = 0; t < n; ++t) {
+        for (int t = 0; t < nb.template size<count()>(); ++t) {
           T* w = wpart + (nb.weight[t] - taps) + c;
           store_lanes(w, load_lanes<L>(w) + d * load_lanes<L>(nb.source[t] + c));
         }

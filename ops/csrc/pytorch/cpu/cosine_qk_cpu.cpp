@@ -82,12 +82,10 @@ constexpr int64_t kHeadDim = 24;
                                    const T* qe, const T* scale, const T* tokens, const T* tbias,  \
                                    T* q_out, T* k_out, T* token_weight, T* q_hat, int64_t n0,     \
                                    int64_t n1, int64_t N, int64_t heads, int64_t d, int64_t T_) { \
-    if (d == kHeadDim)                                                                            \
-      prepare_rows_impl<kHeadDim>(q, q_stride, k, k_stride, qe, scale, tokens, tbias, q_out,      \
-                                  k_out, token_weight, q_hat, n0, n1, N, heads, d, T_);           \
-    else                                                                                          \
-      prepare_rows_impl<0>(q, q_stride, k, k_stride, qe, scale, tokens, tbias, q_out, k_out,      \
-                           token_weight, q_hat, n0, n1, N, heads, d, T_);                         \
+    specialize_for<kHeadDim>(d == kHeadDim, [&](auto D) TNX_INLINE_LAMBDA {                       \
+      prepare_rows_impl<D()>(q, q_stride, k, k_stride, qe, scale, tokens, tbias, q_out, k_out,    \
+                             token_weight, q_hat, n0, n1, N, heads, d, T_);                       \
+    });                                                                                           \
   }
 TNX_DEFINE_PREPARE_ROWS(float)
 TNX_DEFINE_PREPARE_ROWS(double)
@@ -172,19 +170,16 @@ TNX_ALWAYS_INLINE void backward_rows_impl(const T* q, const int64_t* q_st, const
   }
 }
 
-#define TNX_DEFINE_BACKWARD_ROWS(T)                                                                \
-  TNX_CPU_CLONES void backward_rows(                                                               \
-      const T* q, const int64_t* q_st, const T* k, const int64_t* k_st, const T* gq,               \
-      const int64_t* gq_st, const T* gk, const int64_t* gk_st, const T* g_tw, const T* qe,         \
-      const T* scale, const T* tokens_t, T* dq, T* dk, T* dscale, T* partial, T* scratch,          \
-      int64_t n0, int64_t n1, int64_t B, int64_t N, int64_t heads, int64_t d, int64_t T_) {        \
-    if (d == kHeadDim)                                                                             \
-      backward_rows_impl<kHeadDim>(q, q_st, k, k_st, gq, gq_st, gk, gk_st, g_tw, qe, scale,        \
-                                   tokens_t, dq, dk, dscale, partial, scratch, n0, n1, B, N,       \
-                                   heads, d, T_);                                                  \
-    else                                                                                           \
-      backward_rows_impl<0>(q, q_st, k, k_st, gq, gq_st, gk, gk_st, g_tw, qe, scale, tokens_t, dq, \
-                            dk, dscale, partial, scratch, n0, n1, B, N, heads, d, T_);             \
+#define TNX_DEFINE_BACKWARD_ROWS(T)                                                              \
+  TNX_CPU_CLONES void backward_rows(                                                             \
+      const T* q, const int64_t* q_st, const T* k, const int64_t* k_st, const T* gq,             \
+      const int64_t* gq_st, const T* gk, const int64_t* gk_st, const T* g_tw, const T* qe,       \
+      const T* scale, const T* tokens_t, T* dq, T* dk, T* dscale, T* partial, T* scratch,        \
+      int64_t n0, int64_t n1, int64_t B, int64_t N, int64_t heads, int64_t d, int64_t T_) {      \
+    specialize_for<kHeadDim>(d == kHeadDim, [&](auto D) TNX_INLINE_LAMBDA {                      \
+      backward_rows_impl<D()>(q, q_st, k, k_st, gq, gq_st, gk, gk_st, g_tw, qe, scale, tokens_t, \
+                              dq, dk, dscale, partial, scratch, n0, n1, B, N, heads, d, T_);     \
+    });                                                                                          \
   }
 TNX_DEFINE_BACKWARD_ROWS(float)
 TNX_DEFINE_BACKWARD_ROWS(double)

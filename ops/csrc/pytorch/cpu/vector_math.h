@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
 #define TNX_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -27,6 +28,17 @@
 #endif
 
 namespace transnext_mm {
+
+// f(std::integral_constant<decltype(Value), Value>) where matches, else f(... 0): a kernel's loops
+// unroll for the size it meets in practice (Value), and take the size as an argument elsewhere
+// (0). f is called inside a target clone: pass a TNX_INLINE_LAMBDA.
+template <auto Value, typename F>
+TNX_ALWAYS_INLINE void specialize_for(bool matches, F&& f) {
+  if (matches)
+    f(std::integral_constant<decltype(Value), Value>{});
+  else
+    f(std::integral_constant<decltype(Value), decltype(Value){0}>{});
+}
 
 // 8-float vectors (GCC vector extensions): AVX / AVX-512 in the target clones, SSE pairs in the
 // baseline. They never cross a non-inlined call, so the AVX argument-passing ABI note does not
@@ -53,7 +65,7 @@ TNX_ALWAYS_INLINE float hsum8(v8f v) {
 }
 
 // Lanes of the branch-free math below: one float (in loops GCC vectorises), a v8f or one
-// double, written once for all. splat: a value in every lane; lanes_max / lanes_min: per lane.
+// double, written once for all. splat: a value in every lane; lanes_max: per lane.
 typedef int32_t v8i __attribute__((vector_size(32)));
 template <typename L>
 struct LaneTraits {
@@ -70,10 +82,6 @@ TNX_ALWAYS_INLINE L splat(double value) {
 template <typename L>
 TNX_ALWAYS_INLINE L lanes_max(L a, L b) {
   return a > b ? a : b;
-}
-template <typename L>
-TNX_ALWAYS_INLINE L lanes_min(L a, L b) {
-  return a < b ? a : b;
 }
 // 2^n from the bits of t + 1.5 * 2^23 + 127 (which holds n + 127 in its low mantissa bits).
 TNX_ALWAYS_INLINE float pow2_from_rounding(float rounded) {
